@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Set up and run minilora with nothing but Python 3.10+.
+
+    python3 dev.py demo     # make .venv, install minilora, run the demo
+    python3 dev.py test     # make .venv, install minilora[dev], run ruff and the tests
+
+Each command creates (or reuses) the virtual environment .venv beside this file. Extra extras for
+the environment can be named with --extras (CI adds "crosscheck" to compare against PyTorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+
+
+def ensure_env(extras: set[str]) -> None:
+    """Create .venv and install minilora with ``extras`` unless it already has them."""
+    stamp = VENV / "minilora-extras.txt"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    if stamp.exists():
+        lines = stamp.read_text().split()
+        if lines and lines[0] == digest and extras <= set(lines[1:]):
+            return
+        extras = extras | set(lines[1:])
+    if not PY.exists():
+        print(f"creating virtual environment in {VENV.name}/", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    spec = f"{ROOT}[{','.join(sorted(extras))}]" if extras else str(ROOT)
+    print(f"installing minilora[{','.join(sorted(extras))}] (first run takes a few minutes)",
+          flush=True)
+    subprocess.run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
+    subprocess.run([str(PY), "-m", "pip", "install", "-q", "-e", spec], check=True)
+    stamp.write_text(" ".join([digest, *sorted(extras)]))
+
+
+def main() -> int:
+    """Parse the command line and run ``demo`` or ``test``."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["demo", "test", "setup"])
+    parser.add_argument("--extras", default="", help="extra extras, comma separated")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="passed on to the demo or pytest")
+    args = parser.parse_args()
+    extras = {e for e in args.extras.split(",") if e}
+    if args.command == "demo":
+        ensure_env(extras)
+        return subprocess.run([str(PY), "-m", "minilora", "demo", *args.rest], cwd=ROOT).returncode
+    ensure_env(extras | {"dev"})
+    if args.command == "setup":
+        return 0
+    lint = subprocess.run([str(PY), "-m", "ruff", "check", "."], cwd=ROOT)
+    if lint.returncode:
+        return lint.returncode
+    return subprocess.run([str(PY), "-m", "pytest", *args.rest], cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""minilora: LoRA and QLoRA from scratch on NumPy/CuPy, small enough to read in an afternoon.
+
+    import minilora as ml
+    x = ml.Tensor([[1.0, 2.0]], requires_grad=True)
+    layer = ml.nn.Linear(2, 3)
+    layer(x).sum().backward()      # x.grad, layer.weight.grad, layer.bias.grad
+
+Layers, from the bottom: backend (NumPy or CuPy) -> tensor (autograd) -> nn, optim -> gpt, lora,
+quant -> train -> cli. See the README for the tour.
+"""
+
+from . import backend, errors, functional, nn, optim
+from .backend import get_backend, manual_seed, set_default_dtype, use_backend
+from .tensor import Tensor, cat, concatenate, is_grad_enabled, no_grad, split, stack, tensor, where
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Tensor", "tensor", "no_grad", "is_grad_enabled", "concatenate", "cat", "stack", "split",
+    "where", "use_backend", "get_backend", "manual_seed", "set_default_dtype", "backend", "errors",
+    "functional", "nn", "optim", "__version__",
+]

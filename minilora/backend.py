@@ -1,0 +1,214 @@
+"""Array backend: NumPy on the CPU or CuPy on a GPU, one module at a time.
+
+Everything in minilora computes with ``backend.xp``, which is either ``numpy`` or ``cupy``. Pick
+it with ``minilora.use_backend("cupy")`` or the environment variable ``MINILORA_BACKEND``. The two
+libraries share almost all of their API; the few calls that differ (scatter-add, random numbers,
+memory statistics, moving data to the host) live here and nowhere else.
+
+Random numbers come in two kinds: parameter initialisation draws from a NumPy generator on the host
+(so a seed gives the same weights on both backends), dropout masks draw on the device.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import BackendError, InvalidArgumentError
+
+xp: Any = np  # the active array module; read it as `backend.xp`, it changes with use_backend
+_name = "numpy"
+_default_dtype: Any = np.float32
+_host_rng = np.random.default_rng(0)
+_device_rng: Any = _host_rng
+
+_CUPY_HELP = (
+    "install it with `pip install 'minilora[gpu]'` (CuPy for CUDA 12) on a machine with an "
+    "NVIDIA GPU and driver, or use the default backend: use_backend('numpy')"
+)
+
+
+def _import_cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as exc:  # not installed, or its CUDA libraries are missing
+        raise BackendError(f"backend 'cupy' needs CuPy, which could not be imported ({exc}); "
+                           f"{_CUPY_HELP}") from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CuPy is there but the driver or device is not
+        raise BackendError(f"backend 'cupy': CuPy is installed but no GPU is usable ({exc}); "
+                           f"{_CUPY_HELP}") from exc
+    if count < 1:
+        raise BackendError(f"backend 'cupy': no GPU found; {_CUPY_HELP}")
+    return cupy
+
+
+def use_backend(name: str) -> None:
+    """Make ``name`` ("numpy" or "cupy") the array module for every tensor created from now on.
+
+    Existing tensors keep their arrays; move parameters with ``module.to_backend()`` after a switch.
+    Raises BackendError with install instructions when CuPy or a GPU is missing.
+    """
+    global xp, _name, _device_rng
+    if name == "numpy":
+        xp, _name = np, "numpy"
+        _device_rng = _host_rng
+    elif name == "cupy":
+        cupy = _import_cupy()
+        xp, _name = cupy, "cupy"
+        _device_rng = cupy.random.default_rng(int(_host_rng.integers(2**31)))
+    else:
+        raise BackendError(f"use_backend: unknown backend {name!r}; choose 'numpy' or 'cupy'")
+
+
+def get_backend() -> str:
+    """Return the name of the active backend, "numpy" or "cupy"."""
+    return _name
+
+
+@contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Context manager: use backend ``name`` inside the block, then restore the previous one."""
+    previous = _name
+    use_backend(name)
+    try:
+        yield
+    finally:
+        use_backend(previous)
+
+
+# ----------------------------------------------------------------------------------------- dtypes
+
+def default_dtype() -> Any:
+    """The float dtype new parameters and float tensors get (float32 unless changed)."""
+    return _default_dtype
+
+
+def set_default_dtype(dtype: Any) -> None:
+    """Set the default float dtype: float32 (fast, the default) or float64 (gradient checks)."""
+    global _default_dtype
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise InvalidArgumentError(f"set_default_dtype: dtype must be float32 or float64, got {dt}")
+    _default_dtype = dt.type
+
+
+@contextmanager
+def default_dtype_as(dtype: Any) -> Iterator[None]:
+    """Context manager: make ``dtype`` the default float dtype inside the block."""
+    previous = _default_dtype
+    set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        set_default_dtype(previous)
+
+
+# -------------------------------------------------------------------------------------- transfers
+
+def asarray(data: Any, dtype: Any = None) -> Any:
+    """Return ``data`` as an array of the active backend (copying across devices if needed)."""
+    if _name == "cupy":
+        return xp.asarray(data, dtype=dtype)
+    if hasattr(data, "get") and type(data).__module__.startswith("cupy"):
+        data = data.get()
+    return np.asarray(data, dtype=dtype)
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """Return a NumPy array holding ``array``'s values (a device-to-host copy for CuPy)."""
+    if isinstance(array, np.ndarray):
+        return array
+    if hasattr(array, "get"):
+        return array.get()
+    return np.asarray(array)
+
+
+def is_array(obj: Any) -> bool:
+    """True for a NumPy or CuPy ndarray."""
+    return isinstance(obj, np.ndarray) or type(obj).__module__.startswith("cupy")
+
+
+# --------------------------------------------------------------------------- calls that differ
+
+def scatter_add(target: Any, indices: Any, values: Any) -> None:
+    """In place: ``target[indices] += values``, adding repeated indices up (unlike ``+=``)."""
+    if _name == "cupy":
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)
+    else:
+        np.add.at(target, indices, values)
+
+
+def index_add_rows(indices: Any, values: Any, num_rows: int) -> Any:
+    """Sum rows of ``values`` (N, C) into ``num_rows`` bins by ``indices`` (N,); returns (num_rows, C).
+
+    This is the backward of an embedding lookup. ``np.add.at`` is slow on the CPU, so for a small
+    table a one-hot matmul does it on BLAS, and for a large one the rows are sorted by index and
+    summed per segment with ``np.add.reduceat``; CuPy has a fast atomic scatter-add.
+    """
+    indices = indices.reshape(-1)
+    values = values.reshape(indices.shape[0], -1)
+    if _name == "cupy":
+        out = xp.zeros((num_rows, values.shape[1]), dtype=values.dtype)
+        scatter_add(out, indices, values)
+        return out
+    if num_rows <= 1024:
+        onehot = np.zeros((num_rows, indices.shape[0]), dtype=values.dtype)
+        onehot[indices, np.arange(indices.shape[0])] = 1
+        return onehot @ values
+    out = np.zeros((num_rows, values.shape[1]), dtype=values.dtype)
+    if indices.shape[0] == 0:
+        return out
+    order = np.argsort(indices, kind="stable")
+    sorted_idx = indices[order]
+    starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
+    out[sorted_idx[starts]] = np.add.reduceat(values[order], starts, axis=0)
+    return out
+
+
+def manual_seed(seed: int) -> None:
+    """Seed every random generator minilora uses (host initialisation and device dropout)."""
+    global _host_rng, _device_rng
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise InvalidArgumentError(f"manual_seed: seed must be a non-negative int, got {seed!r}")
+    _host_rng = np.random.default_rng(int(seed))
+    _device_rng = xp.random.default_rng(int(seed)) if _name == "cupy" else _host_rng
+
+
+def host_rng() -> np.random.Generator:
+    """The NumPy generator used for parameter initialisation (seeded by ``manual_seed``)."""
+    return _host_rng
+
+
+def random_uniform(shape: tuple, dtype: Any) -> Any:
+    """Uniform [0, 1) samples of ``shape`` on the active device (used for dropout masks)."""
+    return _device_rng.random(shape, dtype=dtype)
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work to finish (a no-op on NumPy); call before reading a timer."""
+    if _name == "cupy":
+        xp.cuda.Device().synchronize()
+
+
+def memory_stats() -> dict:
+    """Device memory in use: ``{"backend", "used_bytes", "total_bytes"}`` (CuPy's memory pool).
+
+    On NumPy the host allocations are not tracked here; use ``tracemalloc`` for those.
+    """
+    if _name == "cupy":
+        pool = xp.get_default_memory_pool()
+        return {"backend": "cupy", "used_bytes": int(pool.used_bytes()),
+                "total_bytes": int(pool.total_bytes())}
+    return {"backend": "numpy", "used_bytes": None, "total_bytes": None}
+
+
+_env = os.environ.get("MINILORA_BACKEND", "").strip().lower()
+if _env:
+    use_backend(_env)

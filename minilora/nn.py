@@ -1,0 +1,373 @@
+"""Modules: containers of parameters and sub-modules, in PyTorch's shape and vocabulary.
+
+A :class:`Module` registers every :class:`Parameter` and sub-module assigned to it as an attribute,
+so ``named_parameters()`` and ``state_dict()`` find them by their dotted path
+(``h.0.attn.q_proj.weight``). Layers keep PyTorch's layouts and initialisations: a Linear weight is
+(out, in) and ``y = x W^T + b``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from . import backend as B
+from . import functional as F
+from .errors import InvalidArgumentError, StateDictError
+from .tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A tensor that a Module registers as one of its parameters (requires grad by default)."""
+
+    __slots__ = ()
+
+    def __init__(self, data: Any, requires_grad: bool = True) -> None:
+        super().__init__(data, requires_grad=requires_grad)
+
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + super().__repr__()
+
+
+def _uniform(shape: tuple, bound: float, dtype: Any) -> Any:
+    return B.asarray(B.host_rng().uniform(-bound, bound, size=shape).astype(dtype))
+
+
+def _normal(shape: tuple, std: float, dtype: Any) -> Any:
+    return B.asarray((B.host_rng().standard_normal(size=shape) * std).astype(dtype))
+
+
+class Module:
+    """Base class: assign Parameters and Modules as attributes and they are tracked."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", {})
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        params = self.__dict__.get("_parameters")
+        if params is None:
+            raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() "
+                                 f"before assigning {name!r}")
+        params.pop(name, None)
+        self._modules.pop(name, None)
+        if isinstance(value, Parameter):
+            params[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        object.__delattr__(self, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Compute the module's output; subclasses define it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    # ------------------------------------------------------------------------ traversal
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """Yield ``(path, module)`` for this module and every descendant, each module once."""
+        seen: set = set()
+        stack = [(prefix, self)]
+        while stack:
+            path, mod = stack.pop()
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            yield path, mod
+            children = [(f"{path}.{n}" if path else n, m) for n, m in mod._modules.items()]
+            stack.extend(reversed(children))
+
+    def modules(self) -> Iterator[Module]:
+        """Every module in the tree, this one first."""
+        for _, m in self.named_modules():
+            yield m
+
+    def children(self) -> Iterator[Module]:
+        """The direct sub-modules."""
+        return iter(self._modules.values())
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """Yield ``(path, parameter)``, each shared (tied) parameter once, under its first path."""
+        seen: set = set()
+        for path, mod in self.named_modules(prefix):
+            for name, p in mod._parameters.items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{path}.{name}" if path else name), p
+
+    def parameters(self) -> list[Parameter]:
+        """All parameters, tied ones once."""
+        return [p for _, p in self.named_parameters()]
+
+    def get_submodule(self, path: str) -> Module:
+        """The module at dotted ``path`` ("" is this module)."""
+        mod = self
+        for part in path.split(".") if path else []:
+            if part not in mod._modules:
+                raise InvalidArgumentError(f"get_submodule: {type(mod).__name__} has no "
+                                           f"submodule {part!r} (path {path!r})")
+            mod = mod._modules[part]
+        return mod
+
+    def apply(self, fn: Callable[[Module], None]) -> Module:
+        """Call ``fn`` on every module of the tree; returns self."""
+        for m in self.modules():
+            fn(m)
+        return self
+
+    # ---------------------------------------------------------------------- modes, grads
+
+    def train(self, mode: bool = True) -> Module:
+        """Set training mode (dropout active) on the whole tree; returns self."""
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> Module:
+        """Set evaluation mode (dropout off); returns self."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Forget every parameter's gradient."""
+        for p in self.parameters():
+            p.grad = None
+
+    def requires_grad_(self, flag: bool = True) -> Module:
+        """Freeze (False) or unfreeze (True) every parameter; returns self."""
+        for p in self.parameters():
+            p.requires_grad_(flag)
+        return self
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of scalar parameters (tied ones once)."""
+        return sum(p.size for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def astype(self, dtype: Any) -> Module:
+        """Cast every float parameter to ``dtype`` in place (gradients are dropped); returns self."""
+        for p in self.parameters():
+            p.data = p.data.astype(dtype)
+            p.grad = None
+        return self
+
+    def double(self) -> Module:
+        """Cast the parameters to float64 (for gradient checks)."""
+        return self.astype(np.float64)
+
+    def float(self) -> Module:
+        """Cast the parameters to float32."""
+        return self.astype(np.float32)
+
+    def to_backend(self) -> Module:
+        """Move every parameter to the active backend's device (after ``use_backend``)."""
+        for p in self.parameters():
+            p.data = B.asarray(p.data)
+            p.grad = None
+        return self
+
+    # ------------------------------------------------------------------------ state dicts
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{path: array}`` of every parameter under every path (tied ones under each name).
+
+        The arrays are the parameters' own (not copies), as PyTorch's tensors are.
+        """
+        out = {}
+        for path, mod in self.named_modules():
+            for name, p in mod._parameters.items():
+                out[f"{path}.{name}" if path else name] = p.data
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> tuple:
+        """Copy values into the parameters in place; returns ``(missing, unexpected)`` keys.
+
+        Shapes must match exactly (the error names the key and both shapes); with ``strict`` a
+        missing or an unexpected key is an error too. Nothing is changed when an error is raised.
+        """
+        own: dict[str, Parameter] = {}
+        for path, mod in self.named_modules():
+            for name, p in mod._parameters.items():
+                own[f"{path}.{name}" if path else name] = p
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if strict and (missing or unexpected):
+            raise StateDictError(f"load_state_dict: missing keys {missing[:10]}"
+                                 f"{' ...' if len(missing) > 10 else ''}, unexpected keys "
+                                 f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        for key in own.keys() & state_dict.keys():
+            shape = tuple(np.shape(state_dict[key]))
+            if shape != own[key].shape:
+                raise StateDictError(f"load_state_dict: key {key!r} has shape {shape} in the "
+                                     f"state dict but {own[key].shape} in the model")
+        for key in own.keys() & state_dict.keys():
+            p = own[key]
+            p.data[...] = B.asarray(state_dict[key], dtype=p.data.dtype)
+        return missing, unexpected
+
+    # ---------------------------------------------------------------------------- repr
+
+    def extra_repr(self) -> str:
+        """One-line description of this module's own settings, shown by ``repr``."""
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"({name}): " + repr(m).replace("\n", "\n  ") for name, m in self._modules.items()]
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        if not lines:
+            return head + ")"
+        return head + "\n  " + "\n  ".join(lines) + "\n)"
+
+
+class Linear(Module):
+    """``y = x W^T + b`` with W (out_features, in_features), b (out_features,).
+
+    Initialised as PyTorch: W and b uniform in [-1/sqrt(in), 1/sqrt(in)] (kaiming-uniform, a=sqrt 5).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: Any = None) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, (int, np.integer)) or v <= 0:
+                raise InvalidArgumentError(f"Linear: {name} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        dtype = dtype or B.default_dtype()
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = Parameter(_uniform((out_features, in_features), bound, dtype))
+        self.bias = Parameter(_uniform((out_features,), bound, dtype)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., in) -> (..., out)."""
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    """A table of ``num_embeddings`` rows of size ``embedding_dim``, looked up by integer index."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: Any = None) -> None:
+        super().__init__()
+        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if not isinstance(v, (int, np.integer)) or v <= 0:
+                raise InvalidArgumentError(f"Embedding: {name} must be a positive int, got {v!r}")
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.weight = Parameter(_normal((num_embeddings, embedding_dim), 1.0,
+                                        dtype or B.default_dtype()))
+
+    def forward(self, indices: Any) -> Tensor:
+        """(...) ints -> (..., embedding_dim)."""
+        return F.embedding(indices, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class LayerNorm(Module):
+    """Normalise the last axis to zero mean and unit variance, then scale and shift (eps 1e-5)."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = True,
+                 dtype: Any = None) -> None:
+        super().__init__()
+        dtype = dtype or B.default_dtype()
+        self.normalized_shape, self.eps = int(normalized_shape), float(eps)
+        self.weight = Parameter(B.xp.ones(normalized_shape, dtype=dtype))
+        self.bias = Parameter(B.xp.zeros(normalized_shape, dtype=dtype)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., C) -> (..., C)."""
+        return F.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"({self.normalized_shape},), eps={self.eps}"
+
+
+class Dropout(Module):
+    """Zero elements with probability p while training (scaling the rest by 1/(1-p))."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise InvalidArgumentError(f"Dropout: p must lie in [0, 1], got {p}")
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Same shape out as in."""
+        return F.dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class ModuleList(Module):
+    """A list of modules, registered under their indices ("0", "1", ...)."""
+
+    def __init__(self, modules: Iterable[Module] = ()) -> None:
+        super().__init__()
+        for m in modules:
+            self.append(m)
+
+    def append(self, module: Module) -> ModuleList:
+        """Add ``module`` at the end; returns self."""
+        setattr(self, str(len(self._modules)), module)
+        return self
+
+    def __getitem__(self, i: int) -> Module:
+        return self._modules[str(i % len(self._modules))]
+
+    def __setitem__(self, i: int, module: Module) -> None:
+        setattr(self, str(i % len(self._modules)), module)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._modules.values())
+
+
+class Sequential(ModuleList):
+    """Modules applied one after another: ``Sequential(a, b)(x) == b(a(x))``."""
+
+    def __init__(self, *modules: Module) -> None:
+        super().__init__(modules)
+
+    def forward(self, x: Any) -> Any:
+        """Feed ``x`` through each module in order."""
+        for m in self:
+            x = m(x)
+        return x
+
+
+class GELU(Module):
+    """The GPT-2 (tanh) GELU as a module."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Same shape out as in."""
+        return F.gelu(x)
+
+
+class ReLU(Module):
+    """max(x, 0) as a module."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Same shape out as in."""
+        return x.relu()
+
+
+class Tanh(Module):
+    """tanh as a module."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Same shape out as in."""
+        return x.tanh()

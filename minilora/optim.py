@@ -1,0 +1,198 @@
+"""Optimisers (AdamW, SGD), gradient clipping and the warmup + cosine learning-rate schedule.
+
+Parameters that do not require a gradient are skipped entirely and get no optimiser state: with
+LoRA that is most of the model, and it is where the memory saving of the method comes from.
+Updates run in place, in each parameter's own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import backend as B
+from .errors import InvalidArgumentError, StateDictError
+from .tensor import Tensor
+
+
+def _groups(params: Iterable[Any], defaults: dict) -> list[dict]:
+    """Normalise ``params`` (tensors, or dicts with "params" plus per-group settings) to groups."""
+    params = list(params)
+    if not params:
+        raise InvalidArgumentError("optimizer: got an empty parameter list")
+    raw = params if isinstance(params[0], dict) else [{"params": params}]
+    groups = []
+    for g in raw:
+        unknown = set(g) - set(defaults) - {"params"}
+        if unknown:
+            raise InvalidArgumentError(f"optimizer: unknown group settings {sorted(unknown)}; "
+                                       f"known: {sorted(defaults)}")
+        ps = [p for p in g["params"] if isinstance(p, Tensor)]
+        if len(ps) != len(list(g["params"])):
+            raise InvalidArgumentError("optimizer: params must be Tensors (module.parameters())")
+        groups.append({**defaults, **g, "params": [p for p in ps if p.requires_grad]})
+    return groups
+
+
+class Optimizer:
+    """Holds parameter groups and per-parameter state; subclasses define ``step``."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict) -> None:
+        self.param_groups = _groups(params, defaults)
+        self.state: list[dict] = [{} for _ in self._params()]
+        self.step_count = 0
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def zero_grad(self) -> None:
+        """Forget the gradients of every parameter this optimiser updates."""
+        for p in self._params():
+            p.grad = None
+
+    def _each(self) -> Iterable[tuple[dict, Tensor, dict]]:
+        i = 0
+        for g in self.param_groups:
+            for p in g["params"]:
+                yield g, p, self.state[i]
+                i += 1
+
+    def state_dict(self) -> dict:
+        """``{"step": int, "lr": [per group], "state": [{name: array}] per parameter}`` (host arrays)."""
+        return {"step": self.step_count, "lr": [g["lr"] for g in self.param_groups],
+                "state": [{k: B.to_numpy(v).copy() for k, v in s.items()} for s in self.state]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (same parameters, same order and shapes)."""
+        if len(state["state"]) != len(self.state):
+            raise StateDictError(f"optimizer.load_state_dict: state holds {len(state['state'])} "
+                                 f"parameters, this optimizer {len(self.state)}")
+        for i, (s, p) in enumerate(zip(state["state"], self._params())):
+            for k, v in s.items():
+                if tuple(np.shape(v)) != p.shape:
+                    raise StateDictError(f"optimizer.load_state_dict: parameter {i} state {k!r} "
+                                         f"has shape {np.shape(v)}, the parameter {p.shape}")
+        self.state = [{k: B.asarray(v, dtype=p.data.dtype) for k, v in s.items()}
+                      for s, p in zip(state["state"], self._params())]
+        self.step_count = int(state["step"])
+        for g, lr in zip(self.param_groups, state.get("lr", [])):
+            g["lr"] = lr
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every group (what a schedule calls each step)."""
+        for g in self.param_groups:
+            g["lr"] = lr
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as ``torch.optim.AdamW``.
+
+    Per step t with gradient g:  p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;
+    v <- b2 v + (1 - b2) g^2;  p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise InvalidArgumentError(f"AdamW: lr, eps and weight_decay must be >= 0, got "
+                                       f"lr={lr}, eps={eps}, weight_decay={weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise InvalidArgumentError(f"AdamW: betas must lie in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay))
+
+    def step(self) -> None:
+        """Update every parameter that has a gradient."""
+        self.step_count += 1
+        t = self.step_count
+        for g, p, s in self._each():
+            if p.grad is None:
+                continue
+            b1, b2 = g["betas"]
+            if not s:
+                s["exp_avg"] = B.xp.zeros_like(p.data)
+                s["exp_avg_sq"] = B.xp.zeros_like(p.data)
+            m, v, grad = s["exp_avg"], s["exp_avg_sq"], p.grad
+            if g["weight_decay"]:
+                p.data *= 1.0 - g["lr"] * g["weight_decay"]
+            m *= b1
+            m += (1.0 - b1) * grad
+            v *= b2
+            v += (1.0 - b2) * grad * grad
+            step_size = g["lr"] / (1.0 - b1 ** t)
+            denom = B.xp.sqrt(v)
+            denom /= math.sqrt(1.0 - b2 ** t)
+            denom += g["eps"]
+            p.data -= step_size * m / denom
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum and weight decay, as ``torch.optim.SGD``.
+
+    g <- g + wd p;  buf <- momentum buf + g (buf = g at the first step);  p <- p - lr buf.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.0,
+                 weight_decay: float = 0.0) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise InvalidArgumentError(f"SGD: lr, momentum and weight_decay must be >= 0, got "
+                                       f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    def step(self) -> None:
+        """Update every parameter that has a gradient."""
+        self.step_count += 1
+        for g, p, s in self._each():
+            if p.grad is None:
+                continue
+            grad = p.grad + g["weight_decay"] * p.data if g["weight_decay"] else p.grad
+            if g["momentum"]:
+                if "momentum_buffer" not in s:
+                    s["momentum_buffer"] = B.xp.array(grad, copy=True)
+                else:
+                    s["momentum_buffer"] *= g["momentum"]
+                    s["momentum_buffer"] += grad
+                grad = s["momentum_buffer"]
+            p.data -= g["lr"] * grad
+
+
+def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
+    """Scale all gradients together so their global L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping. As PyTorch: the scale is max_norm / (norm + 1e-6), applied
+    only when it is below 1.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g *= coef
+    return total
+
+
+clip_grad_norm_ = clip_grad_norm
+
+
+def warmup_cosine(step: int, max_lr: float, warmup_steps: int, total_steps: int,
+                  min_lr: float = 0.0) -> float:
+    """Learning rate at ``step``: linear warmup from ~0 to ``max_lr`` over ``warmup_steps``, then a
+    half cosine down to ``min_lr`` at ``total_steps`` (and ``min_lr`` after).
+
+    lr = max_lr (step + 1) / warmup during warmup; then
+    lr = min_lr + (max_lr - min_lr) (1 + cos(pi progress)) / 2, progress in [0, 1].
+    """
+    if warmup_steps < 0 or total_steps <= 0:
+        raise InvalidArgumentError(f"warmup_cosine: need warmup_steps >= 0 and total_steps > 0, "
+                                   f"got {warmup_steps} and {total_steps}")
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

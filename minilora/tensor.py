@@ -1,0 +1,591 @@
+"""Reverse-mode automatic differentiation over NumPy/CuPy arrays.
+
+The whole idea in four lines:
+
+* a :class:`Tensor` holds an array ``data`` and, once ``backward`` has run, its gradient ``grad``;
+* every operation makes an output tensor that remembers its inputs (``_parents``) and a small
+  closure ``_backward(g) -> (grad for each parent)`` that applies the chain rule locally;
+* ``loss.backward()`` sorts the graph topologically (iteratively: deep graphs are fine) and walks
+  it in reverse, handing each node the sum of the gradients flowing into it;
+* leaves (parameters, inputs) accumulate what reaches them into ``.grad``.
+
+Nothing is recorded inside ``with no_grad():`` or when no input requires a gradient, and a closure
+only computes the gradients of inputs that ask for one, so frozen weights cost no gradient work.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import backend as B
+from .errors import DTypeError, GraphError, InvalidArgumentError, ShapeError, shape_error
+
+_state = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    """True unless inside ``no_grad()`` (per thread)."""
+    return getattr(_state, "enabled", True)
+
+
+@contextmanager
+def no_grad() -> Iterator[None]:
+    """Context manager: operations inside record no graph and keep no intermediate arrays."""
+    previous = is_grad_enabled()
+    _state.enabled = False
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def unbroadcast(grad: Any, shape: tuple) -> Any:
+    """Sum ``grad`` down to ``shape``: undo NumPy broadcasting in the backward pass.
+
+    Broadcasting prepends axes and stretches size-1 axes; the gradient of a stretched input is the
+    sum over the axes it was stretched along.
+    """
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    return grad
+
+
+def _as_float_array(data: Any, dtype: Any) -> Any:
+    arr = B.asarray(data, dtype=dtype)
+    if dtype is None and arr.dtype == np.float64 and not B.is_array(data):
+        arr = arr.astype(B.default_dtype())  # Python floats become the default float dtype
+    return arr
+
+
+class Tensor:
+    """An array with an optional gradient and the recipe to backpropagate through it.
+
+    ``Tensor(data, requires_grad=False, dtype=None)``: ``data`` may be a NumPy/CuPy array (its dtype
+    is kept), a nested list or a number (floats become the default float dtype, float32).
+    """
+
+    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "_op", "__weakref__")
+    __array_ufunc__ = None  # make `ndarray * Tensor` defer to Tensor.__rmul__
+
+    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None) -> None:
+        if isinstance(data, Tensor):
+            data = data.data
+        self.data = _as_float_array(data, dtype)
+        if requires_grad and self.data.dtype.kind != "f":
+            raise DTypeError(f"Tensor: requires_grad=True needs a float array, got dtype "
+                             f"{self.data.dtype}")
+        self.grad: Any = None
+        self.requires_grad = bool(requires_grad)
+        self._parents: tuple = ()
+        self._backward: Callable | None = None
+        self._op: str | None = None
+
+    # ------------------------------------------------------------------------- graph plumbing
+
+    @staticmethod
+    def _make(data: Any, parents: tuple, backward: Callable, op: str) -> Tensor:
+        """Wrap an op's output; record the graph only when it is needed."""
+        out = Tensor.__new__(Tensor)
+        out.data = data
+        out.grad = None
+        out._op = op
+        needs = is_grad_enabled() and any(p.requires_grad for p in parents)
+        out.requires_grad = needs
+        out._parents = parents if needs else ()
+        out._backward = backward if needs else None
+        return out
+
+    def _topological_order(self) -> list:
+        """Nodes that need a gradient, each after all of its parents (iterative DFS)."""
+        order: list = []
+        visited: set = set()
+        stack: list = [(self, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            stack.append((node, True))
+            for parent in node._parents:
+                if parent.requires_grad and id(parent) not in visited:
+                    stack.append((parent, False))
+        return order
+
+    def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
+        """Backpropagate from this tensor; leaves accumulate their gradient into ``.grad``.
+
+        ``grad`` defaults to 1 for a single-element tensor. The graph's saved arrays are released
+        as the walk passes them unless ``retain_graph=True``.
+        """
+        if not self.requires_grad:
+            raise GraphError("backward: this tensor does not require grad (no input had "
+                             "requires_grad=True, or it was computed under no_grad)")
+        if grad is None:
+            if self.data.size != 1:
+                raise GraphError(f"backward: a gradient can only be implied for a single-element "
+                                 f"tensor; this one has shape {self.shape}, pass grad=")
+            grad = B.xp.ones_like(self.data)
+        else:
+            grad = B.asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.data.dtype)
+            if grad.shape != self.shape:
+                raise shape_error("backward", self.shape, grad.shape,
+                                  detail="grad must have the tensor's shape")
+        grads = {id(self): grad}
+        for node in reversed(self._topological_order()):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._backward is None:
+                if node._op is not None:
+                    raise GraphError("backward: the graph was freed by an earlier backward; "
+                                     "pass retain_graph=True to walk it twice")
+                # a leaf: copy, because g may be shared with a sibling or be a read-only view
+                node.grad = g.astype(node.data.dtype, copy=True) if node.grad is None \
+                    else node.grad + g
+                continue
+            for parent, pg in zip(node._parents, node._backward(g)):
+                if pg is None or not parent.requires_grad:
+                    continue
+                previous = grads.get(id(parent))
+                grads[id(parent)] = pg if previous is None else previous + pg
+            if not retain_graph:
+                node._backward = None
+                node._parents = ()
+
+    # ------------------------------------------------------------------------------ basics
+
+    @property
+    def shape(self) -> tuple:
+        """The array's shape."""
+        return tuple(self.data.shape)
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return self.data.ndim
+
+    @property
+    def dtype(self) -> Any:
+        """The array's dtype."""
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(self.data.size)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def numpy(self) -> np.ndarray:
+        """The values as a NumPy array (copied to the host on CuPy); shares memory on NumPy."""
+        return B.to_numpy(self.data)
+
+    def item(self) -> float:
+        """The single value as a Python number."""
+        if self.data.size != 1:
+            raise ShapeError(f"item: needs a single-element tensor, got shape {self.shape}")
+        return self.data.reshape(()).item()
+
+    def detach(self) -> Tensor:
+        """A tensor sharing this one's data but cut from the graph (no grad flows through)."""
+        return Tensor(self.data)
+
+    def requires_grad_(self, flag: bool = True) -> Tensor:
+        """Set ``requires_grad`` in place and return self."""
+        if flag and self.data.dtype.kind != "f":
+            raise DTypeError(f"requires_grad_: needs a float tensor, got dtype {self.data.dtype}")
+        self.requires_grad = bool(flag)
+        return self
+
+    def zero_grad(self) -> None:
+        """Forget the accumulated gradient."""
+        self.grad = None
+
+    def __repr__(self) -> str:
+        grad = f", grad_fn={self._op}" if self._backward is not None else ""
+        req = ", requires_grad=True" if self.requires_grad and not grad else ""
+        body = np.array2string(self.numpy(), precision=4, threshold=20, edgeitems=2,
+                               separator=", ", prefix="Tensor(")
+        return f"Tensor({body}, dtype={self.dtype}{req}{grad})"
+
+    # ------------------------------------------------------------------------- elementwise
+
+    def _other(self, other: Any) -> Tensor:
+        if isinstance(other, Tensor):
+            return other
+        dtype = self.data.dtype if self.data.dtype.kind == "f" else None
+        return Tensor(B.xp.asarray(other, dtype=dtype))
+
+    def _binary(self, other: Any, fn: Callable, op: str) -> Any:
+        try:
+            return fn(self.data, other.data)
+        except ValueError as exc:
+            raise shape_error(op, self.shape, other.shape, detail=str(exc)) from None
+
+    def __add__(self, other: Any) -> Tensor:
+        a, b = self, self._other(other)
+        out = a._binary(b, lambda x, y: x + y, "add")
+
+        def backward(g):
+            return (unbroadcast(g, a.shape) if a.requires_grad else None,
+                    unbroadcast(g, b.shape) if b.requires_grad else None)
+        return Tensor._make(out, (a, b), backward, "add")
+
+    def __sub__(self, other: Any) -> Tensor:
+        a, b = self, self._other(other)
+        out = a._binary(b, lambda x, y: x - y, "sub")
+
+        def backward(g):
+            return (unbroadcast(g, a.shape) if a.requires_grad else None,
+                    unbroadcast(-g, b.shape) if b.requires_grad else None)
+        return Tensor._make(out, (a, b), backward, "sub")
+
+    def __mul__(self, other: Any) -> Tensor:
+        a, b = self, self._other(other)
+        out = a._binary(b, lambda x, y: x * y, "mul")
+
+        def backward(g):
+            return (unbroadcast(g * b.data, a.shape) if a.requires_grad else None,
+                    unbroadcast(g * a.data, b.shape) if b.requires_grad else None)
+        return Tensor._make(out, (a, b), backward, "mul")
+
+    def __truediv__(self, other: Any) -> Tensor:
+        a, b = self, self._other(other)
+        out = a._binary(b, lambda x, y: x / y, "div")
+
+        def backward(g):
+            ga = g / b.data
+            return (unbroadcast(ga, a.shape) if a.requires_grad else None,
+                    unbroadcast(-ga * out, b.shape) if b.requires_grad else None)
+        return Tensor._make(out, (a, b), backward, "div")
+
+    def __neg__(self) -> Tensor:
+        a = self
+        return Tensor._make(-a.data, (a,), lambda g: (-g,), "neg")
+
+    def __pow__(self, exponent: Any) -> Tensor:
+        a = self
+        if isinstance(exponent, Tensor):  # x ** y with y a tensor: d/dy = x^y log x
+            b = exponent
+            out = a._binary(b, lambda x, y: x ** y, "pow")
+
+            def backward(g):
+                ga = g * b.data * a.data ** (b.data - 1) if a.requires_grad else None
+                gb = g * out * B.xp.log(a.data) if b.requires_grad else None
+                return (unbroadcast(ga, a.shape) if ga is not None else None,
+                        unbroadcast(gb, b.shape) if gb is not None else None)
+            return Tensor._make(out, (a, b), backward, "pow")
+        p = float(exponent)
+        out = a.data ** p
+        return Tensor._make(out, (a,), lambda g: (g * (p * a.data ** (p - 1)),), "pow")
+
+    def __radd__(self, other: Any) -> Tensor:
+        return self + other
+
+    def __rsub__(self, other: Any) -> Tensor:
+        return self._other(other) - self
+
+    def __rmul__(self, other: Any) -> Tensor:
+        return self * other
+
+    def __rtruediv__(self, other: Any) -> Tensor:
+        return self._other(other) / self
+
+    def __rpow__(self, other: Any) -> Tensor:
+        return self._other(other) ** self
+
+    def exp(self) -> Tensor:
+        """e ** x elementwise; d/dx = e ** x."""
+        a = self
+        out = B.xp.exp(a.data)
+        return Tensor._make(out, (a,), lambda g: (g * out,), "exp")
+
+    def log(self) -> Tensor:
+        """Natural log elementwise; d/dx = 1 / x."""
+        a = self
+        return Tensor._make(B.xp.log(a.data), (a,), lambda g: (g / a.data,), "log")
+
+    def sqrt(self) -> Tensor:
+        """Square root elementwise; d/dx = 1 / (2 sqrt x)."""
+        a = self
+        out = B.xp.sqrt(a.data)
+        return Tensor._make(out, (a,), lambda g: (g / (2 * out),), "sqrt")
+
+    def tanh(self) -> Tensor:
+        """tanh elementwise; d/dx = 1 - tanh(x)^2."""
+        a = self
+        out = B.xp.tanh(a.data)
+        return Tensor._make(out, (a,), lambda g: (g * (1 - out * out),), "tanh")
+
+    def relu(self) -> Tensor:
+        """max(x, 0) elementwise; the gradient at 0 is taken as 0."""
+        a = self
+        mask = a.data > 0
+        return Tensor._make(a.data * mask, (a,), lambda g: (g * mask,), "relu")
+
+    def astype(self, dtype: Any) -> Tensor:
+        """Cast to ``dtype``; the gradient is cast back to this tensor's dtype."""
+        a = self
+        src = a.data.dtype
+        return Tensor._make(a.data.astype(dtype), (a,), lambda g: (g.astype(src),), "astype")
+
+    # ----------------------------------------------------------------------------- matmul
+
+    def __matmul__(self, other: Any) -> Tensor:
+        """Matrix product with NumPy's rules: (..., n, k) @ (..., k, m) -> (..., n, m)."""
+        a, b = self, self._other(other)
+        if a.ndim == 0 or b.ndim == 0:
+            raise shape_error("matmul", a.shape, b.shape, detail="operands must be at least 1-D")
+        if a.ndim == 1:  # a vector on the left is a row, removed again afterwards
+            return (a.reshape(1, -1) @ b).reshape(*(b.shape[:-2] + b.shape[-1:]))
+        if b.ndim == 1:
+            return (a @ b.reshape(-1, 1)).reshape(*a.shape[:-1])
+        if a.shape[-1] != b.shape[-2]:
+            raise shape_error("matmul", a.shape, b.shape,
+                              detail=f"inner dimensions {a.shape[-1]} != {b.shape[-2]}")
+        out = a._binary(b, lambda x, y: x @ y, "matmul")
+
+        def backward(g):
+            ga = gb = None
+            if a.requires_grad:
+                if a.ndim > 2 and b.ndim == 2:  # (..., n, k) @ (k, m): one GEMM, not a batch
+                    ga = (g.reshape(-1, g.shape[-1]) @ b.data.T).reshape(a.shape)
+                else:
+                    ga = unbroadcast(g @ b.data.swapaxes(-1, -2), a.shape)
+            if b.requires_grad:
+                if b.ndim == 2 and a.ndim > 2:  # fold the batch into the rows: x^T g summed
+                    gb = a.data.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+                else:
+                    gb = unbroadcast(a.data.swapaxes(-1, -2) @ g, b.shape)
+            return ga, gb
+        return Tensor._make(out, (a, b), backward, "matmul")
+
+    def __rmatmul__(self, other: Any) -> Tensor:
+        return self._other(other) @ self
+
+    # ------------------------------------------------------------------------- reductions
+
+    def _expand(self, g: Any, axis: Any, keepdims: bool) -> Any:
+        """Reshape a reduced gradient so it broadcasts back over the reduced axes."""
+        if axis is None:
+            return g.reshape((1,) * self.ndim)
+        if not keepdims:
+            axes = (axis,) if isinstance(axis, int) else axis
+            g = B.xp.expand_dims(g, tuple(ax % self.ndim for ax in axes))
+        return g
+
+    def _count(self, axis: Any) -> int:
+        if axis is None:
+            return self.size
+        axes = (axis,) if isinstance(axis, int) else axis
+        return int(np.prod([self.shape[ax] for ax in axes]))
+
+    def sum(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
+        """Sum over ``axis`` (all axes when None)."""
+        a = self
+        out = a.data.sum(axis=axis, keepdims=keepdims)
+        return Tensor._make(
+            out, (a,), lambda g: (B.xp.broadcast_to(a._expand(g, axis, keepdims), a.shape),), "sum")
+
+    def mean(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
+        """Mean over ``axis``; the gradient spreads g / count evenly."""
+        a = self
+        n = a._count(axis)
+        out = a.data.mean(axis=axis, keepdims=keepdims)
+        return Tensor._make(
+            out, (a,),
+            lambda g: (B.xp.broadcast_to(a._expand(g, axis, keepdims) / n, a.shape),), "mean")
+
+    def max(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
+        """Maximum over ``axis``; tied maxima share the gradient equally (like torch.amax)."""
+        a = self
+        out = a.data.max(axis=axis, keepdims=keepdims)
+
+        def backward(g):
+            mask = a.data == a._expand(out, axis, keepdims)
+            share = mask / mask.sum(axis=axis, keepdims=True)
+            return (share * a._expand(g, axis, keepdims),)
+        return Tensor._make(out, (a,), backward, "max")
+
+    def var(self, axis: int | tuple | None = None, keepdims: bool = False,
+            ddof: int = 0) -> Tensor:
+        """Variance over ``axis``: sum((x - mean)^2) / (count - ddof); ddof=0 as LayerNorm uses."""
+        a = self
+        n = a._count(axis)
+        centered = a.data - a.data.mean(axis=axis, keepdims=True)
+        out = (centered * centered).sum(axis=axis, keepdims=keepdims) / (n - ddof)
+        return Tensor._make(
+            out, (a,), lambda g: (a._expand(g, axis, keepdims) * centered * (2.0 / (n - ddof)),),
+            "var")
+
+    def argmax(self, axis: int | None = None) -> Tensor:
+        """Indices of the maxima (an integer tensor outside the graph)."""
+        return Tensor(self.data.argmax(axis=axis))
+
+    # ------------------------------------------------------------------------------ shapes
+
+    def reshape(self, *shape: Any) -> Tensor:
+        """Same data, new shape (one entry may be -1); also accepts a single tuple."""
+        a = self
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        try:
+            out = a.data.reshape(shape)
+        except ValueError:
+            raise shape_error("reshape", a.shape, shape,
+                              detail=f"cannot reshape {a.size} elements") from None
+        return Tensor._make(out, (a,), lambda g: (g.reshape(a.shape),), "reshape")
+
+    view = reshape
+
+    def permute(self, *dims: int) -> Tensor:
+        """Reorder the axes: ``out.shape[i] == self.shape[dims[i]]``."""
+        a = self
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        if sorted(d % max(a.ndim, 1) for d in dims) != list(range(a.ndim)):
+            raise InvalidArgumentError(f"permute: dims {dims} are not a permutation of the "
+                                       f"{a.ndim} axes of shape {a.shape}")
+        inverse = tuple(np.argsort([d % a.ndim for d in dims]))
+        return Tensor._make(a.data.transpose(dims), (a,), lambda g: (g.transpose(inverse),),
+                            "permute")
+
+    def transpose(self, dim0: int = -2, dim1: int = -1) -> Tensor:
+        """Swap two axes (PyTorch's meaning of transpose)."""
+        a = self
+        return Tensor._make(a.data.swapaxes(dim0, dim1), (a,),
+                            lambda g: (g.swapaxes(dim0, dim1),), "transpose")
+
+    @property
+    def T(self) -> Tensor:
+        """All axes reversed (the matrix transpose for 2-D)."""
+        return self.permute(*reversed(range(self.ndim)))
+
+    def __getitem__(self, index: Any) -> Tensor:
+        """Indexing as NumPy: slices are views; integer arrays gather, and their backward adds up
+        the gradients of repeated indices (scatter-add)."""
+        a = self
+        index = _unwrap_index(index)
+        out = a.data[index]
+        advanced = _is_advanced(index)
+
+        def backward(g):
+            full = B.xp.zeros_like(a.data)
+            if advanced:
+                B.scatter_add(full, index, g)
+            else:
+                full[index] = g
+            return (full,)
+        return Tensor._make(out, (a,), backward, "getitem")
+
+    def masked_fill(self, mask: Any, value: float) -> Tensor:
+        """``value`` where ``mask`` is true, self elsewhere; no gradient flows to filled places."""
+        return where(mask, value, self)
+
+    def split(self, split_size: int | Sequence[int], axis: int = 0) -> list:
+        """Split into pieces of ``split_size`` (an int) or of the listed sizes, along ``axis``."""
+        return split(self, split_size, axis)
+
+
+def _unwrap_index(index: Any) -> Any:
+    if isinstance(index, Tensor):
+        return index.data
+    if isinstance(index, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return index
+
+
+def _is_advanced(index: Any) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, (list, np.ndarray)) or B.is_array(i) for i in items)
+
+
+# ------------------------------------------------------------------------ multi-tensor ops
+
+def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
+    """Shorthand for ``Tensor(data, requires_grad, dtype)``."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
+
+
+def _as_tensor(x: Any) -> Tensor:
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def concatenate(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join tensors along an existing axis; the gradient is cut back into the pieces."""
+    ts = tuple(_as_tensor(t) for t in tensors)
+    if not ts:
+        raise InvalidArgumentError("concatenate: needs at least one tensor, got none")
+    try:
+        out = B.xp.concatenate([t.data for t in ts], axis=axis)
+    except ValueError as exc:
+        raise shape_error("concatenate", *(t.shape for t in ts), detail=str(exc)) from None
+    cuts = np.cumsum([t.shape[axis] for t in ts])[:-1].tolist()
+    return Tensor._make(out, ts, lambda g: tuple(B.xp.split(g, cuts, axis=axis)), "concatenate")
+
+
+cat = concatenate
+
+
+def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join equally shaped tensors along a new axis."""
+    ts = tuple(_as_tensor(t) for t in tensors)
+    if not ts:
+        raise InvalidArgumentError("stack: needs at least one tensor, got none")
+    try:
+        out = B.xp.stack([t.data for t in ts], axis=axis)
+    except ValueError as exc:
+        raise shape_error("stack", *(t.shape for t in ts), detail=str(exc)) from None
+    return Tensor._make(out, ts, lambda g: tuple(B.xp.moveaxis(g, axis, 0)), "stack")
+
+
+def split(t: Tensor, split_size: int | Sequence[int], axis: int = 0) -> list:
+    """Pieces of ``t`` along ``axis``: of ``split_size`` each (last may be short) or of the sizes
+    listed (which must add up to the axis length), as ``torch.split``."""
+    n = t.shape[axis]
+    if isinstance(split_size, (int, np.integer)):
+        if split_size <= 0:
+            raise InvalidArgumentError(f"split: split_size must be positive, got {split_size}")
+        sizes = [min(split_size, n - s) for s in range(0, n, split_size)]
+    else:
+        sizes = [int(s) for s in split_size]
+        if sum(sizes) != n or any(s < 0 for s in sizes):
+            raise InvalidArgumentError(f"split: sizes {sizes} do not add up to {n}, the length of "
+                                       f"axis {axis} of shape {t.shape}")
+    pieces, start = [], 0
+    lead = (slice(None),) * (axis % t.ndim)
+    for s in sizes:
+        pieces.append(t[lead + (slice(start, start + s),)])
+        start += s
+    return pieces
+
+
+def where(condition: Any, x: Any, y: Any) -> Tensor:
+    """``x`` where ``condition`` holds, else ``y`` (broadcasting); gradients follow the choice."""
+    cond = condition.data if isinstance(condition, Tensor) else B.asarray(condition)
+    ref = x if isinstance(x, Tensor) else y if isinstance(y, Tensor) else Tensor(x)
+    a, b = ref._other(x), ref._other(y)
+    try:
+        out = B.xp.where(cond, a.data, b.data)
+    except ValueError as exc:
+        raise shape_error("where", cond.shape, a.shape, b.shape, detail=str(exc)) from None
+
+    def backward(g):
+        zero = B.xp.zeros((), dtype=g.dtype)
+        return (unbroadcast(B.xp.where(cond, g, zero), a.shape) if a.requires_grad else None,
+                unbroadcast(B.xp.where(cond, zero, g), b.shape) if b.requires_grad else None)
+    return Tensor._make(out, (a, b), backward, "where")

@@ -1,0 +1,28 @@
+"""Shared test set-up: hypothesis profiles and a fresh seed for every test.
+
+Profiles: ``ci`` (derandomized, so CI is repeatable) and ``dev`` (more examples); pick one with
+HYPOTHESIS_PROFILE. The default is ``ci``.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import minilora as ml
+
+settings.register_profile("ci", derandomize=True, max_examples=30, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("dev", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_dtype():
+    """Each test starts from seed 0 and float32 defaults, whatever the previous one did."""
+    ml.manual_seed(0)
+    ml.set_default_dtype(np.float32)
+    yield
+    ml.set_default_dtype(np.float32)
