@@ -50,19 +50,18 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["demo", "test", "setup"])
     parser.add_argument("--extras", default="", help="extra extras, comma separated")
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="passed on to the demo or pytest")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()  # the rest goes on to the demo or to pytest
     extras = {e for e in args.extras.split(",") if e}
     if args.command == "demo":
         ensure_env(extras)
-        return subprocess.run([str(PY), "-m", "minilora", "demo", *args.rest], cwd=ROOT).returncode
+        return subprocess.run([str(PY), "-m", "minilora", "demo", *rest], cwd=ROOT).returncode
     ensure_env(extras | {"dev"})
     if args.command == "setup":
         return 0
     lint = subprocess.run([str(PY), "-m", "ruff", "check", "."], cwd=ROOT)
     if lint.returncode:
         return lint.returncode
-    return subprocess.run([str(PY), "-m", "pytest", *args.rest], cwd=ROOT).returncode
+    return subprocess.run([str(PY), "-m", "pytest", *rest], cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""Every tutorial notebook runs top to bottom (in fast mode) and matches its source.
+
+The notebooks end in assertions, so a notebook whose story stops being true fails here too.
+"""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+pytest.importorskip("nbclient")
+
+TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
+sys.path.insert(0, str(TUTORIALS))
+import build  # noqa: E402  (tutorials/build.py)
+
+NOTEBOOKS = sorted(TUTORIALS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_every_source_has_a_committed_notebook():
+    sources = {p.stem for p in (TUTORIALS / "src").glob("[0-9][0-9]_*.py")}
+    assert sources, "no tutorial sources found"
+    assert sources == {p.stem for p in NOTEBOOKS}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_matches_its_source(path):
+    committed = nbformat.read(path, as_version=4)
+    fresh = build.build_notebook(TUTORIALS / "src" / (path.stem + ".py"))
+    assert [(c.cell_type, c.source) for c in committed.cells] == \
+           [(c.cell_type, c.source) for c in fresh.cells], \
+        f"{path.name} is stale: run `python tutorials/build.py {path.stem[:2]}`"
+    images = sum("image/png" in o.get("data", {}) for c in committed.cells
+                 for o in c.get("outputs", []))
+    assert images > 0, f"{path.name} was committed without its plots"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes(path, monkeypatch):
+    monkeypatch.setenv("MINILORA_FAST", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = copy.deepcopy(nbformat.read(path, as_version=4))
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+    build.execute(nb, timeout=600)  # raises CellExecutionError on the first failing cell
