@@ -146,29 +146,53 @@ def scatter_add(target: Any, indices: Any, values: Any) -> None:
 
 
 def index_add_rows(indices: Any, values: Any, num_rows: int) -> Any:
-    """Sum rows of ``values`` (N, C) into ``num_rows`` bins by ``indices`` (N,); returns (num_rows, C).
+    """Sum rows of ``values`` (N, C) into ``num_rows`` bins by ``indices`` (N,) -> (num_rows, C).
 
-    This is the backward of an embedding lookup. ``np.add.at`` is slow on the CPU, so for a small
-    table a one-hot matmul does it on BLAS, and for a large one the rows are sorted by index and
-    summed per segment with ``np.add.reduceat``; CuPy has a fast atomic scatter-add.
+    ``out[k] = sum_{i: indices[i] = k} values[i]``; indices (...) and values (..., C) also work;
+    indices must lie in [0, num_rows). This is the backward of an embedding lookup.
+
+    CuPy has a fast atomic scatter-add. On the CPU ``np.add.at`` is slow per element, so the rows
+    are sorted by index: when most of them repeat an index (a small table, many tokens) a one-hot
+    matmul sums them on BLAS; otherwise the first row of each index is copied into place and only
+    the repeats go through ``np.add.at``.
     """
+    # the row width is whatever follows the index axes, so empty index arrays work too
+    width = int(np.prod(values.shape[indices.ndim:]))
     indices = indices.reshape(-1)
-    values = values.reshape(indices.shape[0], -1)
+    values = values.reshape(indices.shape[0], width)  # (N, C)
     if _name == "cupy":
-        out = xp.zeros((num_rows, values.shape[1]), dtype=values.dtype)
+        out = xp.zeros((num_rows, width), dtype=values.dtype)
         scatter_add(out, indices, values)
         return out
-    if num_rows <= 1024:
-        onehot = np.zeros((num_rows, indices.shape[0]), dtype=values.dtype)
-        onehot[indices, np.arange(indices.shape[0])] = 1
-        return onehot @ values
-    out = np.zeros((num_rows, values.shape[1]), dtype=values.dtype)
-    if indices.shape[0] == 0:
-        return out
+    n = indices.shape[0]
+    if n == 0:
+        return np.zeros((num_rows, width), dtype=values.dtype)
     order = np.argsort(indices, kind="stable")
     sorted_idx = indices[order]
-    starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
-    out[sorted_idx[starts]] = np.add.reduceat(values[order], starts, axis=0)
+    first = np.r_[True, sorted_idx[1:] != sorted_idx[:-1]]  # first row of each distinct index
+    repeats = n - int(np.count_nonzero(first))
+    # measured crossover: the matmul costs ~num_rows * n * C, np.add.at ~500x more per repeat
+    if num_rows * n <= 500 * repeats and num_rows * n <= 1 << 24:
+        return _index_add_onehot(indices, values, num_rows)
+    return _index_add_sorted(sorted_idx, order, first, values, num_rows)
+
+
+def _index_add_onehot(indices: Any, values: Any, num_rows: int) -> Any:
+    """``onehot(indices)^T @ values``: (num_rows, N) @ (N, C), one GEMM."""
+    onehot = np.zeros((num_rows, indices.shape[0]), dtype=values.dtype)
+    onehot[indices, np.arange(indices.shape[0])] = 1
+    return onehot @ values
+
+
+def _index_add_sorted(sorted_idx: Any, order: Any, first: Any, values: Any,
+                      num_rows: int) -> Any:
+    """Copy each index's first row into place, then ``np.add.at`` the repeats (in row order, so
+    the sums round exactly as ``np.add.at`` over all rows would)."""
+    out = np.zeros((num_rows, values.shape[1]), dtype=values.dtype)
+    out[sorted_idx[first]] = values[order[first]]
+    rest = ~first
+    if rest.any():
+        np.add.at(out, sorted_idx[rest], values[order[rest]])
     return out
 
 

@@ -52,12 +52,16 @@ class Module:
         if params is None:
             raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() "
                                  f"before assigning {name!r}")
-        params.pop(name, None)
-        self._modules.pop(name, None)
+        # replacing keeps the entry's place (and so the order of named_parameters/state_dict)
         if isinstance(value, Parameter):
+            self._modules.pop(name, None)
             params[name] = value
         elif isinstance(value, Module):
+            params.pop(name, None)
             self._modules[name] = value
+        else:
+            params.pop(name, None)
+            self._modules.pop(name, None)
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
@@ -153,7 +157,7 @@ class Module:
         return sum(p.size for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def astype(self, dtype: Any) -> Module:
-        """Cast every float parameter to ``dtype`` in place (gradients are dropped); returns self."""
+        """Cast every parameter to ``dtype`` in place (gradients are dropped); returns self."""
         for p in self.parameters():
             p.data = p.data.astype(dtype)
             p.grad = None
@@ -230,7 +234,8 @@ class Module:
 class Linear(Module):
     """``y = x W^T + b`` with W (out_features, in_features), b (out_features,).
 
-    Initialised as PyTorch: W and b uniform in [-1/sqrt(in), 1/sqrt(in)] (kaiming-uniform, a=sqrt 5).
+    Initialised as PyTorch: W and b uniform in [-1/sqrt(in), 1/sqrt(in)]
+    (kaiming-uniform with a = sqrt 5).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -323,11 +328,20 @@ class ModuleList(Module):
         setattr(self, str(len(self._modules)), module)
         return self
 
-    def __getitem__(self, i: int) -> Module:
-        return self._modules[str(i % len(self._modules))]
+    def _index(self, i: int) -> str:
+        n = len(self._modules)
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not -n <= i < n:
+            raise IndexError(f"{type(self).__name__}: index {i!r} out of range for {n} modules")
+        return str(int(i) % n)
+
+    def __getitem__(self, i: int | slice) -> Module:
+        if isinstance(i, slice):  # a slice is a new container sharing the same modules
+            picked = list(self._modules.values())[i]
+            return Sequential(*picked) if isinstance(self, Sequential) else ModuleList(picked)
+        return self._modules[self._index(i)]
 
     def __setitem__(self, i: int, module: Module) -> None:
-        setattr(self, str(i % len(self._modules)), module)
+        setattr(self, self._index(i), module)
 
     def __len__(self) -> int:
         return len(self._modules)

@@ -17,22 +17,37 @@ from .errors import InvalidArgumentError, StateDictError
 from .tensor import Tensor
 
 
+def _as_floats(value: Any) -> Any:
+    """Settings as Python floats: a NumPy float64 scalar would upcast float32 updates."""
+    if isinstance(value, (tuple, list)):
+        return tuple(float(v) for v in value)
+    return float(value)
+
+
 def _groups(params: Iterable[Any], defaults: dict) -> list[dict]:
     """Normalise ``params`` (tensors, or dicts with "params" plus per-group settings) to groups."""
     params = list(params)
     if not params:
         raise InvalidArgumentError("optimizer: got an empty parameter list")
     raw = params if isinstance(params[0], dict) else [{"params": params}]
-    groups = []
+    groups, seen = [], set()
     for g in raw:
+        if not isinstance(g, dict) or "params" not in g:
+            raise InvalidArgumentError("optimizer: a parameter group must be a dict with a "
+                                       f"'params' entry, got {type(g).__name__}")
         unknown = set(g) - set(defaults) - {"params"}
         if unknown:
             raise InvalidArgumentError(f"optimizer: unknown group settings {sorted(unknown)}; "
                                        f"known: {sorted(defaults)}")
-        ps = [p for p in g["params"] if isinstance(p, Tensor)]
-        if len(ps) != len(list(g["params"])):
+        ps = list(g["params"])  # once: it may be a generator
+        if not all(isinstance(p, Tensor) for p in ps):
             raise InvalidArgumentError("optimizer: params must be Tensors (module.parameters())")
-        groups.append({**defaults, **g, "params": [p for p in ps if p.requires_grad]})
+        if any(id(p) in seen for p in ps) or len({id(p) for p in ps}) != len(ps):
+            raise InvalidArgumentError("optimizer: a parameter appears more than once (it would "
+                                       "be updated twice per step)")
+        seen.update(id(p) for p in ps)
+        settings = {k: _as_floats(v) for k, v in {**defaults, **g}.items() if k != "params"}
+        groups.append({**settings, "params": [p for p in ps if p.requires_grad]})
     return groups
 
 
@@ -42,6 +57,8 @@ class Optimizer:
     def __init__(self, params: Iterable[Any], defaults: dict) -> None:
         self.param_groups = _groups(params, defaults)
         self.state: list[dict] = [{} for _ in self._params()]
+        # per parameter, as PyTorch: a parameter skipped for want of a gradient keeps its own count
+        self.param_steps: list[int] = [0 for _ in self._params()]
         self.step_count = 0
 
     def _params(self) -> list[Tensor]:
@@ -52,20 +69,26 @@ class Optimizer:
         for p in self._params():
             p.grad = None
 
-    def _each(self) -> Iterable[tuple[dict, Tensor, dict]]:
+    def _each(self) -> Iterable[tuple[dict, Tensor, dict, int]]:
         i = 0
         for g in self.param_groups:
             for p in g["params"]:
-                yield g, p, self.state[i]
+                yield g, p, self.state[i], i
                 i += 1
 
     def state_dict(self) -> dict:
-        """``{"step": int, "lr": [per group], "state": [{name: array}] per parameter}`` (host arrays)."""
+        """``{"step": int, "lr": [per group], "param_steps": [int per parameter],
+        "state": [{name: array}] per parameter}``, all on the host and copied."""
         return {"step": self.step_count, "lr": [g["lr"] for g in self.param_groups],
+                "param_steps": list(self.param_steps),
                 "state": [{k: B.to_numpy(v).copy() for k, v in s.items()} for s in self.state]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned (same parameters, same order and shapes)."""
+        """Restore what :meth:`state_dict` returned (same parameters, same order and shapes).
+
+        The arrays are copied, so the same dict can be loaded again later. Without
+        "param_steps" (an older dict) every parameter with state is taken to be at "step".
+        """
         if len(state["state"]) != len(self.state):
             raise StateDictError(f"optimizer.load_state_dict: state holds {len(state['state'])} "
                                  f"parameters, this optimizer {len(self.state)}")
@@ -74,16 +97,30 @@ class Optimizer:
                 if tuple(np.shape(v)) != p.shape:
                     raise StateDictError(f"optimizer.load_state_dict: parameter {i} state {k!r} "
                                          f"has shape {np.shape(v)}, the parameter {p.shape}")
-        self.state = [{k: B.asarray(v, dtype=p.data.dtype) for k, v in s.items()}
+        lrs = list(state.get("lr", []))
+        if lrs and len(lrs) != len(self.param_groups):
+            raise StateDictError(f"optimizer.load_state_dict: state has {len(lrs)} group lrs, "
+                                 f"this optimizer {len(self.param_groups)} groups")
+        steps = state.get("param_steps")
+        if steps is None:
+            steps = [int(state["step"]) if s else 0 for s in state["state"]]
+        if len(steps) != len(self.state):
+            raise StateDictError(f"optimizer.load_state_dict: param_steps has {len(steps)} "
+                                 f"entries, this optimizer {len(self.state)} parameters")
+        self.state = [{k: B.xp.array(B.asarray(v), dtype=p.data.dtype, copy=True)
+                       for k, v in s.items()}
                       for s, p in zip(state["state"], self._params())]
+        self.param_steps = [int(n) for n in steps]
         self.step_count = int(state["step"])
-        for g, lr in zip(self.param_groups, state.get("lr", [])):
-            g["lr"] = lr
+        for g, lr in zip(self.param_groups, lrs):
+            g["lr"] = float(lr)
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every group (what a schedule calls each step)."""
+        if not lr >= 0:
+            raise InvalidArgumentError(f"set_lr: lr must be >= 0, got {lr}")
         for g in self.param_groups:
-            g["lr"] = lr
+            g["lr"] = float(lr)
 
 
 class AdamW(Optimizer):
@@ -99,18 +136,19 @@ class AdamW(Optimizer):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise InvalidArgumentError(f"AdamW: lr, eps and weight_decay must be >= 0, got "
                                        f"lr={lr}, eps={eps}, weight_decay={weight_decay}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise InvalidArgumentError(f"AdamW: betas must lie in [0, 1), got {betas}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise InvalidArgumentError(f"AdamW: betas must be two numbers in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
 
     def step(self) -> None:
         """Update every parameter that has a gradient."""
         self.step_count += 1
-        t = self.step_count
-        for g, p, s in self._each():
+        for g, p, s, i in self._each():
             if p.grad is None:
                 continue
+            self.param_steps[i] += 1
+            t = self.param_steps[i]
             b1, b2 = g["betas"]
             if not s:
                 s["exp_avg"] = B.xp.zeros_like(p.data)
@@ -145,9 +183,10 @@ class SGD(Optimizer):
     def step(self) -> None:
         """Update every parameter that has a gradient."""
         self.step_count += 1
-        for g, p, s in self._each():
+        for g, p, s, i in self._each():
             if p.grad is None:
                 continue
+            self.param_steps[i] += 1
             grad = p.grad + g["weight_decay"] * p.data if g["weight_decay"] else p.grad
             if g["momentum"]:
                 if "momentum_buffer" not in s:
@@ -165,6 +204,9 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
     Returns the norm before clipping. As PyTorch: the scale is max_norm / (norm + 1e-6), applied
     only when it is below 1.
     """
+    max_norm = float(max_norm)
+    if not max_norm >= 0:
+        raise InvalidArgumentError(f"clip_grad_norm: max_norm must be >= 0, got {max_norm}")
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -187,9 +229,12 @@ def warmup_cosine(step: int, max_lr: float, warmup_steps: int, total_steps: int,
     lr = max_lr (step + 1) / warmup during warmup; then
     lr = min_lr + (max_lr - min_lr) (1 + cos(pi progress)) / 2, progress in [0, 1].
     """
-    if warmup_steps < 0 or total_steps <= 0:
-        raise InvalidArgumentError(f"warmup_cosine: need warmup_steps >= 0 and total_steps > 0, "
-                                   f"got {warmup_steps} and {total_steps}")
+    if warmup_steps < 0 or total_steps <= 0 or step < 0:
+        raise InvalidArgumentError(f"warmup_cosine: need step >= 0, warmup_steps >= 0 and "
+                                   f"total_steps > 0, got {step}, {warmup_steps} and {total_steps}")
+    if not 0.0 <= min_lr <= max_lr:
+        raise InvalidArgumentError(f"warmup_cosine: need 0 <= min_lr <= max_lr, got "
+                                   f"min_lr={min_lr}, max_lr={max_lr}")
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:

@@ -1,0 +1,366 @@
+"""minilora.optim: AdamW and SGD against plain NumPy re-implementations of their formulas,
+frozen and gradient-less parameters, clipping, the schedule, and optimizer state round trips."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minilora as ml
+from minilora import backend as B
+from minilora import functional as F
+from minilora.errors import InvalidArgumentError, StateDictError
+from minilora.nn import Linear, Parameter, Sequential, Tanh
+from minilora.optim import SGD, AdamW, clip_grad_norm, warmup_cosine
+from tests.helpers import host
+
+
+def adamw_reference(p0, grads, lr, betas, eps, wd):
+    """torch.optim.AdamW's update, written out in float64; returns the parameter after each step."""
+    p = np.array(p0, dtype=np.float64)
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    b1, b2 = betas
+    out = []
+    for t, g in enumerate(grads, start=1):
+        p = p * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+        out.append(p)
+    return out
+
+
+def sgd_reference(p0, grads, lr, momentum, wd):
+    """torch.optim.SGD (no dampening, no Nesterov) in float64."""
+    p = np.array(p0, dtype=np.float64)
+    buf = None
+    out = []
+    for g in grads:
+        d = g + wd * p
+        if momentum:
+            buf = d.copy() if buf is None else momentum * buf + d
+            d = buf
+        p = p - lr * d
+        out.append(p)
+    return out
+
+
+def param(arr):
+    return Parameter(B.asarray(np.array(arr)))
+
+
+def run(opt, p, grads):
+    out = []
+    for g in grads:
+        p.grad = B.asarray(g.astype(p.data.dtype))
+        opt.step()
+        out.append(host(p).copy())
+    return out
+
+
+# ---------------------------------------------------------------------------------- AdamW
+
+@given(lr=st.floats(1e-4, 0.1), b1=st.floats(0.0, 0.99), b2=st.floats(0.9, 0.9999),
+       eps=st.sampled_from([1e-8, 1e-6, 1e-10]), wd=st.floats(0.0, 0.2),
+       seed=st.integers(0, 2**16))
+def test_adamw_matches_reference(lr, b1, b2, eps, wd, seed):
+    rng = np.random.default_rng(seed)
+    p0 = rng.standard_normal((3, 4))
+    grads = [rng.standard_normal((3, 4)) * 10.0 ** rng.uniform(-3, 1) for _ in range(5)]
+    p = param(p0)
+    got = run(AdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd), p, grads)
+    for k, (a, b) in enumerate(zip(got, adamw_reference(p0, grads, lr, (b1, b2), eps, wd))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=f"step {k + 1}")
+
+
+def test_adamw_float32_stays_float32_even_with_numpy_settings():
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(50).astype(np.float32)
+    grads = [rng.standard_normal(50) for _ in range(4)]
+    p = Parameter(B.asarray(p0.copy()))
+    opt = AdamW([p], lr=np.float64(1e-2), betas=(np.float64(0.9), np.float64(0.99)),
+                weight_decay=np.float64(0.1))
+    got = run(opt, p, grads)
+    assert p.dtype == np.float32
+    assert all(v.dtype == np.float32 for v in opt.state[0].values())
+    # settings are stored as Python floats, which never upcast a float32 array
+    g = opt.param_groups[0]
+    assert type(g["lr"]) is float and all(type(b) is float for b in g["betas"])
+    ref = adamw_reference(p0, grads, 1e-2, (0.9, 0.99), 1e-8, 0.1)
+    np.testing.assert_allclose(got[-1], ref[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_parameters_get_no_state_and_do_not_move():
+    mlp = Sequential(Linear(3, 4), Tanh(), Linear(4, 2))
+    mlp[0].requires_grad_(False)
+    frozen = [host(p).copy() for p in mlp[0].parameters()]
+    opt = AdamW(mlp.parameters(), lr=0.1, weight_decay=0.5)
+    assert len(opt.state) == 2  # only the second layer's weight and bias
+    for _ in range(3):
+        opt.zero_grad()
+        mlp(ml.Tensor(np.ones((2, 3), np.float32))).sum().backward()
+        mlp[0].weight.grad = B.asarray(np.ones((4, 3), np.float32))  # a stray gradient: ignored
+        opt.step()
+    for before, p in zip(frozen, mlp[0].parameters()):
+        np.testing.assert_array_equal(host(p), before)
+    assert all(set(s) == {"exp_avg", "exp_avg_sq"} for s in opt.state)
+
+
+def test_parameters_without_grad_are_skipped_and_count_their_own_steps():
+    """As torch: a parameter's bias correction counts only the steps it took part in."""
+    rng = np.random.default_rng(0)
+    a0, b0 = rng.standard_normal(5), rng.standard_normal(5)
+    grads = [rng.standard_normal(5) for _ in range(3)]
+    a, b = param(a0), param(b0)
+    opt = AdamW([a, b], lr=0.05, weight_decay=0.1)
+    a.grad = B.asarray(grads[0])  # step 1: b has no gradient
+    opt.step()
+    np.testing.assert_array_equal(host(b), b0)  # no decay either
+    assert opt.state[1] == {} and opt.param_steps == [1, 0]
+    for g in grads[1:]:
+        a.grad, b.grad = B.asarray(g), B.asarray(g)
+        opt.step()
+    assert opt.param_steps == [3, 2] and opt.step_count == 3
+    np.testing.assert_allclose(host(a), adamw_reference(a0, grads, 0.05, (0.9, 0.999), 1e-8,
+                                                        0.1)[-1], rtol=1e-12)
+    np.testing.assert_allclose(host(b), adamw_reference(b0, grads[1:], 0.05, (0.9, 0.999), 1e-8,
+                                                        0.1)[-1], rtol=1e-12)
+
+
+def test_param_groups_with_their_own_settings():
+    """With zero gradients AdamW's step is pure decay: p (1 - lr wd), exactly, group by group."""
+    p1, p2, p3 = param(np.ones(3)), param(np.ones(3)), param(np.ones(3))
+    opt = AdamW([{"params": [p1], "weight_decay": 0.0},
+                 {"params": (p for p in [p2])},  # a generator is fine
+                 {"params": [p3], "lr": 0.5, "weight_decay": 0.2}], lr=0.1, weight_decay=0.1)
+    for p in (p1, p2, p3):
+        p.grad = B.asarray(np.zeros(3))
+    opt.step()
+    np.testing.assert_array_equal(host(p1), np.ones(3))
+    np.testing.assert_array_equal(host(p2), np.full(3, 1 - 0.1 * 0.1))
+    np.testing.assert_array_equal(host(p3), np.full(3, 1 - 0.5 * 0.2))
+    opt.set_lr(0.01)
+    assert [g["lr"] for g in opt.param_groups] == [0.01] * 3
+
+
+def test_optimizer_zero_grad():
+    p = param(np.ones(2))
+    p.grad = B.asarray(np.ones(2))
+    opt = SGD([p], lr=0.1)
+    opt.zero_grad()
+    assert p.grad is None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-1.0), "lr"), (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(betas=(0.9, 1.0)), "betas"), (dict(betas=(-0.1, 0.9)), "betas"),
+    (dict(betas=(0.9, 0.99, 0.9)), "betas"),
+])
+def test_adamw_rejects_invalid_settings(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        AdamW([param(np.ones(2))], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-1.0), "lr"), (dict(momentum=-0.5), "momentum"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+])
+def test_sgd_rejects_invalid_settings(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        SGD([param(np.ones(2))], **kwargs)
+
+
+def test_invalid_parameter_lists():
+    p = param(np.ones(2))
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        AdamW([])
+    with pytest.raises(InvalidArgumentError, match="Tensors"):
+        AdamW([p, np.ones(2)])
+    with pytest.raises(InvalidArgumentError, match="unknown group settings.*'momentum'"):
+        AdamW([{"params": [p], "momentum": 0.9}])
+    with pytest.raises(InvalidArgumentError, match="more than once"):
+        AdamW([p, p])
+    with pytest.raises(InvalidArgumentError, match="more than once"):
+        AdamW([{"params": [p]}, {"params": [p]}])
+    with pytest.raises(InvalidArgumentError, match="lr"):
+        AdamW([p]).set_lr(-0.1)
+
+
+# ------------------------------------------------------------------------------------ SGD
+
+@given(lr=st.floats(1e-3, 0.5), momentum=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+       wd=st.sampled_from([0.0, 1e-2, 0.1]), seed=st.integers(0, 2**16))
+def test_sgd_matches_reference(lr, momentum, wd, seed):
+    rng = np.random.default_rng(seed)
+    p0 = rng.standard_normal((2, 3))
+    grads = [rng.standard_normal((2, 3)) for _ in range(5)]
+    p = param(p0)
+    got = run(SGD([p], lr=lr, momentum=momentum, weight_decay=wd), p, grads)
+    for a, b in zip(got, sgd_reference(p0, grads, lr, momentum, wd)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_sgd_momentum_buffer_is_not_the_gradient():
+    p = param(np.zeros(2))
+    g = B.asarray(np.ones(2))
+    p.grad = g
+    opt = SGD([p], lr=1.0, momentum=0.9)
+    opt.step()
+    opt.step()  # buf = 0.9 * 1 + 1; had the buffer aliased p.grad, the gradient would change
+    np.testing.assert_array_equal(host(g), np.ones(2))
+    np.testing.assert_allclose(host(p), -np.full(2, 1 + 1.9))
+
+
+# ------------------------------------------------------------------------------- clipping
+
+@given(scale=st.floats(1e-3, 1e3), max_norm=st.floats(0.01, 10.0), seed=st.integers(0, 2**16))
+def test_clip_grad_norm(scale, max_norm, seed):
+    rng = np.random.default_rng(seed)
+    params = [param(rng.standard_normal(s)) for s in [(3, 2), (4,), (1,)]]
+    grads = [rng.standard_normal(p.shape) * scale for p in params]
+    for p, g in zip(params, grads):
+        p.grad = B.asarray(g.copy())
+    params.append(param(np.ones(2)))  # grad None: ignored
+    norm = clip_grad_norm(params, max_norm)
+    expected = math.sqrt(sum(float((g**2).sum()) for g in grads))
+    assert isinstance(norm, float)
+    assert norm == pytest.approx(expected, rel=1e-12)
+    after = [host(p.grad) for p in params[:3]]
+    new_norm = math.sqrt(sum(float((g**2).sum()) for g in after))
+    if expected > max_norm:
+        coef = max_norm / (expected + 1e-6)  # PyTorch's 1e-6 guard lands it just under
+        assert new_norm <= max_norm
+        assert new_norm == pytest.approx(expected * coef, rel=1e-12)
+        for g0, g1 in zip(grads, after):  # one common factor: the direction is kept
+            np.testing.assert_allclose(g1, g0 * coef, rtol=1e-12)
+    else:  # below the threshold nothing is touched, bit for bit
+        for g0, g1 in zip(grads, after):
+            np.testing.assert_array_equal(g1, g0)
+
+
+def test_clip_grad_norm_edge_cases():
+    p = Parameter(B.asarray(np.ones(4, np.float32)))
+    assert clip_grad_norm([p], 1.0) == 0.0  # no gradients at all
+    p.grad = B.asarray(np.full(4, 3.0, np.float32))
+    assert clip_grad_norm(iter([p]), 1.0) == pytest.approx(6.0)
+    assert p.grad.dtype == np.float32
+    np.testing.assert_allclose(host(p.grad), np.full(4, 0.5), rtol=1e-5)
+    with pytest.raises(InvalidArgumentError, match="max_norm"):
+        clip_grad_norm([p], -1.0)
+
+
+# ------------------------------------------------------------------------------- schedule
+
+@given(warmup=st.integers(0, 30), extra=st.integers(1, 100), max_lr=st.floats(1e-5, 1.0),
+       frac=st.floats(0.0, 1.0))
+def test_warmup_cosine_shape(warmup, extra, max_lr, frac):
+    total = warmup + extra
+    min_lr = frac * max_lr
+    lrs = [warmup_cosine(s, max_lr, warmup, total, min_lr) for s in range(total + 5)]
+    up, down = lrs[:warmup], lrs[warmup:total + 1]
+    assert all(a < b for a, b in zip(up, up[1:]))  # strictly up during warmup
+    if warmup:
+        assert up[0] == pytest.approx(max_lr / warmup) and up[-1] == pytest.approx(max_lr)
+    assert all(a >= b for a, b in zip(down, down[1:]))  # never up after it
+    assert lrs[warmup] == pytest.approx(max_lr)  # the cosine starts at the top
+    assert lrs[total] == pytest.approx(min_lr) and lrs[-1] == min_lr  # and ends at the floor
+    assert all(0 < lr <= max_lr * (1 + 1e-12) for lr in up)  # warmup may start under min_lr
+    assert all(min_lr * (1 - 1e-12) <= lr <= max_lr * (1 + 1e-12) for lr in lrs[warmup:])
+    if extra % 2 == 0:  # half way down the cosine is the midpoint
+        assert lrs[warmup + extra // 2] == pytest.approx((max_lr + min_lr) / 2)
+
+
+@pytest.mark.parametrize("args", [
+    (-1, 1.0, 10, 100), (0, 1.0, -1, 100), (0, 1.0, 10, 0), (0, 0.1, 10, 100, 0.2),
+    (0, 0.1, 10, 100, -0.1),
+])
+def test_warmup_cosine_rejects_invalid_settings(args):
+    with pytest.raises(InvalidArgumentError, match="warmup_cosine"):
+        warmup_cosine(*args)
+
+
+# ------------------------------------------------------------------------- state round trip
+
+def _train(model, opt, steps, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        x = ml.Tensor(rng.standard_normal((8, 4)).astype(np.float32))
+        t = rng.integers(0, 3, size=8)
+        opt.zero_grad()
+        F.cross_entropy(model(x), t).backward()
+        clip_grad_norm(model.parameters(), 1.0)
+        opt.step()
+
+
+def _make(kind):
+    ml.manual_seed(7)
+    model = Sequential(Linear(4, 6), Tanh(), Linear(6, 3))
+    opt = (AdamW(model.parameters(), lr=3e-2, weight_decay=0.1) if kind == "adamw"
+           else SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01))
+    return model, opt
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_state_dict_round_trip_continues_bit_for_bit(kind):
+    model, opt = _make(kind)
+    _train(model, opt, 3, seed=1)
+    model_sd = {k: host(v).copy() for k, v in model.state_dict().items()}
+    opt_sd = opt.state_dict()
+    json.dumps({k: v for k, v in opt_sd.items() if k != "state"})  # the scalars are plain JSON
+    _train(model, opt, 3, seed=2)
+    expected = {k: host(v).copy() for k, v in model.state_dict().items()}
+
+    for _ in range(2):  # loading the same dict twice works: load copies the arrays
+        fresh, fresh_opt = _make(kind)
+        _train(fresh, fresh_opt, 1, seed=99)  # some other history, to be overwritten
+        fresh.load_state_dict(model_sd)
+        fresh_opt.load_state_dict(opt_sd)
+        assert fresh_opt.step_count == 3
+        _train(fresh, fresh_opt, 3, seed=2)
+        for k, v in fresh.state_dict().items():
+            np.testing.assert_array_equal(host(v), expected[k], err_msg=k)
+
+
+def test_state_dict_is_a_copy():
+    p = param(np.ones(3))
+    opt = AdamW([p], lr=0.1)
+    p.grad = B.asarray(np.ones(3))
+    opt.step()
+    sd = opt.state_dict()
+    saved = sd["state"][0]["exp_avg"].copy()
+    opt.step()
+    np.testing.assert_array_equal(sd["state"][0]["exp_avg"], saved)
+
+
+def test_load_state_dict_rejects_mismatches():
+    a, b = param(np.ones(3)), param(np.ones((2, 2)))
+    opt = AdamW([a, b])
+    a.grad, b.grad = B.asarray(np.ones(3)), B.asarray(np.ones((2, 2)))
+    opt.step()
+    sd = opt.state_dict()
+    with pytest.raises(StateDictError, match="holds 2 parameters, this optimizer 1"):
+        AdamW([a]).load_state_dict(sd)
+    swapped = AdamW([b, a])
+    with pytest.raises(StateDictError, match=r"parameter 0 state 'exp_avg' has shape \(3,\)"):
+        swapped.load_state_dict(sd)
+    assert swapped.state == [{}, {}]  # nothing was loaded
+
+
+def test_load_state_dict_without_param_steps():
+    """An older dict has only the global step: parameters with state take it, others 0."""
+    a, b = param(np.ones(2)), param(np.ones(2))
+    opt = AdamW([a, b])
+    a.grad = B.asarray(np.ones(2))
+    opt.step()
+    opt.step()
+    sd = opt.state_dict()
+    del sd["param_steps"]
+    other = AdamW([param(np.ones(2)), param(np.ones(2))])
+    other.load_state_dict(sd)
+    assert other.param_steps == [2, 0]
