@@ -29,6 +29,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         raise shape_error("linear", x.shape, weight.shape,
                           detail=f"input has {x.shape[-1]} features, weight (out, in) expects "
                                  f"{weight.shape[1]}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise shape_error("linear", weight.shape, bias.shape,
+                          detail=f"bias must have shape ({weight.shape[0]},), one per output")
     lead = x.shape[:-1]
     x2 = x.data.reshape(-1, x.shape[-1])  # (N, in)
     y = x2 @ weight.data.T  # (N, out)
@@ -36,7 +39,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         y += bias.data
     parents = (x, weight) if bias is None else (x, weight, bias)
 
-    def backward(g):
+    def backward(g: Any):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         gx = (g2 @ weight.data).reshape(x.shape) if x.requires_grad else None
         gw = g2.T @ x2 if weight.requires_grad else None
@@ -55,7 +58,7 @@ def gelu(x: Tensor) -> Tensor:
     t = B.xp.tanh(_GELU_C * (xd + 0.044715 * xd * xd * xd))
     out = 0.5 * xd * (1.0 + t)
 
-    def backward(g):
+    def backward(g: Any):
         dt = _GELU_C * (1.0 + 3 * 0.044715 * xd * xd)
         return (g * (0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * dt),)
     return Tensor._make(out, (x,), backward, "gelu")
@@ -79,7 +82,7 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     shifted = x.data - x.data.max(axis=axis, keepdims=True)
     out = shifted - B.xp.log(B.xp.exp(shifted).sum(axis=axis, keepdims=True))
 
-    def backward(g):
+    def backward(g: Any):
         return (g - B.xp.exp(out) * g.sum(axis=axis, keepdims=True),)
     return Tensor._make(out, (x,), backward, "log_softmax")
 
@@ -121,7 +124,7 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     loss = losses.sum() / n_valid if n_valid else B.xp.asarray(np.nan, dtype=z.dtype)
     loss = B.xp.asarray(loss, dtype=z.dtype)
 
-    def backward(g):
+    def backward(g: Any):
         p = B.xp.exp(z - lse[:, None])  # softmax, (N, C)
         p[rows, safe_t] -= 1
         p *= (valid * (g / max(n_valid, 1)))[:, None].astype(z.dtype)
@@ -151,7 +154,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         out += bias.data
     parents = tuple(p for p in (x, weight, bias) if p is not None)
 
-    def backward(g):
+    def backward(g: Any):
         grads = []
         if x.requires_grad:
             gh = g * weight.data if weight is not None else g
@@ -182,7 +185,7 @@ def embedding(indices: Any, weight: Tensor) -> Tensor:
                                    f"{int(idx.min())} to {int(idx.max())}")
     out = weight.data[idx]
 
-    def backward(g):
+    def backward(g: Any):
         return (B.index_add_rows(idx, g, V),)
     return Tensor._make(out, (weight,), backward, "embedding")
 

@@ -62,7 +62,8 @@ def unbroadcast(grad: Any, shape: tuple) -> Any:
 
 def _as_float_array(data: Any, dtype: Any) -> Any:
     arr = B.asarray(data, dtype=dtype)
-    if dtype is None and arr.dtype == np.float64 and not B.is_array(data):
+    typed = B.is_array(data) or isinstance(data, np.generic)  # an explicit float64 stays float64
+    if dtype is None and arr.dtype == np.float64 and not typed:
         arr = arr.astype(B.default_dtype())  # Python floats become the default float dtype
     return arr
 
@@ -240,7 +241,7 @@ class Tensor:
         a, b = self, self._other(other)
         out = a._binary(b, lambda x, y: x + y, "add")
 
-        def backward(g):
+        def backward(g: Any):
             return (unbroadcast(g, a.shape) if a.requires_grad else None,
                     unbroadcast(g, b.shape) if b.requires_grad else None)
         return Tensor._make(out, (a, b), backward, "add")
@@ -249,7 +250,7 @@ class Tensor:
         a, b = self, self._other(other)
         out = a._binary(b, lambda x, y: x - y, "sub")
 
-        def backward(g):
+        def backward(g: Any):
             return (unbroadcast(g, a.shape) if a.requires_grad else None,
                     unbroadcast(-g, b.shape) if b.requires_grad else None)
         return Tensor._make(out, (a, b), backward, "sub")
@@ -258,7 +259,7 @@ class Tensor:
         a, b = self, self._other(other)
         out = a._binary(b, lambda x, y: x * y, "mul")
 
-        def backward(g):
+        def backward(g: Any):
             return (unbroadcast(g * b.data, a.shape) if a.requires_grad else None,
                     unbroadcast(g * a.data, b.shape) if b.requires_grad else None)
         return Tensor._make(out, (a, b), backward, "mul")
@@ -267,7 +268,7 @@ class Tensor:
         a, b = self, self._other(other)
         out = a._binary(b, lambda x, y: x / y, "div")
 
-        def backward(g):
+        def backward(g: Any):
             ga = g / b.data
             return (unbroadcast(ga, a.shape) if a.requires_grad else None,
                     unbroadcast(-ga * out, b.shape) if b.requires_grad else None)
@@ -283,7 +284,7 @@ class Tensor:
             b = exponent
             out = a._binary(b, lambda x, y: x ** y, "pow")
 
-            def backward(g):
+            def backward(g: Any):
                 ga = g * b.data * a.data ** (b.data - 1) if a.requires_grad else None
                 gb = g * out * B.xp.log(a.data) if b.requires_grad else None
                 return (unbroadcast(ga, a.shape) if ga is not None else None,
@@ -350,6 +351,11 @@ class Tensor:
         a, b = self, self._other(other)
         if a.ndim == 0 or b.ndim == 0:
             raise shape_error("matmul", a.shape, b.shape, detail="operands must be at least 1-D")
+        if a.ndim == 1 and b.ndim == 1:  # inner product of two vectors: a scalar
+            if a.shape != b.shape:
+                raise shape_error("matmul", a.shape, b.shape,
+                                  detail=f"vector lengths {a.shape[0]} != {b.shape[0]}")
+            return (a * b).sum()
         if a.ndim == 1:  # a vector on the left is a row, removed again afterwards
             return (a.reshape(1, -1) @ b).reshape(*(b.shape[:-2] + b.shape[-1:]))
         if b.ndim == 1:
@@ -359,7 +365,7 @@ class Tensor:
                               detail=f"inner dimensions {a.shape[-1]} != {b.shape[-2]}")
         out = a._binary(b, lambda x, y: x @ y, "matmul")
 
-        def backward(g):
+        def backward(g: Any):
             ga = gb = None
             if a.requires_grad:
                 if a.ndim > 2 and b.ndim == 2:  # (..., n, k) @ (k, m): one GEMM, not a batch
@@ -415,8 +421,9 @@ class Tensor:
         a = self
         out = a.data.max(axis=axis, keepdims=keepdims)
 
-        def backward(g):
-            mask = a.data == a._expand(out, axis, keepdims)
+        def backward(g: Any):
+            # cast before dividing: bool / int64 counts would make float64 and upcast float32
+            mask = (a.data == a._expand(out, axis, keepdims)).astype(a.data.dtype)
             share = mask / mask.sum(axis=axis, keepdims=True)
             return (share * a._expand(g, axis, keepdims),)
         return Tensor._make(out, (a,), backward, "max")
@@ -471,7 +478,7 @@ class Tensor:
                             lambda g: (g.swapaxes(dim0, dim1),), "transpose")
 
     @property
-    def T(self) -> Tensor:
+    def T(self) -> Tensor:  # noqa: N802 (the name NumPy and PyTorch use)
         """All axes reversed (the matrix transpose for 2-D)."""
         return self.permute(*reversed(range(self.ndim)))
 
@@ -483,7 +490,7 @@ class Tensor:
         out = a.data[index]
         advanced = _is_advanced(index)
 
-        def backward(g):
+        def backward(g: Any):
             full = B.xp.zeros_like(a.data)
             if advanced:
                 B.scatter_add(full, index, g)
@@ -502,11 +509,17 @@ class Tensor:
 
 
 def _unwrap_index(index: Any) -> Any:
-    if isinstance(index, Tensor):
-        return index.data
     if isinstance(index, tuple):
-        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
-    return index
+        return tuple(_unwrap_index_item(i) for i in index)
+    return _unwrap_index_item(index)
+
+
+def _unwrap_index_item(item: Any) -> Any:
+    if isinstance(item, Tensor):
+        return item.data
+    if isinstance(item, (list, np.ndarray)):  # host index arrays move to the device (CuPy)
+        return B.asarray(item)
+    return item
 
 
 def _is_advanced(index: Any) -> bool:
@@ -584,7 +597,7 @@ def where(condition: Any, x: Any, y: Any) -> Tensor:
     except ValueError as exc:
         raise shape_error("where", cond.shape, a.shape, b.shape, detail=str(exc)) from None
 
-    def backward(g):
+    def backward(g: Any):
         zero = B.xp.zeros((), dtype=g.dtype)
         return (unbroadcast(B.xp.where(cond, g, zero), a.shape) if a.requires_grad else None,
                 unbroadcast(B.xp.where(cond, zero, g), b.shape) if b.requires_grad else None)

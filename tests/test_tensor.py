@@ -1,0 +1,432 @@
+"""Behaviour of the autograd engine: accumulation, graph shape, no_grad, detach, frozen inputs,
+deep graphs, freed graphs, errors, dtypes, unbroadcast and repr."""
+
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import minilora as ml
+from minilora import backend as B
+from minilora import functional as F
+from minilora.errors import DTypeError, GraphError, InvalidArgumentError, ShapeError
+from minilora.tensor import unbroadcast
+from tests.helpers import host
+
+
+def leaf(values, requires_grad=True, dtype=np.float64) -> ml.Tensor:
+    return ml.Tensor(B.asarray(np.asarray(values, dtype=dtype)), requires_grad=requires_grad)
+
+
+# ----------------------------------------------------------------------- accumulation, sharing
+
+def test_gradients_accumulate_over_two_backward_calls():
+    x = leaf([1.0, -2.0, 3.0])
+    (x * x).sum().backward()
+    np.testing.assert_allclose(host(x.grad), [2.0, -4.0, 6.0])
+    (x * 3.0).sum().backward()
+    np.testing.assert_allclose(host(x.grad), [5.0, -1.0, 9.0])
+    x.zero_grad()
+    assert x.grad is None
+
+
+def test_a_tensor_used_twice_gets_both_contributions():
+    x = leaf([0.5, 2.0])
+    (x * x + x).sum().backward()  # d/dx (x^2 + x) = 2x + 1
+    np.testing.assert_allclose(host(x.grad), [2.0, 5.0])
+
+
+def test_a_shared_intermediate_node_is_walked_once_with_summed_gradient():
+    x = leaf([0.3, -0.7])
+    h = x.exp()  # h feeds three consumers: a diamond in the graph
+    (h * h + h - h.tanh()).sum().backward()
+    hx = np.exp([0.3, -0.7])
+    expected = (2 * hx + 1 - (1 - np.tanh(hx) ** 2)) * hx
+    np.testing.assert_allclose(host(x.grad), expected, rtol=1e-12)
+
+
+def test_leaf_grad_is_a_private_writable_copy():
+    # add passes its gradient through unchanged, so both leaves would share one array otherwise
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    (a + b).backward(grad=np.array([1.0, 1.0]))
+    assert a.grad is not b.grad
+    a.grad += 1.0  # writable: a broadcast view would raise here
+    np.testing.assert_allclose(host(b.grad), [1.0, 1.0])
+    c = leaf([[1.0, 2.0]])
+    c.sum().backward()  # sum's backward is a read-only broadcast view
+    c.grad *= 2.0
+    np.testing.assert_allclose(host(c.grad), [[2.0, 2.0]])
+
+
+def test_intermediate_nodes_keep_no_grad():
+    x = leaf([1.0, 2.0])
+    y = x * 2.0
+    (y * y).sum().backward()
+    assert y.grad is None
+    np.testing.assert_allclose(host(x.grad), [8.0, 16.0])
+
+
+# ------------------------------------------------------------------ no_grad, detach, frozen
+
+def test_no_grad_records_nothing():
+    x = leaf(np.ones((2, 3)))
+    w = leaf(np.ones((4, 3)))
+    with ml.no_grad():
+        assert not ml.is_grad_enabled()
+        outs = [x * 2.0, x @ w.T, x.sum(), x[0], F.gelu(x), F.softmax(x), F.layer_norm(x),
+                F.linear(x, w), F.cross_entropy(x, np.array([0, 2])), F.embedding([1, 0], w),
+                ml.concatenate([x, x]), ml.stack([x, x]), ml.where(x.data > 0, x, 0.0)]
+    assert ml.is_grad_enabled()
+    for y in outs:
+        assert not y.requires_grad
+        assert y._parents == ()
+        assert y._backward is None
+    with pytest.raises(GraphError):
+        outs[2].backward()
+
+
+def test_no_grad_restores_the_previous_state_after_an_exception_and_nests():
+    with pytest.raises(RuntimeError), ml.no_grad():
+        raise RuntimeError("inside")
+    assert ml.is_grad_enabled()
+    with ml.no_grad():
+        with ml.no_grad():
+            pass
+        assert not ml.is_grad_enabled()
+    assert ml.is_grad_enabled()
+
+
+def test_no_grad_is_per_thread():
+    seen = []
+    with ml.no_grad():
+        worker = threading.Thread(target=lambda: seen.append(ml.is_grad_enabled()))
+        worker.start()
+        worker.join()
+    assert seen == [True]
+
+
+def test_no_input_requiring_grad_records_nothing():
+    x = leaf([1.0, 2.0], requires_grad=False)
+    y = (x * 2.0).exp()
+    assert not y.requires_grad and y._parents == ()
+
+
+def test_detach_cuts_the_graph_and_shares_data():
+    x = leaf([1.0, 2.0])
+    d = x.detach()
+    assert not d.requires_grad and d._parents == ()
+    assert np.shares_memory(host(d), host(x)) or B.get_backend() == "cupy"
+    (d * x * 3.0).sum().backward()  # only the non-detached factor is differentiated
+    np.testing.assert_allclose(host(x.grad), [3.0, 6.0])
+
+
+def test_frozen_weight_in_linear_gets_no_grad_and_no_work():
+    x = leaf(np.ones((2, 3)))
+    w = leaf(np.ones((4, 3)), requires_grad=False)
+    b = leaf(np.zeros(4))
+    y = F.linear(x, w, b)
+    gx, gw, gb = y._backward(B.asarray(np.ones((2, 4))))
+    assert gw is None  # the weight-gradient matmul is skipped, not computed and dropped
+    assert gx is not None and gb is not None
+    y.sum().backward()
+    assert w.grad is None
+    np.testing.assert_allclose(host(x.grad), np.full((2, 3), 4.0))
+    np.testing.assert_allclose(host(b.grad), [2.0] * 4)
+
+
+def test_frozen_input_to_linear_gets_no_input_gradient_work():
+    x = leaf(np.ones((2, 3)), requires_grad=False)
+    w = leaf(np.ones((4, 3)))
+    y = F.linear(x, w)
+    gx, gw = y._backward(B.asarray(np.ones((2, 4))))
+    assert gx is None and gw is not None
+
+
+FROZEN_SECOND = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b,
+    "pow": lambda a, b: a ** b,
+    "matmul": lambda a, b: a @ b,
+    "where": lambda a, b: ml.where(np.array([[True, False]] * 2), a, b),
+}
+
+
+@pytest.mark.parametrize("name", FROZEN_SECOND)
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_closures_return_none_for_frozen_parents(name, frozen):
+    a = leaf([[1.0, 2.0], [3.0, 4.0]], requires_grad=frozen != 0)
+    b = leaf([[0.5, 1.5], [2.5, 0.5]], requires_grad=frozen != 1)
+    y = FROZEN_SECOND[name](a, b)
+    grads = y._backward(B.asarray(np.ones(y.shape)))
+    assert grads[frozen] is None
+    for i, g in enumerate(grads):
+        assert (g is None) == (i == frozen)
+    y.sum().backward()
+    assert (a, b)[frozen].grad is None
+
+
+def test_frozen_layer_norm_affine_parameters():
+    x, w, b = leaf(np.arange(6.0).reshape(2, 3)), leaf(np.ones(3), False), leaf(np.zeros(3))
+    y = F.layer_norm(x, w, b)
+    gx, gw, gb = y._backward(B.asarray(np.ones((2, 3))))
+    assert gw is None and gx is not None and gb is not None
+
+
+# ------------------------------------------------------------------------------- deep graphs
+
+def test_a_chain_of_10000_ops_backpropagates_without_recursion():
+    assert sys.getrecursionlimit() < 10_000 * 2  # the walk would overflow were it recursive
+    x = leaf([1.0])
+    y = x
+    for i in range(10_000):
+        y = y * 1.0001 if i % 2 else y + 0.5
+    y.sum().backward()
+    np.testing.assert_allclose(host(x.grad), [1.0001 ** 5000], rtol=1e-10)
+
+
+def test_a_deep_graph_with_a_shared_leaf():
+    x = leaf([2.0])
+    y = x
+    for _ in range(10_000):
+        y = y + x  # x reached from every level
+    y.sum().backward()
+    np.testing.assert_allclose(host(x.grad), [10_001.0])
+
+
+def test_dropping_a_deep_unused_graph_does_not_crash():
+    x = leaf([1.0])
+    y = x
+    for _ in range(50_000):
+        y = y * 1.0
+    del y  # releasing nested closures must not exhaust the C stack
+
+
+# -------------------------------------------------------------------------- backward misuse
+
+def test_second_backward_on_a_freed_graph_raises_and_retain_graph_allows_it():
+    x = leaf([1.0, 2.0])
+    y = (x.exp() * x).sum()
+    y.backward()
+    with pytest.raises(GraphError, match="retain_graph"):
+        y.backward()
+    x.zero_grad()
+    z = (x.exp() * x).sum()
+    z.backward(retain_graph=True)
+    first = host(x.grad).copy()
+    z.backward()
+    np.testing.assert_allclose(host(x.grad), 2 * first, rtol=1e-12)
+
+
+def test_backward_on_a_non_scalar_needs_a_grad():
+    x = leaf([1.0, 2.0])
+    y = x * 3.0
+    with pytest.raises(GraphError, match=r"\(2,\)"):
+        y.backward()
+    with pytest.raises(ShapeError):
+        y.backward(grad=np.ones(3))
+    y.backward(grad=np.array([1.0, -1.0]), retain_graph=True)
+    np.testing.assert_allclose(host(x.grad), [3.0, -3.0])
+    y.backward(grad=ml.Tensor(np.array([2.0, 0.0])))  # a Tensor works as grad too
+    np.testing.assert_allclose(host(x.grad), [9.0, -3.0])
+
+
+def test_backward_on_a_tensor_without_grad_raises():
+    with pytest.raises(GraphError):
+        leaf([1.0], requires_grad=False).backward()
+
+
+def test_requires_grad_needs_a_float_tensor():
+    with pytest.raises(DTypeError, match="int"):
+        ml.Tensor(np.array([1, 2]), requires_grad=True)
+    with pytest.raises(DTypeError):
+        ml.Tensor(np.array([1, 2])).requires_grad_()
+
+
+# ------------------------------------------------------------------------------ shape errors
+
+SHAPE_ERRORS = [
+    ("add", lambda: leaf(np.ones((2, 3))) + leaf(np.ones(4)), (2, 3), (4,)),
+    ("sub", lambda: leaf(np.ones((2, 3))) - leaf(np.ones((3, 2))), (2, 3), (3, 2)),
+    ("mul", lambda: leaf(np.ones((2, 3))) * leaf(np.ones((2, 2))), (2, 3), (2, 2)),
+    ("div", lambda: leaf(np.ones(3)) / leaf(np.ones(2)), (3,), (2,)),
+    ("matmul", lambda: leaf(np.ones((2, 3))) @ leaf(np.ones((4, 5))), (2, 3), (4, 5)),
+    ("matmul", lambda: leaf(np.ones((2, 2, 3))) @ leaf(np.ones((3, 3, 1))), (2, 2, 3), (3, 3, 1)),
+    ("matmul", lambda: leaf(np.ones(3)) @ leaf(np.ones(4)), (3,), (4,)),
+    ("reshape", lambda: leaf(np.ones((2, 3))).reshape(4, 2), (2, 3), (4, 2)),
+    ("concatenate", lambda: ml.concatenate([leaf(np.ones((2, 3))), leaf(np.ones((2, 4)))]),
+     (2, 3), (2, 4)),
+    ("stack", lambda: ml.stack([leaf(np.ones(2)), leaf(np.ones(3))]), (2,), (3,)),
+    ("where", lambda: ml.where(np.ones(4, bool), leaf(np.ones(3)), 0.0), (4,), (3,)),
+    ("linear", lambda: F.linear(leaf(np.ones((2, 3))), leaf(np.ones((5, 4)))), (2, 3), (5, 4)),
+    ("linear", lambda: F.linear(leaf(np.ones((2, 3))), leaf(np.ones((5, 3))), leaf(np.ones(4))),
+     (5, 3), (4,)),
+    ("cross_entropy", lambda: F.cross_entropy(leaf(np.ones((2, 3))), np.array([0, 1, 2])),
+     (2, 3), (3,)),
+    ("layer_norm", lambda: F.layer_norm(leaf(np.ones((2, 3))), leaf(np.ones(4))), (2, 3), (4,)),
+]
+
+
+@pytest.mark.parametrize("op,make,sa,sb", SHAPE_ERRORS, ids=[f"{s[0]}-{i}" for i, s in
+                                                             enumerate(SHAPE_ERRORS)])
+def test_shape_errors_name_the_op_and_both_shapes(op, make, sa, sb):
+    with pytest.raises(ShapeError) as info:
+        make()
+    assert isinstance(info.value, ValueError)
+    msg = str(info.value)
+    assert msg.startswith(op), msg
+    assert str(sa) in msg and str(sb) in msg, msg
+
+
+def test_bad_arguments_raise_invalid_argument_errors():
+    x = leaf(np.ones((2, 3)))
+    with pytest.raises(InvalidArgumentError, match="permute"):
+        x.permute(0, 0)
+    with pytest.raises(InvalidArgumentError, match="split"):
+        x.split(0)
+    with pytest.raises(InvalidArgumentError, match=r"\[1, 1\]"):
+        x.split([1, 1], axis=1)
+    with pytest.raises(InvalidArgumentError):
+        ml.concatenate([])
+    with pytest.raises(InvalidArgumentError):
+        ml.stack([])
+    with pytest.raises(ShapeError, match="item"):
+        x.item()
+
+
+# -------------------------------------------------------------------------- float32 stays
+
+F32_OPS = {
+    "add_scalar": lambda x, w: x + 1.5,
+    "radd": lambda x, w: 1.5 + x,
+    "rsub": lambda x, w: 2.5 - x,
+    "rmul": lambda x, w: 0.1 * x,
+    "np_float64_scalar_left": lambda x, w: np.float64(0.1) * x,
+    "np_float64_scalar_right": lambda x, w: x + np.float64(0.1),
+    "rdiv": lambda x, w: 1.0 / (x * x + 1.0),
+    "div_scalar": lambda x, w: x / 3.0,
+    "pow_float": lambda x, w: (x * x + 1.0) ** 0.5,
+    "pow_int": lambda x, w: x ** 2,
+    "rpow": lambda x, w: 2.0 ** x,
+    "neg": lambda x, w: -x,
+    "exp_log_sqrt": lambda x, w: (x.exp() + 1.0).log().sqrt(),
+    "tanh_relu": lambda x, w: x.tanh().relu(),
+    "matmul": lambda x, w: x @ w.T,
+    "sum_mean": lambda x, w: x.sum(axis=0) + x.mean(axis=-1, keepdims=True),
+    "max": lambda x, w: x.max(axis=1),
+    "var": lambda x, w: x.var(axis=-1),
+    "getitem": lambda x, w: x[np.array([0, 0, 1])] + x[:1, 1:2],
+    "shapes": lambda x, w: x.reshape(-1).reshape(3, 2).T.permute(1, 0).transpose(0, 1),
+    "concat_split_stack": lambda x, w: ml.stack(ml.split(ml.concatenate([x, x], axis=1), 3, 1)),
+    "where": lambda x, w: ml.where(x.data > 0, x, 0.5),
+    "masked_fill": lambda x, w: x.masked_fill(x.data < 0, -1e9),
+    "gelu": lambda x, w: F.gelu(x),
+    "softmax": lambda x, w: F.softmax(x),
+    "log_softmax": lambda x, w: F.log_softmax(x, axis=0),
+    "layer_norm": lambda x, w: F.layer_norm(x, w[0], w[1]),
+    "linear": lambda x, w: F.linear(x, w, w[:, 0]),
+    "cross_entropy": lambda x, w: F.cross_entropy(x, np.array([2, -100])),
+    "embedding": lambda x, w: F.embedding(np.array([[3, 0, 3]]), w),
+    "dropout": lambda x, w: F.dropout(x, 0.3),
+    "mse_loss": lambda x, w: F.mse_loss(x, 0.5),
+}
+
+
+@pytest.mark.parametrize("name", F32_OPS)
+def test_float32_stays_float32_forward_and_backward(name):
+    x = ml.Tensor(np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]], dtype=np.float32),
+                  requires_grad=True)
+    w = ml.Tensor(np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3), requires_grad=True)
+    y = F32_OPS[name](x, w)
+    assert y.dtype == np.float32, f"{name} forward gave {y.dtype}"
+    captured = []
+    node_grads(y, captured)
+    y.backward(grad=np.ones(y.shape, dtype=np.float32))
+    for op, g in captured:
+        assert g.dtype == np.float32, f"{name}: the backward of {op} made {g.dtype}"
+    for t in (x, w):
+        assert t.grad is None or t.grad.dtype == np.float32
+
+
+def node_grads(y: ml.Tensor, captured: list) -> None:
+    """Wrap every closure in y's graph to record the dtype of the gradients it returns."""
+    for node in y._topological_order():
+        if node._backward is None:
+            continue
+
+        def spy(g, fn=node._backward, op=node._op):
+            out = fn(g)
+            captured.extend((op, pg) for pg in out if pg is not None)
+            return out
+        node._backward = spy
+
+
+def test_python_floats_become_float32_and_float64_arrays_stay_float64():
+    assert ml.Tensor(1.5).dtype == np.float32
+    assert ml.Tensor([1.0, 2.0]).dtype == np.float32
+    assert ml.tensor(np.ones(2)).dtype == np.float64
+    x = leaf([1.0, 2.0])
+    assert (x * 0.5 + 1).dtype == np.float64
+    assert ml.Tensor(np.array([1, 2])).dtype.kind == "i"
+
+
+# ----------------------------------------------------------------------------- unbroadcast
+
+@given(shapes=hnp.mutually_broadcastable_shapes(num_shapes=1, min_dims=0, max_dims=4, max_side=4),
+       seed=st.integers(0, 2**32 - 1))
+def test_unbroadcast_is_the_adjoint_of_broadcasting(shapes, seed):
+    # <unbroadcast(g), v> == <g, broadcast_to(v)> for all g, v defines the gradient of a broadcast
+    (shape,), full = shapes.input_shapes, shapes.result_shape
+    rng = np.random.default_rng(seed)
+    g, v = rng.standard_normal(full), rng.standard_normal(shape)
+    r = host(unbroadcast(B.asarray(g), shape))
+    assert r.shape == shape
+    np.testing.assert_allclose((r * v).sum(), (g * np.broadcast_to(v, full)).sum(),
+                               rtol=1e-10, atol=1e-10)
+
+
+@given(shapes=hnp.mutually_broadcastable_shapes(num_shapes=1, min_dims=0, max_dims=4, max_side=4),
+       seed=st.integers(0, 2**32 - 1))
+def test_unbroadcast_of_a_broadcast_sums_copies(shapes, seed):
+    (shape,), full = shapes.input_shapes, shapes.result_shape
+    v = np.random.default_rng(seed).standard_normal(shape)
+    copies = int(np.prod(full)) // int(np.prod(shape))
+    r = host(unbroadcast(B.xp.broadcast_to(B.asarray(v), full), shape))
+    np.testing.assert_allclose(r, v * copies, rtol=1e-12)
+
+
+def test_unbroadcast_keeps_a_gradient_of_the_right_shape_untouched():
+    g = B.asarray(np.ones((2, 3)))
+    assert unbroadcast(g, (2, 3)) is g
+
+
+# ------------------------------------------------------------------------------ the basics
+
+def test_repr_shows_values_dtype_and_graph():
+    x = ml.Tensor([1.0, 2.0], requires_grad=True)
+    r = repr(x)
+    assert r.startswith("Tensor(") and "1." in r and "float32" in r and "requires_grad=True" in r
+    assert "grad_fn=mul" in repr(x * 2.0)
+    assert "requires_grad" not in repr(ml.Tensor([1.0]))
+    big = repr(ml.Tensor(np.arange(1000.0)))
+    assert "..." in big and len(big) < 200
+
+
+def test_properties_item_numpy_len():
+    x = ml.Tensor(np.arange(6.0).reshape(2, 3))
+    assert x.shape == (2, 3) and x.ndim == 2 and x.size == 6 and len(x) == 2
+    assert x.dtype == np.float64
+    assert x[1, 2].item() == 5.0 and isinstance(x[1, 2].item(), float)
+    np.testing.assert_array_equal(x.numpy(), np.arange(6.0).reshape(2, 3))
+    assert x.argmax(axis=1).numpy().tolist() == [2, 2]
+    assert ml.Tensor(x).shape == (2, 3)  # from another tensor
+
+
+def test_argmax_is_outside_the_graph():
+    x = leaf([[1.0, 3.0]])
+    assert not x.argmax().requires_grad
