@@ -145,6 +145,10 @@ class Tensor:
                 raise shape_error("backward", self.shape, grad.shape,
                                   detail="grad must have the tensor's shape")
         grads = {id(self): grad}
+        # A leaf may keep the array that reaches it only if nobody else holds it: the seed (it
+        # may be the caller's), one array passed to two parents (add does that), or a view
+        # (reshape, broadcast_to) would alias, so those are copied.
+        shared = {id(grad)}
         for node in reversed(self._topological_order()):
             g = grads.pop(id(node), None)
             if g is None:
@@ -153,13 +157,21 @@ class Tensor:
                 if node._op is not None:
                     raise GraphError("backward: the graph was freed by an earlier backward; "
                                      "pass retain_graph=True to walk it twice")
-                # a leaf: copy, because g may be shared with a sibling or be a read-only view
-                node.grad = g.astype(node.data.dtype, copy=True) if node.grad is None \
-                    else node.grad + g
+                if node.grad is not None:
+                    node.grad = node.grad + g
+                elif id(g) in shared or g.base is not None or g.dtype != node.data.dtype \
+                        or not g.flags.writeable:
+                    node.grad = g.astype(node.data.dtype, copy=True)
+                else:
+                    node.grad = g
                 continue
+            seen: set = set()
             for parent, pg in zip(node._parents, node._backward(g)):
                 if pg is None or not parent.requires_grad:
                     continue
+                if id(pg) in seen:
+                    shared.add(id(pg))
+                seen.add(id(pg))
                 previous = grads.get(id(parent))
                 grads[id(parent)] = pg if previous is None else previous + pg
             if not retain_graph:
