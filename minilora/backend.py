@@ -22,12 +22,15 @@ from .errors import BackendError, InvalidArgumentError
 xp: Any = np  # the active array module; read it as `backend.xp`, it changes with use_backend
 _name = "numpy"
 _default_dtype: Any = np.float32
-_host_rng = np.random.default_rng(0)
+_seed = 0  # the last manual_seed; the GPU generator is derived from it, not from _host_rng
+_host_rng = np.random.default_rng(_seed)
 _device_rng: Any = _host_rng
+_cupy_rng: Any = None  # made once per seed, so switching backends back and forth draws nothing
 
 _CUPY_HELP = (
-    "install it with `pip install 'minilora[gpu]'` (CuPy for CUDA 12) on a machine with an "
-    "NVIDIA GPU and driver, or use the default backend: use_backend('numpy')"
+    "install the CuPy package that matches your CUDA driver (`pip install 'minilora[gpu]'` gives "
+    "cupy-cuda12x; use cupy-cuda13x for CUDA 13) on a machine with an NVIDIA GPU, or use the "
+    "default backend: use_backend('numpy')"
 )
 
 
@@ -53,14 +56,16 @@ def use_backend(name: str) -> None:
     Existing tensors keep their arrays; move parameters with ``module.to_backend()`` after a switch.
     Raises BackendError with install instructions when CuPy or a GPU is missing.
     """
-    global xp, _name, _device_rng
+    global xp, _name, _device_rng, _cupy_rng
     if name == "numpy":
         xp, _name = np, "numpy"
         _device_rng = _host_rng
     elif name == "cupy":
         cupy = _import_cupy()
         xp, _name = cupy, "cupy"
-        _device_rng = cupy.random.default_rng(int(_host_rng.integers(2**31)))
+        if _cupy_rng is None:
+            _cupy_rng = cupy.random.default_rng(_seed)
+        _device_rng = _cupy_rng
     else:
         raise BackendError(f"use_backend: unknown backend {name!r}; choose 'numpy' or 'cupy'")
 
@@ -198,11 +203,13 @@ def _index_add_sorted(sorted_idx: Any, order: Any, first: Any, values: Any,
 
 def manual_seed(seed: int) -> None:
     """Seed every random generator minilora uses (host initialisation and device dropout)."""
-    global _host_rng, _device_rng
+    global _host_rng, _device_rng, _cupy_rng, _seed
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise InvalidArgumentError(f"manual_seed: seed must be a non-negative int, got {seed!r}")
-    _host_rng = np.random.default_rng(int(seed))
-    _device_rng = xp.random.default_rng(int(seed)) if _name == "cupy" else _host_rng
+    _seed = int(seed)
+    _host_rng = np.random.default_rng(_seed)
+    _cupy_rng = xp.random.default_rng(_seed) if _name == "cupy" else None
+    _device_rng = _cupy_rng if _name == "cupy" else _host_rng
 
 
 def host_rng() -> np.random.Generator:

@@ -6,11 +6,15 @@ HYPOTHESIS_PROFILE. The default is ``ci``.
 
 import os
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+# The tests multiply small matrices, where a second BLAS thread only adds hand-offs; on a busy
+# machine those hand-offs cost a scheduler time slice each (10-30x slower). Must precede numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import minilora as ml
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import minilora as ml  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, max_examples=30, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow], print_blob=True)
