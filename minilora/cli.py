@@ -1,69 +1,408 @@
-"""The ``minilora`` command line.
+"""The minilora command line (also: python -m minilora).
 
-    minilora demo        # a small end-to-end training example
+Train a small GPT on the base task (3-digit addition), ask it questions, measure it:
+
+    minilora train --task add --out runs/base       # about a minute or two on a laptop CPU
+    minilora sample --checkpoint runs/base --prompt "183+459="
+    minilora eval --checkpoint runs/base --task add
+    minilora demo                                   # the whole LoRA story, with a report and plots
+
+Tasks (one shared vocabulary; operands zero-padded to --digits digits, 3 by default):
+    add       task A, the base task: the sum                      183+459=0642.
+    nocarry   task B: the sum digit by digit, carries forgotten   183+459=0532.
+    digitmax  task C: in each place the larger digit              183+459=0489.
+    rev       extra: the sum written backwards                    183+459=2460.
+    max       extra: the larger number                            183,459=459.
+Train task A from scratch; tasks B and C are what LoRA adapters learn on top of it.
+
+Every command takes --help. Training writes a checkpoint directory (model.safetensors,
+optimizer.safetensors, checkpoint.json, history.json) that `sample`, `eval` and `train --resume`
+read back.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import glob
+import os
 import sys
 import time
+from typing import Callable
 
-import numpy as np
+from . import backend as B
+from .checkpoint import load_checkpoint, load_model
+from .data import (
+    END,
+    TASKS,
+    ArithmeticTask,
+    CharTokenizer,
+    TaskDataset,
+    TextDataset,
+    get_task,
+    task_tokenizer,
+)
+from .errors import ConfigError, InvalidArgumentError, MiniLoraError
+from .gpt import GPT, GPTConfig
+from .train import TrainConfig, exact_match, format_eval, greedy_answers, train
 
-from . import functional as F
-from . import nn, optim
-from .backend import manual_seed, use_backend
-from .tensor import Tensor
+# the default model for the tasks: small enough to learn 3-digit addition in about a minute
+MODEL_DEFAULTS = {"n_layer": 3, "n_head": 4, "n_embd": 128, "dropout": 0.0}
+TRAIN_FIELDS = ("steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay", "grad_clip",
+                "eval_every", "eval_examples", "checkpoint_every", "seed")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "block_size")
+
+
+def limit_blas_threads(n: int) -> bool:
+    """Ask NumPy's bundled OpenBLAS to use ``n`` threads; True if it could be found and told.
+
+    The models trained here are small: their matmuls (hundreds of rows by 64-128 columns) gain
+    nothing from a second thread, and on a busy machine a BLAS thread that loses its core makes
+    the others spin. Measured on a 2-core machine with other jobs running (load average 4-5):
+    a (768, 64) @ (64, 256) matmul took 7.8 ms with two threads and 0.45 ms with one, and a
+    training step of the default model 830-1200 ms against 110-170 ms (benchmarks/RESULTS.md).
+    Setting OPENBLAS_NUM_THREADS before Python starts does the same; this works after NumPy is
+    imported (Linux wheels, whose OpenBLAS exports the setter).
+    """
+    candidates = []
+    if os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps") as maps:
+            candidates = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
+    if not candidates:
+        import numpy
+
+        libs = os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)), "numpy.libs")
+        candidates = sorted(glob.glob(os.path.join(libs, "*openblas*")))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                       "openblas_set_num_threads"):
+            setter = getattr(lib, symbol, None)
+            if setter is not None:
+                setter(int(n))
+                return True
+    return False
+
+
+def _setup(args: argparse.Namespace) -> None:
+    """Select the backend and the BLAS thread count for a command."""
+    B.use_backend(args.backend)
+    threads = args.threads
+    if threads is None and not any(v in os.environ for v in ("OPENBLAS_NUM_THREADS",
+                                                             "OMP_NUM_THREADS")):
+        threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise InvalidArgumentError(f"--threads must be at least 1, got {threads}")
+        limit_blas_threads(threads)
+
+
+def _task_dataset(extra: dict, task_name: str | None = None) -> TaskDataset:
+    """The task (and held-out split) a checkpoint was trained on, or ``task_name`` instead."""
+    saved = extra.get("task")
+    if task_name is None and saved is None:
+        raise ConfigError("this checkpoint was not trained on a task; name one with --task "
+                          f"({', '.join(TASKS)})")
+    digits = saved["digits"] if saved else None
+    task = get_task(task_name or saved["name"], digits)
+    return TaskDataset(task, n_heldout=extra.get("n_heldout", 1000),
+                       split_seed=extra.get("split_seed", 1234))
+
+
+# -------------------------------------------------------------------------------- train
+
+def _train(args: argparse.Namespace) -> int:
+    _setup(args)
+    given = {f: getattr(args, f) for f in TRAIN_FIELDS + MODEL_FIELDS
+             if getattr(args, f) is not None}
+    if args.resume:
+        return _resume(args, given)
+    if args.text is not None and args.task != "add":
+        raise ConfigError("train: give either --task or --text, not both")
+    train_cfg = TrainConfig(**{k: v for k, v in given.items() if k in TRAIN_FIELDS})
+    B.manual_seed(train_cfg.seed)
+    if args.text is not None:
+        block = given.get("block_size", 64)
+        data = TextDataset.from_file(args.text, block_size=block)
+    else:
+        if "block_size" in given:
+            raise ConfigError("train: --block-size is for --text; a task sets its own length")
+        data = TaskDataset(get_task(args.task, args.digits), n_heldout=args.heldout)
+    model_cfg = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=data.block_size,
+                          **{k: given.get(k, MODEL_DEFAULTS[k]) for k in MODEL_DEFAULTS})
+    model = GPT(model_cfg)
+    what = _describe(data.task) if isinstance(data, TaskDataset) else f"text file {args.text!r}"
+    print(f"training a GPT ({model.num_parameters():,} parameters: {model_cfg.n_layer} layers, "
+          f"{model_cfg.n_head} heads, {model_cfg.n_embd} channels) on {what} for "
+          f"{train_cfg.steps} steps", flush=True)
+    history = train(model, data, train_cfg, out_dir=args.out, until=args.until,
+                    progress=not args.no_progress, callback=_eval_printer(args))
+    _report(history, data, train_cfg, args.out)
+    return 0
+
+
+def _resume(args: argparse.Namespace, given: dict) -> int:
+    extra_flags = sorted(given) + (["text"] if args.text else []) + \
+        (["digits"] if args.digits is not None else [])
+    if extra_flags:
+        raise ConfigError(f"train --resume continues a run with its saved settings; drop "
+                          f"{', '.join('--' + f.replace('_', '-') for f in extra_flags)}")
+    ck = load_checkpoint(args.resume)
+    if ck.model_config is None or ck.train_config is None:
+        raise ConfigError(f"train --resume: {args.resume!r} lacks the model or training config")
+    if "task" not in ck.extra:
+        raise ConfigError(f"train --resume: {args.resume!r} was not trained on a task; resuming "
+                          f"a text run is done from Python (minilora.train.train(resume=...))")
+    data = _task_dataset(ck.extra)
+    model = GPT(GPTConfig.from_dict(ck.model_config))
+    cfg = TrainConfig.from_dict(ck.train_config)
+    out = args.out or args.resume
+    print(f"resuming {args.resume!r} at step {ck.step} of {cfg.steps}; writing to {out!r}",
+          flush=True)
+    history = train(model, data, cfg, out_dir=out, resume=args.resume, until=args.until,
+                    progress=not args.no_progress, callback=_eval_printer(args))
+    _report(history, data, cfg, out)
+    return 0
+
+
+def _eval_printer(args: argparse.Namespace) -> Callable[[int, dict], None] | None:
+    """Without a progress bar (which shows them itself), print each evaluation as a line."""
+    if not args.no_progress:
+        return None
+
+    def show(step: int, record: dict) -> None:
+        if "accuracy" in record or "val_loss" in record:
+            print(format_eval(record), flush=True)
+    return show
+
+
+def _describe(task: ArithmeticTask) -> str:
+    m = 10 ** task.digits
+    example = "".join(task.example(183 % m, 459 % m))
+    return f"task {task.name!r} ({task.digits} digits, e.g. {example})"
+
+
+def _report(history: dict, data: TaskDataset | TextDataset, cfg: TrainConfig,
+            out: str | None) -> None:
+    steps = history["step"][-1] if history["step"] else history["start_step"]
+    final = history["eval"][-1] if history["eval"] else {}
+    line = f"done: {steps} steps in {history['seconds']:.1f} s"
+    if "accuracy" in final:
+        n = min(data.n_heldout, cfg.eval_examples)
+        line += (f"; held-out exact match {final['accuracy']:.1%} ({n} questions, at step "
+                 f"{final['step']})")
+    if "val_loss" in final:
+        line += f"; validation loss {final['val_loss']:.4f} (at step {final['step']})"
+    if out:
+        line += f"; checkpoint in {out}"
+    print(line, flush=True)
+
+
+# ------------------------------------------------------------------------- sample, eval
+
+def _sample(args: argparse.Namespace) -> int:
+    _setup(args)
+    model, ck = load_model(args.checkpoint)
+    tok = ck.tokenizer or task_tokenizer()
+    if isinstance(tok, CharTokenizer):
+        unknown = "".join(sorted(set(args.prompt) - set(tok.chars)))
+        if unknown:
+            raise InvalidArgumentError(f"--prompt {args.prompt!r} has characters the model does "
+                                       f"not know: {unknown!r}; its vocabulary is {tok.chars!r}")
+    ids = tok.encode(args.prompt)
+    if ids.size == 0:
+        raise InvalidArgumentError("--prompt is empty: give the text to continue")
+    n_new = args.max_new_tokens
+    if n_new is None:
+        n_new = get_task(**ck.extra["task"]).answer_len if "task" in ck.extra else 100
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        out = model.generate(ids[None, :], n_new, temperature=args.temperature, top_k=args.top_k,
+                             seed=seed)
+        text = tok.decode(B.to_numpy(out)[0, ids.size:])
+        if "task" in ck.extra and END in text:
+            text = text[:text.index(END) + 1]  # a task answer ends at the end mark
+        print(args.prompt + text, flush=True)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    _setup(args)
+    model, ck = load_model(args.checkpoint)
+    data = _task_dataset(ck.extra, args.task)
+    if data.block_size > model.config.block_size:
+        raise ConfigError(f"eval: task {data.task.name!r} needs block_size "
+                          f"{data.block_size}, the model has {model.config.block_size}")
+    n = min(args.examples, data.n_heldout)
+    start = time.perf_counter()
+    acc = exact_match(model, data, n)
+    print(f"task {data.task.name!r} ({data.task.digits} digits): held-out exact match "
+          f"{acc:.1%} on {n} questions ({time.perf_counter() - start:.1f} s)")
+    _show_examples(model, data, args.show)
+    return 0
+
+
+def _show_examples(model: GPT, data: TaskDataset, n: int) -> None:
+    if n <= 0:
+        return
+    prompts, answers = data.heldout(n)
+    predicted = greedy_answers(model, prompts, answers.shape[1])
+    tok = data.tokenizer
+    for p, a, q in zip(prompts, answers, predicted):
+        mark = "ok   " if (a == q).all() else "WRONG"
+        print(f"  {mark} {tok.decode(p)}{tok.decode(q)}   (true {tok.decode(a)})")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Train a two-layer MLP on a synthetic classification task and report its accuracy."""
-    use_backend(args.backend)
-    manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    n, d, classes = 2048, 16, 4
-    centers = rng.standard_normal((classes, d)).astype(np.float32) * 2
-    y = rng.integers(0, classes, n)
-    x = (centers[y] + rng.standard_normal((n, d))).astype(np.float32)
-    model = nn.Sequential(nn.Linear(d, 64), nn.GELU(), nn.Linear(64, classes))
-    opt = optim.AdamW(model.parameters(), lr=1e-2)
-    start = time.perf_counter()
-    for step in range(args.steps):
-        idx = rng.integers(0, n, 128)
-        loss = F.cross_entropy(model(Tensor(x[idx])), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}")
-    model.eval()
-    from .tensor import no_grad
+    from .demo import run_demo
+    from .demo_report import checks, format_table
 
-    with no_grad():
-        acc = float((model(Tensor(x)).numpy().argmax(-1) == y).mean())
-    print(f"accuracy {acc:.3f} after {args.steps} steps in {time.perf_counter() - start:.1f}s")
+    _setup(args)
+    print(f"minilora demo: pretrain, then full fine-tuning vs LoRA vs QLoRA, merging and adapter "
+          f"switching, on the {B.get_backend()} backend{' (quick)' if args.quick else ''}",
+          flush=True)
+    results = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    print()
+    print(format_table(results))
+    print()
+    for ok, text in checks(results):
+        print(f"  [{'x' if ok else ' '}] {text}")
+    print(f"\nreport and plots: {args.out}/report.md   ({results['seconds']:.0f} s)")
     return 0
+
+
+# ------------------------------------------------------------------------------- parser
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="array backend: numpy (CPU, default) or cupy (NVIDIA GPU)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="BLAS threads (default 1 unless OPENBLAS_NUM_THREADS or "
+                   "OMP_NUM_THREADS is set: the models here are small, and extra threads "
+                   "slow them down on a busy machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
-    parser = argparse.ArgumentParser(prog="minilora", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the end-to-end example")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
-    demo.set_defaults(func=_demo)
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="minilora", description=__doc__, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", formatter_class=fmt, help="train a GPT on a task or a text file",
+                       description="Train a GPT from scratch on a synthetic task (default: add, "
+                       "3-digit addition) or on a UTF-8 text file, and save a checkpoint.\n\n"
+                       "  minilora train --task add --out runs/base\n"
+                       "  minilora train --text notes.txt --out runs/notes --steps 2000\n"
+                       "  minilora train --resume runs/base     # continue an interrupted run")
+    t.add_argument("--task", default="add", metavar="NAME",
+                   help=f"task to learn: {', '.join(TASKS)} (default add)")
+    t.add_argument("--text", metavar="FILE", help="train a character model on this text instead")
+    t.add_argument("--digits", type=int, default=None, metavar="K",
+                   help="digits per operand (default 3)")
+    t.add_argument("--heldout", type=int, default=1000, metavar="N",
+                   help="questions held out of training for evaluation (default 1000)")
+    t.add_argument("--out", metavar="DIR", help="checkpoint directory to write (e.g. runs/base)")
+    t.add_argument("--resume", metavar="DIR",
+                   help="continue the run saved in DIR with its saved settings (into --out, "
+                   "default DIR itself); the result equals an uninterrupted run")
+    t.add_argument("--until", type=int, default=None, metavar="STEP",
+                   help="stop after STEP steps as if interrupted (the learning-rate schedule "
+                   "still spans --steps); continue later with --resume")
+    defaults = TrainConfig()
+    for name, typ, text in (
+            ("steps", int, "optimiser steps"), ("batch_size", int, "sequences per step"),
+            ("lr", float, "peak learning rate"), ("warmup", int, "linear warmup steps"),
+            ("min_lr", float, "learning rate at the end of the cosine"),
+            ("weight_decay", float, "AdamW weight decay (matrices only)"),
+            ("grad_clip", float, "clip the global gradient norm to this (0: off)"),
+            ("eval_every", int, "evaluate every this many steps"),
+            ("eval_examples", int, "held-out questions per evaluation"),
+            ("checkpoint_every", int, "also save every this many steps (0: only at the end)"),
+            ("seed", int, "random seed: same seed, same run")):
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       metavar="N" if typ is int else "X",
+                       help=f"{text} (default {getattr(defaults, name)})")
+    for name, typ, text in (("n_layer", int, "transformer blocks"),
+                            ("n_head", int, "attention heads"),
+                            ("n_embd", int, "channels"), ("dropout", float, "dropout")):
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       metavar="N" if typ is int else "X",
+                       help=f"model: {text} (default {MODEL_DEFAULTS[name]})")
+    t.add_argument("--block-size", dest="block_size", type=int, default=None, metavar="N",
+                   help="model context for --text (default 64; a task sets its own)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(t)
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", formatter_class=fmt, help="continue a prompt with a trained model",
+                       description="Continue a prompt with a trained model. By default the "
+                       "answer is greedy (temperature 0) and, for a task model, stops at the "
+                       "end mark '.'.\n\n"
+                       '  minilora sample --checkpoint runs/base --prompt "183+459="')
+    s.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
+    s.add_argument("--prompt", required=True, help="text to continue; only characters the "
+                   "model knows (for tasks: digits and + - * , = .)")
+    s.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (default: a task's answer length, else 100)")
+    s.add_argument("--temperature", type=float, default=0.0,
+                   help="0 takes the most likely token (default); higher is more random")
+    s.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed")
+    s.add_argument("--num-samples", type=int, default=1, help="how many continuations")
+    _add_common(s)
+    s.set_defaults(func=_sample)
+
+    e = sub.add_parser("eval", formatter_class=fmt,
+                       help="exact-match accuracy on held-out questions",
+                       description="Measure a checkpoint's exact-match accuracy on held-out "
+                       "questions of a task (by default the task it was trained on).\n\n"
+                       "  minilora eval --checkpoint runs/base --task add")
+    e.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
+    e.add_argument("--task", default=None, metavar="NAME",
+                   help=f"task to evaluate: {', '.join(TASKS)} (default: the trained one)")
+    e.add_argument("--examples", type=int, default=1000, help="held-out questions (default 1000)")
+    e.add_argument("--show", type=int, default=5, help="questions to print (default 5)")
+    _add_common(e)
+    e.set_defaults(func=_eval)
+
+    d = sub.add_parser("demo", formatter_class=fmt, help="the whole LoRA story in a few minutes",
+                       description="Pretrain a small GPT on addition (task A), or reuse the base "
+                       "a previous run cached in OUT/base; fine-tune it on a new task (B) with "
+                       "full fine-tuning, LoRA and QLoRA; merge the LoRA adapter and check merged "
+                       "== unmerged; train a second adapter (task C) and switch between them. "
+                       "Writes OUT/report.md with plots and prints a summary table.\n\n"
+                       "  minilora demo                  # about 2-3 minutes on 2 CPU cores\n"
+                       "  minilora demo --quick          # a smoke run in seconds\n"
+                       "  minilora demo --backend cupy   # on an NVIDIA GPU")
+    d.add_argument("--quick", action="store_true",
+                   help="tiny step counts: checks the pipeline, not the accuracies")
+    d.add_argument("--out", metavar="DIR", default="runs/demo",
+                   help="where the report, plots, adapters and base checkpoint go "
+                   "(default runs/demo)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_common(d)
+    d.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``minilora`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MiniLoraError as exc:
+        print(f"minilora {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"minilora {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "limit_blas_threads", "MODEL_DEFAULTS"]

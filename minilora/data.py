@@ -1,0 +1,414 @@
+"""Data: tokenizers, a text dataset, and the synthetic arithmetic tasks of the LoRA story.
+
+Everything here runs on the host with NumPy (batches are small integer arrays; the training loop
+moves them to the device). Randomness always comes from a ``numpy.random.Generator`` the caller
+passes in, so the same seed gives the same batches, bit for bit.
+
+The tasks share one character vocabulary, :data:`TASK_VOCAB`, so a model trained on the base task
+(addition) can be adapted to the others without touching its embedding table:
+
+============  ==================  ======  ===================================================
+name          example (k = 3)     role    what the answer is
+============  ==================  ======  ===================================================
+``add``       ``183+459=0642.``   task A  the sum, k + 1 digits, zero-padded: the base task
+``nocarry``   ``183+459=0532.``   task B  the sum digit by digit, every carry forgotten
+``digitmax``  ``183+459=0489.``   task C  in each place the larger of the two digits
+``rev``       ``183+459=2460.``   extra   the sum with its digits in reverse order
+``max``       ``183,459=459.``    extra   the larger of the two numbers
+============  ==================  ======  ===================================================
+
+Tasks B and C ask the same question as task A and keep its answer layout (k + 1 digits, place by
+place), so an adapter only has to change what the base model does with the digits it already
+reads: a rank-8 LoRA on q_proj and v_proj learns either from the task-A model within a few hundred
+steps. ``rev`` moves every digit to another place, which such an adapter learns far more slowly
+than full fine-tuning does (see benchmarks/RESULTS.md): a lesson about LoRA's limits.
+
+Operands are zero-padded to k digits, so every prompt of a task has the same length and every
+answer too: batched greedy evaluation needs no padding. The answer ends with ``.`` (:data:`END`),
+which tells a sampler where to stop. All tasks draw their operands from the same pairs
+(a, b) in [0, 10^k)^2 and hold out the same pairs, so no held-out question of any task was seen in
+training by the base model or by an adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ConfigError, InvalidArgumentError
+
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss (cross_entropy's default)
+END = "."  # the last character of every task answer
+TASK_VOCAB = "0123456789+-*,=" + END  # one vocabulary for every task (base and adapters)
+
+
+# ------------------------------------------------------------------------------ tokenizers
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet: ``chars[i]`` has id ``i``.
+
+    ``encode`` raises InvalidArgumentError naming any character outside the alphabet, rather than
+    guessing; ``to_dict`` / ``from_dict`` give the JSON form saved with a model.
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: str) -> None:
+        if not isinstance(chars, str) or not chars:
+            raise InvalidArgumentError(f"CharTokenizer: chars must be a non-empty string, "
+                                       f"got {chars!r}")
+        if len(set(chars)) != len(chars):
+            dup = sorted({c for c in chars if chars.count(c) > 1})
+            raise InvalidArgumentError(f"CharTokenizer: chars must be distinct; repeated: {dup!r}")
+        self.chars = chars
+        codes = np.array([ord(c) for c in chars], dtype=np.uint32)
+        self._order = np.argsort(codes, kind="stable")
+        self._sorted = codes[self._order]
+        self._codes = codes
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """The tokenizer whose alphabet is the sorted set of characters in ``text``."""
+        if not text:
+            raise InvalidArgumentError("CharTokenizer.from_text: text is empty")
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct tokens."""
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        """``text`` -> int64 ids of shape (len(text),); unknown characters raise an error."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point each
+        pos = np.minimum(np.searchsorted(self._sorted, codes), len(self._sorted) - 1)
+        known = self._sorted[pos] == codes
+        if not known.all():
+            bad = "".join(sorted({chr(c) for c in codes[~known].tolist()}))
+            raise InvalidArgumentError(f"encode: characters {bad!r} are not in the vocabulary "
+                                       f"{self.chars!r}")
+        return self._order[pos].astype(np.int64)
+
+    def decode(self, ids: Any) -> str:
+        """Ids (any int sequence or array) -> the string they stand for."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise InvalidArgumentError(f"decode: ids must lie in [0, {self.vocab_size}), got "
+                                       f"values from {ids.min()} to {ids.max()}")
+        return self._codes[ids].tobytes().decode("utf-32-le")
+
+    def to_dict(self) -> dict:
+        """The JSON form: ``{"kind": "char", "chars": ...}``."""
+        return {"kind": self.kind, "chars": self.chars}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CharTokenizer) and other.chars == self.chars
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer({self.chars!r})"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: 256 ids, any text encodes; decoding replaces broken sequences."""
+
+    kind = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        """``text`` -> int64 ids of its UTF-8 bytes."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids: Any) -> str:
+        """Ids in [0, 256) -> text (invalid UTF-8 becomes U+FFFD)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() > 255):
+            raise InvalidArgumentError(f"decode: byte ids must lie in [0, 256), got values from "
+                                       f"{ids.min()} to {ids.max()}")
+        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        """The JSON form: ``{"kind": "byte"}``."""
+        return {"kind": self.kind}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ByteTokenizer)
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+Tokenizer = CharTokenizer | ByteTokenizer
+
+
+def tokenizer_from_dict(d: dict) -> Tokenizer:
+    """Rebuild a tokenizer from its ``to_dict()`` form."""
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind == "char":
+        return CharTokenizer(d["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    raise ConfigError(f"tokenizer_from_dict: unknown tokenizer kind {kind!r}; expected 'char' "
+                      f"or 'byte' (got {d!r})")
+
+
+def task_tokenizer() -> CharTokenizer:
+    """The tokenizer every task uses (alphabet :data:`TASK_VOCAB`)."""
+    return CharTokenizer(TASK_VOCAB)
+
+
+# ---------------------------------------------------------------------------- text dataset
+
+class TextDataset:
+    """A token stream cut into random windows of ``block_size + 1`` tokens, as nanoGPT does.
+
+    The first ``1 - val_fraction`` of the text trains, the rest validates. A batch is
+    x = tokens[i : i + T], y = tokens[i + 1 : i + T + 1] for B random starts i: (B, T) each.
+    """
+
+    def __init__(self, text: str, tokenizer: Tokenizer, block_size: int,
+                 val_fraction: float = 0.1) -> None:
+        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise InvalidArgumentError(f"TextDataset: block_size must be a positive int, got "
+                                       f"{block_size!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise InvalidArgumentError(f"TextDataset: val_fraction must lie in [0, 1), got "
+                                       f"{val_fraction}")
+        self.tokenizer, self.block_size = tokenizer, int(block_size)
+        tokens = tokenizer.encode(text)
+        n_val = int(len(tokens) * val_fraction)
+        self.splits = {"train": tokens[:len(tokens) - n_val], "val": tokens[len(tokens) - n_val:]}
+        for name, toks in self.splits.items():
+            if (name == "train" or n_val) and len(toks) < block_size + 1:
+                raise InvalidArgumentError(
+                    f"TextDataset: the {name} split has {len(toks)} tokens, fewer than "
+                    f"block_size + 1 = {block_size + 1}; use more text or a smaller block_size")
+
+    @classmethod
+    def from_file(cls, path: str | Path, tokenizer: Tokenizer | None = None,
+                  block_size: int = 64, val_fraction: float = 0.1) -> TextDataset:
+        """Read a UTF-8 text file; without a tokenizer, a CharTokenizer of its characters."""
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidArgumentError(f"TextDataset.from_file: no such file {str(path)!r}")
+        text = path.read_text(encoding="utf-8")
+        return cls(text, tokenizer or CharTokenizer.from_text(text), block_size, val_fraction)
+
+    def get_batch(self, batch_size: int, rng: np.random.Generator,
+                  split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """x, y int64 (batch_size, block_size): y is x shifted left by one token."""
+        tokens = self._split(split)
+        starts = rng.integers(0, len(tokens) - self.block_size, size=batch_size)
+        window = starts[:, None] + np.arange(self.block_size + 1)  # (B, T + 1)
+        seq = tokens[window]
+        return seq[:, :-1], seq[:, 1:]
+
+    def _split(self, split: str) -> np.ndarray:
+        if split not in self.splits or not len(self.splits[split]):
+            raise InvalidArgumentError(f"TextDataset: split must be 'train' or 'val' (with "
+                                       f"val_fraction > 0), got {split!r}")
+        return self.splits[split]
+
+
+# ---------------------------------------------------------------------------------- tasks
+
+def _digits(values: np.ndarray, width: int) -> np.ndarray:
+    """Decimal digits of non-negative ints, zero-padded, most significant first: (N,) -> (N, w)."""
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)  # (w,)
+    return (values[:, None] // powers) % 10
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """A question about two k-digit numbers: ``<a><separator><b>=<answer>.``.
+
+    ``fn(a, b, k)`` gives the answer's value, written with ``answer_digits`` zero-padded digits,
+    reversed when ``reverse`` is set. Prompts are 2k + 2 characters, answers width + 1 (the end).
+    """
+
+    name: str
+    description: str
+    separator: str
+    fn: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+    extra_width: int  # answer digits = digits + extra_width (one more for a sum's carry)
+    reverse: bool = False
+    digits: int = 3
+
+    @property
+    def answer_digits(self) -> int:
+        """Number of digits of every answer."""
+        return self.digits + self.extra_width
+
+    @property
+    def prompt_len(self) -> int:
+        """Characters in every prompt: k digits, the separator, k digits and '='."""
+        return 2 * self.digits + 2
+
+    @property
+    def answer_len(self) -> int:
+        """Characters in every answer, the end mark included."""
+        return self.answer_digits + 1
+
+    @property
+    def seq_len(self) -> int:
+        """Characters in a whole example; a model needs block_size >= seq_len - 1."""
+        return self.prompt_len + self.answer_len
+
+    @property
+    def num_pairs(self) -> int:
+        """Number of distinct questions: (10^k)^2."""
+        return 10 ** (2 * self.digits)
+
+    def with_digits(self, digits: int) -> ArithmeticTask:
+        """The same task on ``digits``-digit operands."""
+        if not isinstance(digits, (int, np.integer)) or not 1 <= digits <= 6:
+            raise ConfigError(f"task {self.name!r}: digits must be an int in [1, 6], got "
+                              f"{digits!r}")
+        return replace(self, digits=int(digits))
+
+    def operands(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pair ids in [0, 10^2k) -> the operands (a, b): id = a * 10^k + b."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return ids // 10 ** self.digits, ids % 10 ** self.digits
+
+    def encode(self, ids: np.ndarray, tokenizer: CharTokenizer | None = None) -> np.ndarray:
+        """Pair ids (N,) -> token ids of the whole examples, (N, seq_len)."""
+        tok = tokenizer or task_tokenizer()
+        a, b = self.operands(ids)
+        answer = _digits(self.fn(a, b, self.digits).astype(np.int64), self.answer_digits)  # (N, w)
+        if self.reverse:
+            answer = answer[:, ::-1]
+        digit_ids = tok.encode("0123456789")
+        sep, eq, end = (np.full((len(a), 1), t) for t in tok.encode(self.separator + "=" + END))
+        parts = [digit_ids[_digits(a, self.digits)], sep, digit_ids[_digits(b, self.digits)], eq,
+                 digit_ids[answer], end]
+        return np.concatenate(parts, axis=1)  # (N, prompt_len + answer_len)
+
+    def example(self, a: int, b: int) -> tuple[str, str]:
+        """The (prompt, answer) strings of one question, e.g. ('123+456=', '0579.')."""
+        for name, v in (("a", a), ("b", b)):
+            if not 0 <= int(v) < 10 ** self.digits:
+                raise InvalidArgumentError(f"task {self.name!r}: operand {name}={v} must lie in "
+                                           f"[0, {10 ** self.digits}) for {self.digits} digits")
+        text = task_tokenizer().decode(self.encode(np.array([int(a) * 10 ** self.digits + int(b)])))
+        return text[:self.prompt_len], text[self.prompt_len:]
+
+    def to_dict(self) -> dict:
+        """The JSON form saved with a model: ``{"name", "digits"}``."""
+        return {"name": self.name, "digits": self.digits}
+
+
+def _sum(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    return a + b
+
+
+def _carryless_sum(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """Digit-wise (a_i + b_i) mod 10: addition that forgets every carry (123+459 -> 572)."""
+    powers = 10 ** np.arange(k - 1, -1, -1, dtype=np.int64)  # (k,)
+    return ((_digits(a, k) + _digits(b, k)) % 10) @ powers
+
+
+def _digitwise_max(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """In each place the larger of the two digits (123+459 -> 459, 183+459 -> 489)."""
+    powers = 10 ** np.arange(k - 1, -1, -1, dtype=np.int64)  # (k,)
+    return np.maximum(_digits(a, k), _digits(b, k)) @ powers
+
+
+def _max(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    return np.maximum(a, b)
+
+
+TASKS: dict[str, ArithmeticTask] = {
+    "add": ArithmeticTask("add", "task A, the base task: a + b, the sum with k + 1 digits",
+                          "+", _sum, extra_width=1),
+    "nocarry": ArithmeticTask("nocarry", "task B: a + b digit by digit, forgetting every carry",
+                              "+", _carryless_sum, extra_width=1),
+    "digitmax": ArithmeticTask("digitmax", "task C: in each place the larger of the two digits",
+                               "+", _digitwise_max, extra_width=1),
+    "rev": ArithmeticTask("rev", "a + b with the sum's digits written in reverse",
+                          "+", _sum, extra_width=1, reverse=True),
+    "max": ArithmeticTask("max", "the larger of a and b, written a,b=",
+                          ",", _max, extra_width=0),
+}
+DEFAULT_DIGITS = 3
+
+
+def get_task(name: str, digits: int | None = None) -> ArithmeticTask:
+    """The task registered as ``name`` (see :data:`TASKS`) on ``digits``-digit operands."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[name].with_digits(DEFAULT_DIGITS if digits is None else digits)
+
+
+class TaskDataset:
+    """A task split into training and held-out questions, with batches for the training loop.
+
+    ``n_heldout`` pair ids are drawn without replacement by ``split_seed`` (the same for every
+    task, so tasks hold out the same pairs); training batches draw uniformly from the rest.
+    A batch is x = seq[:, :-1], y = seq[:, 1:] with y = -100 over the prompt, so only the answer
+    is learned: (B, seq_len - 1) each.
+    """
+
+    def __init__(self, task: ArithmeticTask, n_heldout: int = 1000, split_seed: int = 1234,
+                 tokenizer: CharTokenizer | None = None) -> None:
+        if not isinstance(n_heldout, (int, np.integer)) or not 0 < n_heldout < task.num_pairs:
+            raise InvalidArgumentError(f"TaskDataset: n_heldout must be an int in "
+                                       f"(0, {task.num_pairs}) for {task.digits}-digit task "
+                                       f"{task.name!r}, got {n_heldout!r}")
+        self.task = task
+        self.tokenizer = tokenizer or task_tokenizer()
+        self.n_heldout, self.split_seed = int(n_heldout), int(split_seed)
+        held = np.random.default_rng(split_seed).choice(task.num_pairs, size=n_heldout,
+                                                        replace=False)
+        self.heldout_ids = held.astype(np.int64)
+        self._sorted_heldout = np.sort(self.heldout_ids)
+        # train pair number j is the j-th id not held out: j plus the held-out ids at or below it
+        self._gaps = self._sorted_heldout - np.arange(n_heldout)
+
+    @property
+    def block_size(self) -> int:
+        """Positions a model needs: seq_len - 1."""
+        return self.task.seq_len - 1
+
+    @property
+    def num_train(self) -> int:
+        """Number of distinct training questions."""
+        return self.task.num_pairs - self.n_heldout
+
+    def train_ids(self, j: np.ndarray) -> np.ndarray:
+        """Training pair number j in [0, num_train) -> its pair id (increasing, no held-out id)."""
+        j = np.asarray(j, dtype=np.int64)
+        return j + np.searchsorted(self._gaps, j, side="right")
+
+    def get_batch(self, batch_size: int, rng: np.random.Generator,
+                  split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """x, y int64 (batch_size, seq_len - 1); random training (or held-out) questions."""
+        if split == "train":
+            ids = self.train_ids(rng.integers(0, self.num_train, size=batch_size))
+        elif split == "val":
+            ids = self.heldout_ids[rng.integers(0, self.n_heldout, size=batch_size)]
+        else:
+            raise InvalidArgumentError(f"TaskDataset: split must be 'train' or 'val', got "
+                                       f"{split!r}")
+        return self.inputs_targets(ids)
+
+    def inputs_targets(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pair ids (N,) -> x, y (N, seq_len - 1) with the prompt's targets set to -100."""
+        seq = self.task.encode(ids, self.tokenizer)
+        x, y = seq[:, :-1], seq[:, 1:].copy()
+        y[:, :self.task.prompt_len - 1] = IGNORE_INDEX
+        return x, y
+
+    def heldout(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` held-out questions (all by default) as prompts (n, prompt_len) and
+        answers (n, answer_len), token ids."""
+        ids = self.heldout_ids[:n]
+        seq = self.task.encode(ids, self.tokenizer)
+        return seq[:, :self.task.prompt_len], seq[:, self.task.prompt_len:]
+
+
+__all__ = ["IGNORE_INDEX", "END", "TASK_VOCAB", "CharTokenizer", "ByteTokenizer", "Tokenizer",
+           "tokenizer_from_dict", "task_tokenizer", "TextDataset", "ArithmeticTask", "TASKS",
+           "DEFAULT_DIGITS", "get_task", "TaskDataset"]

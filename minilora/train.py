@@ -1,0 +1,322 @@
+"""The training loop: batches, AdamW, warmup + cosine schedule, clipping, evaluation, checkpoints.
+
+One step, for a model whose forward returns ``(logits, loss)`` when given targets:
+
+    x, y = data.get_batch(B, rng)                  # (B, T) token ids, y = -100 where not scored
+    lr   = warmup_cosine(step, lr_max, warmup, steps, min_lr)
+    loss = model(x, y)[1];  loss.backward()
+    clip_grad_norm(params, grad_clip);  AdamW step;  zero the gradients
+
+Only parameters with ``requires_grad`` are optimised, so the same loop fine-tunes a LoRA model
+(whose base is frozen). Weight decay applies to matrices (2-D and up) only, never to biases or
+LayerNorm gains, as nanoGPT does. A task dataset is evaluated by exact match of greedy answers on
+held-out questions, a text dataset by its validation loss.
+
+Resuming from a checkpoint restores the weights, the optimiser's moments, the batch sampler's
+generator and minilora's global generator, so the continuation equals the uninterrupted run bit for
+bit on the CPU. This module and the CLI are the only ones that print (a tqdm progress bar).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import backend as B
+from .checkpoint import atomic_write_json, load_checkpoint, restore, save_checkpoint
+from .data import TaskDataset, TextDataset
+from .errors import CheckpointError, ConfigError, InvalidArgumentError
+from .nn import Module
+from .optim import AdamW, clip_grad_norm, warmup_cosine
+from .tensor import no_grad
+
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; the defaults train the base task (3-digit addition).
+
+    ``lr`` peaks after ``warmup`` steps and decays along a half cosine to ``min_lr`` at ``steps``.
+    Every ``eval_every`` steps (and at the end) the model is evaluated on ``eval_examples``
+    held-out questions; every ``checkpoint_every`` steps (0: only at the end) a checkpoint is
+    written when the run has an output directory.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 50
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_examples: int = 1000
+    checkpoint_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        for name in ("steps", "batch_size", "eval_every", "eval_examples"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"TrainConfig: {name} must be a positive int, got {v!r}")
+        for name in ("warmup", "checkpoint_every", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"TrainConfig: {name} must be an int >= 0, got {v!r}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"TrainConfig: {name} must be a finite number >= 0, got {v!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"TrainConfig: min_lr={self.min_lr} must not exceed lr={self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"TrainConfig: betas must be two numbers in [0, 1), got "
+                              f"{self.betas}")
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-able dict."""
+        return {**dataclasses.asdict(self), "betas": list(self.betas)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Rebuild from :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"TrainConfig.from_dict: unknown keys {unknown}")
+        return cls(**d)
+
+
+# the fields a resumed run must share with the saved one to continue it exactly
+_SCHEDULE_FIELDS = ("steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay", "betas",
+                    "grad_clip", "seed")
+
+
+def param_groups(model: Module, weight_decay: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: matrices decay, vectors (biases, gains) do not."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("train: the model has no parameter with requires_grad=True")
+    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+def greedy_answers(model: Module, prompts: np.ndarray, answer_len: int,
+                   batch_size: int = 1000) -> np.ndarray:
+    """Greedy continuations of equal-length prompts (N, P) -> answers (N, answer_len), host ints.
+
+    The prompts go through ``model.generate`` with temperature 0 (argmax) in chunks of
+    ``batch_size`` rows.
+    """
+    chunks = []
+    P = prompts.shape[1]
+    for start in range(0, len(prompts), batch_size):
+        out = model.generate(prompts[start:start + batch_size], answer_len, temperature=0.0)
+        chunks.append(B.to_numpy(out)[:, P:])  # (b, answer_len)
+    return np.concatenate(chunks, axis=0) if chunks else np.zeros((0, answer_len), np.int64)
+
+
+def exact_match(model: Module, data: TaskDataset, n: int | None = None,
+                batch_size: int = 1000) -> float:
+    """Fraction of the first ``n`` held-out questions (all by default) whose greedy answer equals
+    the true answer in every character."""
+    prompts, answers = data.heldout(n)
+    predicted = greedy_answers(model, prompts, answers.shape[1], batch_size)
+    return float((predicted == answers).all(axis=1).mean())
+
+
+def validation_loss(model: Module, data: TextDataset | TaskDataset, batch_size: int,
+                    batches: int = 8, seed: int = 0) -> float:
+    """Mean loss on ``batches`` fixed validation batches (their own generator: the training
+    sampler is not disturbed)."""
+    rng = np.random.default_rng(seed)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        with no_grad():
+            for _ in range(batches):
+                x, y = data.get_batch(batch_size, rng, split="val")
+                total += float(model(x, y)[1].item())
+    finally:
+        model.train(was_training)
+    return total / batches
+
+
+def evaluate(model: Module, data: TaskDataset | TextDataset, config: TrainConfig) -> dict:
+    """``{"accuracy": exact match}`` on a task's held-out questions; ``{"val_loss": ...}`` on
+    a text dataset."""
+    if isinstance(data, TaskDataset):
+        return {"accuracy": exact_match(model, data, min(config.eval_examples, data.n_heldout))}
+    return {"val_loss": validation_loss(model, data, config.batch_size)}
+
+
+def data_description(data: TaskDataset | TextDataset) -> dict:
+    """What a checkpoint records about the data (the CLI rebuilds the task from it)."""
+    if isinstance(data, TaskDataset):
+        return {"task": data.task.to_dict(), "n_heldout": data.n_heldout,
+                "split_seed": data.split_seed}
+    return {"text": {"block_size": data.block_size}}
+
+
+# ---------------------------------------------------------------------------------- train
+
+def _check_resumable(saved: dict | None, config: TrainConfig, where: Path) -> None:
+    if saved is None:
+        raise CheckpointError(f"checkpoint at {str(where)!r} has no train_config to resume")
+    now = config.to_dict()
+    diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in _SCHEDULE_FIELDS
+            if saved.get(k) != now[k]]
+    if diff:
+        raise ConfigError(f"train: cannot resume from {str(where)!r} with a different "
+                          f"configuration ({'; '.join(diff)})")
+
+
+def train(model: Module, data: TaskDataset | TextDataset, config: TrainConfig | None = None, *,
+          out_dir: str | Path | None = None, resume: str | Path | None = None,
+          until: int | None = None, progress: bool = True, tokenizer: Any = None,
+          model_config: Any = None, extra: dict | None = None,
+          callback: Callable[[int, dict], None] | None = None) -> dict:
+    """Train ``model`` on ``data`` for ``config.steps`` AdamW steps; returns the history.
+
+    The history is ``{"step": [...], "loss": [...], "lr": [...], "grad_norm": [...],
+    "eval": [{"step": s, "accuracy" or "val_loss": v}, ...], "seconds": wall time,
+    "start_step": s0}``; ``step`` counts completed steps (1-based).
+
+    ``out_dir``: write a checkpoint there every ``config.checkpoint_every`` steps and at the end,
+    plus ``history.json``. ``resume``: a checkpoint directory to continue from (same schedule
+    fields in ``config``). ``until``: stop after this many completed steps, as if interrupted (the
+    schedule still spans ``config.steps``). ``callback(step, record)`` runs after each step.
+    ``tokenizer``, ``model_config`` and ``extra`` go into the checkpoint (default: the data's
+    tokenizer, ``model.config`` and a description of the data).
+    """
+    config = config or TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"train: config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(data, (TaskDataset, TextDataset)):
+        raise InvalidArgumentError(f"train: data must be a TaskDataset or a TextDataset, got "
+                                   f"{type(data).__name__}")
+    stop = config.steps if until is None else int(until)
+    if not 0 <= stop <= config.steps:
+        raise InvalidArgumentError(f"train: until must lie in [0, steps={config.steps}], got "
+                                   f"{until!r}")
+    optimizer = AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+                      betas=config.betas, weight_decay=config.weight_decay)
+    rng = np.random.default_rng(config.seed)
+    start = 0
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        _check_resumable(ckpt.train_config, config, Path(resume))
+        start = restore(ckpt, model, optimizer, data_rng=rng)
+        if start > stop:
+            raise InvalidArgumentError(f"train: the checkpoint at {str(resume)!r} is at step "
+                                       f"{start}, beyond the requested stop at {stop}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    tokenizer = tokenizer if tokenizer is not None else data.tokenizer
+    model_config = model_config if model_config is not None else getattr(model, "config", None)
+    extra = {**data_description(data), **(extra or {})}
+    history: dict = {"start_step": start, "step": [], "loss": [], "lr": [], "grad_norm": [],
+                     "eval": [], "seconds": 0.0}
+
+    earlier = _earlier_history(resume, start)
+
+    def save(done: int) -> None:
+        save_checkpoint(out_dir, model, model_config=model_config, tokenizer=tokenizer,
+                        optimizer=optimizer, step=done, train_config=config.to_dict(), data_rng=rng,
+                        extra=extra)
+        whole = {k: earlier[k] + history[k] for k in ("step", "loss", "lr", "grad_norm", "eval")}
+        whole["seconds"] = earlier["seconds"] + history["seconds"]
+        atomic_write_json(Path(out_dir) / HISTORY_FILE, {"start_step": 0, **whole})
+
+    bar = _progress_bar(config.steps, start, stop, progress)
+    t0 = time.perf_counter()
+    model.train()
+    try:
+        for step in range(start, stop):
+            lr = warmup_cosine(step, config.lr, config.warmup, config.steps, config.min_lr)
+            optimizer.set_lr(lr)
+            x, y = data.get_batch(config.batch_size, rng)
+            _, loss = model(x, y)
+            loss.backward()
+            grad_norm = clip_grad_norm(params, config.grad_clip) if config.grad_clip > 0 \
+                else math.nan
+            optimizer.step()
+            optimizer.zero_grad()
+            done = step + 1
+            record = {"loss": float(loss.item()), "lr": lr, "grad_norm": grad_norm}
+            for key, value in (("step", done), *record.items()):
+                history[key].append(value)
+            if done % config.eval_every == 0 or done == config.steps:
+                result = {"step": done, **evaluate(model, data, config)}
+                history["eval"].append(result)
+                record.update(result)
+                if bar is not None:
+                    bar.write(format_eval(result))
+            if bar is not None:
+                bar.set_postfix_str(f"loss {record['loss']:.4f} lr {lr:.2e}", refresh=False)
+                bar.update(1)
+            history["seconds"] = time.perf_counter() - t0
+            if callback is not None:
+                callback(done, record)
+            if out_dir is not None and config.checkpoint_every and \
+                    done % config.checkpoint_every == 0 and done != stop:
+                save(done)
+    finally:
+        if bar is not None:
+            bar.close()
+    history["seconds"] = time.perf_counter() - t0
+    if out_dir is not None:
+        save(stop)
+    return history
+
+
+def _earlier_history(resume: str | Path | None, start: int) -> dict:
+    """The history of the steps before ``start`` from a resumed run's history.json, so that the
+    file written at the end covers the whole run (empty when there is none)."""
+    empty = {"step": [], "loss": [], "lr": [], "grad_norm": [], "eval": [], "seconds": 0.0}
+    path = Path(resume) / HISTORY_FILE if resume is not None else None
+    if path is None or not path.is_file():
+        return empty
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        keep = [i for i, s in enumerate(saved["step"]) if s <= start]
+        out = {k: [saved[k][i] for i in keep] for k in ("step", "loss", "lr", "grad_norm")}
+        out["eval"] = [e for e in saved["eval"] if e["step"] <= start]
+        out["seconds"] = float(saved.get("seconds", 0.0))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return empty  # a damaged history only costs the plot of the earlier steps
+
+
+def format_eval(result: dict) -> str:
+    """One line for an evaluation record: its step and accuracy or validation loss."""
+    parts = [f"step {result['step']}"]
+    if "accuracy" in result:
+        parts.append(f"held-out exact match {result['accuracy']:.1%}")
+    if "val_loss" in result:
+        parts.append(f"val loss {result['val_loss']:.4f}")
+    return "  ".join(parts)
+
+
+def _progress_bar(total: int, start: int, stop: int, enabled: bool) -> Any:
+    if not enabled or stop <= start:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+__all__ = ["TrainConfig", "train", "param_groups", "evaluate", "exact_match", "greedy_answers",
+           "validation_loss", "data_description", "format_eval", "HISTORY_FILE"]

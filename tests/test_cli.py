@@ -1,0 +1,173 @@
+"""The command line: help a newcomer can follow, the train/sample/eval/demo round trip, resuming in
+fresh processes, and one clear line for each usual mistake."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minilora.checkpoint import load_checkpoint
+from minilora.cli import main
+from minilora.data import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--digits", "1", "--heldout", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+        "--batch-size", "16", "--eval-examples", "20", "--no-progress"]
+
+
+def run_cli(*args):
+    """``python -m minilora ARGS`` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "minilora", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny checkpoint trained through the CLI (1-digit addition, 30 steps)."""
+    out = tmp_path_factory.mktemp("cli") / "base"
+    assert main(["train", "--task", "add", "--steps", "30", "--eval-every", "15", "--out", str(out),
+                 *TINY]) == 0
+    return out
+
+
+def test_help_explains_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("train", "sample", "eval", "demo", *TASKS, "183+459=0642.", "183+459=0532."):
+        assert word in text
+    for command, needles in (("train", ["--task", "--out", "--resume", "--steps", "default"]),
+                             ("sample", ["--checkpoint", "--prompt", "--temperature"]),
+                             ("eval", ["--checkpoint", "--task", "held-out"]),
+                             ("demo", ["--quick", "--out", "LoRA", "QLoRA", "addition"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for needle in needles:
+            assert needle in text, (command, needle)
+
+
+def test_train_writes_a_checkpoint_and_reports(trained, capsys):
+    ck = load_checkpoint(trained)
+    assert ck.step == 30 and ck.extra["task"] == {"name": "add", "digits": 1}
+    assert ck.model_config["n_embd"] == 16 and ck.model_config["block_size"] == 6
+    assert (trained / "history.json").is_file()
+
+
+def test_eval_prints_the_accuracy_of_the_checkpoint(trained, capsys):
+    from minilora.checkpoint import load_model
+    from minilora.data import TaskDataset, get_task
+    from minilora.train import exact_match
+
+    assert main(["eval", "--checkpoint", str(trained), "--examples", "20", "--show", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    model, _ = load_model(trained)
+    expected = exact_match(model, TaskDataset(get_task("add", 1), n_heldout=20), 20)
+    assert f"held-out exact match {expected:.1%} on 20 questions" in out[0]
+    assert len(out) == 4 and all("(true " in line for line in out[1:])
+
+
+def test_sample_continues_the_prompt_greedily(trained, capsys):
+    assert main(["sample", "--checkpoint", str(trained), "--prompt", "3+4="]) == 0
+    first = capsys.readouterr().out.strip()
+    assert first.startswith("3+4=") and len(first) <= len("3+4=") + 3
+    assert main(["sample", "--checkpoint", str(trained), "--prompt", "3+4="]) == 0
+    assert capsys.readouterr().out.strip() == first  # greedy: the same every time
+    assert main(["sample", "--checkpoint", str(trained), "--prompt", "3+4=", "--temperature",
+                 "1.5", "--seed", "1", "--num-samples", "3", "--max-new-tokens", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(line.startswith("3+4=") for line in lines)
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["eval", "--checkpoint", "no/such/run"], ["no checkpoint", "no/such/run"]),
+    (["sample", "--checkpoint", "no/such/run", "--prompt", "1+1="], ["no/such/run"]),
+    (["train", "--task", "mul", "--steps", "1"], ["unknown task 'mul'", ", ".join(TASKS)]),
+])
+def test_mistakes_give_one_clear_line(argv, needles, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"minilora {argv[0]}: error:")
+    for needle in needles:
+        assert needle in err
+
+
+def test_prompt_outside_the_vocabulary_names_the_characters(trained, capsys):
+    assert main(["sample", "--checkpoint", str(trained), "--prompt", "3 plus 4="]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "' lpsu'" in err and "'3 plus 4='" in err and "0123456789" in err
+    assert main(["eval", "--checkpoint", str(trained), "--task", "div"]) == 1
+    assert "unknown task 'div'" in capsys.readouterr().err
+
+
+def test_resume_rejects_new_settings(trained, capsys):
+    assert main(["train", "--resume", str(trained), "--lr", "0.5"]) == 1
+    assert "drop --lr" in capsys.readouterr().err
+
+
+def test_interrupted_and_resumed_in_fresh_processes_equals_one_run(tmp_path):
+    args = ["train", "--task", "max", "--steps", "12", "--eval-every", "4", "--dropout", "0.1",
+            *TINY]
+    straight = run_cli(*args, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    evals = [line for line in straight.stdout.splitlines() if "held-out exact match" in line]
+    assert [line.split()[1] for line in evals[:3]] == ["4", "8", "12"]  # then the summary line
+    first = run_cli(*args, "--until", "5", "--out", tmp_path / "part")
+    assert first.returncode == 0, first.stderr
+    assert load_checkpoint(tmp_path / "part").step == 5
+    rest = run_cli("train", "--resume", tmp_path / "part", "--out", tmp_path / "resumed",
+                   "--no-progress")
+    assert rest.returncode == 0, rest.stderr
+    assert "resuming" in rest.stdout and "done: 12 steps" in rest.stdout
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    assert a.step == b.step == 12 and a.weights.keys() == b.weights.keys()
+    for name in a.weights:
+        np.testing.assert_array_equal(a.weights[name], b.weights[name], err_msg=name)
+    for name in a.optimizer["arrays"]:
+        np.testing.assert_array_equal(a.optimizer["arrays"][name], b.optimizer["arrays"][name])
+
+
+def test_text_training_and_sampling(tmp_path, capsys):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("to be or not to be, that is the question. " * 20, encoding="utf-8")
+    assert main(["train", "--text", str(text_file), "--block-size", "16", "--steps", "6",
+                 "--eval-every", "3", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                 "--no-progress", "--out", str(tmp_path / "text")]) == 0
+    assert "validation loss" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(tmp_path / "text"), "--prompt", "to be",
+                 "--max-new-tokens", "10"]) == 0
+    assert len(capsys.readouterr().out.rstrip("\n")) == len("to be") + 10
+
+
+def test_python_dash_m_runs_the_cli():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "minilora" in result.stdout
+    bad = run_cli("sample", "--checkpoint", "missing-dir", "--prompt", "1+1=")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "missing-dir" in bad.stderr
+
+
+def test_blas_threads_can_be_limited_after_numpy_is_loaded(capsys):
+    config = np.__config__.CONFIG["Build Dependencies"]["blas"]
+    if "openblas" not in str(config.get("name", "")).lower() or sys.platform != "linux":
+        pytest.skip("NumPy is not linked against OpenBLAS here")
+    import ctypes
+
+    from minilora.cli import limit_blas_threads
+
+    with open("/proc/self/maps") as maps:
+        path = next(line.split()[-1] for line in maps if "openblas" in line.lower())
+    lib = ctypes.CDLL(path)
+    getter = getattr(lib, "scipy_openblas_get_num_threads64_", None) or \
+        lib.openblas_get_num_threads
+    before = getter()
+    try:
+        assert limit_blas_threads(1) and getter() == 1
+        assert limit_blas_threads(2) and getter() == 2
+    finally:
+        limit_blas_threads(before)
+    assert main(["eval", "--checkpoint", "x", "--threads", "0"]) == 1
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
