@@ -160,7 +160,7 @@ model = ml.nn.Sequential(ml.nn.Linear(2, 32), ml.nn.GELU(), ml.nn.Linear(32, 32)
                          ml.nn.Linear(32, 2))
 opt = ml.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.0)
 losses = []
-for step in range(150 if FAST else 400):
+for _ in range(150 if FAST else 400):
     loss = F.cross_entropy(model(ml.Tensor(points)), label)
     opt.zero_grad()
     loss.backward()
