@@ -172,11 +172,17 @@ class Module:
         return self.astype(np.float32)
 
     def to_backend(self) -> Module:
-        """Move every parameter to the active backend's device (after ``use_backend``)."""
-        for p in self.parameters():
+        """Move every module's arrays to the active backend's device (after ``use_backend``)."""
+        for m in self.modules():
+            m._move_arrays()
+        return self
+
+    def _move_arrays(self) -> None:
+        """Move this module's own arrays; a module holding arrays that are not Parameters (a
+        quantized weight) extends this."""
+        for p in self._parameters.values():
             p.data = B.asarray(p.data)
             p.grad = None
-        return self
 
     # ------------------------------------------------------------------------ state dicts
 

@@ -1,0 +1,470 @@
+"""Blockwise 4-bit quantization (NF4, FP4, INT4) with double quantization, as in QLoRA.
+
+A weight tensor is stored as one 4-bit code per element plus one scale per block:
+
+* flatten row-major and cut into blocks of ``blocksize`` elements (the last block may be short);
+* ``absmax_b = max |x|`` over block b, kept in float32;
+* each element becomes the index of the code value nearest to ``x / absmax_b`` (in [-1, 1]);
+  ties at a midpoint go to the lower value, as bitsandbytes does;
+* two codes share a byte, the first element in the HIGH nibble:
+  ``packed[i] = code[2i] << 4 | code[2i + 1]`` (an odd count pads the last low nibble with the
+  code of zero);
+* ``dequantize``: ``x_hat = code_value[q] * absmax_b``.
+
+Double quantization (QLoRA, section 3) compresses the float32 absmax values too: subtract their
+mean (kept as an ``offset``), then quantize them blockwise (256 per block) to 8 bits with
+bitsandbytes' signed "dynamic" map. Storage per parameter: ``4 + 32/64 = 4.5`` bits without it and
+``4 + 8/64 + 32/(64 * 256) = 4.127`` bits with it (plus one float32 offset per tensor).
+
+The code tables, the nibble order, the nearest-code rule and the 8-bit map are those of
+bitsandbytes' CPU implementation, so its packed bytes and absmax can be read here directly (the
+cross-checks in tests/crosscheck/test_quant_bnb.py compare them byte for byte). The frozen layer
+built on this (``QuantLinear``), ``quantize_model``, merging into a 4-bit base and the memory report
+live in :mod:`minilora.quant_linear` and are re-exported at the end of this file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from . import backend as B
+from .errors import DTypeError, InvalidArgumentError, ShapeError
+from .tensor import Tensor
+
+QUANT_TYPES = ("nf4", "fp4", "int4")
+NESTED_BLOCKSIZE = 256  # absmax values per block in double quantization (QLoRA, bitsandbytes)
+
+# NF4 (QLoRA, section 3): quantiles of N(0, 1) scaled to [-1, 1]; 7 negative values, an exact
+# zero and 8 positive ones, so the grid is denser where Gaussian weights are.
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32)
+
+# FP4 as bitsandbytes lays it out (E2M1, bit 3 = sign): raw magnitudes by code 0..7, then the
+# same magnitudes negated for codes 8..15 (code 8 is -0); divided by 12 to span [-1, 1].
+_FP4_RAW = np.array([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0], dtype=np.float32)
+FP4_CODE = np.concatenate([_FP4_RAW, -_FP4_RAW]) / np.float32(12.0)
+
+# Symmetric INT4: code i stands for (i - 8) / 7, i.e. k / 7 for k in -7..7 around an exact zero at
+# code 8. Code 0 (k = -8) would lie outside [-1, 1]; it is clipped to -1 and never produced, so
+# the grid is symmetric and the step is uniform (1/7).
+INT4_CODE = np.clip((np.arange(16, dtype=np.float32) - np.float32(8)) / np.float32(7), -1, 1)
+
+
+def dynamic_map_8bit() -> np.ndarray:
+    """bitsandbytes' signed 8-bit "dynamic" map (256 sorted values in [-1, 1]), rebuilt exactly.
+
+    Dynamic-exponent floats (Dettmers 2016): for exponent e = 0..6 the 2^e + 1 evenly spaced
+    boundaries in [0.1, 1] give 2^e bin centres, scaled by 10^(e - 6), with both signs; plus 0
+    and 1. Every step is rounded to float32 the way ``torch.linspace`` and float32 products do,
+    so the table equals ``bitsandbytes.functional.create_dynamic_map()`` bit for bit. Its largest
+    gap is 0.0140625 (near 1); values near zero are far denser.
+    """
+    start, end = np.float32(0.1), np.float32(1.0)
+    parts = [np.array([0.0, 1.0], dtype=np.float32)]
+    for e in range(7):
+        k = 2 ** e + 1
+        step = np.float64(np.float32((end - start) / np.float32(k - 1)))
+        i = np.arange(k)
+        # linspace fills the first half from the start and the second from the end, with one
+        # rounding per value (a fused multiply-add)
+        bounds = np.where(i < k // 2, np.float64(start) + step * i,
+                          np.float64(end) - step * (k - 1 - i)).astype(np.float32)
+        centres = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scale = np.float32(10 ** (e - 6))
+        parts += [scale * centres, -scale * centres]
+    return np.sort(np.concatenate(parts))
+
+
+DYNAMIC_CODE = dynamic_map_8bit()
+
+
+def normal_float_code(offset: float = 0.9677083) -> np.ndarray:
+    """Rebuild the NF4 table from normal quantiles (QLoRA's construction), float32 (16,).
+
+    Positive side: the N(0, 1) quantiles at 8 evenly spaced probabilities from ``offset`` down to
+    0.5 (exclusive); negative side: the negated quantiles at 7 such probabilities; plus an exact
+    zero. Dividing by the largest value maps the grid to [-1, 1]. ``offset = 0.9677083`` is the
+    midpoint between the extreme quantiles of 32 and 30 equal bins, so +-1 are not infinite.
+    """
+    inv = NormalDist().inv_cdf
+    pos = [inv(p) for p in np.linspace(offset, 0.5, 9)[:-1]]
+    neg = [-inv(p) for p in np.linspace(offset, 0.5, 8)[:-1]]
+    values = np.sort(np.array(pos + [0.0] + neg))
+    return (values / values.max()).astype(np.float32)
+
+
+_CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE, "dynamic8": DYNAMIC_CODE}
+# codes that quantization may emit; INT4 code 0 is a clipped duplicate of -1
+_EMITTED = {"nf4": np.arange(16), "fp4": np.arange(16), "int4": np.arange(1, 16),
+            "dynamic8": np.arange(256)}
+
+
+def _host_tables(kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(code values, sorted emitted code indices, midpoints between neighbours), host arrays."""
+    code = _CODES[kind]
+    emitted = _EMITTED[kind]
+    # a stable sort keeps FP4's two zeros in code order (+0 then -0), as bitsandbytes' CPU path
+    order = emitted[np.argsort(code[emitted], kind="stable")]
+    sorted_values = code[order]
+    midpoints = (sorted_values[:-1] + sorted_values[1:]) / np.float32(2.0)
+    return code, order, midpoints
+
+
+def _byte_table(kind: str) -> np.ndarray:
+    """(256, 2) float32: the two code values a packed byte holds, high nibble first."""
+    code = _CODES[kind]
+    byte = np.arange(256)
+    return np.stack([code[byte >> 4], code[byte & 15]], axis=1)
+
+
+_device_cache: dict = {}
+
+
+def _device(name: str, make: Any) -> Any:
+    """A host table copied once to the active backend (cached per backend)."""
+    key = (name, B.get_backend())
+    if key not in _device_cache:
+        _device_cache[key] = B.asarray(make())
+    return _device_cache[key]
+
+
+def code_values(quant_type: str) -> Any:
+    """The 16 code values of ``quant_type`` (index = 4-bit code), float32 on the active backend."""
+    _check_quant_type(quant_type)
+    return _device(f"code/{quant_type}", lambda: _CODES[quant_type])
+
+
+def max_half_gap(quant_type: str) -> float:
+    """Half the largest gap between adjacent code values: the worst rounding error per unit absmax.
+
+    NF4: 0.1519 (between -1 and -0.6962), FP4: 0.1667 (between 2/3 and 1), INT4: 1/14,
+    8-bit dynamic map: 0.00703 (between 0.9930 and 1).
+    """
+    kind = "dynamic8" if quant_type == "dynamic8" else _check_quant_type(quant_type)
+    values = np.unique(_CODES[kind].astype(np.float64))
+    return float(np.diff(values).max() / 2)
+
+
+# ----------------------------------------------------------------------------------- validation
+
+def _check_quant_type(quant_type: Any) -> str:
+    if quant_type not in QUANT_TYPES:
+        raise InvalidArgumentError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    return quant_type
+
+
+def _check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
+    ok = isinstance(blocksize, (int, np.integer)) and not isinstance(blocksize, bool)
+    if not ok or blocksize < 16 or blocksize & (blocksize - 1):
+        raise InvalidArgumentError(f"{name} must be a power of two >= 16 (bitsandbytes uses "
+                                   f"32..4096, default 64), got {blocksize!r}")
+    return int(blocksize)
+
+
+def _as_float32(array: Any, fn: str) -> Any:
+    """``array`` (a Tensor, a NumPy/CuPy array or a nested list) as float32 on the active backend.
+
+    Integer and boolean data are refused, and so are NaN and inf, which would poison a block.
+    """
+    data = array.data if isinstance(array, Tensor) else array
+    arr = B.asarray(data)
+    if arr.dtype.kind != "f":
+        raise DTypeError(f"{fn}: array must hold floats, got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise ShapeError(f"{fn}: array is empty (shape {tuple(arr.shape)}); nothing to quantize")
+    arr = arr.astype(np.float32, copy=False)  # 4-bit codes and float32 scales, as bitsandbytes
+    finite = B.xp.isfinite(arr)
+    if not bool(finite.all()):
+        flat = B.to_numpy(finite.reshape(-1))
+        bad = np.flatnonzero(~flat)
+        raise InvalidArgumentError(
+            f"{fn}: array holds {bad.size} non-finite value(s) (NaN or inf), first at flat index "
+            f"{int(bad[0])} of shape {tuple(arr.shape)}; a block's absmax would be meaningless")
+    return arr
+
+
+# --------------------------------------------------------------------------- the state object
+
+@dataclass(repr=False)
+class QuantState:
+    """A quantized tensor: codes, per-block scales and what is needed to undo them.
+
+    ``packed`` uint8 ((numel + 1) // 2,), first element in the high nibble.
+    ``absmax`` float32 (n_blocks,), or uint8 (n_blocks,) codes of ``absmax - offset`` in the
+    8-bit dynamic map when double quantized; then ``absmax2`` float32
+    (ceil(n_blocks / 256),) holds their per-block scales and ``offset`` (float32, shape ()) the
+    mean that was subtracted. ``shape`` is the logical shape of the original tensor.
+    """
+
+    packed: Any
+    absmax: Any
+    shape: tuple
+    blocksize: int
+    quant_type: str
+    offset: Any = None
+    absmax2: Any = None
+    blocksize2: int = field(default=NESTED_BLOCKSIZE)
+
+    @property
+    def nested(self) -> bool:
+        """True when the absmax values are double quantized."""
+        return self.absmax2 is not None
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the original tensor."""
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of blocks (and of absmax values)."""
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array this state holds (the code tables are shared, not counted)."""
+        arrays = (self.packed, self.absmax, self.absmax2, self.offset)
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+    def bits_per_parameter(self) -> float:
+        """Bits held per logical element: ``8 * nbytes / numel``."""
+        return 8 * self.nbytes / self.numel
+
+    def codes(self) -> Any:
+        """The 4-bit codes, uint8 (numel,), unpacked in element order."""
+        return unpack_nibbles(self.packed, self.numel)
+
+    def dequantized_absmax(self) -> Any:
+        """The per-block scales as float32 (n_blocks,), undoing double quantization if used."""
+        if not self.nested:
+            return self.absmax
+        scales = _dequantize_blocks(self.absmax, self.absmax2, self.blocksize2, "dynamic8",
+                                    self.n_blocks)
+        return scales + self.offset
+
+    def to_backend(self) -> QuantState:
+        """A copy whose arrays live on the active backend (after ``use_backend``)."""
+        move = lambda a: None if a is None else B.asarray(a)
+        return replace(self, packed=move(self.packed), absmax=move(self.absmax),
+                       offset=move(self.offset), absmax2=move(self.absmax2))
+
+    def __repr__(self) -> str:
+        dq = f", double_quant (offset {float(self.offset):.4g})" if self.nested else ""
+        return (f"QuantState({self.quant_type}, shape={self.shape}, blocksize={self.blocksize}"
+                f"{dq}, {self.nbytes} bytes = {self.bits_per_parameter():.3f} bits/param)")
+
+
+# ------------------------------------------------------------------------------ nibble packing
+
+def pack_nibbles(codes: Any) -> Any:
+    """Pack 4-bit codes (uint8 (n,), values 0..15) two per byte, the first in the HIGH nibble.
+
+    ``packed[i] = codes[2i] << 4 | codes[2i + 1]``; an odd n leaves the last low nibble 0 (the
+    quantizer pads with the code of zero instead, as bitsandbytes does).
+    """
+    codes = B.asarray(codes)
+    if codes.dtype != np.uint8:
+        raise DTypeError(f"pack_nibbles: codes must be uint8, got dtype {codes.dtype}")
+    codes = codes.reshape(-1)
+    if codes.size % 2:
+        codes = B.xp.concatenate([codes, B.xp.zeros(1, dtype=np.uint8)])
+    pairs = codes.reshape(-1, 2)  # (n_bytes, 2): (high, low)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def unpack_nibbles(packed: Any, n: int) -> Any:
+    """The inverse of :func:`pack_nibbles`: the first ``n`` codes, uint8 (n,)."""
+    packed = B.asarray(packed).reshape(-1)
+    if packed.dtype != np.uint8:
+        raise DTypeError(f"unpack_nibbles: packed must be uint8, got dtype {packed.dtype}")
+    if not 0 <= n <= 2 * packed.size:
+        raise ShapeError(f"unpack_nibbles: {packed.size} bytes hold at most {2 * packed.size} "
+                         f"codes, asked for n={n}")
+    return B.xp.stack([packed >> 4, packed & 15], axis=1).reshape(-1)[:n]  # (2 * n_bytes,)
+
+
+# ------------------------------------------------------------------- blockwise (de)quantization
+
+def _quantize_blocks(x: Any, blocksize: int, kind: str) -> tuple[Any, Any]:
+    """Codes (uint8 (n,)) and absmax (float32 (n_blocks,)) of the flat float32 array ``x``.
+
+    ``q_i = nearest code to clip(x_i / absmax_b, -1, 1)``; the nearest code is found by one
+    ``searchsorted`` over the midpoints between sorted code values (side 'left': a value exactly
+    on a midpoint goes to the lower code), so the work is O(n log 16), with no (n, 16) matrix.
+    """
+    n = x.size
+    n_blocks = -(-n // blocksize)
+    if n_blocks * blocksize != n:  # zero padding leaves every block's absmax unchanged
+        x = B.xp.concatenate([x, B.xp.zeros(n_blocks * blocksize - n, dtype=x.dtype)])
+    blocks = x.reshape(n_blocks, blocksize)  # (n_blocks, blocksize)
+    absmax = B.xp.abs(blocks).max(axis=1)  # (n_blocks,) float32
+    # an all-zero block keeps absmax 0; dividing it by 1 instead maps it to the code of zero
+    safe = B.xp.where(absmax > 0, absmax, B.xp.ones((), dtype=absmax.dtype))
+    scaled = B.xp.clip(blocks / safe[:, None], -1, 1).reshape(-1)[:n]
+    _, order, midpoints = _host_tables(kind)
+    position = B.xp.searchsorted(_device(f"mid/{kind}", lambda: midpoints), scaled, side="left")
+    codes = _device(f"order/{kind}", lambda: order.astype(np.uint8))[position]
+    return codes, absmax
+
+
+def _dequantize_blocks(codes: Any, absmax: Any, blocksize: int, kind: str, n: int) -> Any:
+    """Flat float32 (n,): ``code_value[codes_i] * absmax_b`` for 8-bit codes (one per byte)."""
+    values = B.xp.take(_device(f"code/{kind}", lambda: _CODES[kind]), codes)
+    return _scale_blocks(values, absmax, blocksize, n)
+
+
+def _scale_blocks(values: Any, absmax: Any, blocksize: int, n: int) -> Any:
+    """Multiply flat ``values`` (at least n, a fresh array: it is scaled in place) block by
+    block by ``absmax``; returns (n,)."""
+    total = absmax.size * blocksize
+    if values.size < total:
+        values = B.xp.concatenate([values, B.xp.zeros(total - values.size, dtype=values.dtype)])
+    blocks = values[:total].reshape(absmax.size, blocksize)  # (n_blocks, blocksize)
+    blocks *= absmax[:, None]  # in place: dequantizing allocates one float array, not two
+    return blocks.reshape(-1)[:n]
+
+
+def quantize(array: Any, blocksize: int = 64, quant_type: str = "nf4",
+             double_quant: bool = False) -> QuantState:
+    """Quantize a float array blockwise to 4 bits; returns a :class:`QuantState`.
+
+    ``q_i = argmin_k |code_k - clip(x_i / absmax_b, -1, 1)|`` with ``absmax_b = max_{j in b} |x_j|``
+    over blocks of ``blocksize`` consecutive elements of ``array`` flattened row-major.
+    ``quant_type``: "nf4" (normal float, the QLoRA default), "fp4" (E2M1 float) or "int4"
+    (symmetric, k/7). ``double_quant`` also quantizes the absmax values to 8 bits (blocks of 256,
+    mean subtracted). Float16/32/64 input is quantized from its float32 values.
+    """
+    _check_quant_type(quant_type)
+    blocksize = _check_blocksize(blocksize)
+    arr = _as_float32(array, "quantize")
+    codes, absmax = _quantize_blocks(arr.reshape(-1), blocksize, quant_type)
+    if codes.size % 2:  # pad with the code of zero, as bitsandbytes does
+        zero = B.xp.asarray([_zero_code(quant_type)], dtype=np.uint8)
+        codes = B.xp.concatenate([codes, zero])
+    state = QuantState(pack_nibbles(codes), absmax, tuple(arr.shape), blocksize, quant_type)
+    return _double_quantize(state) if double_quant else state
+
+
+def _zero_code(quant_type: str) -> int:
+    _, order, midpoints = _host_tables(quant_type)
+    return int(order[np.searchsorted(midpoints, np.float32(0.0), side="left")])
+
+
+def _double_quantize(state: QuantState) -> QuantState:
+    """Replace float32 absmax by 8-bit codes of ``absmax - mean`` (blocks of 256) + the mean."""
+    absmax = state.absmax
+    # the mean of many positive float32 values: accumulate in float64, store float32
+    offset = B.xp.asarray(absmax.astype(np.float64).mean(), dtype=np.float32)
+    codes, absmax2 = _quantize_blocks(absmax - offset, NESTED_BLOCKSIZE, "dynamic8")
+    return replace(state, absmax=codes, offset=offset, absmax2=absmax2,
+                   blocksize2=NESTED_BLOCKSIZE)
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, QuantState):
+        raise InvalidArgumentError(f"dequantize: expected a QuantState, got "
+                                   f"{type(state).__name__}")
+    _check_quant_type(state.quant_type)
+    _check_blocksize(state.blocksize, "state.blocksize")
+    n = state.numel
+    if state.packed.dtype != np.uint8 or state.packed.size != (n + 1) // 2:
+        raise ShapeError(f"dequantize: packed must be uint8 of {(n + 1) // 2} bytes for shape "
+                         f"{state.shape}, got {state.packed.dtype} of {state.packed.size}")
+    want = (np.uint8,) if state.nested else (np.float32,)
+    if state.absmax.dtype not in want or state.absmax.size != state.n_blocks:
+        raise ShapeError(f"dequantize: absmax must be {np.dtype(want[0])} of {state.n_blocks} "
+                         f"blocks, got {state.absmax.dtype} of {state.absmax.size}")
+
+
+def dequantize(state: QuantState) -> Any:
+    """Undo :func:`quantize`: ``x_hat_i = code_value[q_i] * absmax_b``, float32 of ``state.shape``.
+
+    One gather through a (256, 2) table turns each byte into its two values (high nibble first),
+    then one broadcast multiply applies the block scales.
+    """
+    _check_state(state)
+    pairs = _device(f"bytes/{state.quant_type}", lambda: _byte_table(state.quant_type))
+    # take, not fancy indexing: NumPy's take with uint8 indices is ~30x faster here
+    values = B.xp.take(pairs, state.packed.reshape(-1), axis=0).reshape(-1)  # (2 * n_bytes,)
+    flat = _scale_blocks(values, state.dequantized_absmax(), state.blocksize, state.numel)
+    return flat.reshape(state.shape)
+
+
+# ------------------------------------------------------------------------------ accounting
+
+def bits_per_parameter(blocksize: int = 64, double_quant: bool = False,
+                       nested_blocksize: int = NESTED_BLOCKSIZE) -> float:
+    """Storage per element of a large tensor: ``4 + 32 / blocksize`` bits, or with double
+    quantization ``4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)``.
+
+    At blocksize 64: exactly 4.5, and 4.126953125 with double quantization (QLoRA's 4.127).
+    """
+    blocksize = _check_blocksize(blocksize)
+    if not double_quant:
+        return 4 + 32 / blocksize
+    nested_blocksize = _check_blocksize(nested_blocksize, "nested_blocksize")
+    return 4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)
+
+
+def storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = False) -> int:
+    """Exact bytes a :class:`QuantState` of ``numel`` elements holds (equals ``state.nbytes``).
+
+    ``ceil(n/2)`` packed bytes + 4 bytes per block, or with double quantization 1 byte per block
+    + 4 bytes per 256 blocks + a 4-byte offset.
+    """
+    blocksize = _check_blocksize(blocksize)
+    if not isinstance(numel, (int, np.integer)) or numel <= 0:
+        raise InvalidArgumentError(f"storage_bytes: numel must be a positive int, got {numel!r}")
+    n_blocks = -(-numel // blocksize)
+    if not double_quant:
+        return (numel + 1) // 2 + 4 * n_blocks
+    return (numel + 1) // 2 + n_blocks + 4 * -(-n_blocks // NESTED_BLOCKSIZE) + 4
+
+
+def error_stats(original: Any, approx: Any) -> dict:
+    """How far ``approx`` (an array or a QuantState) is from ``original``, elementwise.
+
+    ``mean_abs_error = mean |x - x_hat|``, ``mean_rel_error = mean(|x - x_hat| / (|x| + 1e-8))``
+    (the definition bitsandbytes' tests use) and ``max_abs_error``; Python floats.
+    """
+    x = _as_float32(original, "error_stats")
+    xh = dequantize(approx) if isinstance(approx, QuantState) else B.asarray(approx)
+    if tuple(xh.shape) != tuple(x.shape):
+        raise ShapeError(f"error_stats: original has shape {tuple(x.shape)} but the "
+                         f"approximation {tuple(xh.shape)}")
+    err = B.xp.abs(x - xh.astype(np.float32))
+    rel = err / (B.xp.abs(x) + np.float32(1e-8))
+    return {"mean_abs_error": float(err.mean(dtype=np.float64)),
+            "mean_rel_error": float(rel.mean(dtype=np.float64)),
+            "max_abs_error": float(err.max())}
+
+
+# The layer, model surgery, merging and the memory report build on the functions above and live in
+# quant_linear.py; they are served from here on first use (PEP 562), so either file may be
+# imported first without an import cycle.
+_FROM_QUANT_LINEAR = ("QuantLinear", "quantize_model", "merge_into_quantized", "merge_into_float",
+                      "memory_report", "format_memory_report")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_QUANT_LINEAR:
+        from . import quant_linear
+
+        return getattr(quant_linear, name)
+    raise AttributeError(f"module 'minilora.quant' has no attribute {name!r}")
+
+
+__all__ = [
+    "QUANT_TYPES", "NF4_CODE", "FP4_CODE", "INT4_CODE", "DYNAMIC_CODE", "QuantState", "quantize",
+    "dequantize", "pack_nibbles", "unpack_nibbles", "code_values", "max_half_gap",
+    "normal_float_code", "dynamic_map_8bit", "bits_per_parameter", "storage_bytes", "error_stats",
+    *_FROM_QUANT_LINEAR,
+]

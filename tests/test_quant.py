@@ -1,0 +1,324 @@
+"""Blockwise 4-bit quantization: code tables, the identities of QLoRA's scheme, errors, storage."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minilora as ml
+from minilora import backend as B
+from minilora import quant as Q
+from minilora.errors import DTypeError, InvalidArgumentError, ShapeError
+from tests.helpers import host
+
+TYPES = st.sampled_from(Q.QUANT_TYPES)
+BLOCKSIZES = st.sampled_from([16, 32, 64, 128])
+
+
+def _sample(seed: int, n: int, zero_frac: float = 0.0) -> np.ndarray:
+    """Gaussian values whose scale varies from element to element, some exact zeros."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n) * np.exp(rng.uniform(-3, 3, n))
+    x[rng.random(n) < zero_frac] = 0.0
+    return x.astype(np.float32)
+
+
+def _block_absmax(x: np.ndarray, blocksize: int) -> np.ndarray:
+    """Per-element absmax of its block, the slow and obvious way."""
+    flat = x.reshape(-1)
+    out = np.empty_like(flat)
+    for start in range(0, flat.size, blocksize):
+        out[start:start + blocksize] = np.abs(flat[start:start + blocksize]).max()
+    return out
+
+
+def _reference_codes(x: np.ndarray, blocksize: int, quant_type: str) -> np.ndarray:
+    """An independent oracle: loop over blocks, argmin of the distance to every emitted code."""
+    code = Q._CODES[quant_type].astype(np.float64)
+    allowed = np.arange(1, 16) if quant_type == "int4" else np.arange(16)
+    flat = x.reshape(-1).astype(np.float64)
+    out = np.empty(flat.size, dtype=np.uint8)
+    for start in range(0, flat.size, blocksize):
+        blk = flat[start:start + blocksize]
+        m = np.abs(blk).max()
+        scaled = np.clip(blk / m, -1, 1) if m > 0 else blk
+        dist = np.abs(scaled[:, None] - code[allowed][None, :])
+        out[start:start + blocksize] = allowed[dist.argmin(axis=1)]
+    return out
+
+
+# --------------------------------------------------------------------------------- the tables
+
+def test_nf4_table_is_rebuilt_from_normal_quantiles():
+    rebuilt = Q.normal_float_code(offset=0.9677083)
+    np.testing.assert_allclose(rebuilt, Q.NF4_CODE, rtol=0, atol=2e-7)
+    code = Q.NF4_CODE
+    assert np.all(np.diff(code) > 0)
+    assert (code < 0).sum() == 7 and (code == 0).sum() == 1 and (code > 0).sum() == 8
+    assert code[0] == -1.0 and code[-1] == 1.0 and code[7] == 0.0
+    # another offset gives another grid: the constant matters
+    assert np.abs(Q.normal_float_code(offset=0.99) - Q.NF4_CODE).max() > 1e-2
+
+
+def test_fp4_table_is_e2m1_over_12_with_a_sign_bit():
+    raw = np.array([0, 0.0625, 8, 12, 4, 6, 2, 3])
+    np.testing.assert_allclose(Q.FP4_CODE[:8] * 12, raw, rtol=1e-6)
+    np.testing.assert_array_equal(Q.FP4_CODE[8:], -Q.FP4_CODE[:8])
+    assert np.all(np.signbit(Q.FP4_CODE[8:])) and not np.any(np.signbit(Q.FP4_CODE[:8]))
+
+
+def test_int4_table_is_symmetric_k_over_7():
+    k = np.arange(16) - 8
+    np.testing.assert_allclose(Q.INT4_CODE, np.clip(k / 7, -1, 1), rtol=1e-6)
+    assert Q.INT4_CODE[8] == 0.0 and Q.INT4_CODE[15] == 1.0 and Q.INT4_CODE[1] == -1.0
+    np.testing.assert_allclose(np.diff(Q.INT4_CODE[1:]), 1 / 7, rtol=1e-5)
+
+
+def test_dynamic_8bit_map_shape_and_gaps():
+    code = Q.DYNAMIC_CODE
+    assert code.shape == (256,) and code.dtype == np.float32
+    assert np.all(np.diff(code) > 0) and code[0] > -1 and code[-1] == 1.0
+    assert 0.0 in code
+    # symmetric apart from +1, which has no negative twin
+    np.testing.assert_array_equal(code[:127], -code[128:255][::-1])
+    assert Q.max_half_gap("dynamic8") == pytest.approx(0.0140625 / 2, rel=1e-5)
+    assert Q.max_half_gap("nf4") == pytest.approx((1 - 0.6961928009986877) / 2, rel=1e-6)
+    assert Q.max_half_gap("fp4") == pytest.approx(1 / 6, rel=1e-6)
+    assert Q.max_half_gap("int4") == pytest.approx(1 / 14, rel=1e-6)
+
+
+def test_known_bytes_and_nibble_order():
+    # 0.1 -> NF4 code 8 (0.0796), -1 -> 0, 0.5 -> 12 (0.4407), 0 -> 7, 0.3 -> 11 (0.3379), and the
+    # odd count pads with the code of zero (7): bytes 0x80, 0xC7, 0xB7. FP4: 6, 11 | 5, 0 | 4, pad 0
+    x = np.array([0.1, -1.0, 0.5, 0.0, 0.3], dtype=np.float32)
+    assert host(Q.quantize(x).packed).tolist() == [0x80, 0xC7, 0xB7]
+    assert host(Q.quantize(x, quant_type="fp4").packed).tolist() == [0x6B, 0x50, 0x40]
+    # INT4: k = round(7 x): 0.1 -> 1 (code 9), -1 -> code 1, 0.45 -> 3 (11), 0 -> 8, 0.3 -> 2 (10)
+    y = np.array([0.1, -1.0, 0.45, 0.0, 0.3], dtype=np.float32)
+    assert host(Q.quantize(y, quant_type="int4").packed).tolist() == [0x91, 0xB8, 0xA8]
+
+
+# ------------------------------------------------------------------------------- properties
+
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 700), blocksize=BLOCKSIZES, qt=TYPES)
+def test_error_bound_and_nearest_code(seed, n, blocksize, qt):
+    x = _sample(seed, n, zero_frac=0.1)
+    state = Q.quantize(x, blocksize, qt)
+    xh = host(Q.dequantize(state))
+    assert xh.dtype == np.float32 and xh.shape == x.shape
+    am = _block_absmax(x, blocksize)
+    bound = am * Q.max_half_gap(qt) * (1 + 1e-5) + 1e-30
+    assert np.all(np.abs(x - xh) <= bound)
+    codes = host(state.codes())
+    ref = _reference_codes(x, blocksize, qt)
+    values = Q._CODES[qt]
+    if qt == "fp4":  # +0 and -0 are the same value; compare values
+        np.testing.assert_array_equal(values[codes], values[ref])
+    else:
+        np.testing.assert_array_equal(codes, ref)
+
+
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 500), blocksize=BLOCKSIZES, qt=TYPES)
+def test_zero_stays_exactly_zero(seed, n, blocksize, qt):
+    x = _sample(seed, n, zero_frac=0.3)
+    xh = host(Q.dequantize(Q.quantize(x, blocksize, qt)))
+    assert np.all(xh[x == 0] == 0)
+
+
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 500), blocksize=BLOCKSIZES, qt=TYPES)
+def test_each_block_absmax_element_is_exact(seed, n, blocksize, qt):
+    x = _sample(seed, n)
+    state = Q.quantize(x, blocksize, qt)
+    xh = host(Q.dequantize(state))
+    absmax = host(state.absmax)
+    for b, start in enumerate(range(0, n, blocksize)):
+        blk = x[start:start + blocksize]
+        i = start + int(np.abs(blk).argmax())
+        assert absmax[b] == np.abs(blk).max()
+        assert xh[i] == x[i]  # value and sign
+
+
+@given(seed=st.integers(0, 2**31), n=st.integers(0, 600))
+def test_pack_unpack_is_a_bijection(seed, n):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, n).astype(np.uint8)
+    packed = Q.pack_nibbles(B.asarray(codes))
+    assert packed.dtype == np.uint8 and packed.size == (n + 1) // 2
+    np.testing.assert_array_equal(host(Q.unpack_nibbles(packed, n)), codes)
+    data = rng.integers(0, 256, n // 2).astype(np.uint8)  # every byte string is some code pair
+    unpacked = Q.unpack_nibbles(B.asarray(data), 2 * data.size)
+    np.testing.assert_array_equal(host(Q.pack_nibbles(unpacked)), data)
+
+
+def test_pack_puts_the_first_element_in_the_high_nibble():
+    assert host(Q.pack_nibbles(B.asarray(np.array([1, 2, 3], np.uint8)))).tolist() == [0x12, 0x30]
+
+
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 600), blocksize=BLOCKSIZES, qt=TYPES,
+       dq=st.booleans())
+def test_quantize_of_dequantize_is_the_same_state(seed, n, blocksize, qt, dq):
+    x = _sample(seed, n, zero_frac=0.1)
+    q1 = Q.quantize(x, blocksize, qt, dq)
+    q2 = Q.quantize(Q.dequantize(q1), blocksize, qt, dq)
+    c1, c2 = host(q1.codes()), host(q2.codes())
+    values = Q._CODES[qt]
+    if qt == "fp4":  # -0 dequantizes to a zero that quantizes to +0: the same value
+        np.testing.assert_array_equal(values[c1], values[c2])
+    else:
+        np.testing.assert_array_equal(c1, c2)
+    if not dq:  # nested: the 8-bit scales of the new absmax values have a new mean, so they move
+        np.testing.assert_array_equal(host(q1.absmax), host(q2.absmax))
+        np.testing.assert_array_equal(host(Q.dequantize(q1)), host(Q.dequantize(q2)))
+
+
+@given(seed=st.integers(0, 2**31), n_blocks=st.integers(1, 700), qt=TYPES)
+def test_double_quantized_absmax_within_the_8bit_bound(seed, n_blocks, qt):
+    blocksize = 16
+    x = _sample(seed, n_blocks * blocksize - int(seed % 7 == 0))  # sometimes a short last block
+    plain = Q.quantize(x, blocksize, qt)
+    dq = Q.quantize(x, blocksize, qt, double_quant=True)
+    assert dq.nested and dq.absmax.dtype == np.uint8 and dq.absmax.size == plain.absmax.size
+    assert dq.absmax2.size == math.ceil(plain.absmax.size / 256) and dq.absmax2.dtype == np.float32
+    np.testing.assert_array_equal(host(dq.packed), host(plain.packed))  # 4-bit codes unchanged
+    true, approx = host(plain.absmax).astype(np.float64), host(dq.dequantized_absmax())
+    offset = float(dq.offset)
+    assert offset == pytest.approx(true.mean(), rel=1e-6)
+    scale2 = np.repeat(host(dq.absmax2), 256)[:true.size].astype(np.float64)
+    assert np.all(np.abs(approx - true) <= scale2 * Q.max_half_gap("dynamic8") * (1 + 1e-5)
+                  + 4e-7 * (np.abs(true) + abs(offset)))
+    # and so each element moves by at most |code| * its absmax error on top of the 4-bit error
+    xh = host(Q.dequantize(dq))
+    am = _block_absmax(x, blocksize)
+    am_err = np.repeat(np.abs(approx - true), blocksize)[:x.size]
+    assert np.all(np.abs(x - xh) <= am * Q.max_half_gap(qt) * (1 + 1e-5) + am_err * (1 + 1e-5)
+                  + 1e-30)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (15,), (63,), (65,), (7, 9), (2, 3, 5), ()])
+@pytest.mark.parametrize("blocksize", [16, 64])
+def test_short_last_block_and_odd_sizes(shape, blocksize):
+    x = _sample(sum(shape) + 1, max(math.prod(shape), 1)).reshape(shape)
+    state = Q.quantize(x, blocksize)
+    n = x.size
+    assert state.shape == shape and state.numel == n
+    assert state.packed.shape == ((n + 1) // 2,) and state.packed.dtype == np.uint8
+    assert state.absmax.shape == (math.ceil(n / blocksize),) and state.absmax.dtype == np.float32
+    xh = host(Q.dequantize(state))
+    assert xh.shape == shape
+    np.testing.assert_array_equal(host(state.codes()), _reference_codes(x, blocksize, "nf4"))
+    if n % 2:  # the pad nibble is the code of zero
+        assert int(host(state.packed)[-1]) & 15 == 7
+
+
+def test_all_zero_blocks_do_not_divide_by_zero():
+    x = np.zeros(200, dtype=np.float32)
+    x[70:80] = np.linspace(-2, 3, 10)
+    with np.errstate(all="raise"):
+        for dq in (False, True):
+            for qt in Q.QUANT_TYPES:
+                state = Q.quantize(x, 64, qt, dq)
+                xh = host(Q.dequantize(state))
+                assert np.all(np.isfinite(xh))
+                assert np.all(xh[:64] == 0) and np.all(xh[128:] == 0)
+                assert xh[79] == np.float32(3.0) or dq
+        zeros = Q.quantize(np.zeros(33, np.float32), 16, double_quant=True)
+        assert np.all(host(Q.dequantize(zeros)) == 0)
+    assert np.all(host(Q.quantize(x, 64).absmax)[[0, 2, 3]] == 0)
+
+
+def test_bad_input_raises_clear_errors():
+    x = np.ones(64, dtype=np.float32)
+    for bad in (0, 8, 48, 100, -64, True, 64.0, "64", None):
+        with pytest.raises(InvalidArgumentError, match="blocksize") as info:
+            Q.quantize(x, blocksize=bad)
+        assert repr(bad) in str(info.value)
+    with pytest.raises(InvalidArgumentError, match="'nf8'"):
+        Q.quantize(x, quant_type="nf8")
+    with pytest.raises(DTypeError, match="int64"):
+        Q.quantize(np.arange(64))
+    with pytest.raises(DTypeError, match="bool"):
+        Q.quantize(np.ones(64, dtype=bool))
+    for value in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[37] = value
+        with pytest.raises(InvalidArgumentError, match="non-finite.*index 37"):
+            Q.quantize(y)
+    with pytest.raises(ShapeError, match="empty"):
+        Q.quantize(np.zeros((0, 4), np.float32))
+    with pytest.raises(InvalidArgumentError, match="QuantState"):
+        Q.dequantize(x)
+    state = Q.quantize(x)
+    state.packed = state.packed[:-1]
+    with pytest.raises(ShapeError, match="packed"):
+        Q.dequantize(state)
+    with pytest.raises(InvalidArgumentError, match="blocksize"):
+        Q.bits_per_parameter(blocksize=24)
+
+
+# --------------------------------------------------------------------------------- the figures
+
+def test_gaussian_errors_match_qlora_figures():
+    w = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    stats = {qt: Q.error_stats(w, Q.quantize(w, 64, qt)) for qt in Q.QUANT_TYPES}
+    assert stats["nf4"]["mean_abs_error"] <= 0.0734
+    assert stats["nf4"]["mean_rel_error"] <= 0.206
+    assert stats["fp4"]["mean_abs_error"] <= 0.0975
+    assert stats["fp4"]["mean_rel_error"] <= 0.263
+    assert stats["nf4"]["mean_abs_error"] < stats["int4"]["mean_abs_error"]
+    assert stats["nf4"]["mean_abs_error"] < stats["fp4"]["mean_abs_error"]
+    nested = Q.error_stats(w, Q.quantize(w, 64, "nf4", double_quant=True))
+    assert stats["nf4"]["mean_abs_error"] <= nested["mean_abs_error"] <= 0.0734
+
+
+def test_bits_per_parameter_is_exact():
+    assert Q.bits_per_parameter(64) == 4.5
+    assert Q.bits_per_parameter(64, double_quant=True) == 4 + 8 / 64 + 32 / 16384
+    assert round(Q.bits_per_parameter(64, double_quant=True), 3) == 4.127
+    assert Q.bits_per_parameter(128) == 4.25
+    assert Q.bits_per_parameter(32, True, nested_blocksize=128) == 4 + 8 / 32 + 32 / 4096
+
+
+@given(n=st.integers(1, 5000), blocksize=BLOCKSIZES, dq=st.booleans())
+def test_storage_bytes_match_the_arrays_held(n, blocksize, dq):
+    state = Q.quantize(_sample(n, n), blocksize, double_quant=dq)
+    held = sum(a.nbytes for a in (state.packed, state.absmax, state.absmax2, state.offset)
+               if a is not None)
+    assert state.nbytes == held == Q.storage_bytes(n, blocksize, dq)
+
+
+def test_large_tensor_bits_per_parameter_reach_the_formula():
+    n = 64 * 256 * 4
+    x = _sample(3, n)
+    assert Q.quantize(x).bits_per_parameter() == Q.bits_per_parameter(64) == 4.5
+    nested = Q.quantize(x, double_quant=True).bits_per_parameter()
+    assert nested == Q.bits_per_parameter(64, double_quant=True) + 32 / n  # + the offset
+
+
+# ------------------------------------------------------------------------------- conventions
+
+def test_deterministic_dtypes_and_inputs():
+    x = _sample(5, 300).reshape(20, 15)
+    a, b = Q.quantize(x), Q.quantize(x.copy())
+    np.testing.assert_array_equal(host(a.packed), host(b.packed))
+    np.testing.assert_array_equal(host(a.absmax), host(b.absmax))
+    for other in (x.astype(np.float64), ml.Tensor(x), x.tolist()):
+        c = Q.quantize(other)
+        np.testing.assert_array_equal(host(c.packed), host(a.packed))
+        np.testing.assert_array_equal(host(c.absmax), host(a.absmax))
+    half = Q.quantize(x.astype(np.float16))
+    assert half.absmax.dtype == np.float32
+    assert Q.dequantize(half).dtype == np.float32
+    before = x.copy()
+    Q.quantize(x, double_quant=True)
+    np.testing.assert_array_equal(x, before)  # the input is not touched
+
+
+def test_repr_and_code_values():
+    state = Q.quantize(_sample(1, 128), 64, "nf4", double_quant=True)
+    text = repr(state)
+    assert "nf4" in text and "double_quant" in text and "bits/param" in text
+    np.testing.assert_array_equal(host(Q.code_values("nf4")), Q.NF4_CODE)
+    with pytest.raises(InvalidArgumentError):
+        Q.code_values("int8")
