@@ -1,0 +1,62 @@
+"""LoRA: Low-Rank Adaptation of a frozen model (Hu et al. 2021), with DoRA, rsLoRA and PiSSA.
+
+Fine-tuning changes a pretrained weight W (n, k) by some delta W. LoRA's bet is that delta W has
+low rank, so it learns it as a product
+
+    delta W = scaling * B @ A,   B (n, r), A (r, k), r << min(n, k),   scaling = alpha / r
+
+and keeps W frozen. A layer then computes ``y = x W^T + b + scaling * (x A^T) B^T``: two skinny
+matmuls, never the n x k product, and no gradient for W. A starts random and B at zero, so the
+adapted model starts out exactly equal to its base. The whole layer is in ``lora_layer.py``.
+
+    import minilora as ml
+    from minilora import lora
+
+    lora.inject_lora(model, lora.LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
+    lora.print_trainable_parameters(model)     # trainable params: ... || all params: ...
+    ...train model.parameters() (only A and B require grad)...
+    lora.save_adapter(model, "my-adapter")     # adapter_config.json + adapter_model.safetensors
+    lora.merge_and_unload(model)               # W <- W + scaling B A; plain Linear layers again
+
+The pieces, one idea per file: ``lora_config`` (LoraConfig), ``lora_layer`` (LoRALinear, DoRA,
+PiSSA), ``lora_inject`` (inject, set/disable/delete adapters), ``lora_merge`` (merge, unmerge,
+merge_and_unload, add_weighted_adapter), ``lora_count`` (parameter accounting), ``lora_io``
+(adapter files). This module gathers their public names.
+"""
+
+from __future__ import annotations
+
+from .lora_config import LoraConfig, lora_scaling, matches_target
+from .lora_count import (
+    count_parameters,
+    format_parameter_table,
+    gpt_lora_param_count,
+    lora_param_count,
+    lora_parameter_table,
+    lora_trainable_count,
+    print_trainable_parameters,
+    trainable_parameters_summary,
+)
+from .lora_inject import (
+    active_adapters,
+    delete_adapter,
+    disable_adapters,
+    inject_lora,
+    linear_like_modules,
+    lora_configs,
+    set_adapter,
+    unload,
+)
+from .lora_io import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .lora_layer import LoRALinear, base_weight, is_linear_like, lora_layers
+from .lora_merge import add_weighted_adapter, merge, merge_and_unload, unmerge
+
+__all__ = [
+    "LoraConfig", "LoRALinear", "inject_lora", "set_adapter", "disable_adapters",
+    "delete_adapter", "unload", "active_adapters", "lora_configs", "lora_layers",
+    "linear_like_modules", "merge", "unmerge", "merge_and_unload", "add_weighted_adapter",
+    "count_parameters", "print_trainable_parameters", "trainable_parameters_summary",
+    "lora_parameter_table", "format_parameter_table", "lora_param_count", "gpt_lora_param_count",
+    "lora_trainable_count", "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict",
+    "lora_scaling", "matches_target", "is_linear_like", "base_weight",
+]

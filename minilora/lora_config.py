@@ -1,0 +1,213 @@
+"""LoRA configuration: rank, scaling, which Linear layers to adapt, and PEFT's JSON form of it.
+
+A LoRA adapter on a Linear layer with weight W (n, k) = (out, in) adds the update
+
+    delta W = scaling * B @ A,      A (r, k), B (n, r),   scaling = alpha / r
+
+(alpha / sqrt(r) with rsLoRA, which keeps the update's size steady as r grows). ``LoraConfig``
+holds r, alpha and the rest, checks them, and answers the per-module questions injection asks:
+is this module a target, and which rank and alpha does it get.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+INITS = ("kaiming", "gaussian", "pissa")
+BIASES = ("none", "all", "lora_only")
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """``alpha / r`` (the LoRA paper), or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how; the names are the LoRA paper's (and PEFT's where they differ:
+    ``lora_alpha`` and ``lora_dropout`` are aliases of ``alpha`` and ``dropout``).
+
+    - ``r``: rank of the update (positive int); ``alpha``: its scale numerator (positive).
+    - ``dropout``: dropout on the adapter's input, in [0, 1).
+    - ``target_modules``: a tuple/list of module names or dotted path suffixes ("q_proj",
+      "attn.v_proj"), or a str, which is a regular expression that must match a module's whole
+      path (PEFT's rules). Only linear-like modules (``nn.Linear``, or any module with a
+      ``dequantized_weight()`` method such as the 4-bit QuantLinear) are adapted.
+    - ``bias``: "none" (all biases frozen), "all" (every bias trains), "lora_only" (the biases of
+      the adapted layers train).
+    - ``use_rslora``: scaling alpha / sqrt(r) instead of alpha / r.
+    - ``use_dora``: DoRA, a learned magnitude per output row (see ``lora_layer``).
+    - ``init``: "kaiming" (A as nn.Linear's init, bound 1/sqrt(in); B = 0: the adapted model
+      starts equal to its base), "gaussian" (A ~ N(0, 1/r^2), B = 0) or "pissa" (A and B from the
+      top-r singular directions of W, and W replaced by the residual, output unchanged).
+    - ``rank_pattern`` / ``alpha_pattern``: {regex: value} overrides per module; a key applies
+      to a module whose path ends with a dotted component matching it (PEFT's rule), the first
+      matching key wins.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "kaiming"
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.r) or self.r <= 0:
+            raise ConfigError(f"LoraConfig: r must be a positive int, got {self.r!r}")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"LoraConfig: alpha must be a positive number, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoraConfig: dropout must lie in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        self.target_modules = _check_targets(self.target_modules)
+        if self.bias not in BIASES:
+            raise ConfigError(f"LoraConfig: bias must be one of {BIASES}, got {self.bias!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"LoraConfig: init must be one of {INITS}, got {self.init!r}")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"LoraConfig: {name} must be True or False, got "
+                                  f"{getattr(self, name)!r}")
+        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, _is_int)
+        self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, _is_number)
+
+    # PEFT's spellings of the same fields
+    @property
+    def lora_alpha(self) -> float:
+        """Alias of ``alpha`` (PEFT's name)."""
+        return self.alpha
+
+    @property
+    def lora_dropout(self) -> float:
+        """Alias of ``dropout`` (PEFT's name)."""
+        return self.dropout
+
+    # ----------------------------------------------------------------------- per module
+
+    def is_target(self, path: str) -> bool:
+        """True if the module at dotted ``path`` is one of ``target_modules``."""
+        return matches_target(path, self.target_modules)
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the adapter on module ``path`` (``rank_pattern`` overrides ``r``)."""
+        return int(_pattern_value(path, self.rank_pattern, self.r))
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the adapter on module ``path`` (``alpha_pattern`` overrides ``alpha``)."""
+        return _pattern_value(path, self.alpha_pattern, self.alpha)
+
+    def scaling_for(self, path: str) -> float:
+        """``alpha / r`` (or ``alpha / sqrt(r)``) for module ``path``."""
+        return lora_scaling(self.rank_for(path), self.alpha_for(path), self.use_rslora)
+
+    # ---------------------------------------------------------------------- PEFT's JSON
+
+    def to_peft_dict(self) -> dict:
+        """The fields as PEFT writes them in adapter_config.json (peft_type "LORA")."""
+        init: Any = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}[self.init]
+        targets = self.target_modules if isinstance(self.target_modules, str) \
+            else list(self.target_modules)
+        return {
+            "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+            "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+            "target_modules": targets, "fan_in_fan_out": False, "bias": self.bias,
+            "use_rslora": self.use_rslora, "use_dora": self.use_dora,
+            "init_lora_weights": init, "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern), "modules_to_save": None,
+            "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict) -> LoraConfig:
+        """Read PEFT's adapter_config.json fields; refuses other PEFT methods and layouts."""
+        if d.get("peft_type") != "LORA":
+            raise ConfigError(f"LoraConfig.from_peft_dict: peft_type must be 'LORA', got "
+                              f"{d.get('peft_type')!r}")
+        if d.get("fan_in_fan_out", False):
+            raise ConfigError("LoraConfig.from_peft_dict: fan_in_fan_out=True (weights stored "
+                              "(in, out), as HF GPT-2's Conv1D) is not supported here; minilora's "
+                              "Linear weights are (out, in)")
+        for key in ("r", "lora_alpha", "target_modules"):
+            if key not in d:
+                raise ConfigError(f"LoraConfig.from_peft_dict: missing field {key!r}")
+        init = d.get("init_lora_weights", True)
+        if isinstance(init, bool):
+            init = "kaiming"  # False (random B) only matters before training; weights get loaded
+        elif isinstance(init, str) and init.startswith("pissa"):
+            init = "pissa"
+        elif init != "gaussian":
+            raise ConfigError(f"LoraConfig.from_peft_dict: init_lora_weights={init!r} is not "
+                              f"supported; known: True, False, 'gaussian', 'pissa'")
+        targets = d["target_modules"]
+        return cls(r=d["r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
+                   target_modules=targets if isinstance(targets, str) else tuple(targets),
+                   bias=d.get("bias", "none"), use_rslora=bool(d.get("use_rslora", False)),
+                   use_dora=bool(d.get("use_dora", False)), init=init,
+                   rank_pattern=dict(d.get("rank_pattern") or {}),
+                   alpha_pattern=dict(d.get("alpha_pattern") or {}))
+
+
+def _check_targets(targets: Any) -> str | tuple[str, ...]:
+    if isinstance(targets, str):
+        if not targets:
+            raise ConfigError("LoraConfig: target_modules must not be an empty string, got ''")
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise ConfigError(f"LoraConfig: target_modules {targets!r} is a str, so a regular "
+                              f"expression, but it does not compile ({exc})") from None
+        return targets
+    if isinstance(targets, (list, tuple, set, frozenset)):
+        items = sorted(targets) if isinstance(targets, (set, frozenset)) else list(targets)
+        if items and all(isinstance(t, str) and t for t in items):
+            return tuple(items)
+    raise ConfigError(f"LoraConfig: target_modules must be a non-empty list/tuple of module names "
+                      f"or a regex str, got {targets!r}")
+
+
+def _check_pattern(name: str, pattern: Any, valid: Any) -> dict:
+    if not isinstance(pattern, dict):
+        raise ConfigError(f"LoraConfig: {name} must be a dict {{regex: value}}, got {pattern!r}")
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"LoraConfig: {name} keys must be non-empty str, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise ConfigError(f"LoraConfig: {name} key {key!r} does not compile: {exc}") from None
+        if not valid(value) or value <= 0:
+            raise ConfigError(f"LoraConfig: {name}[{key!r}] must be positive, got {value!r}")
+    return dict(pattern)
+
+
+def matches_target(path: str, targets: str | tuple[str, ...]) -> bool:
+    """PEFT's rule: a str is a regex matched against the whole path; a tuple of names matches a
+    path equal to a name or ending in "." + name."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _pattern_value(path: str, pattern: dict, default: Any) -> Any:
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?(?:{key})$", path):
+            return value
+    return default

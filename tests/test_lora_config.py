@@ -1,0 +1,134 @@
+"""LoraConfig: defaults, validation, target matching, per-module patterns, PEFT's JSON form."""
+
+import math
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minilora import lora
+from minilora.errors import ConfigError
+from minilora.lora_config import lora_scaling, matches_target
+
+
+def test_defaults_are_the_design_ones():
+    c = lora.LoraConfig()
+    assert (c.r, c.alpha, c.dropout, c.target_modules, c.bias) == \
+        (8, 16, 0.0, ("q_proj", "v_proj"), "none")
+    assert (c.use_rslora, c.use_dora, c.init, c.rank_pattern, c.alpha_pattern) == \
+        (False, False, "kaiming", {}, {})
+    assert c.lora_alpha == c.alpha and c.lora_dropout == c.dropout
+    assert c.scaling_for("q_proj") == 2.0
+
+
+@pytest.mark.parametrize("field,value", [
+    ("r", 0), ("r", -3), ("r", 2.5), ("r", True), ("r", "8"),
+    ("alpha", 0), ("alpha", -1.0), ("alpha", float("nan")), ("alpha", float("inf")),
+    ("alpha", "16"),
+    ("dropout", -0.1), ("dropout", 1.0), ("dropout", float("nan")),
+    ("init", "xavier"), ("init", True), ("bias", "some"), ("bias", None),
+    ("target_modules", ()), ("target_modules", ""), ("target_modules", "(q"),
+    ("target_modules", ["q_proj", ""]), ("target_modules", 5),
+    ("use_rslora", "yes"), ("use_dora", 1), ("rank_pattern", []),
+])
+def test_invalid_fields_raise_config_error_naming_field_and_value(field, value):
+    with pytest.raises(ConfigError) as info:
+        lora.LoraConfig(**{field: value})
+    msg = str(info.value)
+    assert field in msg and repr(value) in msg, msg
+
+
+@pytest.mark.parametrize("field,pattern,shown", [
+    ("rank_pattern", {"q_proj": 0}, "0"), ("rank_pattern", {"q_proj": 1.5}, "1.5"),
+    ("rank_pattern", {"(": 2}, "'('"), ("alpha_pattern", {"v_proj": -1}, "-1"),
+])
+def test_invalid_patterns_name_the_field_key_and_value(field, pattern, shown):
+    with pytest.raises(ConfigError) as info:
+        lora.LoraConfig(**{field: pattern})
+    msg = str(info.value)
+    assert field in msg and repr(next(iter(pattern))) in msg and shown in msg, msg
+
+
+@given(r=st.integers(1, 4096), alpha=st.floats(1e-3, 1e4), rs=st.booleans())
+def test_scaling_is_alpha_over_r_or_over_sqrt_r(r, alpha, rs):
+    c = lora.LoraConfig(r=r, alpha=alpha, use_rslora=rs)
+    expected = alpha / math.sqrt(r) if rs else alpha / r
+    assert c.scaling_for("anything") == expected == lora_scaling(r, alpha, rs)
+
+
+names = st.text(alphabet="abcxyz_", min_size=1, max_size=5)
+
+
+@given(parts=st.lists(names, min_size=1, max_size=4), extra=names)
+def test_target_names_match_whole_trailing_components_only(parts, extra):
+    path = ".".join(parts)
+    assert matches_target(path, (parts[-1],))
+    assert matches_target(path, (".".join(parts[-2:]),))
+    assert matches_target(path, (path,))
+    # a name matches only whole components: a longer or a partial name never does
+    assert not matches_target(path, (extra + parts[-1],)) or (extra + parts[-1]) in parts[-1:]
+    if len(parts[-1]) > 1:
+        assert not matches_target(path, (parts[-1][1:],))
+
+
+@given(parts=st.lists(names, min_size=2, max_size=4))
+def test_a_str_target_is_a_full_match_regex(parts):
+    path = ".".join(parts)
+    assert matches_target(path, re.escape(path))
+    assert matches_target(path, r".*\." + re.escape(parts[-1]))
+    assert not matches_target(path, re.escape(parts[-1]))  # not a search: the whole path
+    assert not matches_target(path, re.escape(path) + "x")
+
+
+def test_rank_and_alpha_patterns_override_per_module_first_match_wins():
+    c = lora.LoraConfig(r=4, alpha=8, rank_pattern={"v_proj": 2, r"1\.attn\.q_proj": 6},
+                        alpha_pattern={"attn.v_proj": 1, "v_proj": 99})
+    assert c.rank_for("h.0.attn.q_proj") == 4 and c.alpha_for("h.0.attn.q_proj") == 8
+    assert c.rank_for("h.0.attn.v_proj") == 2 and c.alpha_for("h.0.attn.v_proj") == 1
+    assert c.rank_for("h.1.attn.q_proj") == 6
+    assert c.rank_for("h.11.attn.q_proj") == 4  # the key must match whole components
+    assert c.scaling_for("h.0.attn.v_proj") == 0.5
+
+
+configs = st.builds(
+    lora.LoraConfig, r=st.integers(1, 64), alpha=st.integers(1, 128),
+    dropout=st.sampled_from([0.0, 0.05, 0.5]),
+    target_modules=st.one_of(st.just(("q_proj", "v_proj")), st.just(r".*\.fc"),
+                             st.just(("attn.o_proj",))),
+    bias=st.sampled_from(["none", "all", "lora_only"]), use_rslora=st.booleans(),
+    use_dora=st.booleans(), init=st.sampled_from(["kaiming", "gaussian", "pissa"]),
+    rank_pattern=st.sampled_from([{}, {"v_proj": 2}]),
+    alpha_pattern=st.sampled_from([{}, {"q_proj": 3}]))
+
+
+@given(configs)
+def test_peft_dict_round_trip(config):
+    d = config.to_peft_dict()
+    assert d["peft_type"] == "LORA" and d["fan_in_fan_out"] is False
+    assert d["r"] == config.r and d["lora_alpha"] == config.alpha
+    assert lora.LoraConfig.from_peft_dict(d) == config
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"peft_type": "IA3"}, "peft_type"), ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+    ({"init_lora_weights": "loftq"}, "loftq"), ({"r": None}, "r must"),
+])
+def test_peft_dicts_lora_cannot_use_are_refused(change, needle):
+    d = {**lora.LoraConfig().to_peft_dict(), **change}
+    with pytest.raises(ConfigError, match=needle):
+        lora.LoraConfig.from_peft_dict(d)
+
+
+def test_peft_dict_missing_field_is_named():
+    d = lora.LoraConfig().to_peft_dict()
+    del d["lora_alpha"]
+    with pytest.raises(ConfigError, match="lora_alpha"):
+        lora.LoraConfig.from_peft_dict(d)
+
+
+def test_peft_init_spellings():
+    base = lora.LoraConfig().to_peft_dict()
+    for value, init in [(True, "kaiming"), (False, "kaiming"), ("gaussian", "gaussian"),
+                        ("pissa_niter_4", "pissa")]:
+        assert lora.LoraConfig.from_peft_dict({**base, "init_lora_weights": value}).init == init

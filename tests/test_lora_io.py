@@ -1,0 +1,185 @@
+"""Adapter files: PEFT's layout, round trips, refusal of adapters made for another base."""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.numpy import load_file, save_file
+
+from minilora import lora, nn
+from minilora.errors import CheckpointError
+from tests.helpers import host
+from tests.test_lora_support import Stack, forward, inputs, randomize_lora, seeds, tiny
+
+
+@given(seed=seeds, r=st.integers(1, 4), dora=st.booleans(), rs=st.booleans(),
+       bias=st.sampled_from(["none", "all", "lora_only"]), dtype=st.sampled_from(
+           [np.float32, np.float64]))
+def test_save_then_load_into_a_fresh_base_gives_identical_outputs(seed, r, dora, rs, bias, dtype):
+    model = tiny(dtype=dtype, seed=seed)
+    config = lora.LoraConfig(r=r, alpha=3 * r, use_dora=dora, use_rslora=rs, bias=bias,
+                             rank_pattern={"v_proj": r + 1})
+    lora.inject_lora(model, config)
+    randomize_lora(model, seed)
+    for name, p in model.named_parameters():  # trained biases must travel with the adapter
+        if p.requires_grad and name.endswith("bias"):
+            p.data += 0.25
+    x = inputs((3, 5), dtype=dtype, seed=seed)
+    expected = forward(model, x)
+    with tempfile.TemporaryDirectory() as d:
+        lora.save_adapter(model, d)
+        fresh = tiny(dtype=dtype, seed=seed)
+        assert lora.load_adapter(fresh, d) is fresh
+    assert np.array_equal(forward(fresh, x), expected)
+    assert lora.lora_configs(fresh)["default"] == config
+    assert lora.count_parameters(fresh) == lora.count_parameters(model)
+
+
+def test_files_are_peft_shaped_and_small():
+    model = lora.inject_lora(Stack(16, 2), lora.LoraConfig(r=2, alpha=4, use_dora=True))
+    with tempfile.TemporaryDirectory() as d:
+        paths = lora.save_adapter(model, d)
+        assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors"]
+        with open(paths["config"]) as f:
+            config = json.load(f)
+        arrays = load_file(paths["weights"])
+        size = os.path.getsize(paths["weights"])
+    assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["fan_in_fan_out"] is False and config["bias"] == "none"
+    assert config["use_rslora"] is False and config["use_dora"] is True
+    assert config["init_lora_weights"] is True
+    prefix = "base_model.model.blocks.0.attn.q_proj."
+    assert arrays[prefix + "lora_A.weight"].shape == (2, 16)
+    assert arrays[prefix + "lora_B.weight"].shape == (16, 2)
+    assert arrays[prefix + "lora_magnitude_vector"].shape == (16,)
+    assert len(arrays) == 2 * 2 * 3 and all(a.dtype == np.float32 for a in arrays.values())
+    n_adapter = sum(a.size for a in arrays.values())
+    assert n_adapter == 2 * 2 * (2 * (16 + 16) + 16)
+    assert size < 4 * n_adapter + 2048  # the adapter only: float32 values plus a small header
+    base_size = 4 * sum(p.size for p in Stack(16, 2).parameters())
+    assert size < base_size / 4
+
+
+def test_an_adapter_for_another_base_is_refused_and_the_model_left_unchanged():
+    model = lora.inject_lora(tiny(5, 6, 4), lora.LoraConfig(r=2))
+    other = tiny(5, 7, 4)  # q_proj is (7, 5) here, not (6, 5)
+    before = {k: host(v).copy() for k, v in other.state_dict().items()}
+    with tempfile.TemporaryDirectory() as d:
+        lora.save_adapter(model, d)
+        with pytest.raises(CheckpointError) as info:
+            lora.load_adapter(other, d)
+    msg = str(info.value)
+    assert "base_model.model.q_proj.lora_B.weight" in msg and "(6, 2)" in msg and "(7, 2)" in msg
+    assert lora.lora_layers(other) == [] and lora.lora_configs(other) == {}
+    assert sorted(other.state_dict()) == sorted(before)
+    assert all(p.requires_grad for p in other.parameters())
+
+
+def test_an_adapter_for_modules_the_model_lacks_is_refused():
+    model = lora.inject_lora(Stack(4, 2), lora.LoraConfig(r=2))
+    with tempfile.TemporaryDirectory() as d:
+        lora.save_adapter(model, d)
+        plain = nn.Module()
+        plain.fc = nn.Linear(4, 4)
+        with pytest.raises(CheckpointError, match=r"matched no linear-like module.*\['fc'\]"):
+            lora.load_adapter(plain, d)
+        with pytest.raises(CheckpointError, match=r"blocks\.0\.attn\.q_proj\.lora_A.*\(2, 4\)"):
+            lora.load_adapter(tiny(), d)  # q_proj and v_proj, but at other paths
+        smaller = Stack(4, 1)
+        with pytest.raises(CheckpointError) as info:
+            lora.load_adapter(smaller, d)
+        assert "blocks.1.attn.q_proj.lora_A.weight" in str(info.value)
+        assert lora.lora_layers(smaller) == []
+
+
+def test_file_keys_that_the_model_lacks_are_named():
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    with tempfile.TemporaryDirectory() as d:
+        paths = lora.save_adapter(model, d)
+        arrays = load_file(paths["weights"])
+        arrays["base_model.model.nowhere.lora_A.weight"] = np.zeros((2, 3), np.float32)
+        save_file(arrays, paths["weights"])
+        with pytest.raises(CheckpointError, match=r"nowhere\.lora_A\.weight.*\(2, 3\)"):
+            lora.load_adapter(tiny(), d)
+
+
+def test_loading_into_an_existing_adapter_checks_the_config():
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    randomize_lora(model)
+    x = inputs((2, 5))
+    with tempfile.TemporaryDirectory() as d:
+        lora.save_adapter(model, d)
+        same = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+        lora.load_adapter(same, d)
+        assert np.array_equal(forward(same, x), forward(model, x))
+        other = lora.inject_lora(tiny(), lora.LoraConfig(r=3))
+        with pytest.raises(CheckpointError, match="r: file 2, model 3"):
+            lora.load_adapter(other, d)
+
+
+def test_a_second_adapter_loads_under_its_own_name():
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    randomize_lora(model, 3)
+    x = inputs((2, 5))
+    with tempfile.TemporaryDirectory() as d:
+        lora.save_adapter(model, d)
+        target = lora.inject_lora(tiny(), lora.LoraConfig(r=4), "mine")
+        lora.load_adapter(target, d, "theirs")
+    assert lora.active_adapters(target) == ["mine"]
+    lora.set_adapter(target, "theirs")
+    assert np.array_equal(forward(target, x), forward(model, x))
+
+
+@pytest.mark.parametrize("breakage,needle", [
+    ("no_config", "adapter_config.json"), ("no_weights", "adapter_model.safetensors"),
+    ("bad_json", "not a usable LoRA adapter config"), ("not_lora", "peft_type"),
+    ("bad_weights", "not a readable safetensors"),
+])
+def test_broken_directories_give_clear_errors(breakage, needle):
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    with tempfile.TemporaryDirectory() as d:
+        paths = lora.save_adapter(model, d)
+        if breakage == "no_config":
+            os.remove(paths["config"])
+        elif breakage == "no_weights":
+            os.remove(paths["weights"])
+        elif breakage == "bad_json":
+            with open(paths["config"], "w") as f:
+                f.write("{not json")
+        elif breakage == "not_lora":
+            with open(paths["config"], "w") as f:
+                json.dump({"peft_type": "PREFIX_TUNING"}, f)
+        else:
+            with open(paths["weights"], "wb") as f:
+                f.write(b"\x00garbage")
+        with pytest.raises(CheckpointError, match=needle):
+            lora.load_adapter(tiny(), d)
+
+
+def test_saving_is_atomic(monkeypatch):
+    """A failure while writing leaves the previous files intact and no temporary file behind."""
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    with tempfile.TemporaryDirectory() as d:
+        paths = lora.save_adapter(model, d)
+        before = {k: open(p, "rb").read() for k, p in paths.items()}
+        randomize_lora(model)
+
+        def failing_replace(src, dst):
+            raise OSError("disk full")
+        monkeypatch.setattr(os, "replace", failing_replace)
+        with pytest.raises(OSError, match="disk full"):
+            lora.save_adapter(model, d)
+        monkeypatch.undo()
+        assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert {k: open(p, "rb").read() for k, p in paths.items()} == before
+
+
+def test_unknown_adapter_name_is_refused_on_save():
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    with tempfile.TemporaryDirectory() as d, pytest.raises(CheckpointError, match="'other'"):
+        lora.save_adapter(model, d, "other")

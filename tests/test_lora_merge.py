@@ -1,0 +1,208 @@
+"""Merging: merged == unmerged, unmerge restores W, merge_and_unload, weighted adapters."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minilora import lora, nn
+from minilora.errors import ConfigError, InvalidArgumentError
+from minilora.lora_layer import LoRALinear
+from tests.helpers import host
+from tests.test_lora_support import (
+    RTOL,
+    alphas,
+    assert_close,
+    dims,
+    dtypes,
+    forward,
+    inputs,
+    randomize_lora,
+    ranks,
+    seeds,
+    tiny,
+)
+
+adapter_specs = st.lists(st.tuples(ranks, alphas, st.booleans(), st.booleans()),
+                         min_size=1, max_size=3)  # (r, alpha, rslora, dora) per adapter
+
+
+def adapted(k, h, o, specs, dtype, seed):
+    """A TinyNet with one adapter per spec, all active, random A, B and m."""
+    model = tiny(k, h, o, dtype=dtype, seed=seed)
+    names = []
+    for i, (r, alpha, rs, dora) in enumerate(specs):
+        targets = ("q_proj", "v_proj") if i % 2 == 0 else ("k_proj", "v_proj", "head")
+        lora.inject_lora(model, lora.LoraConfig(r=r, alpha=alpha, use_rslora=rs, use_dora=dora,
+                                                target_modules=targets), f"a{i}")
+        names.append(f"a{i}")
+    randomize_lora(model, seed)
+    lora.set_adapter(model, names)
+    return model
+
+
+def weights(model):
+    return {k: host(v).copy() for k, v in model.state_dict().items() if "base_layer" in k}
+
+
+@given(k=dims, h=dims, o=dims, specs=adapter_specs, dtype=dtypes, seed=seeds)
+def test_merged_output_equals_unmerged_and_unmerge_restores_w(k, h, o, specs, dtype, seed):
+    model = adapted(k, h, o, specs, dtype, seed)
+    x = inputs((4, k), dtype=dtype, seed=seed)
+    before, W = forward(model, x), weights(model)
+    assert lora.merge(model) == {}
+    assert all(layer.merged for _, layer in lora.lora_layers(model))
+    merged = forward(model, x)
+    assert merged.dtype == dtype
+    assert_close(merged, before, RTOL[dtype])
+    slack = {p: unmerge_slack(layer, W[f"{p}.base_layer.weight"]) for p, layer in
+             lora.lora_layers(model)}
+    lora.unmerge(model)
+    for path, layer in lora.lora_layers(model):
+        w0 = W[f"{path}.base_layer.weight"]
+        err = np.abs(host(layer.base_layer.weight) - w0)
+        assert (err <= RTOL[dtype] * (np.abs(w0) + slack[path])).all(), (err, slack[path])
+    assert_close(forward(model, x), before, RTOL[dtype])
+
+
+def unmerge_slack(layer, w0):
+    """Per row, the size of what W was added to and is recovered from, in units of W's rounding.
+
+    Merging stores W' = c W + sum_i f_i d_i per row (f = 1, c = 1 for plain adapters; DoRA's
+    f = m / ||W + d||, c = 1 + sum (f - 1)); unmerging computes (W' - sum f_i d_i) / c, so its
+    rounding error is about eps * (|W'| + sum |f_i d_i|) / |c|: large deltas cost precision.
+    """
+    c, size = np.ones((w0.shape[0], 1)), np.abs(w0).max(axis=1, keepdims=True)
+    for name in layer.merged_adapters:
+        d = host(layer.delta_weight(name)).astype(np.float64)
+        f = np.ones((w0.shape[0], 1))
+        if layer.use_dora[name]:
+            m = host(layer.lora_magnitude_vector[name].weight).astype(np.float64)
+            f = (m / np.linalg.norm(w0 + d, axis=1))[:, None]
+            c += f - 1
+        size += 2 * np.abs(f * d).max(axis=1, keepdims=True)
+    return (size + np.abs(c) * np.abs(w0).max(axis=1, keepdims=True)) / np.abs(c)
+
+
+@given(k=dims, h=dims, o=dims, specs=adapter_specs, seed=seeds)
+def test_merge_and_unload_leaves_plain_linears_with_the_same_output(k, h, o, specs, seed):
+    model = adapted(k, h, o, specs, np.float64, seed)
+    x = inputs((4, k), seed=seed)
+    before = forward(model, x)
+    assert lora.merge_and_unload(model) is model
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(type(getattr(model, n)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj"))
+    assert sorted(model.state_dict()) == sorted(tiny(k, h, o).state_dict())
+    assert lora.lora_configs(model) == {}
+    assert_close(forward(model, x), before, 1e-10)
+
+
+def test_merge_and_unload_of_a_merged_model_keeps_its_merged_weights():
+    model = adapted(4, 5, 3, [(2, 8.0, False, True)], np.float64, 2)
+    x = inputs((3, 4))
+    before = forward(model, x)
+    lora.merge(model)
+    lora.merge_and_unload(model)
+    assert lora.lora_layers(model) == []
+    assert_close(forward(model, x), before, 1e-10)
+
+
+def test_a_second_merge_is_refused_and_changes_nothing():
+    model = adapted(4, 5, 3, [(2, 8.0, False, False)], np.float64, 0)
+    lora.merge(model)
+    W = weights(model)
+    with pytest.raises(InvalidArgumentError, match="already hold merged adapters"):
+        lora.merge(model)
+    assert all(np.array_equal(v, W[k]) for k, v in weights(model).items())
+
+
+def test_merge_of_named_adapters_only():
+    model = adapted(4, 5, 3, [(2, 8.0, False, False), (3, 4.0, False, True)], np.float64, 1)
+    x = inputs((3, 4))
+    before = forward(model, x)
+    lora.merge(model, ["a1"])
+    assert model.v_proj.merged_adapters == ["a1"] and model.q_proj.merged_adapters == []
+    assert_close(forward(model, x), before, 1e-10)  # a0 still runs unmerged on top
+    lora.unmerge(model)
+    with pytest.raises(InvalidArgumentError, match="unknown adapter"):
+        lora.merge(model, ["zzz"])
+    assert not any(layer.merged for _, layer in lora.lora_layers(model))
+
+
+@given(seed=seeds, dora=st.booleans())
+def test_disable_adapters_on_a_merged_model_gives_the_base_and_remerges(seed, dora):
+    model = tiny(seed=seed)
+    x = inputs((3, 5), seed=seed)
+    base = forward(model, x)
+    lora.inject_lora(model, lora.LoraConfig(r=2, use_dora=dora))
+    randomize_lora(model, seed)
+    lora.merge(model)
+    merged = forward(model, x)
+    with lora.disable_adapters(model):
+        assert_close(forward(model, x), base, 1e-10)
+    assert model.q_proj.merged
+    assert_close(forward(model, x), merged, 1e-10)
+
+
+def delta(model, path, name):
+    layer = dict(lora.lora_layers(model))[path]
+    return host(layer.delta_weight(name)) if name in layer.lora_A else 0.0
+
+
+@given(specs=st.lists(st.tuples(ranks, alphas, st.booleans()), min_size=1, max_size=3),
+       w=st.lists(st.floats(-2, 2), min_size=3, max_size=3), seed=seeds)
+def test_cat_combination_is_exactly_the_weighted_sum_of_deltas(specs, w, seed):
+    model = adapted(5, 6, 4, [(r, a, rs, False) for r, a, rs in specs], np.float64, seed)
+    names = [f"a{i}" for i in range(len(specs))]
+    lora.add_weighted_adapter(model, names, w[:len(names)], "cat", combination_type="cat")
+    assert not model.v_proj.lora_A["cat"].weight.requires_grad
+    for path, layer in lora.lora_layers(model):
+        expected = sum(wi * delta(model, path, n) for n, wi in zip(names, w))
+        assert_close(host(layer.delta_weight("cat")), expected, 1e-12)
+        assert layer.r["cat"] == sum(layer.r[n] for n in names if n in layer.lora_A)
+        assert layer.scaling["cat"] == 1.0
+    # the combined adapter alone reproduces all the weighted adapters together
+    x = inputs((3, 5), seed=seed)
+    for name in names:
+        for _, layer in lora.lora_layers(model):
+            if name in layer.lora_A:
+                layer.lora_B[name].weight.data *= w[names.index(name)]
+    lora.set_adapter(model, names)
+    together = forward(model, x)
+    lora.set_adapter(model, "cat")
+    assert_close(forward(model, x), together, 1e-10)
+
+
+@given(specs=st.lists(st.tuples(ranks, alphas), min_size=2, max_size=3), seed=seeds,
+       keep=st.integers(1, 3))
+def test_svd_combination_is_the_best_approximation_of_its_rank(specs, seed, keep):
+    model = adapted(6, 7, 5, [(r, a, False, False) for r, a in specs], np.float64, seed)
+    names = [f"a{i}" for i in range(len(specs))]
+    w = [1.0, -0.5, 2.0][:len(names)]
+    lora.add_weighted_adapter(model, names, w, "full", combination_type="svd", svd_rank=12)
+    lora.add_weighted_adapter(model, names, w, "low", combination_type="svd", svd_rank=keep)
+    for path, layer in lora.lora_layers(model):
+        target = sum(wi * delta(model, path, n) for n, wi in zip(names, w))
+        assert_close(host(layer.delta_weight("full")), target, 1e-10)  # rank 12 >= the sum
+        s = np.linalg.svd(target, compute_uv=False)
+        low = host(layer.delta_weight("low"))
+        assert np.linalg.matrix_rank(low, tol=1e-9 * max(s[0], 1e-300)) <= keep
+        # Eckart-Young: the error of the best rank-k approximation is the dropped singular values
+        np.testing.assert_allclose(np.linalg.norm(target - low), np.sqrt((s[keep:] ** 2).sum()),
+                                   rtol=1e-8, atol=1e-10)
+
+
+def test_weighted_adapter_errors():
+    model = adapted(4, 5, 3, [(2, 8.0, False, False), (2, 8.0, False, True)], np.float64, 0)
+    with pytest.raises(ConfigError, match="DoRA"):
+        lora.add_weighted_adapter(model, ["a0", "a1"], [1, 1], "c", "cat")
+    with pytest.raises(InvalidArgumentError, match="existing adapters"):
+        lora.add_weighted_adapter(model, ["a0", "zz"], [1, 1], "c", "cat")
+    with pytest.raises(InvalidArgumentError, match="one finite number per adapter"):
+        lora.add_weighted_adapter(model, ["a0"], [1, 2], "c", "cat")
+    with pytest.raises(InvalidArgumentError, match="combination_type"):
+        lora.add_weighted_adapter(model, ["a0"], [1], "c", "linear")
+    with pytest.raises(InvalidArgumentError, match="svd_rank"):
+        lora.add_weighted_adapter(model, ["a0"], [1], "c", "svd", svd_rank=0)
+    with pytest.raises(ConfigError, match="already exists"):
+        lora.add_weighted_adapter(model, ["a0"], [1], "a1", "cat")
