@@ -1,0 +1,394 @@
+"""A GPT-2-style language model: nanoGPT's layout, GPT-2's math, minilora's autograd.
+
+With idx (B, T) token ids, C = n_embd, V = vocab_size:
+
+    x = dropout(wte[idx] + wpe[0 .. T))                               (B, T, C)
+    for each block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))      pre-LN residual blocks
+    logits = ln_f(x) wte^T                                            (B, T, V), head tied to wte
+
+attn is causal multi-head self-attention with separate q_proj, k_proj, v_proj and o_proj, and
+mlp is fc (C -> 4C), GELU (tanh form), proj (4C -> C). Every LayerNorm uses eps 1e-5, so GPT-2's
+released weights run on it unchanged (HF stores its c_attn/c_fc/c_proj weights transposed and
+q, k, v fused; the interop module converts them).
+
+Every projection is an ``nn.Linear`` attribute called as ``self.q_proj(x)``: LoRA swaps those
+modules for adapted ones and the model code does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import backend as B
+from . import functional as F
+from .attention import KVCache, causal_self_attention
+from .errors import ConfigError, DTypeError, InvalidArgumentError, ShapeError
+from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
+from .tensor import Tensor, is_grad_enabled, no_grad
+
+
+@dataclass
+class GPTConfig:
+    """Model size: ``vocab_size`` V, context ``block_size``, ``n_layer`` blocks of ``n_head`` heads
+    over ``n_embd`` channels; ``dropout`` on embeddings, attention and residuals; ``bias`` in the
+    Linear and LayerNorm layers (GPT-2 has them)."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"GPTConfig: {name} must be a positive int, got {value!r}")
+            setattr(self, name, int(value))
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"GPTConfig: n_embd={self.n_embd} must be divisible by "
+                              f"n_head={self.n_head}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"GPTConfig: dropout must lie in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if not isinstance(self.bias, (bool, np.bool_)):
+            raise ConfigError(f"GPTConfig: bias must be True or False, got {self.bias!r}")
+        self.bias = bool(self.bias)
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (what checkpoints store as JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """Rebuild a config from :meth:`to_dict`'s output; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"GPTConfig.from_dict: unknown keys {unknown}; known: "
+                              f"{sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def gpt2(cls, **overrides: Any) -> GPTConfig:
+        """GPT-2 small (124M): V 50257, block 1024, 12 layers, 12 heads, 768 channels."""
+        d = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+        d.update(overrides)
+        return cls(**d)
+
+
+class CausalSelfAttention(Module):
+    """Multi-head causal self-attention: (B, T, C) -> (B, T, C).
+
+    q, k, v = q_proj(x), k_proj(x), v_proj(x); y = o_proj(attention(q, k, v)) with the fused
+    attention node of :mod:`minilora.attention`.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        C = config.n_embd
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.q_proj = Linear(C, C, bias=config.bias)
+        self.k_proj = Linear(C, C, bias=config.bias)
+        self.v_proj = Linear(C, C, bias=config.bias)
+        self.o_proj = Linear(C, C, bias=config.bias)
+        self.resid_dropout = Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x (B, T, C) -> (B, T, C); with ``cache`` (no graph) also attend to cached positions."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, C) each
+        if cache is None:
+            p = self.dropout if self.training else 0.0
+            y = causal_self_attention(q, k, v, self.n_head, p)
+        else:
+            y = Tensor(cache.attend(layer, q.data, k.data, v.data, self.n_head))
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(Module):
+    """Position-wise feed-forward: proj(gelu(fc(x))), C -> 4C -> C."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        return self.dropout(self.proj(gelu(self.fc(x))))
+
+
+class Block(Module):
+    """A pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+_PIECE = 1 << 16  # elements per piece of the chunked GELU: a few such buffers stay in L2
+
+
+def _piece_size(n: int) -> int:
+    """Elements per piece for elementwise chains over n elements: cache-sized on the CPU, the
+    whole array on a GPU (where a kernel launch costs more than a trip to memory)."""
+    return max(1, n if B.get_backend() == "cupy" else min(n, _PIECE))
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GPT-2's GELU, tanh form, fused and chunked: ``y = 0.5 x (1 + t)``, t = tanh(c (x + a x^3)),
+    c = sqrt(2/pi), a = 0.044715; ``dy/dx = 0.5 (1 + t + (1 - t^2) c x (1 + 3 a x^2))``.
+
+    Same values as ``F.gelu``, but each cache-sized piece goes through all its steps before the
+    next is touched (the elementwise chain is memory-bound otherwise), and when a gradient will
+    be needed dy/dx is computed right there, while x, x^2 and t are in cache: the backward pass
+    is then one multiplication.
+    """
+    xf = B.xp.ascontiguousarray(x.data).reshape(-1)  # (N,) flat
+    n, m = xf.shape[0], _piece_size(xf.shape[0])
+    out = B.xp.empty_like(xf)
+    needs_grad = is_grad_enabled() and x.requires_grad
+    d = B.xp.empty_like(xf) if needs_grad else None
+    x2, t = B.xp.empty(m, dtype=xf.dtype), B.xp.empty(m, dtype=xf.dtype)
+    for i in range(0, n, m):
+        xi, oi = xf[i:i + m], out[i:i + m]
+        x2i, ti = x2[:xi.shape[0]], t[:xi.shape[0]]
+        B.xp.multiply(xi, xi, out=x2i)
+        B.xp.multiply(x2i, _GELU_A * _GELU_C, out=ti)
+        ti += _GELU_C
+        ti *= xi
+        B.xp.tanh(ti, out=ti)  # t
+        B.xp.multiply(xi, ti, out=oi)
+        oi += xi
+        oi *= 0.5  # 0.5 x (1 + t)
+        if d is not None:
+            di = d[i:i + m]
+            x2i *= 3 * _GELU_A * _GELU_C
+            x2i += _GELU_C
+            x2i *= xi  # c x (1 + 3 a x^2)
+            B.xp.multiply(ti, ti, out=di)
+            B.xp.subtract(1.0, di, out=di)  # 1 - t^2
+            di *= x2i
+            di += ti
+            di += 1.0
+            di *= 0.5  # dy/dx
+    return Tensor._make(out.reshape(x.shape), (x,), lambda g: (g * d.reshape(x.shape),), "gelu")
+
+
+def _normal_(p: Parameter, std: float) -> None:
+    """Refill ``p`` with N(0, std^2) from the host generator (float64 draws, then cast, so a
+    float32 and a float64 model built from one seed hold the same weights up to rounding)."""
+    p.data = B.asarray((B.host_rng().standard_normal(p.shape) * std).astype(p.data.dtype))
+
+
+class GPT(Module):
+    """The language model; ``GPT(config)(idx, targets=None)`` -> logits (B, T, V) or (logits, loss).
+
+    Initialised as GPT-2: every Linear and embedding weight N(0, 0.02^2), the residual
+    projections (o_proj, mlp.proj) N(0, (0.02 / sqrt(2 n_layer))^2) so the residual stream's
+    variance does not grow with depth, biases 0, LayerNorm weights 1.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise ConfigError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        C = config.n_embd
+        self.wte = Embedding(config.vocab_size, C)
+        self.wpe = Embedding(config.block_size, C)
+        self.drop = Dropout(config.dropout)
+        self.h = ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = LayerNorm(C, eps=1e-5, bias=config.bias)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.o_proj.weight", "mlp.proj.weight")):
+                _normal_(p, residual_std)
+            elif p.ndim == 2:
+                _normal_(p, 0.02)
+            elif name.endswith("bias"):
+                p.data[...] = 0
+
+    def num_parameters(self, trainable_only: bool = False, non_embedding: bool = False) -> int:
+        """Number of scalar parameters (the tied wte/head once); ``non_embedding`` leaves out
+        the position table wpe, as GPT-2's parameter counts do."""
+        n = super().num_parameters(trainable_only)
+        if non_embedding and (self.wpe.weight.requires_grad or not trainable_only):
+            n -= self.wpe.weight.size
+        return n
+
+    # -------------------------------------------------------------------------------- forward
+
+    def _check_idx(self, idx: Any, start: int = 0) -> Any:
+        """idx as an integer array (B, T) that fits the context window and the vocabulary."""
+        arr = idx.data if isinstance(idx, Tensor) else B.asarray(idx)
+        if arr.dtype.kind not in "iu":
+            raise DTypeError(f"GPT: idx must hold integer token ids, got dtype {arr.dtype}")
+        if arr.ndim != 2 or arr.shape[1] == 0:
+            raise ShapeError(f"GPT: idx must have shape (B, T) with T >= 1, got {arr.shape}")
+        T = arr.shape[1]
+        if start + T > self.config.block_size:
+            where = f" after {start} cached positions" if start else ""
+            raise ShapeError(f"GPT: sequence of length {T}{where} exceeds block_size="
+                             f"{self.config.block_size}; crop idx to the last "
+                             f"{self.config.block_size - start} tokens")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise InvalidArgumentError(f"GPT: token ids must lie in [0, {self.config.vocab_size})"
+                                       f" (vocab_size), got values from {lo} to {hi}")
+        return arr
+
+    def _logits(self, idx: Any, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+        start = cache.length if cache is not None else 0
+        T = idx.shape[1]
+        pos = B.xp.arange(start, start + T)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C)
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): generation only needs the newest position
+        # the head is tied to the token table: logits = ln_f(x) wte^T, both uses share one grad
+        return F.linear(self.ln_f(x), self.wte.weight)  # (B, T, V)
+
+    def forward(self, idx: Any, targets: Any = None) -> Any:
+        """idx (B, T) ints -> logits (B, T, V); with targets (B, T) -> (logits, mean CE loss).
+
+        Targets equal to -100 are left out of the loss (``F.cross_entropy``'s ignore_index).
+        """
+        logits = self._logits(self._check_idx(idx))
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits, targets)
+
+    def forward_with_cache(self, idx: Any, cache: KVCache, last_only: bool = False) -> Tensor:
+        """Logits for idx (B, T), the tokens that follow the ``cache.length`` already cached.
+
+        Equals ``forward(all tokens so far)[:, -T:]`` (to rounding); runs under no_grad and
+        advances the cache. ``last_only`` returns only the newest position's logits (B, 1, V).
+        """
+        with no_grad():
+            return self._logits(self._check_idx(idx, cache.length), cache, last_only)
+
+    def make_cache(self, batch_size: int, size: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch_size`` sequences of up to ``size`` positions
+        (block_size by default)."""
+        c = self.config
+        size = c.block_size if size is None else size
+        if not isinstance(size, (int, np.integer)) or not 1 <= size <= c.block_size:
+            raise InvalidArgumentError(f"GPT.make_cache: size must be an int in [1, "
+                                       f"{c.block_size}] (block_size), got {size!r}")
+        return KVCache(c.n_layer, batch_size, c.n_head, int(size), c.n_embd // c.n_head,
+                       self.wte.weight.data.dtype)
+
+    # ------------------------------------------------------------------------------ generate
+
+    def generate(self, idx: Any, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None, use_cache: bool = True,
+                 return_logits: bool = False) -> Any:
+        """Append ``max_new_tokens`` sampled tokens to idx (B, T); returns a (B, T + n) int array.
+
+        Each step samples from softmax(logits / temperature) of the last position, keeping only
+        the ``top_k`` largest logits when given; ``temperature=0`` takes the argmax (greedy).
+        ``seed`` fixes the sampling (else the generator of ``manual_seed`` is used). The model runs
+        in eval mode (no dropout) and records no graph; its mode is restored afterwards.
+
+        The context is cropped to the last block_size tokens. With ``use_cache`` the keys and
+        values of earlier positions are kept, so each step runs only the newest token; once the
+        window is full the positions shift, so each further step recomputes the cropped window
+        (as the uncached path always does). With ``return_logits`` the logits each token was
+        sampled from come back too, as (B, n, V): the cache is checked against them.
+        """
+        self._check_generate_args(max_new_tokens, temperature, top_k, seed)
+        tokens = B.to_numpy(self._check_idx_any_length(idx)).astype(np.int64)  # (B, T) host
+        rng = np.random.default_rng(seed) if seed is not None else B.host_rng()
+        block = self.config.block_size
+        steps = []
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                # sized to what this call can fill, so a large batch of short answers is cheap
+                size = min(block, tokens.shape[1] + max_new_tokens)
+                cache = self.make_cache(tokens.shape[0], size) if use_cache else None
+                for step in range(max_new_tokens):
+                    if cache is None:
+                        logits = self._logits(B.asarray(tokens[:, -block:]), None, True)
+                    elif step == 0 or cache.length == cache.size:  # (re)fill, cropped window
+                        cache.reset()
+                        logits = self._logits(B.asarray(tokens[:, -block:]), cache, True)
+                    else:
+                        logits = self._logits(B.asarray(tokens[:, -1:]), cache, True)
+                    last = B.to_numpy(logits.data[:, -1])  # (B, V)
+                    nxt = _sample(last, temperature, top_k, rng)  # (B,)
+                    tokens = np.concatenate([tokens, nxt[:, None]], axis=1)  # (B, T + 1)
+                    if return_logits:
+                        steps.append(last)
+        finally:
+            self.train(was_training)
+        out = B.asarray(tokens)
+        if not return_logits:
+            return out
+        V = self.config.vocab_size
+        dtype = self.wte.weight.data.dtype
+        logits_all = np.stack(steps, axis=1) if steps else np.zeros((len(tokens), 0, V), dtype)
+        return out, B.asarray(logits_all)  # (B, n, V)
+
+    def _check_idx_any_length(self, idx: Any) -> Any:
+        arr = idx.data if isinstance(idx, Tensor) else B.asarray(idx)
+        if arr.ndim != 2:
+            raise ShapeError(f"GPT.generate: idx must have shape (B, T), got {arr.shape}")
+        self._check_idx(arr[:, -self.config.block_size:])
+        return arr
+
+    def _check_generate_args(self, max_new_tokens: Any, temperature: Any, top_k: Any,
+                             seed: Any) -> None:
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise InvalidArgumentError(f"GPT.generate: max_new_tokens must be an int >= 0, got "
+                                       f"{max_new_tokens!r}")
+        if not isinstance(temperature, (int, float, np.number)) or not temperature >= 0:
+            raise InvalidArgumentError(f"GPT.generate: temperature must be >= 0 (0 is greedy), "
+                                       f"got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise InvalidArgumentError(f"GPT.generate: top_k must be None or an int >= 1, got "
+                                       f"{top_k!r}")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise InvalidArgumentError(f"GPT.generate: seed must be None or an int >= 0, got "
+                                       f"{seed!r}")
+
+
+def _sample(logits: np.ndarray, temperature: float, top_k: int | None,
+            rng: np.random.Generator) -> np.ndarray:
+    """One token per row of logits (B, V) on the host: argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k largest (ties at the k-th all kept)."""
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        k = z.shape[-1] - top_k
+        kth = np.partition(z, k, axis=-1)[:, k:k + 1]  # (B, 1), the k-th largest
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(p, axis=-1)  # (B, V), unnormalised
+    u = (1.0 - rng.random((len(z), 1))) * cdf[:, -1:]  # in (0, total]: never picks a zero-p token
+    return np.minimum((cdf < u).sum(axis=-1), z.shape[-1] - 1)
