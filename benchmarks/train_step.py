@@ -1,7 +1,7 @@
 """One training step (forward, backward, AdamW) of the reference GPT: minilora against PyTorch.
 
     python benchmarks/train_step.py            # about a minute
-    python benchmarks/train_step.py --quick    # a few seconds
+    python benchmarks/train_step.py --quick    # a few seconds: smaller, no memory part
 
 Both frameworks train the same model (same weights: PyTorch's are copied from minilora's) on the
 same batch. Steps are timed in alternating rounds (a few minilora steps, then a few PyTorch steps,
@@ -304,13 +304,18 @@ def main() -> None:
           f"{g['uncached_tok_s']:,.0f} tok/s, speedup {g['speedup']:.1f}x, same tokens: "
           f"{g['same_tokens']}")
 
-    mem = memory(cfg, batch)
-    m, p = mem["minilora"], mem["torch"]
+    mem = None
+    if args.quick:
+        print("peak memory: skipped with --quick (it runs two more processes)")
+    else:
+        mem = memory(cfg, batch)
+        m, p = mem["minilora"], mem["torch"]
 
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.1f}"
-    print(f"peak memory of one step (MiB): minilora tracemalloc {fmt(m['tracemalloc_peak_mib'])},"
-          f" RSS rise minilora {fmt(m['rss_peak_rise_mib'])}, torch {fmt(p['rss_peak_rise_mib'])}")
+        def fmt(v):
+            return "n/a" if v is None else f"{v:.1f}"
+        print(f"peak memory of one step (MiB): minilora tracemalloc "
+              f"{fmt(m['tracemalloc_peak_mib'])}, RSS rise minilora "
+              f"{fmt(m['rss_peak_rise_mib'])}, torch {fmt(p['rss_peak_rise_mib'])}")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         print(json.dumps({"train": t, "generate": g, "memory": mem}))
