@@ -13,7 +13,7 @@ import numpy as np
 
 from . import backend as B
 from . import quant
-from .checkpoint import atomic_write_bytes
+from .fileio import atomic_write_bytes
 
 MIB = 2 ** 20
 LABELS = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (NF4+DQ)"}

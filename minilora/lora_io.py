@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from . import backend as B
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write_bytes
 from .lora_config import LoraConfig
 from .lora_inject import delete_adapter, inject_lora, lora_configs
 from .lora_layer import lora_layers
@@ -62,22 +62,6 @@ def adapter_state_dict(model: Module, adapter_name: str = "default") -> dict[str
     return out
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-",
-                               suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_adapter(model: Module, directory: str, adapter_name: str = "default") -> dict[str, str]:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` (created if missing).
 
@@ -91,8 +75,8 @@ def save_adapter(model: Module, directory: str, adapter_name: str = "default") -
     os.makedirs(directory, exist_ok=True)
     paths = {"config": os.path.join(directory, CONFIG_NAME),
              "weights": os.path.join(directory, WEIGHTS_NAME)}
-    _atomic_write(paths["weights"], st_save(arrays, metadata={"format": "pt"}))
-    _atomic_write(paths["config"], (json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(paths["weights"], st_save(arrays, metadata={"format": "pt"}))
+    atomic_write_bytes(paths["config"], (json.dumps(config, indent=2, sort_keys=True) + "\n")
                   .encode())
     return paths
 

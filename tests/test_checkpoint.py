@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import minilora as ml
 from minilora import backend as B
-from minilora import checkpoint as ckpt_mod
+from minilora import fileio as fileio_mod
 from minilora.checkpoint import (
     META_FILE,
     MODEL_FILE,
@@ -133,10 +133,10 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     def failing_replace(src, dst):
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(ckpt_mod.os, "replace", failing_replace)
+    monkeypatch.setattr(fileio_mod.os, "replace", failing_replace)
     with pytest.raises(OSError, match="no space"):
         save_checkpoint(tmp_path, model, model_config=CFG, step=2)
-    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+    monkeypatch.setattr(fileio_mod.os, "replace", real_replace)
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
     assert load_checkpoint(tmp_path).step == 1  # no temporary file left, old one still loads
 
