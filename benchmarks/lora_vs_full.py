@@ -1,18 +1,20 @@
-"""LoRA against full fine-tuning: adapt a task-A model (addition) to task B (reversed sum).
+"""LoRA against full fine-tuning: adapt the task-A model (addition) to task B.
 
-    python benchmarks/lora_vs_full.py                      # 2-digit tasks, about 10 minutes
-    python benchmarks/lora_vs_full.py --digits 3 --base runs/base --steps 6000
+    python benchmarks/lora_vs_full.py                      # 3-digit tasks, a few minutes
+    python benchmarks/lora_vs_full.py --base runs/base     # reuse a `minilora train` checkpoint
+    python benchmarks/lora_vs_full.py --task-b rev --digits 2 --steps 3000 --full-lr 3e-3
     python benchmarks/lora_vs_full.py --quick              # a smoke run, figures meaningless
 
-A task-A model (addition, ``--digits``-digit operands) is trained first (or loaded with
-``--base``, a `minilora train` checkpoint), then fine-tuned to task B (the same sum with its
-digits reversed) twice: full fine-tuning, and LoRA r = 8 (alpha 16) on q_proj and v_proj. Both
-runs start from the same weights and see the same task-B batches for the same number of steps,
-each with its own learning rate (LoRA, with far fewer parameters and B starting at zero, takes a
-larger one, as in the LoRA paper). Reported: held-out exact-match accuracy on task B along the
-way and at the end (and on task A, to see what each run forgets), trainable parameters, wall
-time, the LoRA model's accuracy again after merge_and_unload (it must not change), and the size
-of the adapter files.
+A task-A model (addition, ``--digits``-digit operands, the CLI's default model and training
+settings) is trained first (or loaded with ``--base``), then fine-tuned to ``--task-b`` (default
+"nocarry", task B: the sum without carries) twice: full fine-tuning, and LoRA r = 8 (alpha 16) on
+q_proj and v_proj. Both runs start from the same weights and see the same task-B batches for the
+same number of steps, each with its own learning rate (LoRA, with far fewer parameters and B
+starting at zero, takes a larger one, as in the LoRA paper). Reported: held-out exact-match
+accuracy on task B along the way and at the end (and on task A, to see what each run forgets),
+trainable parameters, wall time, the LoRA model's accuracy again after merge_and_unload (it must
+not change) and with its adapters disabled (the base's task A answers come back), and the size of
+the adapter files.
 """
 
 from __future__ import annotations
@@ -73,12 +75,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="checkpoint directory of a task-A model to start from")
-    parser.add_argument("--digits", type=int, default=2, help="operand digits of both tasks")
-    parser.add_argument("--base-steps", type=int, default=1000, help="steps to train a base")
+    parser.add_argument("--task-b", default="nocarry", help="the task to adapt to")
+    parser.add_argument("--digits", type=int, default=3, help="operand digits of both tasks")
+    parser.add_argument("--base-steps", type=int, default=TrainConfig().steps,
+                        help="steps to train a base")
     parser.add_argument("--base-out", default=None,
                         help="where to save a trained base (default runs/lora_vs_full_base<d>)")
-    parser.add_argument("--steps", type=int, default=3000, help="fine-tuning steps per run")
-    parser.add_argument("--full-lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps per run")
+    parser.add_argument("--full-lr", type=float, default=1e-3)
     parser.add_argument("--lora-lr", type=float, default=1e-2)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16)
@@ -95,7 +99,7 @@ def main() -> int:
     out = args.base_out or os.path.join("runs", f"lora_vs_full_base{args.digits}")
     base = base_model(args.base, args.base_steps, out, args.digits)
     task_a = TaskDataset(get_task("add", args.digits))
-    task_b = TaskDataset(get_task("rev", args.digits))
+    task_b = TaskDataset(get_task(args.task_b, args.digits))
     if base.config.block_size != task_a.block_size:
         parser.error(f"the base has block_size {base.config.block_size}, but {args.digits}-digit "
                      f"tasks need {task_a.block_size}: pass the --digits it was trained with")
@@ -124,7 +128,7 @@ def main() -> int:
     merged_b = exact_match(adapted, task_b, args.eval)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"LoRA vs full fine-tuning, task A 'add' -> task B 'rev' ({args.digits} digits); "
+    print(f"LoRA vs full fine-tuning, task A 'add' -> {args.task_b!r} ({args.digits} digits); "
           f"minilora {ml.__version__}, BLAS threads {args.threads} ({threads}), "
           f"numpy {np.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
           f"load {load:.1f}")
@@ -132,7 +136,7 @@ def main() -> int:
           f"{TrainConfig().batch_size}; full lr {args.full_lr}, LoRA lr {args.lora_lr} "
           f"(r={args.r}, alpha={args.alpha}, q_proj and v_proj); {args.eval} held-out questions")
     print()
-    print("| model | trainable params | trainable % | task B accuracy | task A accuracy | "
+    print(f"| model | trainable params | trainable % | {args.task_b} accuracy | add accuracy | "
           "fine-tune time (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| task-A base | - | - | {acc['base'][1]:.1%} | {acc['base'][0]:.1%} | - |")
@@ -141,14 +145,15 @@ def main() -> int:
     print(f"| LoRA | {n_lora:,d} | {100 * n_lora / total_lora:.2f}% | {acc['lora'][1]:.1%} | "
           f"{acc['lora'][0]:.1%} | {t_lora:.0f} |")
     print()
-    print("task B accuracy during fine-tuning (step: full / LoRA): " + ", ".join(
+    print(f"{args.task_b} accuracy during fine-tuning (step: full / LoRA): " + ", ".join(
         f"{a[0]}: {a[1]:.1%} / {b[1]:.1%}" for a, b in zip(curve_full, curve_lora)))
     gap = 100 * (acc["full"][1] - acc["lora"][1])
-    print(f"task B: LoRA is {gap:+.1f} points behind full fine-tuning "
+    print(f"{args.task_b}: LoRA is {gap:+.1f} points behind full fine-tuning "
           f"({'within' if gap <= 2 else 'NOT within'} 2 points); after merge_and_unload the "
           f"merged model scores {merged_b:.1%} (unmerged {acc['lora'][1]:.1%}); adapter files "
           f"{adapter_bytes / 1024:.1f} KiB against {4 * total / 1024:.0f} KiB of float32 weights")
-    print(f"with its adapters disabled, the LoRA model answers task A again: {a_disabled:.1%} "
+    print(f"with its adapters disabled, the LoRA model answers task A ('add') again: "
+          f"{a_disabled:.1%} "
           f"(full fine-tuning keeps {acc['full'][0]:.1%})")
     return 0
 

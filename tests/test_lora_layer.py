@@ -168,7 +168,9 @@ def test_pissa_keeps_the_output_and_takes_the_top_singular_directions(k, n, seed
     best = (U[:, :r] * S[:r]) @ Vh[:r]
     tol = 1e-5 if dtype == np.float32 else 1e-12
     assert_close(host(layer.delta_weight("default")), best, tol)
-    assert_close(host(layer.base_layer.weight), W - best, tol)
+    # the residual W - s B A is small where W is nearly rank r: its rounding is W's
+    np.testing.assert_allclose(host(layer.base_layer.weight), W - best, rtol=tol,
+                               atol=tol * np.abs(W).max())
 
 
 def test_pissa_needs_r_at_most_min_dimension():

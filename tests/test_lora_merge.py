@@ -45,16 +45,35 @@ def weights(model):
     return {k: host(v).copy() for k, v in model.state_dict().items() if "base_layer" in k}
 
 
+def dora_condition(model):
+    """max over DoRA rows of (||W|| + ||s B A||) / ||W + s B A||, at least 1.
+
+    DoRA rescales each row by m / ||W + s B A||: when the update nearly cancels a row of W, both
+    the merged weight and the unmerged forward pass carry rounding errors of the size of W and
+    s B A, magnified by this ratio (in float32 it can reach 1e2 for a one-column W here).
+    """
+    worst = 1.0
+    for _, layer in lora.lora_layers(model):
+        W = host(layer.base_layer.weight).astype(np.float64)
+        for name in layer.lora_A:
+            if layer.use_dora[name]:
+                d = host(layer.delta_weight(name)).astype(np.float64)
+                norms = [np.linalg.norm(a, axis=1) for a in (W, d, W + d)]
+                worst = max(worst, float(((norms[0] + norms[1]) / norms[2]).max()))
+    return worst
+
+
 @given(k=dims, h=dims, o=dims, specs=adapter_specs, dtype=dtypes, seed=seeds)
 def test_merged_output_equals_unmerged_and_unmerge_restores_w(k, h, o, specs, dtype, seed):
     model = adapted(k, h, o, specs, dtype, seed)
     x = inputs((4, k), dtype=dtype, seed=seed)
     before, W = forward(model, x), weights(model)
+    rtol = RTOL[dtype] * dora_condition(model)
     assert lora.merge(model) == {}
     assert all(layer.merged for _, layer in lora.lora_layers(model))
     merged = forward(model, x)
     assert merged.dtype == dtype
-    assert_close(merged, before, RTOL[dtype])
+    assert_close(merged, before, rtol)
     slack = {p: unmerge_slack(layer, W[f"{p}.base_layer.weight"]) for p, layer in
              lora.lora_layers(model)}
     lora.unmerge(model)
@@ -62,7 +81,7 @@ def test_merged_output_equals_unmerged_and_unmerge_restores_w(k, h, o, specs, dt
         w0 = W[f"{path}.base_layer.weight"]
         err = np.abs(host(layer.base_layer.weight) - w0)
         assert (err <= RTOL[dtype] * (np.abs(w0) + slack[path])).all(), (err, slack[path])
-    assert_close(forward(model, x), before, RTOL[dtype])
+    assert_close(forward(model, x), before, rtol)
 
 
 def unmerge_slack(layer, w0):
