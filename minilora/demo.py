@@ -35,7 +35,7 @@ from .data import TASK_VOCAB, TaskDataset, get_task
 from .errors import CheckpointError
 from .gpt import GPT, GPTConfig
 from .optim import AdamW
-from .train import HISTORY_FILE, TrainConfig, greedy_answers, param_groups, train
+from .train import HISTORY_FILE, TrainConfig, exact_match, greedy_answers, param_groups, train
 
 
 @dataclass
@@ -86,16 +86,6 @@ def _copy_of(model: GPT) -> GPT:
     return twin
 
 
-def _resident_bytes(model: Any) -> int:
-    """Bytes of every array the model holds: parameters and quantized weights."""
-    total = sum(int(p.data.nbytes) for p in model.parameters())
-    for m in model.modules():
-        state = getattr(m, "quant_state", None)
-        if state is not None:
-            total += int(state.nbytes)
-    return total
-
-
 def measure_step(model: Any, data: TaskDataset, batch_size: int, timed: int = 5) -> dict:
     """Median seconds of a training step, and its peak memory in bytes.
 
@@ -125,17 +115,13 @@ def measure_step(model: Any, data: TaskDataset, batch_size: int, timed: int = 5)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    return {"step_seconds": float(np.median(times)), "peak_bytes": _resident_bytes(model) + peak}
+    held = quant.memory_report(model)["held_bytes"]  # every array the model holds, 4-bit ones too
+    return {"step_seconds": float(np.median(times)), "peak_bytes": held + peak}
 
 
 def _answers(model: Any, data: TaskDataset, n: int) -> tuple[np.ndarray, np.ndarray]:
     prompts, answers = data.heldout(n)
     return greedy_answers(model, prompts, answers.shape[1]), answers
-
-
-def _accuracy(model: Any, data: TaskDataset, n: int) -> float:
-    predicted, answers = _answers(model, data, n)
-    return float((predicted == answers).all(axis=1).mean())
 
 
 def _dir_bytes(paths: dict) -> int:
@@ -186,7 +172,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, progress: b
     results: dict[str, Any] = {"settings": dataclasses.asdict(s), "methods": {},
                                "tasks": {"A": TASK_A, "B": TASK_B, "C": TASK_C},
                                "base_history": base_history}
-    results["base"] = {name: _accuracy(base, d, n_eval) for name, d in data.items()}
+    results["base"] = {name: exact_match(base, d, n_eval) for name, d in data.items()}
     log(f"      base model: task A {results['base'][TASK_A]:.1%}, task B "
         f"{results['base'][TASK_B]:.1%} (before fine-tuning)")
 
@@ -209,8 +195,8 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, progress: b
         model.eval()
         results["methods"][method] = {
             "trainable": trainable, "total": total, "history": history,
-            "accuracy": _accuracy(model, data[TASK_B], n_eval),
-            "task_a_accuracy": _accuracy(model, data[TASK_A], n_eval), **cost}
+            "accuracy": exact_match(model, data[TASK_B], n_eval),
+            "task_a_accuracy": exact_match(model, data[TASK_A], n_eval), **cost}
         models[method] = model
 
     log("[3/5] merging the LoRA adapter into the weights")
@@ -233,7 +219,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, progress: b
     switching = {}
 
     def on_every_task() -> dict:
-        return {t: _accuracy(model, d, n_eval) for t, d in data.items()}
+        return {t: exact_match(model, d, n_eval) for t, d in data.items()}
     for adapter in (TASK_B, TASK_C):
         lora.set_adapter(model, adapter)
         switching[adapter] = on_every_task()
