@@ -9,7 +9,7 @@ Layers, from the bottom: backend (NumPy or CuPy) -> tensor (autograd) -> nn, opt
 quant -> train -> cli. See the README for the tour.
 """
 
-from . import backend, errors, functional, lora, nn, optim, quant
+from . import backend, errors, functional, interop, lora, nn, optim, quant
 from .backend import get_backend, manual_seed, set_default_dtype, use_backend
 from .gpt import GPT, GPTConfig
 from .tensor import Tensor, cat, concatenate, is_grad_enabled, no_grad, split, stack, tensor, where
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Tensor", "tensor", "no_grad", "is_grad_enabled", "concatenate", "cat", "stack", "split",
     "where", "use_backend", "get_backend", "manual_seed", "set_default_dtype", "backend", "errors",
-    "functional", "nn", "optim", "lora", "quant", "GPT", "GPTConfig", "__version__",
+    "functional", "nn", "optim", "lora", "quant", "interop", "GPT", "GPTConfig", "__version__",
 ]

@@ -144,7 +144,8 @@ class LoraConfig:
         if d.get("fan_in_fan_out", False):
             raise ConfigError("LoraConfig.from_peft_dict: fan_in_fan_out=True (weights stored "
                               "(in, out), as HF GPT-2's Conv1D) is not supported here; minilora's "
-                              "Linear weights are (out, in)")
+                              "Linear weights are (out, in). For a PEFT adapter of HF GPT-2 use "
+                              "minilora.interop.import_peft")
         for key in ("r", "lora_alpha", "target_modules"):
             if key not in d:
                 raise ConfigError(f"LoraConfig.from_peft_dict: missing field {key!r}")

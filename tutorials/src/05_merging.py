@@ -11,16 +11,21 @@
 # 3. **combine** adapters into a new one, exactly ("cat") or at a lower rank ("svd");
 # 4. **save and load** an adapter on its own: kilobytes next to the base's megabytes;
 # 5. merge into a **4-bit** base, which is not exact, and see how much of an update survives.
+# 6. take the model and its adapter to **PyTorch**: Hugging Face GPT-2 and PEFT files.
 
 # %%
+import contextlib
+import io
+import json
 import os
 import tempfile
 
 import matplotlib.pyplot as plt
 import numpy as np
+from safetensors.numpy import load_file
 
 import minilora as ml
-from minilora import data, lora, quant, train
+from minilora import data, interop, lora, quant, train
 from minilora.cli import limit_blas_threads
 from minilora.errors import InvalidArgumentError
 
@@ -447,6 +452,78 @@ print(f"4-bit merge, mean over {len(merge_reports)} layers: update retained {ret
 # 4-bit base is exact too and costs two skinny matmuls per layer. Whichever you choose, measure
 # it, as above.
 #
+# ## 8. Out to PyTorch and back
+#
+# minilora's GPT is GPT-2's math, so a model and its adapter can leave as the files Hugging Face
+# transformers and PEFT read (written with NumPy and safetensors; no torch needed). Two things
+# are stored differently there: HF's `Conv1D` layers keep $W$ as (in, out), and q, k, v are one
+# fused `c_attn` of shape (C, 3C). An adapter on separate q and v becomes one *exact* LoRA on
+# `c_attn`, with the $A$'s stacked, $B$ block-structured and the ranks added:
+#
+# $$\Delta W_{qkv} = \begin{bmatrix} s B_q A_q \\ 0 \\ s B_v A_v \end{bmatrix}
+#   = s \begin{bmatrix} B_q & 0 \\ 0 & 0 \\ 0 & B_v \end{bmatrix}
+#       \begin{bmatrix} A_q \\ A_v \end{bmatrix}.$$
+#
+# `gpt_to_hf` writes the base, `export_peft` the adapter; `gpt_from_hf` and `import_peft` read
+# them back (splitting $B$'s rows again), here into a fresh model.
+
+# %%
+hub_dir = tempfile.TemporaryDirectory()  # machine-specific name: never printed
+base_path, adapter_path = (os.path.join(hub_dir.name, n) for n in ("gpt2", "gpt2-lora"))
+ml.manual_seed(0)
+small = ml.GPT(tiny_config)
+interop.gpt_to_hf(small, base_path)  # config.json + model.safetensors
+lora.inject_lora(small, tiny_lora)  # q_proj, v_proj and fc, r = 4
+randomize_b(small, "default", 0.2)
+y_small = logits(small, x_tiny)
+interop.export_peft(small, adapter_path)  # adapter_config.json + adapter_model.safetensors
+
+with open(os.path.join(adapter_path, "adapter_config.json")) as f:
+    peft_config = json.load(f)
+print({k: peft_config[k] for k in ("target_modules", "r", "lora_alpha", "rank_pattern",
+                                   "alpha_pattern", "fan_in_fan_out")})
+exported = load_file(os.path.join(adapter_path, "adapter_model.safetensors"))
+for key, value in exported.items():
+    if ".h.0." in key:
+        print(f"{key:62s} {value.shape}")
+
+again = interop.import_peft(interop.gpt_from_hf(base_path), adapter_path)
+round_trip_difference = float(np.abs(logits(again, x_tiny) - y_small).max())
+print("ranks after the round trip:", {p: m.r["default"] for p, m in lora.lora_layers(again)
+                                     if p.startswith("h.0.")})
+print("max |logit difference| after the round trip:", round_trip_difference)
+lora.merge_and_unload(small)
+lora.merge_and_unload(again)
+merged_difference = max(float(np.abs(host(a) - host(again.state_dict()[k])).max())
+                        for k, a in small.state_dict().items())
+print("max |merged weight difference|:", merged_difference)
+
+# %% [markdown]
+# With PyTorch, transformers and PEFT installed, the same two directories load there and give the
+# same logits (skipped without them, and in the fast mode the tests run this notebook in).
+
+# %%
+def torch_logits(base_path, adapter_path, idx):
+    """Logits of the two directories loaded in transformers + PEFT; None without them."""
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    base = transformers.GPT2LMHeadModel.from_pretrained(base_path)
+    model = peft.PeftModel.from_pretrained(base, adapter_path).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(idx)).logits.numpy()
+
+
+with contextlib.redirect_stderr(io.StringIO()):  # their progress bars and notices: not the story
+    y_torch = None if FAST else torch_logits(base_path, adapter_path, x_tiny)
+torch_difference = None if y_torch is None else float(np.abs(y_torch - y_small).max())
+print("transformers + PEFT against minilora, max |logit difference| =", torch_difference)
+hub_dir.cleanup()
+
+# %% [markdown]
 # ## What must stay true
 #
 # These checks fail if the story above stops being true.
@@ -484,4 +561,8 @@ assert results["merged into 4-bit"]["change"] > 100 * results["merged into float
 assert rel_error.mean() > 0.05, rel_error
 if not FAST:
     assert abs(results["merged into 4-bit"]["accuracy"] - results["not merged"]["accuracy"]) < 0.1
+# out to HF GPT-2 + PEFT files and back: c_attn holds q and v at rank 8, the outputs are the same
+assert exported["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, 8)
+assert round_trip_difference < 1e-6 and merged_difference < 1e-6
+assert torch_difference is None or torch_difference < 1e-4, torch_difference
 print("all checks passed")
