@@ -41,7 +41,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minilora as ml  # noqa: E402
+from minilora.cpu import keep_freed_memory  # noqa: E402
 from minilora.gpt import GPT, GPTConfig  # noqa: E402
+from minilora.parallel import default_threads, forward_backward  # noqa: E402
+from minilora.train import TrainConfig  # noqa: E402
 
 REFERENCE = dict(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=256)
 # OpenBLAS's and PyTorch's worker threads spin for a while after their last job before they sleep;
@@ -115,9 +118,9 @@ def build_torch(cfg: GPTConfig, weights: dict | None = None):
     return model, opt
 
 
-def minilora_step(model, opt, x, y):
-    _, loss = model(x, y)
-    loss.backward()
+def minilora_step(model, opt, x, y, shards: int = 2):
+    """The training loop's step: forward and backward in ``shards`` shards side by side."""
+    loss = forward_backward(model, x, y, shards)
     opt.step()
     opt.zero_grad()
     return loss
@@ -142,7 +145,7 @@ def time_steps(step, n: int) -> list[float]:
     return times
 
 
-def train_speed(cfg: GPTConfig, batch: int, rounds: int, per_round: int) -> dict:
+def train_speed(cfg: GPTConfig, batch: int, rounds: int, per_round: int, shards: int) -> dict:
     import torch
 
     rng = np.random.default_rng(0)
@@ -153,12 +156,12 @@ def train_speed(cfg: GPTConfig, batch: int, rounds: int, per_round: int) -> dict
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
     with torch.no_grad():  # same weights, same batch: the first losses agree
         loss_t = float(tmodel(tx, ty))
-    loss_m = minilora_step(model, opt, x, y).item()
+    loss_m = minilora_step(model, opt, x, y, shards)
     torch_step(tmodel, topt, tx, ty)
     ml_times, pt_times = [], []
     for _ in range(rounds):
         time.sleep(PAUSE_S)
-        ml_times += time_steps(lambda: minilora_step(model, opt, x, y), per_round)
+        ml_times += time_steps(lambda: minilora_step(model, opt, x, y, shards), per_round)
         time.sleep(PAUSE_S)
         pt_times += time_steps(lambda: torch_step(tmodel, topt, tx, ty), per_round)
     tokens = batch * cfg.block_size
@@ -211,7 +214,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def memory_child(framework: str, cfg_json: str, batch: int) -> dict:
+def memory_child(framework: str, cfg_json: str, batch: int, shards: int) -> dict:
     """Run in a fresh process: two warm steps, then measure one."""
     cfg = GPTConfig(**json.loads(cfg_json))
     rng = np.random.default_rng(0)
@@ -219,7 +222,7 @@ def memory_child(framework: str, cfg_json: str, batch: int) -> dict:
     y = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size))
     if framework == "minilora":
         model, opt = build_minilora(cfg)
-        step = lambda: minilora_step(model, opt, x, y)
+        step = lambda: minilora_step(model, opt, x, y, shards)
     else:
         import torch
 
@@ -243,11 +246,12 @@ def memory_child(framework: str, cfg_json: str, batch: int) -> dict:
     return out
 
 
-def memory(cfg: GPTConfig, batch: int) -> dict:
+def memory(cfg: GPTConfig, batch: int, shards: int) -> dict:
     results = {}
     for fw in ("minilora", "torch"):
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", fw,
-               "--config", json.dumps(cfg.to_dict()), "--batch", str(batch)]
+               "--config", json.dumps(cfg.to_dict()), "--batch", str(batch),
+               "--shards", str(shards)]
         # a fixed mmap threshold stops glibc from keeping freed large buffers in its heap, so
         # the resident set follows the live arrays of either framework
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -264,6 +268,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds")
     ap.add_argument("--per-round", type=int, default=3, help="steps per framework per round")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--shards", type=int, default=TrainConfig().shards,
+                    help="minilora: batch shards run side by side, as the training loop does "
+                    "(default: the loop's default)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (numpy: set OPENBLAS_NUM_THREADS yourself)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
@@ -271,7 +278,7 @@ def main() -> None:
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.config, args.batch)))
+        print(json.dumps(memory_child(args.memory_child, args.config, args.batch, args.shards)))
         return
 
     import torch
@@ -288,11 +295,13 @@ def main() -> None:
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     print(f"config {cfg.to_dict()}, batch {batch}, float32, {rounds} rounds x {per_round} "
           f"steps each, alternating; load average at start {os.getloadavg()[0]:.2f}")
-    t = train_speed(cfg, batch, rounds, per_round)
+    keep_freed_memory()  # as the training loop does on the CPU
+    t = train_speed(cfg, batch, rounds, per_round, args.shards)
     print(f"first loss: minilora {t['first_loss_minilora']:.5f}, torch "
           f"{t['first_loss_torch']:.5f} (ln V = {math.log(cfg.vocab_size):.5f})")
     print("| framework | median ms/step | tokens/s |\n|---|---:|---:|")
-    print(f"| minilora | {t['minilora_ms']:.1f} | {t['minilora_tok_s']:,.0f} |")
+    print(f"| minilora ({args.shards} shards, {min(args.shards, default_threads(args.shards))} "
+          f"threads) | {t['minilora_ms']:.1f} | {t['minilora_tok_s']:,.0f} |")
     print(f"| PyTorch eager (SDPA) | {t['torch_ms']:.1f} | {t['torch_tok_s']:,.0f} |")
     print(f"minilora / PyTorch tokens/s: {t['ratio']:.2f}x")
 
@@ -308,7 +317,7 @@ def main() -> None:
     if args.quick:
         print("peak memory: skipped with --quick (it runs two more processes)")
     else:
-        mem = memory(cfg, batch)
+        mem = memory(cfg, batch, args.shards)
         m, p = mem["minilora"], mem["torch"]
 
         def fmt(v):

@@ -12,6 +12,7 @@ Random numbers come in two kinds: parameter initialisation draws from a NumPy ge
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -26,6 +27,7 @@ _seed = 0  # the last manual_seed; the GPU generator is derived from it, not fro
 _host_rng = np.random.default_rng(_seed)
 _device_rng: Any = _host_rng
 _cupy_rng: Any = None  # made once per seed, so switching backends back and forth draws nothing
+_local = threading.local()  # per-thread generator for dropout masks (generator_as)
 
 _CUPY_HELP = (
     "install the CuPy package that matches your CUDA driver (`pip install 'minilora[gpu]'` gives "
@@ -201,6 +203,16 @@ def _index_add_sorted(sorted_idx: Any, order: Any, first: Any, values: Any,
     return out
 
 
+PIECE = 1 << 16  # elements per piece of a chunked elementwise chain: a few such buffers stay in L2
+
+
+def piece_size(n: int) -> int:
+    """Elements per piece for elementwise chains over n elements: cache-sized on the CPU (each
+    piece goes through every step of the chain before the next is touched), the whole array on
+    a GPU (where a kernel launch costs more than a trip to memory)."""
+    return max(1, n if _name == "cupy" else min(n, PIECE))
+
+
 def manual_seed(seed: int) -> None:
     """Seed every random generator minilora uses (host initialisation and device dropout)."""
     global _host_rng, _device_rng, _cupy_rng, _seed
@@ -218,8 +230,28 @@ def host_rng() -> np.random.Generator:
 
 
 def random_uniform(shape: tuple, dtype: Any) -> Any:
-    """Uniform [0, 1) samples of ``shape`` on the active device (used for dropout masks)."""
-    return _device_rng.random(shape, dtype=dtype)
+    """Uniform [0, 1) samples of ``shape`` on the active device (used for dropout masks), from
+    this thread's generator when ``generator_as`` set one, else from the global one."""
+    rng = getattr(_local, "rng", None)
+    return (_device_rng if rng is None else rng).random(shape, dtype=dtype)
+
+
+def spawn_generators(n: int) -> list:
+    """``n`` new device generators for dropout masks, seeded by draws from the global host
+    generator: a seed fixes them, and a checkpoint (which saves the host generator) too."""
+    seeds = _host_rng.integers(0, 2**63, size=n)
+    return [xp.random.default_rng(int(s)) for s in seeds]
+
+
+@contextmanager
+def generator_as(rng: Any) -> Iterator[None]:
+    """Context manager: dropout masks drawn in this thread come from ``rng`` inside the block."""
+    previous = getattr(_local, "rng", None)
+    _local.rng = rng
+    try:
+        yield
+    finally:
+        _local.rng = previous
 
 
 def synchronize() -> None:

@@ -23,14 +23,13 @@ read back.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import glob
 import os
 import sys
 import time
 from typing import Callable
 
 from . import backend as B
+from . import cpu
 from .checkpoint import load_checkpoint, load_model
 from .data import (
     END,
@@ -49,42 +48,12 @@ from .train import TrainConfig, exact_match, format_eval, greedy_answers, train
 # the default model for the tasks: small enough to learn 3-digit addition in about a minute
 MODEL_DEFAULTS = {"n_layer": 3, "n_head": 4, "n_embd": 128, "dropout": 0.0}
 TRAIN_FIELDS = ("steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay", "grad_clip",
-                "eval_every", "eval_examples", "checkpoint_every", "seed")
+                "eval_every", "eval_examples", "checkpoint_every", "seed", "shards")
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "block_size")
 
 
-def limit_blas_threads(n: int) -> bool:
-    """Ask NumPy's bundled OpenBLAS to use ``n`` threads; True if it could be found and told.
-
-    The models trained here are small: their matmuls (hundreds of rows by 64-128 columns) gain
-    nothing from a second thread, and on a busy machine a BLAS thread that loses its core makes
-    the others spin. Measured on a 2-core machine with other jobs running (load average 4-5):
-    a (768, 64) @ (64, 256) matmul took 7.8 ms with two threads and 0.45 ms with one, and a
-    training step of the default model 830-1200 ms against 110-170 ms (benchmarks/RESULTS.md).
-    Setting OPENBLAS_NUM_THREADS before Python starts does the same; this works after NumPy is
-    imported (Linux wheels, whose OpenBLAS exports the setter).
-    """
-    candidates = []
-    if os.path.exists("/proc/self/maps"):
-        with open("/proc/self/maps") as maps:
-            candidates = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
-    if not candidates:
-        import numpy
-
-        libs = os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)), "numpy.libs")
-        candidates = sorted(glob.glob(os.path.join(libs, "*openblas*")))
-    for path in candidates:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for symbol in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                       "openblas_set_num_threads"):
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
-                setter(int(n))
-                return True
-    return False
+# kept under its old name: benchmarks and notebooks import it from here
+limit_blas_threads = cpu.set_blas_threads
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -321,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("eval_every", int, "evaluate every this many steps"),
             ("eval_examples", int, "held-out questions per evaluation"),
             ("checkpoint_every", int, "also save every this many steps (0: only at the end)"),
-            ("seed", int, "random seed: same seed, same run")):
+            ("seed", int, "random seed: same seed, same run"),
+            ("shards", int, "cut each batch into this many shards that run side by side on "
+             "threads, one per core; the result depends on this number, not on the cores")):
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        metavar="N" if typ is int else "X",
                        help=f"{text} (default {getattr(defaults, name)})")

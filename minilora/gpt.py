@@ -145,15 +145,6 @@ class Block(Module):
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
-_PIECE = 1 << 16  # elements per piece of the chunked GELU: a few such buffers stay in L2
-
-
-def _piece_size(n: int) -> int:
-    """Elements per piece for elementwise chains over n elements: cache-sized on the CPU, the
-    whole array on a GPU (where a kernel launch costs more than a trip to memory)."""
-    return max(1, n if B.get_backend() == "cupy" else min(n, _PIECE))
-
-
 def gelu(x: Tensor) -> Tensor:
     """GPT-2's GELU, tanh form, fused and chunked: ``y = 0.5 x (1 + t)``, t = tanh(c (x + a x^3)),
     c = sqrt(2/pi), a = 0.044715; ``dy/dx = 0.5 (1 + t + (1 - t^2) c x (1 + 3 a x^2))``.
@@ -164,7 +155,7 @@ def gelu(x: Tensor) -> Tensor:
     is then one multiplication.
     """
     xf = B.xp.ascontiguousarray(x.data).reshape(-1)  # (N,) flat
-    n, m = xf.shape[0], _piece_size(xf.shape[0])
+    n, m = xf.shape[0], B.piece_size(xf.shape[0])
     out = B.xp.empty_like(xf)
     needs_grad = is_grad_enabled() and x.requires_grad
     d = B.xp.empty_like(xf) if needs_grad else None

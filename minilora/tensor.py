@@ -43,6 +43,22 @@ def no_grad() -> Iterator[None]:
         _state.enabled = previous
 
 
+@contextmanager
+def leaf_grads_into(store: dict) -> Iterator[dict]:
+    """Context manager: inside the block, ``backward`` in this thread does not touch ``leaf.grad``
+    but puts each leaf's gradient into ``store[id(leaf)] = (leaf, grad)`` (adding repeats up).
+
+    :mod:`minilora.parallel` gives each shard of a batch its own store, so shards can run side by
+    side and their gradients be added in a fixed order afterwards.
+    """
+    previous = getattr(_state, "sink", None)
+    _state.sink = store
+    try:
+        yield store
+    finally:
+        _state.sink = previous
+
+
 def unbroadcast(grad: Any, shape: tuple) -> Any:
     """Sum ``grad`` down to ``shape``: undo NumPy broadcasting in the backward pass.
 
@@ -66,6 +82,13 @@ def _as_float_array(data: Any, dtype: Any) -> Any:
     if dtype is None and arr.dtype == np.float64 and not typed:
         arr = arr.astype(B.default_dtype())  # Python floats become the default float dtype
     return arr
+
+
+def _owned(arr: Any, shared: set) -> bool:
+    """True if the walk may write into ``arr``: not handed to two places, not a view of another
+    array, writeable."""
+    # CuPy's flags have no "writeable" in some versions: its arrays always are
+    return id(arr) not in shared and arr.base is None and getattr(arr.flags, "writeable", True)
 
 
 class Tensor:
@@ -145,9 +168,11 @@ class Tensor:
                 raise shape_error("backward", self.shape, grad.shape,
                                   detail="grad must have the tensor's shape")
         grads = {id(self): grad}
-        # A leaf may keep the array that reaches it only if nobody else holds it: the seed (it
-        # may be the caller's), one array passed to two parents (add does that), or a view
-        # (reshape, broadcast_to) would alias, so those are copied.
+        sink = getattr(_state, "sink", None)
+        # A leaf may keep the array that reaches it, and a sum of gradients may be formed in
+        # place, only if nobody else holds that array: the seed (it may be the caller's), one
+        # array passed to two parents (add does that), a view (reshape, broadcast_to) or the
+        # base of one would alias, so those are copied instead.
         shared = {id(grad)}
         for node in reversed(self._topological_order()):
             g = grads.pop(id(node), None)
@@ -157,10 +182,12 @@ class Tensor:
                 if node._op is not None:
                     raise GraphError("backward: the graph was freed by an earlier backward; "
                                      "pass retain_graph=True to walk it twice")
-                if node.grad is not None:
+                if sink is not None:
+                    held = sink.get(id(node))
+                    sink[id(node)] = (node, g if held is None else held[1] + g)
+                elif node.grad is not None:
                     node.grad = node.grad + g
-                elif id(g) in shared or g.base is not None or g.dtype != node.data.dtype \
-                        or not g.flags.writeable:
+                elif not _owned(g, shared) or g.dtype != node.data.dtype:
                     node.grad = g.astype(node.data.dtype, copy=True)
                 else:
                     node.grad = g
@@ -171,9 +198,17 @@ class Tensor:
                     continue
                 if id(pg) in seen:
                     shared.add(id(pg))
+                if pg.base is not None:  # a view: its base must not be written in place either
+                    shared.add(id(pg.base))
                 seen.add(id(pg))
                 previous = grads.get(id(parent))
-                grads[id(parent)] = pg if previous is None else previous + pg
+                if previous is None:
+                    grads[id(parent)] = pg
+                elif _owned(previous, shared) and previous.shape == pg.shape \
+                        and previous.dtype == pg.dtype:
+                    previous += pg  # a sum this walk made (or the sole owner): add in place
+                else:
+                    grads[id(parent)] = previous + pg
             if not retain_graph:
                 node._backward = None
                 node._parents = ()

@@ -4,8 +4,12 @@ One step, for a model whose forward returns ``(logits, loss)`` when given target
 
     x, y = data.get_batch(B, rng)                  # (B, T) token ids, y = -100 where not scored
     lr   = warmup_cosine(step, lr_max, warmup, steps, min_lr)
-    loss = model(x, y)[1];  loss.backward()
+    loss = model(x, y)[1];  loss.backward()       # the batch in `shards` shards, side by side
     clip_grad_norm(params, grad_clip);  AdamW step;  zero the gradients
+
+The forward and backward pass go through ``parallel.forward_backward``: the batch is cut into
+``shards`` row-shards that run on their own threads (one per core) and whose gradients add up to
+the whole batch's. The result depends on ``shards``, not on the number of cores.
 
 Only parameters with ``requires_grad`` are optimised, so the same loop fine-tunes a LoRA model
 (whose base is frozen). Weight decay applies to matrices (2-D and up) only, never to biases or
@@ -31,10 +35,12 @@ import numpy as np
 
 from . import backend as B
 from .checkpoint import atomic_write_json, load_checkpoint, restore, save_checkpoint
+from .cpu import keep_freed_memory
 from .data import TaskDataset, TextDataset
 from .errors import CheckpointError, ConfigError, InvalidArgumentError
 from .nn import Module
 from .optim import AdamW, clip_grad_norm, warmup_cosine
+from .parallel import forward_backward
 from .tensor import no_grad
 
 HISTORY_FILE = "history.json"
@@ -47,7 +53,8 @@ class TrainConfig:
     ``lr`` peaks after ``warmup`` steps and decays along a half cosine to ``min_lr`` at ``steps``.
     Every ``eval_every`` steps (and at the end) the model is evaluated on ``eval_examples``
     held-out questions; every ``checkpoint_every`` steps (0: only at the end) a checkpoint is
-    written when the run has an output directory.
+    written when the run has an output directory. ``shards``: each batch is cut into this many
+    row-shards that run side by side on threads (:mod:`minilora.parallel`); 1 runs it whole.
     """
 
     steps: int = 1000
@@ -62,10 +69,11 @@ class TrainConfig:
     eval_examples: int = 1000
     checkpoint_every: int = 0
     seed: int = 0
+    shards: int = 2
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        for name in ("steps", "batch_size", "eval_every", "eval_examples"):
+        for name in ("steps", "batch_size", "eval_every", "eval_examples", "shards"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"TrainConfig: {name} must be a positive int, got {v!r}")
@@ -94,12 +102,14 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"TrainConfig.from_dict: unknown keys {unknown}")
-        return cls(**d)
+        return cls(**{**_OLD_DEFAULTS, **d})
 
 
 # the fields a resumed run must share with the saved one to continue it exactly
 _SCHEDULE_FIELDS = ("steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay", "betas",
-                    "grad_clip", "seed")
+                    "grad_clip", "seed", "shards")
+# what a checkpoint saved before a field existed meant by it
+_OLD_DEFAULTS = {"shards": 1}
 
 
 def param_groups(model: Module, weight_decay: float) -> list[dict]:
@@ -177,6 +187,7 @@ def _check_resumable(saved: dict | None, config: TrainConfig, where: Path) -> No
     if saved is None:
         raise CheckpointError(f"checkpoint at {str(where)!r} has no train_config to resume")
     now = config.to_dict()
+    saved = {**_OLD_DEFAULTS, **saved}
     diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in _SCHEDULE_FIELDS
             if saved.get(k) != now[k]]
     if diff:
@@ -243,19 +254,20 @@ def train(model: Module, data: TaskDataset | TextDataset, config: TrainConfig | 
     bar = _progress_bar(config.steps, start, stop, progress)
     t0 = time.perf_counter()
     model.train()
+    if B.get_backend() == "numpy":
+        keep_freed_memory()  # every step frees and makes the same arrays: reuse, don't re-fault
     try:
         for step in range(start, stop):
             lr = warmup_cosine(step, config.lr, config.warmup, config.steps, config.min_lr)
             optimizer.set_lr(lr)
             x, y = data.get_batch(config.batch_size, rng)
-            _, loss = model(x, y)
-            loss.backward()
+            loss = forward_backward(model, x, y, config.shards)
             grad_norm = clip_grad_norm(params, config.grad_clip) if config.grad_clip > 0 \
                 else math.nan
             optimizer.step()
             optimizer.zero_grad()
             done = step + 1
-            record = {"loss": float(loss.item()), "lr": lr, "grad_norm": grad_norm}
+            record = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
             for key, value in (("step", done), *record.items()):
                 history[key].append(value)
             if done % config.eval_every == 0 or done == config.steps:

@@ -372,7 +372,7 @@ def test_causal_mask_is_additive_and_shared():
 
 
 def test_chunked_gelu_matches_the_functional_one_across_piece_boundaries(monkeypatch):
-    monkeypatch.setattr(G, "_PIECE", 5)  # 13 elements: pieces of 5, 5 and 3
+    monkeypatch.setattr(B, "PIECE", 5)  # 13 elements: pieces of 5, 5 and 3
     x = np.random.default_rng(0).standard_normal((13,)) * 3
     check_grads(G.gelu, [x])
     check_grads(G.gelu, [x.reshape(1, 13)[:, ::-1]])  # a non-contiguous input

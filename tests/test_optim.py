@@ -96,6 +96,34 @@ def test_adamw_float32_stays_float32_even_with_numpy_settings():
     np.testing.assert_allclose(got[-1], ref[-1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,transposed", [((700, 300), False), ((300, 700), True),
+                                               ((5,), False), ((0, 3), False)])
+def test_adamw_in_pieces_equals_the_whole_array_update_bit_for_bit(shape, transposed):
+    """The chunked update (pieces of backend.PIECE elements) against the same operations on
+    whole float32 arrays; a transposed (non-contiguous) parameter takes the one-piece path."""
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal(shape).astype(np.float32)
+    p = Parameter(B.asarray(data.T if transposed else data))
+    ref = host(p).copy()
+    m, v = np.zeros_like(ref), np.zeros_like(ref)
+    opt = AdamW([p], lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    for t in range(1, 4):
+        g = rng.standard_normal(ref.shape).astype(np.float32)
+        p.grad = B.asarray(g)
+        opt.step()
+        ref *= 1.0 - 3e-3 * 0.1
+        m *= 0.9
+        m += (1.0 - 0.9) * g
+        v *= 0.99
+        v += (1.0 - 0.99) * g * g
+        denom = np.sqrt(v)
+        denom /= math.sqrt(1.0 - 0.99**t)
+        denom += 1e-8
+        ref -= 3e-3 / (1.0 - 0.9**t) * m / denom
+        assert np.array_equal(host(p), ref), f"step {t}"
+    assert B.PIECE < 300 * 300  # the large shapes really are cut into pieces
+
+
 def test_frozen_parameters_get_no_state_and_do_not_move():
     mlp = Sequential(Linear(3, 4), Tanh(), Linear(4, 2))
     mlp[0].requires_grad_(False)
@@ -364,3 +392,24 @@ def test_load_state_dict_without_param_steps():
     other = AdamW([param(np.ones(2)), param(np.ones(2))])
     other.load_state_dict(sd)
     assert other.param_steps == [2, 0]
+
+
+def test_adamw_on_threads_equals_adamw_on_one_bit_for_bit(monkeypatch):
+    from minilora import optim
+
+    rng = np.random.default_rng(0)
+    shapes = [(300, 200), (200,), (64, 64), (1000,), (3, 7)]
+    data = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
+    results = []
+    for threshold in (0, 1 << 40):  # every step threaded, then none
+        monkeypatch.setattr(optim, "_THREADED_FROM", threshold)
+        params = [Parameter(B.asarray(d.copy())) for d in data]
+        opt = AdamW(params, lr=1e-2, weight_decay=0.1)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = B.asarray(g)
+            opt.step()
+        results.append([host(p).copy() for p in params])
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)

@@ -15,7 +15,7 @@ from minilora import backend as B
 from minilora import functional as F
 from minilora.errors import DTypeError, GraphError, InvalidArgumentError, ShapeError
 from minilora.tensor import unbroadcast
-from tests.helpers import host
+from tests.helpers import check_grads, host
 
 
 def leaf(values, requires_grad=True, dtype=np.float64) -> ml.Tensor:
@@ -430,3 +430,24 @@ def test_properties_item_numpy_len():
 def test_argmax_is_outside_the_graph():
     x = leaf([[1.0, 3.0]])
     assert not x.argmax().requires_grad
+
+
+@given(st.integers(0, 2**16))
+def test_gradient_sums_formed_in_place_leave_other_branches_alone(seed):
+    """add hands one gradient array to both its parents p and q; each gets more from a chain
+    of its own, and whichever sum is formed first must not write into the array q still needs.
+    The caller's seed gradient is an array nobody may write into either."""
+    ml.set_default_dtype(np.float64)
+
+    def fn(x):
+        p, q = x * 2.0, x.tanh()
+        s = p + q
+        r = (p * p).tanh().tanh()
+        u = (q * q).tanh().tanh()
+        return s * 1.5 + r + u
+    x = np.random.default_rng(seed).standard_normal((3, 4))
+    check_grads(fn, [x])
+    t = ml.Tensor(x, requires_grad=True)
+    seed_grad = np.ones((3, 4))
+    fn(t).backward(seed_grad)
+    assert np.array_equal(seed_grad, np.ones((3, 4)))

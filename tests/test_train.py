@@ -53,7 +53,8 @@ def weights(model):
 
 @pytest.mark.parametrize("field,value", [
     ("steps", 0), ("batch_size", -1), ("lr", -1.0), ("warmup", -2), ("eval_every", 0),
-    ("grad_clip", float("nan")), ("betas", (0.9, 1.0)), ("min_lr", 1.0), ("seed", 1.5)])
+    ("grad_clip", float("nan")), ("betas", (0.9, 1.0)), ("min_lr", 1.0), ("seed", 1.5),
+    ("shards", 0)])
 def test_config_rejects_bad_values_by_name(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
@@ -67,6 +68,13 @@ def test_config_survives_its_json_form(steps, lr, warmup, betas):
     assert again == cfg
     with pytest.raises(ConfigError, match="unknown keys"):
         TrainConfig.from_dict({**cfg.to_dict(), "momentum": 0.9})
+
+
+def test_a_config_saved_before_shards_existed_meant_one_shard():
+    saved = TrainConfig().to_dict()
+    del saved["shards"]
+    assert TrainConfig.from_dict(saved).shards == 1
+    assert TrainConfig().shards == 2
 
 
 def test_weight_decay_goes_to_trainable_matrices_only():

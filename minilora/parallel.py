@@ -1,0 +1,128 @@
+"""One training step's forward and backward on a batch cut into shards that run side by side.
+
+A batch of B rows is cut into S shards of consecutive rows. With L_s the mean loss over the n_s
+scored targets of shard s (targets equal to ``ignore_index`` are not scored) and n = sum_s n_s,
+the batch's mean loss and its gradient are
+
+    L = sum_s (n_s / n) L_s            dL/dtheta = sum_s (n_s / n) dL_s/dtheta
+
+so each shard runs its own forward pass and starts its backward pass from n_s / n instead of 1.
+
+Why: NumPy releases the GIL inside BLAS calls and ufunc loops, so two Python threads, each with a
+one-thread BLAS, keep two cores busy through the matmuls *and* the elementwise work between them
+(GELU, LayerNorm, softmax, which NumPy runs on one thread). A multi-threaded BLAS parallelises
+only the matmuls, and on matrices this small its threads spend much of their time waiting for
+each other (benchmarks/RESULTS.md has the figures).
+
+Same seed, same result: each shard writes its gradients into its own store
+(``tensor.leaf_grads_into``) and the stores are added in shard order once all are done, so the
+result depends on the number of shards, never on the number of threads or on which finished
+first. Each shard draws its dropout masks from its own generator, seeded from the global one
+before the shards start. One shard is exactly ``loss = model(idx, targets)[1]; loss.backward()``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+from . import backend as B
+from . import cpu
+from .errors import GraphError, InvalidArgumentError, ShapeError
+from .tensor import is_grad_enabled, leaf_grads_into
+
+
+def default_threads(shards: int) -> int:
+    """Threads for ``shards`` shards: one per shard up to the cores there are on the CPU; one on a
+    GPU, where the device already runs each kernel in parallel."""
+    return 1 if B.get_backend() == "cupy" else max(1, min(shards, cpu.available_cpus()))
+
+
+def _check(idx: Any, targets: Any, shards: Any, threads: Any) -> tuple[Any, Any]:
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+        raise InvalidArgumentError(f"forward_backward: shards must be an int >= 1, got "
+                                   f"{shards!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or threads < 1):
+        raise InvalidArgumentError(f"forward_backward: threads must be None or an int >= 1, "
+                                   f"got {threads!r}")
+    if not is_grad_enabled():
+        raise GraphError("forward_backward: called under no_grad(), but it exists to compute "
+                         "gradients")
+    idx, targets = B.asarray(idx), B.asarray(targets)
+    if idx.ndim < 1 or targets.shape[:1] != idx.shape[:1]:
+        raise ShapeError(f"forward_backward: idx {tuple(idx.shape)} and targets "
+                         f"{tuple(targets.shape)} must have the same number of rows (axis 0)")
+    return idx, targets
+
+
+def forward_backward(model: Any, idx: Any, targets: Any, shards: int = 2,
+                     threads: int | None = None, ignore_index: int = -100) -> float:
+    """Run ``model(idx, targets) -> (logits, loss)`` and its backward pass, the batch cut into
+    ``shards`` row-shards; returns the batch's mean loss as a float.
+
+    idx and targets have the same number of rows B (axis 0); at most B shards are used. The loss
+    must be a mean over the targets not equal to ``ignore_index`` (as ``F.cross_entropy``'s).
+    Gradients are added into each parameter's ``.grad``, as ``loss.backward()`` would. ``threads``
+    (default: one per shard, up to the cores there are; one on a GPU) run the shards; while more
+    than one does, OpenBLAS is held at one thread. Should a shard fail, no gradient is changed.
+    """
+    idx, targets = _check(idx, targets, shards, threads)
+    rows = idx.shape[0]
+    shards = min(shards, rows)
+    bounds = [rows * s // shards for s in range(shards + 1)]
+    counts = [int((targets[a:b] != ignore_index).sum()) for a, b in zip(bounds, bounds[1:])]
+    total = sum(counts)
+    if shards == 1 or total == 0:  # one shard, or nothing scored: the plain step, unchanged
+        _, loss = model(idx, targets)
+        loss.backward()
+        return float(loss.item())
+    generators = B.spawn_generators(shards)
+    threads = min(threads or default_threads(shards), shards)
+    results: list = [None] * shards
+
+    def run(s: int) -> None:
+        if counts[s] == 0:  # its loss is NaN and its weight 0: it adds nothing
+            results[s] = (0.0, {})
+            return
+        a, b = bounds[s], bounds[s + 1]
+        weight = counts[s] / total
+        store: dict = {}
+        with leaf_grads_into(store), B.generator_as(generators[s]):
+            _, loss = model(idx[a:b], targets[a:b])
+            loss.backward(B.xp.asarray(weight, dtype=loss.dtype))
+        results[s] = (weight * float(loss.item()), store)
+
+    tasks = [lambda k=k: [run(s) for s in range(k, shards, threads)] for k in range(threads)]
+    with cpu.blas_threads_as(1) if threads > 1 else nullcontext():
+        cpu.run_in_threads(tasks)  # re-raises a shard's failure before any gradient is touched
+    _add_in_order([store for _, store in results], threads)
+    return sum(part for part, _ in results)
+
+
+def _add_in_order(stores: list[dict], threads: int) -> None:
+    """Add the shards' gradients into ``leaf.grad``: g_0 + g_1 + ... per leaf, in shard order,
+    the leaves split among ``threads`` threads (each leaf's sum is its own, so the bits do not
+    depend on the split)."""
+    parts: dict = {}
+    for store in stores:
+        for key, (leaf, g) in store.items():
+            parts.setdefault(key, (leaf, []))[1].append(g)
+    work = list(parts.values())
+
+    def add(indices: list[int]) -> None:
+        for i in indices:
+            leaf, gs = work[i]
+            if len(gs) == 1:  # copied: a shard's own array may be shared with its graph
+                total = gs[0].astype(leaf.data.dtype, copy=True)
+            else:
+                total = (gs[0] + gs[1]).astype(leaf.data.dtype, copy=False)
+            for g in gs[2:]:
+                total += g
+            leaf.grad = total if leaf.grad is None else leaf.grad + total
+
+    groups = cpu.balanced_groups([gs[0].size for _, gs in work], threads)
+    cpu.run_in_threads([lambda g=g: add(g) for g in groups])
+
+
+__all__ = ["forward_backward", "default_threads"]

@@ -1,0 +1,248 @@
+"""parallel.forward_backward: a batch in shards gives the whole batch's loss and gradients, the
+same bits whatever the number of threads, and changes nothing when a shard fails."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minilora as ml
+from minilora import GPT, GPTConfig, cpu
+from minilora.errors import GraphError, InvalidArgumentError, ShapeError
+from minilora.parallel import default_threads, forward_backward
+from minilora.tensor import leaf_grads_into
+from tests.helpers import host
+
+V, T = 11, 6
+
+
+def tiny_gpt(dropout=0.0, seed=0):
+    ml.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=2, n_head=2, n_embd=8,
+                         dropout=dropout))
+
+
+def batch(rows, seed=0, ignored=()):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, V, (rows, T))
+    y = rng.integers(0, V, (rows, T))
+    for r, t in ignored:
+        y[r % rows, t % T] = -100
+    return x, y
+
+
+def grads(model):
+    return {n: None if p.grad is None else host(p.grad).copy()
+            for n, p in model.named_parameters()}
+
+
+def whole_batch(model, x, y):
+    _, loss = model(x, y)
+    loss.backward()
+    return float(loss.item()), grads(model)
+
+
+@given(rows=st.integers(1, 7), shards=st.integers(1, 5), threads=st.sampled_from([None, 1, 2]),
+       ignored=st.lists(st.tuples(st.integers(0, 6), st.integers(0, T - 1)), max_size=12))
+def test_shards_give_the_whole_batchs_loss_and_gradients(rows, shards, threads, ignored):
+    ml.set_default_dtype(np.float64)
+    x, y = batch(rows, ignored=ignored)
+    model = tiny_gpt()
+    model.double()
+    loss, expected = whole_batch(model, x, y)
+    model.zero_grad()
+    got_loss = forward_backward(model, x, y, shards=shards, threads=threads)
+    got = grads(model)
+    assert got_loss == pytest.approx(loss, rel=1e-12, abs=1e-12) or (np.isnan(loss) and
+                                                                    np.isnan(got_loss))
+    for name, g in expected.items():
+        np.testing.assert_allclose(got[name], g, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_one_shard_is_the_plain_step_bit_for_bit():
+    x, y = batch(4)
+    model = tiny_gpt()
+    loss, expected = whole_batch(model, x, y)
+    model.zero_grad()
+    assert forward_backward(model, x, y, shards=1) == loss
+    for name, g in grads(model).items():
+        assert np.array_equal(g, expected[name]), name
+
+
+@pytest.mark.parametrize("shards", [2, 3, 5])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_result_depends_on_the_shards_not_the_threads(shards, dropout):
+    x, y = batch(6, ignored=[(0, 1), (4, 2)])
+    results = []
+    for threads in (1, 2, shards):
+        model = tiny_gpt(dropout)
+        ml.manual_seed(7)  # dropout masks come from generators seeded by the global one
+        loss = forward_backward(model, x, y, shards=shards, threads=threads)
+        results.append((loss, grads(model)))
+    first_loss, first = results[0]
+    for loss, got in results[1:]:
+        assert loss == first_loss
+        for name, g in got.items():
+            assert np.array_equal(g, first[name]), name
+
+
+def test_dropout_masks_follow_the_seed():
+    x, y = batch(4)
+
+    def run(seed):
+        model = tiny_gpt(0.5)
+        ml.manual_seed(seed)
+        return forward_backward(model, x, y, shards=2, threads=2)
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_gradients_are_added_to_what_is_there():
+    x, y = batch(4)
+    model = tiny_gpt()
+    _, once = whole_batch(model, x, y)
+    forward_backward(model, x, y, shards=2)  # a second time, on top of the first
+    for name, g in grads(model).items():
+        np.testing.assert_allclose(g, 2 * once[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_a_failing_shard_changes_no_gradient():
+    x, y = batch(4)
+    model = tiny_gpt()
+    _, before = whole_batch(model, x, y)
+    calls = []
+
+    class Failing:
+        def __call__(self, idx, targets):
+            calls.append(len(idx))
+            if len(calls) == 2:
+                raise RuntimeError("shard failed")
+            return model(idx, targets)
+
+    with pytest.raises(RuntimeError, match="shard failed"):
+        forward_backward(Failing(), x, y, shards=2, threads=1)
+    for name, g in grads(model).items():
+        assert np.array_equal(g, before[name]), name
+
+
+def test_a_shard_with_nothing_scored_adds_nothing():
+    x, y = batch(4)
+    y[:2] = -100  # the first shard scores no target
+    model = tiny_gpt()
+    loss, expected = whole_batch(model, x, y)
+    model.zero_grad()
+    assert forward_backward(model, x, y, shards=2) == pytest.approx(loss, rel=1e-6)
+    for name, g in grads(model).items():
+        np.testing.assert_allclose(g, expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_nothing_scored_at_all_is_the_plain_step():
+    x, y = batch(4)
+    y[:] = -100
+    model = tiny_gpt()
+    assert np.isnan(forward_backward(model, x, y, shards=2))
+
+
+def test_leaf_gradients_can_be_collected_instead_of_stored():
+    w = ml.Tensor(np.arange(3.0), requires_grad=True)
+    store = {}
+    with leaf_grads_into(store):
+        (w * w).sum().backward()
+        (w * 2.0).sum().backward()
+    assert w.grad is None
+    leaf, g = store[id(w)]
+    assert leaf is w and np.allclose(host(g), 2 * np.arange(3.0) + 2.0)
+    (w * w).sum().backward()  # outside the block: into .grad again
+    assert np.allclose(host(w.grad), 2 * np.arange(3.0))
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(shards=0), InvalidArgumentError, "shards must be an int >= 1, got 0"),
+    (dict(shards=True), InvalidArgumentError, "shards"),
+    (dict(shards=2.0), InvalidArgumentError, "got 2.0"),
+    (dict(threads=0), InvalidArgumentError, "threads must be None or an int >= 1, got 0"),
+])
+def test_bad_arguments_are_named(kwargs, error, words):
+    x, y = batch(2)
+    with pytest.raises(error, match=words):
+        forward_backward(tiny_gpt(), x, y, **kwargs)
+
+
+def test_mismatched_rows_and_no_grad_are_refused():
+    x, y = batch(3)
+    with pytest.raises(ShapeError, match=r"\(3, 6\).*\(2, 6\)"):
+        forward_backward(tiny_gpt(), x, y[:2])
+    with ml.no_grad(), pytest.raises(GraphError, match="no_grad"):
+        forward_backward(tiny_gpt(), x, y)
+
+
+def test_default_threads_use_the_cores_there_are():
+    assert 1 <= default_threads(2) <= 2
+    assert default_threads(1) == 1
+
+
+def test_blas_threads_are_restored_after_a_block():
+    before = cpu.get_blas_threads()
+    if before is None:
+        pytest.skip("NumPy does not use OpenBLAS here")
+    with cpu.blas_threads_as(before + 1) as ok:
+        assert ok and cpu.get_blas_threads() == before + 1
+    assert cpu.get_blas_threads() == before
+
+
+def test_freed_memory_can_be_kept_where_glibc_is():
+    import platform
+
+    kept = cpu.keep_freed_memory()
+    assert isinstance(kept, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert kept
+
+
+def test_tasks_run_side_by_side_and_report_in_order():
+    import threading
+    import time
+
+    barrier = threading.Barrier(2, timeout=10)  # both must be running at once to pass it
+
+    def task(k):
+        barrier.wait()
+        time.sleep(0.01 * (2 - k))  # the first finishes last
+        return k, threading.current_thread().name
+    out = cpu.run_in_threads([lambda: task(0), lambda: task(1)])
+    assert [k for k, _ in out] == [0, 1]
+    assert out[0][1] != out[1][1]
+
+
+def test_a_failing_task_is_raised_after_all_have_finished():
+    finished = []
+
+    def ok():
+        finished.append(1)
+        return 1
+
+    def bad():
+        raise ValueError("task 1 failed")
+    with pytest.raises(ValueError, match="task 1 failed"):
+        cpu.run_in_threads([ok, bad, ok])
+    assert len(finished) == 2
+
+
+def test_tasks_inside_a_task_run_inline():
+    import threading
+
+    def outer():
+        inner = cpu.run_in_threads([threading.current_thread, threading.current_thread])
+        return threading.current_thread(), inner
+    for me, inner in cpu.run_in_threads([outer, outer]):
+        assert inner == [me, me]
+
+
+@given(st.lists(st.integers(0, 1000), max_size=30), st.integers(1, 5))
+def test_balanced_groups_split_every_index_once_and_evenly(sizes, n):
+    groups = cpu.balanced_groups(sizes, n)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    assert len(groups) <= n and all(g == sorted(g) and g for g in groups)
+    totals = [sum(sizes[i] for i in g) for g in groups]
+    if len(groups) == n and sizes:
+        assert max(totals) - min(totals) <= max(sizes)
