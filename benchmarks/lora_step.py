@@ -8,8 +8,9 @@ Both models start from the same weights and train on the same batch (reference c
 AdamW; "lora" freezes them all and trains r = 8 adapters on q_proj and v_proj. Steps are timed in
 alternating rounds (a few steps of one, then of the other, and again) so that load from other
 processes hits both alike; the report quotes medians and their ratio, of wall-clock time and of
-the process's CPU time (with one BLAS thread, CPU time is what a step costs; it is much steadier
-than wall time when other processes compete for the cores).
+the process's CPU time (CPU time is what a step costs, summed over the threads; it is much
+steadier than wall time when other processes compete for the cores). Each step is the training
+loop's: the batch in two shards on two threads, each with a one-thread BLAS.
 
 Memory comes from tracemalloc (NumPy reports its array buffers to it), one setup at a time: the
 traced memory held once the model and its optimizer state exist (after two steps), and the peak
@@ -35,8 +36,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import minilora as ml  # noqa: E402
 from minilora import lora  # noqa: E402
-from minilora.cli import limit_blas_threads  # noqa: E402
+from minilora.cpu import keep_freed_memory, set_blas_threads  # noqa: E402
 from minilora.gpt import GPT, GPTConfig  # noqa: E402
+from minilora.parallel import forward_backward  # noqa: E402
+from minilora.train import TrainConfig  # noqa: E402
 
 REFERENCE = dict(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=256)
 LORA = lora.LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
@@ -54,11 +57,11 @@ def build(cfg: GPTConfig, mode: str, seed: int = 0):
 
 
 def step(model, opt, x, y) -> float:
-    _, loss = model(x, y)
-    loss.backward()
+    """The training loop's step: forward and backward with the batch in shards, then AdamW."""
+    loss = forward_backward(model, x, y, TrainConfig.shards)
     opt.step()
     opt.zero_grad()
-    return float(loss.item())
+    return loss
 
 
 def batch(cfg: GPTConfig, size: int):
@@ -122,10 +125,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
     parser.add_argument("--threads", type=int, default=1,
-                        help="BLAS threads (default 1: steadier on a shared machine, and these "
-                             "matmuls gain little from a second thread)")
+                        help="BLAS threads outside the sharded step (default 1: steadier on a "
+                             "shared machine; the shards always run one BLAS thread each)")
     args = parser.parse_args()
-    threads = "set" if limit_blas_threads(args.threads) else "could not be set"
+    threads = "set" if set_blas_threads(args.threads) else "could not be set"
+    keep_freed_memory()  # as the training loop does on the CPU
     ref = dict(REFERENCE)
     rounds, per_round = args.rounds, args.per_round
     if args.quick:

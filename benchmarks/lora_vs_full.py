@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import minilora as ml  # noqa: E402
 from minilora import lora  # noqa: E402
 from minilora.checkpoint import load_model  # noqa: E402
-from minilora.cli import MODEL_DEFAULTS, limit_blas_threads  # noqa: E402
+from minilora.cli import MODEL_DEFAULTS  # noqa: E402
+from minilora.cpu import set_blas_threads  # noqa: E402
 from minilora.data import TaskDataset, get_task  # noqa: E402
 from minilora.gpt import GPT, GPTConfig  # noqa: E402
 from minilora.train import TrainConfig, exact_match, train  # noqa: E402
@@ -93,7 +94,7 @@ def main() -> int:
                         help="BLAS threads (default 1: steadier on a shared machine, and these "
                              "matmuls gain little from a second thread)")
     args = parser.parse_args()
-    threads = "set" if limit_blas_threads(args.threads) else "could not be set"
+    threads = "set" if set_blas_threads(args.threads) else "could not be set"
     if args.quick:
         args.base_steps, args.steps, args.eval = 30, 20, 50
     out = args.base_out or os.path.join("runs", f"lora_vs_full_base{args.digits}")

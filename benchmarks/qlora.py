@@ -33,6 +33,7 @@ from minilora import quant as Q
 from minilora import train as T
 from minilora.gpt import GPT, GPTConfig
 from minilora.optim import AdamW
+from minilora.parallel import forward_backward
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj")
 REFERENCE = dict(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=256)
@@ -100,8 +101,8 @@ def _build(kind: str, cfg: dict) -> GPT:
 
 
 def _step(model: GPT, opt: AdamW, x: np.ndarray, y: np.ndarray) -> None:
-    _, loss = model(x, y)
-    loss.backward()
+    """The training loop's step: forward and backward with the batch in shards, then AdamW."""
+    forward_backward(model, x, y, T.TrainConfig.shards)
     opt.step()
     opt.zero_grad()
 

@@ -52,10 +52,6 @@ TRAIN_FIELDS = ("steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay",
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "block_size")
 
 
-# kept under its old name: benchmarks and notebooks import it from here
-limit_blas_threads = cpu.set_blas_threads
-
-
 def _setup(args: argparse.Namespace) -> None:
     """Select the backend and the BLAS thread count for a command."""
     B.use_backend(args.backend)
@@ -66,7 +62,7 @@ def _setup(args: argparse.Namespace) -> None:
     if threads is not None:
         if threads < 1:
             raise InvalidArgumentError(f"--threads must be at least 1, got {threads}")
-        limit_blas_threads(threads)
+        cpu.set_blas_threads(threads)
 
 
 def _task_dataset(extra: dict, task_name: str | None = None) -> TaskDataset:
@@ -376,4 +372,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser", "limit_blas_threads", "MODEL_DEFAULTS"]
+__all__ = ["main", "build_parser", "MODEL_DEFAULTS"]

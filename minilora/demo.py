@@ -35,6 +35,7 @@ from .data import TASK_VOCAB, TaskDataset, get_task
 from .errors import CheckpointError
 from .gpt import GPT, GPTConfig
 from .optim import AdamW
+from .parallel import forward_backward
 from .train import HISTORY_FILE, TrainConfig, exact_match, greedy_answers, param_groups, train
 
 
@@ -86,8 +87,10 @@ def _copy_of(model: GPT) -> GPT:
     return twin
 
 
-def measure_step(model: Any, data: TaskDataset, batch_size: int, timed: int = 5) -> dict:
-    """Median seconds of a training step, and its peak memory in bytes.
+def measure_step(model: Any, data: TaskDataset, batch_size: int, timed: int = 5,
+                 shards: int = TrainConfig.shards) -> dict:
+    """Median seconds of a training step (the training loop's: the batch in ``shards`` shards),
+    and its peak memory in bytes.
 
     Peak memory = resident arrays of the model + what tracemalloc sees at its peak over two steps
     with a fresh AdamW (gradients, optimizer state, activations, temporaries).
@@ -99,8 +102,7 @@ def measure_step(model: Any, data: TaskDataset, batch_size: int, timed: int = 5)
         for _ in range(n):
             x, y = data.get_batch(batch_size, rng)
             t0 = time.perf_counter()
-            _, loss = model(x, y)
-            loss.backward()
+            forward_backward(model, x, y, shards)
             opt.step()
             opt.zero_grad()
             B.synchronize()

@@ -156,7 +156,7 @@ def test_blas_threads_can_be_limited_after_numpy_is_loaded(capsys):
         pytest.skip("NumPy is not linked against OpenBLAS here")
     import ctypes
 
-    from minilora.cli import limit_blas_threads
+    from minilora.cpu import set_blas_threads
 
     with open("/proc/self/maps") as maps:
         path = next(line.split()[-1] for line in maps if "openblas" in line.lower())
@@ -165,9 +165,9 @@ def test_blas_threads_can_be_limited_after_numpy_is_loaded(capsys):
         lib.openblas_get_num_threads
     before = getter()
     try:
-        assert limit_blas_threads(1) and getter() == 1
-        assert limit_blas_threads(2) and getter() == 2
+        assert set_blas_threads(1) and getter() == 1
+        assert set_blas_threads(2) and getter() == 2
     finally:
-        limit_blas_threads(before)
+        set_blas_threads(before)
     assert main(["eval", "--checkpoint", "x", "--threads", "0"]) == 1
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err

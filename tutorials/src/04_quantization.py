@@ -25,10 +25,10 @@ import numpy as np
 
 import minilora as ml
 from minilora import data, lora, quant, train
-from minilora.cli import limit_blas_threads
+from minilora.cpu import set_blas_threads
 
 FAST = os.environ.get("MINILORA_FAST") == "1"  # the test suite runs this notebook small
-limit_blas_threads(1)  # these matrices are small: a second BLAS thread only waits for a core
+set_blas_threads(1)  # these matrices are small: a second BLAS thread only waits for a core
 ml.manual_seed(0)
 host = ml.backend.to_numpy  # library arrays (NumPy or CuPy) -> NumPy, for printing and plots
 
