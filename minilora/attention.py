@@ -63,7 +63,7 @@ def _softmax_columns(st: Any) -> Any:
     """Softmax over axis -2 (the keys of S^T), in place on ``st`` (which is returned)."""
     st -= st.max(axis=-2, keepdims=True)
     B.xp.exp(st, out=st)
-    st /= st.sum(axis=-2, keepdims=True)
+    st *= 1.0 / st.sum(axis=-2, keepdims=True)  # one division per column, then multiplications
     return st
 
 
@@ -118,7 +118,7 @@ def causal_self_attention(q: Tensor, k: Tensor, v: Tensor, n_head: int,
     saved = []
     for a, b in _query_blocks(T):
         Pt = kh[:, :, :b] @ qh[:, :, a:b].swapaxes(-1, -2)  # (B, nh, b, b - a): S^T, keys < b
-        Pt += mask_t[:b, a:b]
+        Pt[:, :, a:b] += mask_t[a:b, a:b]  # keys < a are visible to every query here
         Pt = _softmax_columns(Pt)  # P^T
         keep = None
         if dropout_p > 0.0:
