@@ -106,22 +106,21 @@ def _add_in_order(stores: list[dict], threads: int) -> None:
     depend on the split)."""
     parts: dict = {}
     for store in stores:
-        for key, (leaf, g) in store.items():
-            parts.setdefault(key, (leaf, []))[1].append(g)
+        for key, (leaf, g, owned) in store.items():
+            parts.setdefault(key, (leaf, [], owned))[1].append(g)
     work = list(parts.values())
 
     def add(indices: list[int]) -> None:
         for i in indices:
-            leaf, gs = work[i]
-            if len(gs) == 1:  # copied: a shard's own array may be shared with its graph
-                total = gs[0].astype(leaf.data.dtype, copy=True)
-            else:
-                total = (gs[0] + gs[1]).astype(leaf.data.dtype, copy=False)
-            for g in gs[2:]:
-                total += g
-            leaf.grad = total if leaf.grad is None else leaf.grad + total
+            leaf, gs, owned = work[i]
+            first = gs[0]
+            if not owned or first.dtype != leaf.data.dtype:  # shared with its graph: copy
+                first = first.astype(leaf.data.dtype, copy=True)
+            for g in gs[1:]:
+                first += g  # into the first shard's array: no third copy of the gradients
+            leaf.grad = first if leaf.grad is None else leaf.grad + first
 
-    groups = cpu.balanced_groups([gs[0].size for _, gs in work], threads)
+    groups = cpu.balanced_groups([gs[0].size for _, gs, _ in work], threads)
     cpu.run_in_threads([lambda g=g: add(g) for g in groups])
 
 

@@ -46,7 +46,8 @@ def no_grad() -> Iterator[None]:
 @contextmanager
 def leaf_grads_into(store: dict) -> Iterator[dict]:
     """Context manager: inside the block, ``backward`` in this thread does not touch ``leaf.grad``
-    but puts each leaf's gradient into ``store[id(leaf)] = (leaf, grad)`` (adding repeats up).
+    but puts each leaf's gradient into ``store[id(leaf)] = (leaf, grad, owned)`` (adding repeats
+    up); ``owned`` says that nothing else holds ``grad``, so it may be added into in place.
 
     :mod:`minilora.parallel` gives each shard of a batch its own store, so shards can run side by
     side and their gradients be added in a fixed order afterwards.
@@ -184,7 +185,10 @@ class Tensor:
                                      "pass retain_graph=True to walk it twice")
                 if sink is not None:
                     held = sink.get(id(node))
-                    sink[id(node)] = (node, g if held is None else held[1] + g)
+                    if held is None:  # owned: nothing else holds g, the sink may add into it
+                        sink[id(node)] = (node, g, _owned(g, shared))
+                    else:
+                        sink[id(node)] = (node, held[1] + g, True)
                 elif node.grad is not None:
                     node.grad = node.grad + g
                 elif not _owned(g, shared) or g.dtype != node.data.dtype:

@@ -150,7 +150,7 @@ def test_leaf_gradients_can_be_collected_instead_of_stored():
         (w * w).sum().backward()
         (w * 2.0).sum().backward()
     assert w.grad is None
-    leaf, g = store[id(w)]
+    leaf, g, _ = store[id(w)]
     assert leaf is w and np.allclose(host(g), 2 * np.arange(3.0) + 2.0)
     (w * w).sum().backward()  # outside the block: into .grad again
     assert np.allclose(host(w.grad), 2 * np.arange(3.0))
@@ -246,3 +246,29 @@ def test_balanced_groups_split_every_index_once_and_evenly(sizes, n):
     totals = [sum(sizes[i] for i in g) for g in groups]
     if len(groups) == n and sizes:
         assert max(totals) - min(totals) <= max(sizes)
+
+
+def test_two_leaves_handed_one_gradient_array_keep_their_own():
+    """add gives p and q the same gradient array in each shard; summing the shards into it in
+    place would write one leaf's gradient into the other's."""
+    from minilora import functional as F
+
+    class TwoLeaves:
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.p = ml.Tensor(rng.standard_normal(V), requires_grad=True)
+            self.q = ml.Tensor(rng.standard_normal(V), requires_grad=True)
+
+        def __call__(self, idx, targets):
+            logits = (self.p + self.q) * ml.Tensor(np.ones((len(idx), T, V)))
+            return logits, F.cross_entropy(logits, targets)
+
+    x, y = batch(4)
+    plain = TwoLeaves()
+    plain(x, y)[1].backward()
+    sharded = TwoLeaves()
+    forward_backward(sharded, x, y, shards=2)
+    assert sharded.p.grad is not sharded.q.grad
+    for name in ("p", "q"):
+        np.testing.assert_allclose(host(getattr(sharded, name).grad),
+                                   host(getattr(plain, name).grad), rtol=1e-5, atol=1e-7)
