@@ -4,11 +4,14 @@
     python benchmarks/train_step.py --quick    # a few seconds: smaller, no memory part
 
 Both frameworks train the same model (same weights: PyTorch's are copied from minilora's) on the
-same batch. Steps are timed in alternating rounds (a few minilora steps, then a few PyTorch steps,
-and again, with a short untimed pause at each switch), so load from other processes hits both
-alike; the report quotes medians and their ratio. On a loaded machine compare one thread each
-(``OPENBLAS_NUM_THREADS=1 python benchmarks/train_step.py --threads 1``): two-thread pools that
-wait on each other fall apart once other processes take the cores, for both frameworks.
+same batch. minilora's step is the training loop's: the batch in ``--shards`` shards (default 2)
+on as many threads, each with a one-thread OpenBLAS (``minilora.parallel``), freed memory kept
+for reuse (``cpu.keep_freed_memory``). Steps are timed in alternating rounds (a few minilora
+steps, then a few PyTorch steps, and again, with a short untimed pause at each switch), so load
+from other processes hits both alike; the report quotes medians and their ratio. On a loaded
+machine compare one thread each (``OPENBLAS_NUM_THREADS=1 python benchmarks/train_step.py
+--threads 1 --shards 1``): thread pools that wait on each other fall apart once other processes
+take the cores.
 
 Memory is measured in separate child processes, one framework each:
 
