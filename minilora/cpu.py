@@ -29,6 +29,7 @@ arrays, so Python threads that each work on their own arrays keep several cores 
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import threading
@@ -40,8 +41,6 @@ _SETTERS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
             "openblas_set_num_threads")
 _GETTERS = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
             "openblas_get_num_threads")
-_found: tuple[Any, Any] | None = None  # OpenBLAS's (setter, getter) once looked up
-_looked = False
 
 # glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -61,22 +60,19 @@ def _openblas_paths() -> list[str]:
     return sorted(glob.glob(os.path.join(libs, "*openblas*")))
 
 
+@functools.cache
 def _blas_functions() -> tuple[Any, Any] | None:
     """OpenBLAS's (set_num_threads, get_num_threads), looked up once; None if not found."""
-    global _found, _looked
-    if not _looked:
-        _looked = True
-        for path in _openblas_paths():
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            setter = next((getattr(lib, s) for s in _SETTERS if hasattr(lib, s)), None)
-            getter = next((getattr(lib, s) for s in _GETTERS if hasattr(lib, s)), None)
-            if setter is not None and getter is not None:
-                _found = (setter, getter)
-                break
-    return _found
+    for path in _openblas_paths():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        setter = next((getattr(lib, s) for s in _SETTERS if hasattr(lib, s)), None)
+        getter = next((getattr(lib, s) for s in _GETTERS if hasattr(lib, s)), None)
+        if setter is not None and getter is not None:
+            return setter, getter
+    return None
 
 
 def set_blas_threads(n: int) -> bool:
@@ -178,5 +174,12 @@ def balanced_groups(sizes: list[int], n: int) -> list[list[int]]:
     return [sorted(g) for g in groups if g]
 
 
+def for_each_in_threads(fn: Callable[[int], Any], sizes: list[int], threads: int) -> None:
+    """Call ``fn(i)`` for every index i of ``sizes``: the indices in ``threads`` groups of similar
+    total size (``balanced_groups``), each group on its own thread (``run_in_threads``)."""
+    run_in_threads([lambda group=group: [fn(i) for i in group]
+                    for group in balanced_groups(sizes, threads)])
+
+
 __all__ = ["set_blas_threads", "get_blas_threads", "blas_threads_as", "keep_freed_memory",
-           "available_cpus", "run_in_threads", "balanced_groups"]
+           "available_cpus", "run_in_threads", "balanced_groups", "for_each_in_threads"]

@@ -145,6 +145,8 @@ class Block(Module):
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
+
+
 def gelu(x: Tensor) -> Tensor:
     """GPT-2's GELU, tanh form, fused and chunked: ``y = x p`` with p = (1 + t) / 2,
     t = tanh(c (x + a x^3)), c = sqrt(2/pi), a = 0.044715.

@@ -163,9 +163,7 @@ class AdamW(Optimizer):
         sizes = [u[0].size for u in updates]
         threads = cpu.available_cpus() if B.get_backend() == "numpy" and \
             sum(sizes) >= _THREADED_FROM else 1
-        groups = cpu.balanced_groups(sizes, threads)
-        cpu.run_in_threads([lambda group=group: [_adamw_update(*updates[k]) for k in group]
-                            for group in groups])
+        cpu.for_each_in_threads(lambda k: _adamw_update(*updates[k]), sizes, threads)
 
 
 # parameters from which AdamW's update is worth splitting among threads (below, the hand-off to

@@ -93,9 +93,10 @@ def forward_backward(model: Any, idx: Any, targets: Any, shards: int = 2,
             loss.backward(B.xp.asarray(weight, dtype=loss.dtype))
         results[s] = (weight * float(loss.item()), store)
 
-    tasks = [lambda k=k: [run(s) for s in range(k, shards, threads)] for k in range(threads)]
+    rows_per_shard = [b - a for a, b in zip(bounds, bounds[1:])]
     with cpu.blas_threads_as(1) if threads > 1 else nullcontext():
-        cpu.run_in_threads(tasks)  # re-raises a shard's failure before any gradient is touched
+        # re-raises a shard's failure before any gradient is touched
+        cpu.for_each_in_threads(run, rows_per_shard, threads)
     _add_in_order([store for _, store in results], threads)
     return sum(part for part, _ in results)
 
@@ -110,18 +111,16 @@ def _add_in_order(stores: list[dict], threads: int) -> None:
             parts.setdefault(key, (leaf, [], owned))[1].append(g)
     work = list(parts.values())
 
-    def add(indices: list[int]) -> None:
-        for i in indices:
-            leaf, gs, owned = work[i]
-            first = gs[0]
-            if not owned or first.dtype != leaf.data.dtype:  # shared with its graph: copy
-                first = first.astype(leaf.data.dtype, copy=True)
-            for g in gs[1:]:
-                first += g  # into the first shard's array: no third copy of the gradients
-            leaf.grad = first if leaf.grad is None else leaf.grad + first
+    def add(i: int) -> None:
+        leaf, gs, owned = work[i]
+        first = gs[0]
+        if not owned or first.dtype != leaf.data.dtype:  # shared with its graph: copy
+            first = first.astype(leaf.data.dtype, copy=True)
+        for g in gs[1:]:
+            first += g  # into the first shard's array: no third copy of the gradients
+        leaf.grad = first if leaf.grad is None else leaf.grad + first
 
-    groups = cpu.balanced_groups([gs[0].size for _, gs, _ in work], threads)
-    cpu.run_in_threads([lambda g=g: add(g) for g in groups])
+    cpu.for_each_in_threads(add, [gs[0].size for _, gs, _ in work], threads)
 
 
 __all__ = ["forward_backward", "default_threads"]

@@ -272,3 +272,16 @@ def test_two_leaves_handed_one_gradient_array_keep_their_own():
     for name in ("p", "q"):
         np.testing.assert_allclose(host(getattr(sharded, name).grad),
                                    host(getattr(plain, name).grad), rtol=1e-5, atol=1e-7)
+
+
+@given(st.lists(st.integers(0, 100), max_size=20), st.integers(1, 4))
+def test_for_each_in_threads_calls_every_index_once(sizes, threads):
+    import threading
+
+    seen, lock = [], threading.Lock()
+
+    def fn(i):
+        with lock:
+            seen.append(i)
+    cpu.for_each_in_threads(fn, sizes, threads)
+    assert sorted(seen) == list(range(len(sizes)))
