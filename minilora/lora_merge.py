@@ -4,10 +4,13 @@ After training, W' = W + s B A serves at exactly the base's cost: the LoRA paper
 inference latency". Merging is always an explicit call here (loralib merges on ``eval()``; that
 surprise is avoided), and a layer refuses a second merge until it is unmerged.
 
-``add_weighted_adapter`` builds a new adapter whose update is sum_i w_i s_i B_i A_i:
-"cat" stacks the factors, A = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B = [B_1, B_2, ...], which is exact
-and whose rank is the sum of the ranks; "svd" forms the sum and keeps its top ``svd_rank``
-singular directions, the best approximation of that rank (Eckart-Young).
+``add_weighted_adapter`` builds a new adapter from weighted ones, as PEFT's method of that name:
+"cat" stacks the factors, A = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B = [B_1, B_2, ...], whose update
+is exactly sum_i w_i s_i B_i A_i and whose rank is the sum of the ranks; "svd" forms that sum and
+keeps its top ``svd_rank`` singular directions, the best approximation of that rank
+(Eckart-Young); "linear" adds the factors themselves, A = sum_i sign(c_i) sqrt|c_i| A_i and
+B = sum_i sqrt|c_i| B_i with c_i = w_i s_i, which keeps the common rank but is NOT the weighted
+sum of the updates: B A also holds the cross terms B_i A_j (i != j).
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ def merge_and_unload(model: Module, adapter_names: Sequence[str] | None = None) 
     return unload(model)
 
 
+COMBINATION_TYPES = ("svd", "cat", "linear")
+
+
 def _check_weighted(model: Module, adapters: Sequence[str], weights: Sequence[float],
                     adapter_name: str, combination_type: str, svd_rank: Any) -> None:
     configs = lora_configs(model)
@@ -93,9 +99,9 @@ def _check_weighted(model: Module, adapters: Sequence[str], weights: Sequence[fl
             isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
         raise InvalidArgumentError(f"add_weighted_adapter: weights must be one finite number per "
                                    f"adapter ({len(adapters)}), got {list(weights)}")
-    if combination_type not in ("cat", "svd"):
-        raise InvalidArgumentError(f"add_weighted_adapter: combination_type must be 'cat' or "
-                                   f"'svd', got {combination_type!r}")
+    if combination_type not in COMBINATION_TYPES:
+        raise InvalidArgumentError(f"add_weighted_adapter: combination_type must be one of "
+                                   f"{COMBINATION_TYPES}, got {combination_type!r}")
     if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
         raise InvalidArgumentError(f"add_weighted_adapter: svd_rank must be a positive int, "
                                    f"got {svd_rank!r}")
@@ -103,11 +109,37 @@ def _check_weighted(model: Module, adapters: Sequence[str], weights: Sequence[fl
     if dora:
         raise ConfigError(f"add_weighted_adapter: DoRA adapters {dora} are not linear in B A and "
                           f"cannot be combined this way")
+    if combination_type == "linear":
+        # as PEFT: an adapter's rank is its largest one (r or a rank_pattern value)
+        ranks = [max([configs[a].r, *configs[a].rank_pattern.values()]) for a in adapters]
+        if len(set(ranks)) > 1:
+            raise ConfigError(f"add_weighted_adapter: combination_type='linear' adds the A's and "
+                              f"the B's, so all adapters must have the same rank; adapters "
+                              f"{list(adapters)} have r {ranks} (use 'cat' or 'svd' instead)")
+
+
+def _check_linear_ranks(layers: list, adapters: list[str]) -> None:
+    """Every layer: the adapters present there have one rank (a rank_pattern may differ)."""
+    for path, layer in layers:
+        present = [a for a in adapters if a in layer.lora_A]
+        ranks = [layer.r[a] for a in present]
+        if len(set(ranks)) > 1:
+            raise ConfigError(f"add_weighted_adapter: combination_type='linear' needs one rank "
+                              f"per layer; in {path!r} adapters {present} have r {ranks} (use "
+                              f"'cat' or 'svd' instead)")
 
 
 def _combined_factors(layer: LoRALinear, adapters: list[str], weights: list[float],
                       combination_type: str, svd_rank: int | None) -> tuple[Any, Any]:
     """The new (A, B) of one layer; its scaling is 1, so delta = B @ A."""
+    if combination_type == "linear":
+        c = [w * layer.scaling[a] for a, w in zip(adapters, weights)]  # Python floats
+        root = [math.sqrt(abs(ci)) for ci in c]
+        # the sign goes on A only (on both it would cancel); c = 0 counts as positive, as PEFT
+        A = sum((rt if ci >= 0 else -rt) * layer.lora_A[a].weight.data
+                for a, ci, rt in zip(adapters, c, root))  # (r, in)
+        Bm = sum(rt * layer.lora_B[a].weight.data for a, rt in zip(adapters, root))  # (out, r)
+        return A, Bm
     if combination_type == "cat":
         A = B.xp.concatenate([w * layer.scaling[a] * layer.lora_A[a].weight.data
                               for a, w in zip(adapters, weights)], axis=0)  # (sum r, in)
@@ -124,17 +156,34 @@ def _combined_factors(layer: LoRALinear, adapters: list[str], weights: list[floa
 def add_weighted_adapter(model: Module, adapters: Sequence[str], weights: Sequence[float],
                          adapter_name: str, combination_type: str = "svd",
                          svd_rank: int | None = None) -> None:
-    """Add adapter ``adapter_name`` with update sum_i weights[i] * s_i B_i A_i in every layer.
+    """Add adapter ``adapter_name`` that combines ``adapters`` with ``weights``, in every layer.
 
-    "cat": rank = sum of the ranks, exact. "svd": rank ``svd_rank`` (default: the largest of the
-    ranks, at most min(in, out)), the best approximation of that rank. The new adapter has
-    alpha = r (scaling 1) and is added inactive: ``set_adapter(model, adapter_name)`` uses it.
-    Adapters missing from a layer count as zero there; DoRA adapters are refused.
+    With c_i = weights[i] * s_i (s_i the scaling of adapter i in that layer), A_i (r_i, in) and
+    B_i (out, r_i), the new factors are:
+
+    * "cat":  A = [c_1 A_1; c_2 A_2; ...] (sum r_i, in), B = [B_1, B_2, ...] (out, sum r_i), so
+      B A = sum_i c_i B_i A_i exactly;
+    * "svd":  the top ``svd_rank`` singular triplets of sum_i c_i B_i A_i (default: the largest
+      of the ranks, at most min(in, out)), B = U sqrt(S), A = sqrt(S) V^T: the best
+      approximation of that rank;
+    * "linear" (PEFT's): A = sum_i sign(c_i) sqrt|c_i| A_i (r, in) and B = sum_i sqrt|c_i| B_i
+      (out, r), with sign(0) = +1; every adapter must have the same rank r (ConfigError
+      otherwise). Its update B A = sum_i c_i B_i A_i + sum_{i != j} sign(c_j) sqrt|c_i c_j| B_i A_j
+      is NOT the weighted sum of the updates unless the cross terms vanish (one adapter, or
+      B_i A_j = 0 for i != j): cheap, a rough approximation (as PEFT's documentation warns).
+
+    The new adapter has alpha = r and scaling 1, whatever the sources' rsLoRA setting (PEFT up to
+    0.21 copies ``use_rslora`` from the first source, which makes its scaling sqrt(r) and the
+    update sqrt(r) times too large: huggingface/peft#3449); it is added inactive and frozen:
+    ``set_adapter(model, adapter_name)`` uses it. Adapters missing from a layer count as zero
+    there; DoRA adapters are refused. Nothing is changed when an argument is refused.
     """
     adapters, weights = list(adapters), list(weights)
     _check_weighted(model, adapters, weights, adapter_name, combination_type, svd_rank)
     configs = lora_configs(model)
     first = configs[adapters[0]]
+    if combination_type == "linear":
+        _check_linear_ranks(lora_layers(model), adapters)
     paths, ranks = [], {}
     for path, layer in lora_layers(model):
         present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]

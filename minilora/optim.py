@@ -248,23 +248,59 @@ class SGD(Optimizer):
             p.data -= g["lr"] * grad
 
 
-def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
-    """Scale all gradients together so their global L2 norm is at most ``max_norm``.
+def _grads(params: Iterable[Tensor] | Tensor) -> list[Any]:
+    """The gradient arrays of ``params`` (a Tensor or an iterable of them) that have one."""
+    if isinstance(params, Tensor):
+        params = [params]
+    return [p.grad for p in params if p.grad is not None]
 
-    Returns the norm before clipping. As PyTorch: the scale is max_norm / (norm + 1e-6), applied
-    only when it is below 1.
+
+def _norm_of(grads: list[Any]) -> float:
+    """sqrt(sum_k ||g_k||^2) in float64: each sum of squares stays on the device (a 0-d array),
+    they are added there in order, and one ``float()`` brings the total to the host."""
+    if not grads:
+        return 0.0
+    squares = []
+    for g in grads:
+        g64 = g.astype(np.float64)  # a fresh copy, squared in place
+        squares.append(B.xp.square(g64, out=g64).sum())  # 0-d, on the device
+    total = squares[0]
+    for sq in squares[1:]:  # in order, as a running sum: the same rounding as a host loop
+        total = total + sq
+    return math.sqrt(float(total))  # the one device-to-host transfer
+
+
+def grad_norm(params: Iterable[Tensor] | Tensor) -> float:
+    """The global L2 norm of the gradients: ``sqrt(sum_k sum_i g_{k,i}^2)`` over every parameter
+    k that has a gradient (of any shape), accumulated in float64; 0.0 when none has one.
+
+    NaN if any gradient holds a NaN, inf if one holds an inf (and no NaN). One device-to-host
+    synchronisation in all, however many parameters, so it is cheap to call every step.
+    """
+    return _norm_of(_grads(params))
+
+
+def clip_grad_norm(params: Iterable[Tensor] | Tensor, max_norm: float) -> float:
+    """Scale all gradients together so their global L2 norm is at most ``max_norm``, in place.
+
+    As ``torch.nn.utils.clip_grad_norm_`` with its default ``error_if_nonfinite=False``:
+    ``norm = grad_norm(params)``, ``coef = min(max_norm / (norm + 1e-6), 1)`` and every gradient
+    becomes ``g * coef``. Returns ``norm`` (before clipping). A finite norm below ``max_norm``
+    leaves the gradients untouched (coef = 1). A non-finite norm is NOT an error and does what
+    PyTorch does: a NaN norm gives coef = NaN, so every gradient becomes NaN; an inf norm gives
+    coef = 0, so finite entries become 0 and inf entries NaN (inf * 0). The returned NaN or inf
+    tells the caller to skip the step.
     """
     max_norm = float(max_norm)
     if not max_norm >= 0:
         raise InvalidArgumentError(f"clip_grad_norm: max_norm must be >= 0, got {max_norm}")
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    total = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        for g in grads:
-            g *= coef
+    grads = _grads(params)
+    total = _norm_of(grads)
+    coef = max_norm / (total + 1e-6)  # NaN for a NaN norm, 0.0 for an inf one
+    if not coef >= 1.0:  # coef < 1, or NaN (min(NaN, 1) is NaN, as torch.clamp)
+        with np.errstate(invalid="ignore"):  # inf * 0 = NaN is the documented result
+            for g in grads:
+                g *= coef
     return total
 
 

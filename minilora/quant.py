@@ -2,10 +2,15 @@
 
 A weight tensor is stored as one 4-bit code per element plus one scale per block:
 
-* flatten row-major and cut into blocks of ``blocksize`` elements (the last block may be short);
+* flatten row-major and cut into blocks of ``blocksize`` elements (the last block may be short;
+  a block larger than the array is one short block, nothing is padded to ``blocksize``);
 * ``absmax_b = max |x|`` over block b, kept in float32;
-* each element becomes the index of the code value nearest to ``x / absmax_b`` (in [-1, 1]);
-  ties at a midpoint go to the lower value, as bitsandbytes does;
+* each element is scaled to [-1, 1] with bitsandbytes' float32 arithmetic, then takes the code
+  whose interval between midpoints holds it (a value exactly on a midpoint takes the lower code,
+  as ``torch.bucketize`` does): a FULL block is multiplied by the float32 reciprocal,
+  ``clip(x * fl(1 / max(absmax_b, 1e-38)), -1, 1)``, the short last block is divided,
+  ``clip(x / max(absmax_b, 1e-38), -1, 1)`` (the two differ by an ulp now and then, which moves
+  a value lying within an ulp of a midpoint to the other code);
 * two codes share a byte, the first element in the HIGH nibble:
   ``packed[i] = code[2i] << 4 | code[2i + 1]`` (an odd count pads the last low nibble with the
   code of zero);
@@ -16,11 +21,14 @@ mean (kept as an ``offset``), then quantize them blockwise (256 per block) to 8 
 bitsandbytes' signed "dynamic" map. Storage per parameter: ``4 + 32/64 = 4.5`` bits without it and
 ``4 + 8/64 + 32/(64 * 256) = 4.127`` bits with it (plus one float32 offset per tensor).
 
-The code tables, the nibble order, the nearest-code rule and the 8-bit map are those of
-bitsandbytes' CPU implementation, so its packed bytes and absmax can be read here directly (the
-cross-checks in tests/crosscheck/test_quant_bnb.py compare them byte for byte). The frozen layer
-built on this (``QuantLinear``), ``quantize_model``, merging into a 4-bit base and the memory report
-live in :mod:`minilora.quant_linear` and are re-exported at the end of this file.
+The code tables, the nibble order, the scaling arithmetic and the midpoint rule are those of
+bitsandbytes' reference kernel (``backends/default/ops.py``, which its CPU build uses for
+``quantize_4bit``), so packed bytes and absmax equal bitsandbytes' for every input, midpoints
+included, and its arrays can be read here directly (tests/crosscheck/test_quant_bnb.py compares
+them byte for byte). The one place that differs on purpose is the nested 8-bit step of double
+quantization (see :func:`quantize`). The frozen layer built on this (``QuantLinear``),
+``quantize_model``, merging into a 4-bit base and the memory report live in
+:mod:`minilora.quant_linear` and are re-exported at the end of this file.
 """
 
 from __future__ import annotations
@@ -38,6 +46,13 @@ from .tensor import Tensor
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
 NESTED_BLOCKSIZE = 256  # absmax values per block in double quantization (QLoRA, bitsandbytes)
+# The largest blocksize accepted (bitsandbytes uses 32..4096). Nothing is allocated in proportion
+# to the blocksize, but a limit turns a forged one (a corrupt file, 2**40) into a clear error.
+MAX_BLOCKSIZE = 2 ** 24
+_MAX_TEXT = f"2**{MAX_BLOCKSIZE.bit_length() - 1} = {MAX_BLOCKSIZE}"
+# bitsandbytes scales by 1 / max(absmax, 1e-38): a block of zeros (or of subnormals) is not
+# divided by zero, and a zero SHORT last block stores this value as its absmax
+_TINY = np.float32(1e-38)
 
 # NF4 (QLoRA, section 3): quantiles of N(0, 1) scaled to [-1, 1]; 7 negative values, an exact
 # zero and 8 positive ones, so the grid is denser where Gaussian weights are.
@@ -163,9 +178,13 @@ def _check_quant_type(quant_type: Any) -> str:
 
 def _check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
     ok = isinstance(blocksize, (int, np.integer)) and not isinstance(blocksize, bool)
+    if ok and blocksize > MAX_BLOCKSIZE:
+        raise InvalidArgumentError(f"{name} must be at most MAX_BLOCKSIZE = {_MAX_TEXT} "
+                                   f"(bitsandbytes uses 32..4096), got {blocksize!r}")
     if not ok or blocksize < 16 or blocksize & (blocksize - 1):
-        raise InvalidArgumentError(f"{name} must be a power of two >= 16 (bitsandbytes uses "
-                                   f"32..4096, default 64), got {blocksize!r}")
+        raise InvalidArgumentError(f"{name} must be a power of two in [16, MAX_BLOCKSIZE = "
+                                   f"{_MAX_TEXT}] (bitsandbytes uses 32..4096, default 64), "
+                                   f"got {blocksize!r}")
     return int(blocksize)
 
 
@@ -244,6 +263,7 @@ class QuantState:
 
     def dequantized_absmax(self) -> Any:
         """The per-block scales as float32 (n_blocks,), undoing double quantization if used."""
+        _check_state(self, "dequantized_absmax")
         if not self.nested:
             return self.absmax
         scales = _dequantize_blocks(self.absmax, self.absmax2, self.blocksize2, "dynamic8",
@@ -296,19 +316,34 @@ def unpack_nibbles(packed: Any, n: int) -> Any:
 def _quantize_blocks(x: Any, blocksize: int, kind: str) -> tuple[Any, Any]:
     """Codes (uint8 (n,)) and absmax (float32 (n_blocks,)) of the flat float32 array ``x``.
 
-    ``q_i = nearest code to clip(x_i / absmax_b, -1, 1)``; the nearest code is found by one
-    ``searchsorted`` over the midpoints between sorted code values (side 'left': a value exactly
-    on a midpoint goes to the lower code), so the work is O(n log 16), with no (n, 16) matrix.
+    bitsandbytes' arithmetic, step by step in float32 (``fl`` = rounding to float32):
+
+    * full block b:  ``s_i = clip(fl(x_i * fl(1 / max(absmax_b, 1e-38))), -1, 1)``;
+    * the short last block (n % blocksize elements, if any):
+      ``s_i = clip(fl(x_i / max(absmax_b, 1e-38)), -1, 1)`` and its stored absmax is
+      ``max(absmax_b, 1e-38)`` (so an all-zero short block stores 1e-38, a full one 0);
+    * ``q_i = order[#{k : midpoint_k < s_i}]``: one ``searchsorted`` (side 'left', as
+      ``torch.bucketize``) over the midpoints between sorted code values, so a value exactly on
+      a midpoint takes the lower code; the work is O(n log 16), with no (n, 16) matrix.
+
+    Memory is O(n): a block larger than ``x`` is one short block, nothing is padded.
     """
     n = x.size
-    n_blocks = -(-n // blocksize)
-    if n_blocks * blocksize != n:  # zero padding leaves every block's absmax unchanged
-        x = B.xp.concatenate([x, B.xp.zeros(n_blocks * blocksize - n, dtype=x.dtype)])
-    blocks = x.reshape(n_blocks, blocksize)  # (n_blocks, blocksize)
-    absmax = B.xp.abs(blocks).max(axis=1)  # (n_blocks,) float32
-    # an all-zero block keeps absmax 0; dividing it by 1 instead maps it to the code of zero
-    safe = B.xp.where(absmax > 0, absmax, B.xp.ones((), dtype=absmax.dtype))
-    scaled = B.xp.clip(blocks / safe[:, None], -1, 1).reshape(-1)[:n]
+    k = n // blocksize  # full blocks
+    full = k * blocksize
+    n_blocks = k + (full < n)
+    absmax = B.xp.empty(n_blocks, dtype=np.float32)
+    scaled = B.xp.empty(n, dtype=np.float32)
+    if k:
+        blocks = x[:full].reshape(k, blocksize)  # (k, blocksize)
+        absmax[:k] = B.xp.abs(blocks).max(axis=1)
+        recip = B.xp.divide(np.float32(1.0), B.xp.maximum(absmax[:k], _TINY))  # (k,) fl(1/a)
+        B.xp.multiply(blocks, recip[:, None], out=scaled[:full].reshape(k, blocksize))
+    if full < n:
+        rest = x[full:]  # (n - full,)
+        absmax[k] = B.xp.maximum(B.xp.abs(rest).max(), _TINY)
+        B.xp.divide(rest, absmax[k], out=scaled[full:])
+    B.xp.clip(scaled, -1, 1, out=scaled)
     _, order, midpoints = _host_tables(kind)
     position = B.xp.searchsorted(_device(f"mid/{kind}", lambda: midpoints), scaled, side="left")
     codes = _device(f"order/{kind}", lambda: order.astype(np.uint8))[position]
@@ -322,25 +357,43 @@ def _dequantize_blocks(codes: Any, absmax: Any, blocksize: int, kind: str, n: in
 
 
 def _scale_blocks(values: Any, absmax: Any, blocksize: int, n: int) -> Any:
-    """Multiply flat ``values`` (at least n, a fresh array: it is scaled in place) block by
-    block by ``absmax``; returns (n,)."""
-    total = absmax.size * blocksize
-    if values.size < total:
-        values = B.xp.concatenate([values, B.xp.zeros(total - values.size, dtype=values.dtype)])
-    blocks = values[:total].reshape(absmax.size, blocksize)  # (n_blocks, blocksize)
-    blocks *= absmax[:, None]  # in place: dequantizing allocates one float array, not two
-    return blocks.reshape(-1)[:n]
+    """Multiply flat ``values`` (at least n, a fresh contiguous array: it is scaled in place)
+    block by block by ``absmax`` (ceil(n / blocksize),); returns (n,).
+
+    The full blocks are one broadcast multiply, the short last block another; nothing is padded,
+    so a block larger than the array costs nothing extra.
+    """
+    values = values[:n]
+    k = n // blocksize
+    full = k * blocksize
+    if k:
+        blocks = values[:full].reshape(k, blocksize)  # (k, blocksize), a view
+        blocks *= absmax[:k, None]  # in place: dequantizing allocates one float array, not two
+    if full < n:
+        values[full:] *= absmax[k]
+    return values
 
 
 def quantize(array: Any, blocksize: int = 64, quant_type: str = "nf4",
              double_quant: bool = False) -> QuantState:
     """Quantize a float array blockwise to 4 bits; returns a :class:`QuantState`.
 
-    ``q_i = argmin_k |code_k - clip(x_i / absmax_b, -1, 1)|`` with ``absmax_b = max_{j in b} |x_j|``
-    over blocks of ``blocksize`` consecutive elements of ``array`` flattened row-major.
+    ``q_i = order[#{k : midpoint_k < s_i}]``, the code nearest to ``s_i`` with ties to the lower
+    one, where ``s_i`` is ``x_i`` scaled to [-1, 1] by its block's ``absmax_b = max_{j in b}
+    |x_j|`` exactly as bitsandbytes scales it: ``clip(x_i * fl(1 / absmax_b), -1, 1)`` in a full
+    block, ``clip(x_i / absmax_b, -1, 1)`` in the short last block (float32 throughout, absmax
+    floored at 1e-38; see :func:`_quantize_blocks`). Blocks are ``blocksize`` (a power of two in
+    [16, MAX_BLOCKSIZE]) consecutive elements of ``array`` flattened row-major; the result holds
+    ``packed`` uint8 ((n + 1) // 2,) and ``absmax`` float32 (ceil(n / blocksize),), and equals
+    bitsandbytes' ``quantize_4bit`` byte for byte for "nf4" and "fp4".
+
     ``quant_type``: "nf4" (normal float, the QLoRA default), "fp4" (E2M1 float) or "int4"
     (symmetric, k/7). ``double_quant`` also quantizes the absmax values to 8 bits (blocks of 256,
-    mean subtracted). Float16/32/64 input is quantized from its float32 values.
+    mean subtracted), with the same scaling arithmetic but always the NEAREST code of the 8-bit
+    map (midpoint rule); bitsandbytes' native CPU kernel for that step uses a binary search that
+    lands on the neighbouring code for about 0.05 % of the absmax values, so those bytes may
+    differ by one step (both stay within the 8-bit error bound). Float16/32/64 input is
+    quantized from its float32 values.
     """
     _check_quant_type(quant_type)
     blocksize = _check_blocksize(blocksize)
@@ -368,27 +421,56 @@ def _double_quantize(state: QuantState) -> QuantState:
                    blocksize2=NESTED_BLOCKSIZE)
 
 
-def _check_state(state: Any) -> None:
+def _is_count(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+
+
+def _check_state(state: Any, fn: str = "dequantize") -> None:
+    """Refuse a QuantState whose arrays do not fit its shape and blocksizes (a forged or corrupt
+    one), from metadata alone: nothing is allocated before every size has been checked."""
     if not isinstance(state, QuantState):
-        raise InvalidArgumentError(f"dequantize: expected a QuantState, got "
-                                   f"{type(state).__name__}")
+        raise InvalidArgumentError(f"{fn}: expected a QuantState, got {type(state).__name__}")
     _check_quant_type(state.quant_type)
     _check_blocksize(state.blocksize, "state.blocksize")
+    shape = state.shape
+    if not isinstance(shape, (tuple, list)) or not all(_is_count(d) for d in shape) \
+            or math.prod(shape) < 1:
+        raise ShapeError(f"{fn}: state.shape must be a tuple of positive ints, got {shape!r}")
+    for name in ("packed", "absmax"):
+        if not B.is_array(getattr(state, name)):
+            raise InvalidArgumentError(f"{fn}: state.{name} must be an array, got "
+                                       f"{type(getattr(state, name)).__name__}")
     n = state.numel
     if state.packed.dtype != np.uint8 or state.packed.size != (n + 1) // 2:
-        raise ShapeError(f"dequantize: packed must be uint8 of {(n + 1) // 2} bytes for shape "
+        raise ShapeError(f"{fn}: packed must be uint8 of {(n + 1) // 2} bytes for shape "
                          f"{state.shape}, got {state.packed.dtype} of {state.packed.size}")
-    want = (np.uint8,) if state.nested else (np.float32,)
-    if state.absmax.dtype not in want or state.absmax.size != state.n_blocks:
-        raise ShapeError(f"dequantize: absmax must be {np.dtype(want[0])} of {state.n_blocks} "
-                         f"blocks, got {state.absmax.dtype} of {state.absmax.size}")
+    want = np.uint8 if state.nested else np.float32
+    if state.absmax.dtype != want or state.absmax.size != state.n_blocks:
+        raise ShapeError(f"{fn}: absmax must be {np.dtype(want)} of {state.n_blocks} blocks for "
+                         f"shape {state.shape} at blocksize {state.blocksize}, got "
+                         f"{state.absmax.dtype} of {state.absmax.size}")
+    if not state.nested:
+        return
+    _check_blocksize(state.blocksize2, "state.blocksize2")
+    n2 = -(-state.n_blocks // state.blocksize2)
+    a2 = state.absmax2
+    if not B.is_array(a2) or a2.dtype != np.float32 or a2.size != n2:
+        got = f"{a2.dtype} of {a2.size}" if B.is_array(a2) else type(a2).__name__
+        raise ShapeError(f"{fn}: absmax2 must be float32 of {n2} values ({state.n_blocks} "
+                         f"blocks at blocksize2 {state.blocksize2}), got {got}")
+    off = state.offset
+    if not B.is_array(off) or off.dtype != np.float32 or off.size != 1:
+        got = f"{off.dtype} of {off.size}" if B.is_array(off) else type(off).__name__
+        raise ShapeError(f"{fn}: offset must be one float32 value, got {got}")
 
 
 def dequantize(state: QuantState) -> Any:
     """Undo :func:`quantize`: ``x_hat_i = code_value[q_i] * absmax_b``, float32 of ``state.shape``.
 
     One gather through a (256, 2) table turns each byte into its two values (high nibble first),
-    then one broadcast multiply applies the block scales.
+    then the block scales are applied in place: one broadcast multiply for the full blocks, one
+    for the short last block (nothing is padded to ``blocksize``). The state's sizes are checked
+    against its shape and blocksizes first, so a forged state is refused before any allocation.
     """
     _check_state(state)
     pairs = _device(f"bytes/{state.quant_type}", lambda: _byte_table(state.quant_type))
@@ -463,8 +545,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "QUANT_TYPES", "NF4_CODE", "FP4_CODE", "INT4_CODE", "DYNAMIC_CODE", "QuantState", "quantize",
-    "dequantize", "pack_nibbles", "unpack_nibbles", "code_values", "max_half_gap",
-    "normal_float_code", "dynamic_map_8bit", "bits_per_parameter", "storage_bytes", "error_stats",
+    "QUANT_TYPES", "MAX_BLOCKSIZE", "NF4_CODE", "FP4_CODE", "INT4_CODE", "DYNAMIC_CODE",
+    "QuantState", "quantize", "dequantize", "pack_nibbles", "unpack_nibbles", "code_values",
+    "max_half_gap", "normal_float_code", "dynamic_map_8bit", "bits_per_parameter",
+    "storage_bytes", "error_stats",
     *_FROM_QUANT_LINEAR,
 ]

@@ -219,9 +219,91 @@ def test_weighted_adapter_errors():
         lora.add_weighted_adapter(model, ["a0", "zz"], [1, 1], "c", "cat")
     with pytest.raises(InvalidArgumentError, match="one finite number per adapter"):
         lora.add_weighted_adapter(model, ["a0"], [1, 2], "c", "cat")
-    with pytest.raises(InvalidArgumentError, match="combination_type"):
-        lora.add_weighted_adapter(model, ["a0"], [1], "c", "linear")
+    with pytest.raises(InvalidArgumentError, match="combination_type.*'ties'"):
+        lora.add_weighted_adapter(model, ["a0"], [1], "c", "ties")
     with pytest.raises(InvalidArgumentError, match="svd_rank"):
         lora.add_weighted_adapter(model, ["a0"], [1], "c", "svd", svd_rank=0)
     with pytest.raises(ConfigError, match="already exists"):
         lora.add_weighted_adapter(model, ["a0"], [1], "a1", "cat")
+
+
+def factors(model, path, name):
+    """Host copies (float64) of one adapter's A (r, in) and B (out, r) in layer ``path``."""
+    layer = dict(lora.lora_layers(model))[path]
+    return (host(layer.lora_A[name].weight.data).astype(np.float64),
+            host(layer.lora_B[name].weight.data).astype(np.float64))
+
+
+@given(r=ranks, specs=st.lists(st.tuples(alphas, st.booleans()), min_size=1, max_size=3),
+       w=st.lists(st.one_of(st.floats(-2, 2), st.just(0.0)), min_size=3, max_size=3),
+       dtype=dtypes, seed=seeds)
+def test_linear_combination_adds_the_scaled_factors(r, specs, w, dtype, seed):
+    model = adapted(5, 6, 4, [(r, a, rs, False) for a, rs in specs], dtype, seed)
+    names, w = [f"a{i}" for i in range(len(specs))], w[:len(specs)]
+    before = {n: {p: factors(model, p, n) for p, layer in lora.lora_layers(model)
+                  if n in layer.lora_A} for n in names}
+    lora.add_weighted_adapter(model, names, w, "lin", combination_type="linear")
+    assert lora.lora_configs(model)["lin"].r == r == lora.lora_configs(model)["lin"].alpha
+    for path, layer in lora.lora_layers(model):
+        present = [(n, wi) for n, wi in zip(names, w) if path in before[n]]
+        if not present:
+            assert "lin" not in layer.lora_A
+            continue
+        assert layer.r["lin"] == r and layer.scaling["lin"] == 1.0
+        assert layer.lora_A["lin"].weight.data.dtype == dtype
+        assert not layer.lora_A["lin"].weight.requires_grad
+        c = [wi * layer.scaling[n] for n, wi in present]
+        A_i = [before[n][path][0] for n, _ in present]
+        B_i = [before[n][path][1] for n, _ in present]
+        # A = sum_i sign(c_i) sqrt|c_i| A_i,  B = sum_i sqrt|c_i| B_i
+        A_new, B_new = factors(model, path, "lin")
+        assert_close(A_new, sum(np.sign(ci or 1.0) * np.sqrt(abs(ci)) * a
+                                for ci, a in zip(c, A_i)), RTOL[dtype])
+        assert_close(B_new, sum(np.sqrt(abs(ci)) * b for ci, b in zip(c, B_i)), RTOL[dtype])
+        # B A = the weighted sum of the updates + the cross terms i != j
+        weighted = sum(ci * b @ a for ci, a, b in zip(c, A_i, B_i))
+        cross = sum(np.sqrt(abs(c[i] * c[j])) * np.sign(c[j] or 1.0) * B_i[i] @ A_i[j]
+                    for i in range(len(c)) for j in range(len(c)) if i != j)
+        assert_close(host(layer.delta_weight("lin")), weighted + cross, 10 * RTOL[dtype])
+
+
+def test_linear_is_the_weighted_sum_only_without_cross_terms():
+    """Adapters that use different rank slots (a0 only row/column 0 of A/B, a1 only 1) have
+    B_i A_j = sum_k B_i[:, k] A_j[k, :] = 0 for i != j: then "linear" equals "cat"; otherwise
+    it does not (PEFT's "rough approximation")."""
+    w = [0.7, -1.3]
+    for disjoint in (True, False):
+        model = adapted(6, 6, 6, [(2, 4.0, False, False), (2, 8.0, False, False)], np.float64, 3)
+        for _, layer in lora.lora_layers(model):
+            for name, unused in (("a0", 1), ("a1", 0)):
+                if disjoint and name in layer.lora_A:
+                    layer.lora_A[name].weight.data[unused, :] = 0
+                    layer.lora_B[name].weight.data[:, unused] = 0
+        lora.add_weighted_adapter(model, ["a0", "a1"], w, "lin", combination_type="linear")
+        lora.add_weighted_adapter(model, ["a0", "a1"], w, "cat", combination_type="cat")
+        gap = max(np.abs(host(layer.delta_weight("lin")) - host(layer.delta_weight("cat"))).max()
+                  for _, layer in lora.lora_layers(model))
+        assert (gap < 1e-12) == disjoint, gap
+    # one adapter: no cross terms, the weighted update exactly
+    model = adapted(4, 5, 3, [(3, 6.0, True, False)], np.float64, 1)
+    lora.add_weighted_adapter(model, ["a0"], [-0.4], "lin", combination_type="linear")
+    for _, layer in lora.lora_layers(model):
+        assert_close(host(layer.delta_weight("lin")), -0.4 * host(layer.delta_weight("a0")),
+                     1e-12)
+
+
+def test_linear_refuses_different_ranks_and_changes_nothing():
+    model = adapted(4, 5, 3, [(2, 8.0, False, False), (3, 8.0, False, False)], np.float64, 0)
+    with pytest.raises(ConfigError, match=r"linear.*same rank.*\['a0', 'a1'\] have r \[2, 3\]"):
+        lora.add_weighted_adapter(model, ["a0", "a1"], [1, 1], "c", "linear")
+    assert "c" not in lora.lora_configs(model)
+    assert not any("c" in layer.lora_A for _, layer in lora.lora_layers(model))
+    # equal r, but a rank_pattern makes one layer differ: refused by layer, before any change
+    model = tiny(seed=2)
+    lora.inject_lora(model, lora.LoraConfig(r=2, target_modules=("q_proj", "v_proj")), "a0")
+    lora.inject_lora(model, lora.LoraConfig(r=2, target_modules=("q_proj", "v_proj"),
+                                            rank_pattern={"q_proj": 1}), "a1")
+    state = sorted(model.state_dict())
+    with pytest.raises(ConfigError, match=r"one rank per layer.*'q_proj'.*have r \[2, 1\]"):
+        lora.add_weighted_adapter(model, ["a0", "a1"], [1, 1], "c", "linear")
+    assert sorted(model.state_dict()) == state and "c" not in lora.lora_configs(model)

@@ -14,7 +14,7 @@ from minilora import backend as B
 from minilora import functional as F
 from minilora.errors import InvalidArgumentError, StateDictError
 from minilora.nn import Linear, Parameter, Sequential, Tanh
-from minilora.optim import SGD, AdamW, clip_grad_norm, warmup_cosine
+from minilora.optim import SGD, AdamW, clip_grad_norm, clip_grad_norm_, grad_norm, warmup_cosine
 from tests.helpers import host
 
 
@@ -281,6 +281,73 @@ def test_clip_grad_norm_edge_cases():
     np.testing.assert_allclose(host(p.grad), np.full(4, 0.5), rtol=1e-5)
     with pytest.raises(InvalidArgumentError, match="max_norm"):
         clip_grad_norm([p], -1.0)
+
+
+def _with_grads(grads, dtype=np.float32):
+    params = []
+    for g in grads:
+        p = Parameter(B.asarray(np.zeros(np.shape(g), dtype)))
+        p.grad = B.asarray(np.array(g, dtype))
+        params.append(p)
+    return params
+
+
+@given(shapes=st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=3), min_size=0,
+                       max_size=5), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_grad_norm_is_the_global_l2_norm_in_float64(shapes, scale, seed, dtype):
+    rng = np.random.default_rng(seed)
+    grads = [(rng.standard_normal(s) * scale).astype(dtype) for s in shapes]
+    params = _with_grads(grads, dtype) + [param(np.ones(2))]  # one without a gradient
+    norm = grad_norm(params)
+    assert isinstance(norm, float)
+    # the same float as a host loop over float64 sums of squares (what clip_grad_norm returned)
+    assert norm == math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
+    flat = np.concatenate([g.reshape(-1) for g in grads] + [np.zeros(0)]).astype(np.float64)
+    assert norm == pytest.approx(float(np.linalg.norm(flat)), rel=1e-12)
+    for p, g in zip(params, grads):  # read only
+        np.testing.assert_array_equal(host(p.grad), g)
+    assert grad_norm(iter(params)) == norm  # a generator works too
+    if params[:-1]:
+        assert clip_grad_norm(params, norm * 2 + 1.0) == norm  # and clipping returns it
+
+
+def test_grad_norm_of_a_single_tensor_and_of_none():
+    p = Parameter(B.asarray(np.ones(3, np.float32)))
+    assert grad_norm([p]) == 0.0 and grad_norm([]) == 0.0
+    p.grad = B.asarray(np.array([3.0, 0.0, 4.0], np.float32))
+    assert grad_norm(p) == 5.0 and clip_grad_norm_(p, 10.0) == 5.0
+
+
+def test_clip_grad_norm_with_a_nan_norm_makes_every_gradient_nan():
+    """As torch.nn.utils.clip_grad_norm_ (error_if_nonfinite=False): coef = min(NaN, 1) = NaN
+    multiplies every gradient, the finite ones included."""
+    grads = [np.array([[1.0, -2.0], [0.5, 0.0]]), np.array([np.nan, 1.0, np.inf]), np.ones(3)]
+    params = _with_grads(grads)
+    norm = clip_grad_norm(params, 1.0)
+    assert math.isnan(norm)
+    for p in params:
+        assert p.grad.dtype == np.float32 and np.isnan(host(p.grad)).all()
+    assert math.isnan(grad_norm(_with_grads(grads)))
+
+
+def test_clip_grad_norm_with_an_inf_norm_multiplies_by_zero():
+    """coef = max_norm / (inf + 1e-6) = 0: finite entries become (signed) zeros and the inf
+    entries NaN (inf * 0), without a warning; the inf norm is returned."""
+    import warnings
+
+    grads = [np.array([1.0, -2.0, np.inf]), np.array([[-np.inf, 3.0]]), np.array([0.25])]
+    params = _with_grads(grads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        norm = clip_grad_norm(params, 1.0)
+    assert norm == math.inf and grad_norm(_with_grads(grads)) == math.inf
+    for p, g in zip(params, grads):
+        after = host(p.grad)
+        np.testing.assert_array_equal(np.isnan(after), np.isinf(g))
+        finite = np.isfinite(g)
+        np.testing.assert_array_equal(after[finite], 0.0)
+        np.testing.assert_array_equal(np.signbit(after[finite]), np.signbit(g[finite]))
 
 
 # ------------------------------------------------------------------------------- schedule

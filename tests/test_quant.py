@@ -34,19 +34,44 @@ def _block_absmax(x: np.ndarray, blocksize: int) -> np.ndarray:
     return out
 
 
+def _bnb_scaled(x: np.ndarray, blocksize: int) -> np.ndarray:
+    """bitsandbytes' scaling, written out block by block: a full block times the float32
+    reciprocal of its absmax, the short last block divided by it (absmax floored at 1e-38).
+
+    float32 products and quotients are computed exactly in float64 and rounded once, which is
+    what a float32 multiply or divide does."""
+    flat = x.reshape(-1).astype(np.float32)
+    out = np.empty(flat.size, dtype=np.float32)
+    for start in range(0, flat.size, blocksize):
+        blk = flat[start:start + blocksize]
+        m = max(np.float32(np.abs(blk).max()), np.float32(1e-38))
+        if blk.size == blocksize:
+            recip = np.float32(1.0 / np.float64(m))
+            s = (blk.astype(np.float64) * np.float64(recip)).astype(np.float32)
+        else:
+            s = (blk.astype(np.float64) / np.float64(m)).astype(np.float32)
+        out[start:start + blocksize] = np.clip(s, -1, 1)
+    return out
+
+
 def _reference_codes(x: np.ndarray, blocksize: int, quant_type: str) -> np.ndarray:
     """An independent oracle: loop over blocks, argmin of the distance to every emitted code."""
     code = Q._CODES[quant_type].astype(np.float64)
     allowed = np.arange(1, 16) if quant_type == "int4" else np.arange(16)
-    flat = x.reshape(-1).astype(np.float64)
-    out = np.empty(flat.size, dtype=np.uint8)
-    for start in range(0, flat.size, blocksize):
-        blk = flat[start:start + blocksize]
-        m = np.abs(blk).max()
-        scaled = np.clip(blk / m, -1, 1) if m > 0 else blk
-        dist = np.abs(scaled[:, None] - code[allowed][None, :])
-        out[start:start + blocksize] = allowed[dist.argmin(axis=1)]
-    return out
+    scaled = _bnb_scaled(x, blocksize).astype(np.float64)
+    dist = np.abs(scaled[:, None] - code[allowed][None, :])
+    return allowed[dist.argmin(axis=1)].astype(np.uint8)
+
+
+def _midpoint_codes(x: np.ndarray, blocksize: int, quant_type: str) -> np.ndarray:
+    """The midpoint rule on bitsandbytes' scaled values, by counting: code = order[number of
+    midpoints strictly below s] (torch.bucketize), midpoints (a + b) / 2 in float32."""
+    code = Q._CODES[quant_type]
+    emitted = np.arange(1, 16) if quant_type == "int4" else np.arange(16)
+    order = emitted[np.argsort(code[emitted], kind="stable")]
+    mid = (code[order[:-1]] + code[order[1:]]) / np.float32(2)
+    s = _bnb_scaled(x, blocksize)
+    return order[(s[:, None] > mid[None, :]).sum(axis=1)].astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------- the tables
@@ -215,7 +240,8 @@ def test_short_last_block_and_odd_sizes(shape, blocksize):
 def test_all_zero_blocks_do_not_divide_by_zero():
     x = np.zeros(200, dtype=np.float32)
     x[70:80] = np.linspace(-2, 3, 10)
-    with np.errstate(all="raise"):
+    # not underflow: the zero short block's absmax is bitsandbytes' 1e-38, a float32 subnormal
+    with np.errstate(divide="raise", invalid="raise", over="raise"):
         for dq in (False, True):
             for qt in Q.QUANT_TYPES:
                 state = Q.quantize(x, 64, qt, dq)
@@ -225,7 +251,9 @@ def test_all_zero_blocks_do_not_divide_by_zero():
                 assert xh[79] == np.float32(3.0) or dq
         zeros = Q.quantize(np.zeros(33, np.float32), 16, double_quant=True)
         assert np.all(host(Q.dequantize(zeros)) == 0)
-    assert np.all(host(Q.quantize(x, 64).absmax)[[0, 2, 3]] == 0)
+    # as bitsandbytes: a zero full block stores absmax 0, a zero short block 1e-38 (its floor)
+    absmax = host(Q.quantize(x, 64).absmax)
+    assert np.all(absmax[[0, 2]] == 0) and absmax[3] == np.float32(1e-38)
 
 
 def test_bad_input_raises_clear_errors():
@@ -255,6 +283,150 @@ def test_bad_input_raises_clear_errors():
         Q.dequantize(state)
     with pytest.raises(InvalidArgumentError, match="blocksize"):
         Q.bits_per_parameter(blocksize=24)
+
+
+# ------------------------------------------------------------- midpoints: bitsandbytes' arithmetic
+
+def _around_midpoints(a: float, quant_type: str, ulps: int = 2) -> np.ndarray:
+    """float32 values at fl(m * a) and up to ``ulps`` ulps either side, for every midpoint m of
+    ``quant_type``'s sorted codes: the inputs whose code depends on the last bit of the scaling."""
+    code = Q._CODES[quant_type]
+    emitted = np.arange(1, 16) if quant_type == "int4" else np.arange(16)
+    v = np.sort(code[emitted])
+    mid = (v[:-1] + v[1:]) / np.float32(2)
+    x0 = (mid.astype(np.float64) * a).astype(np.float32)
+    out, up, down = [x0], x0, x0
+    for _ in range(ulps):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        out += [up, down]
+    return np.concatenate(out)
+
+
+def _midpoint_array(a_full: float, a_short: float, blocksize: int, quant_type: str,
+                    rotate: int = 0) -> np.ndarray:
+    """Full blocks, each [absmax a_full] + candidates around every midpoint (zero-filled), then
+    a short last block [absmax a_short] + blocksize - 2 such candidates (rotated by ``rotate``)."""
+    cand = _around_midpoints(abs(a_full), quant_type)
+    per = blocksize - 1
+    cand = np.concatenate([cand, np.zeros(-cand.size % per, np.float32)]).reshape(-1, per)
+    full = np.concatenate([np.full((cand.shape[0], 1), a_full, np.float32), cand], axis=1)
+    short = np.roll(_around_midpoints(abs(a_short), quant_type), -rotate)[:blocksize - 2]
+    return np.concatenate([full.reshape(-1), [np.float32(a_short)], short]).astype(np.float32)
+
+
+def _one_rule_codes(x: np.ndarray, blocksize: int, quant_type: str, multiply: bool) -> np.ndarray:
+    """Codes under ONE rule for every block: x / absmax (minilora's old arithmetic) or
+    x * fl(1 / absmax) (bitsandbytes' full-block rule applied to the short block too)."""
+    flat = x.reshape(-1)
+    n_blocks = -(-flat.size // blocksize)
+    am = np.repeat([np.abs(flat[i * blocksize:(i + 1) * blocksize]).max()
+                    for i in range(n_blocks)], blocksize)[:flat.size].astype(np.float32)
+    s = flat * (np.float32(1) / am) if multiply else flat / am
+    _, order, mid = Q._host_tables(quant_type)
+    return order[np.searchsorted(mid, np.clip(s, -1, 1), side="left")].astype(np.uint8)
+
+
+float32_absmax = st.one_of(
+    st.integers(-8, 8).map(lambda e: 2.0 ** e),  # an exact reciprocal: values exactly on midpoints
+    st.floats(2.0 ** -10, 2.0 ** 10, width=32))
+
+
+@given(a_full=float32_absmax, a_short=float32_absmax, neg=st.booleans(), rotate=st.integers(0, 90),
+       blocksize=BLOCKSIZES, qt=TYPES)
+def test_codes_follow_bitsandbytes_arithmetic_at_every_midpoint(a_full, a_short, neg, rotate,
+                                                                blocksize, qt):
+    x = _midpoint_array(-a_full if neg else a_full, a_short, blocksize, qt, rotate)
+    state = Q.quantize(x, blocksize, qt)
+    np.testing.assert_array_equal(host(state.codes()), _midpoint_codes(x, blocksize, qt))
+    n_full = x.size // blocksize
+    absmax = host(state.absmax)
+    assert absmax.size == n_full + 1
+    assert np.all(absmax[:n_full] == np.float32(a_full)) and absmax[-1] == np.float32(a_short)
+
+
+def test_exactly_on_a_midpoint_takes_the_lower_code():
+    for qt in Q.QUANT_TYPES:
+        _, order, mid = Q._host_tables(qt)
+        for a in (np.float32(1.0), np.float32(4.0), np.float32(0.125)):  # exact reciprocals
+            x = np.concatenate([[a], mid * a]).astype(np.float32)  # s = mid exactly
+            for bs in (16, 32):  # 16: a full block (nf4, fp4: 1 + 15 values), 32: a short one
+                codes = host(Q.quantize(x, bs, qt).codes())[1:]
+                np.testing.assert_array_equal(codes, order[:-1], err_msg=f"{qt} {a} {bs}")
+
+
+@pytest.mark.parametrize("qt", Q.QUANT_TYPES)
+def test_full_blocks_multiply_by_the_reciprocal_and_the_short_block_divides(qt):
+    """Values within an ulp of a midpoint: x * fl(1 / a) and x / a land on different codes for
+    some of them, in full blocks and in the short one; only bitsandbytes' rule matches."""
+    rng = np.random.default_rng(3)
+    xs = [_midpoint_array(float(a), float(b), 64, qt)
+          for a, b in np.exp(rng.uniform(-5, 5, (40, 2))).astype(np.float32)]
+    ours = np.concatenate([host(Q.quantize(xi, 64, qt).codes()) for xi in xs])
+    rule = np.concatenate([_midpoint_codes(xi, 64, qt) for xi in xs])
+    np.testing.assert_array_equal(ours, rule)
+    in_full = np.concatenate([np.arange(xi.size) < xi.size // 64 * 64 for xi in xs])
+    divided = ours != np.concatenate([_one_rule_codes(xi, 64, qt, False) for xi in xs])
+    multiplied = ours != np.concatenate([_one_rule_codes(xi, 64, qt, True) for xi in xs])
+    # the test means something: dividing everywhere (the old arithmetic) moves codes in full
+    # blocks, multiplying everywhere moves codes in short ones; each rule is right in its part
+    assert divided[in_full].sum() >= 5 and not divided[~in_full].any(), divided.sum()
+    assert multiplied[~in_full].sum() >= 5 and not multiplied[in_full].any(), multiplied.sum()
+
+
+def test_huge_blocksizes_are_refused_by_name_and_large_ones_allocate_nothing_extra():
+    import tracemalloc
+
+    x = _sample(4, 7)
+    with pytest.raises(InvalidArgumentError, match="MAX_BLOCKSIZE") as info:
+        Q.quantize(x, blocksize=2**40)
+    assert repr(2**40) in str(info.value)
+    assert Q.MAX_BLOCKSIZE == 2**24
+    # a block larger than the array is one short block: no padding to 2**24 elements (64 MiB)
+    for dq in (False, True):
+        tracemalloc.start()
+        state = Q.quantize(x, blocksize=Q.MAX_BLOCKSIZE, double_quant=dq)
+        xh = host(Q.dequantize(state))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1 << 20, peak  # NumPy reports its buffers to tracemalloc
+        assert state.n_blocks == 1 and state.absmax.size == 1
+        small = Q.quantize(x, blocksize=64, double_quant=dq)
+        np.testing.assert_array_equal(host(state.packed), host(small.packed))
+        np.testing.assert_array_equal(xh, host(Q.dequantize(small)))
+    # a forged state: the blocksize is checked before anything is allocated
+    forged = Q.quantize(x)
+    forged.blocksize = 2**40
+    with pytest.raises(InvalidArgumentError, match="state.blocksize.*MAX_BLOCKSIZE"):
+        Q.dequantize(forged)
+
+
+def test_forged_states_are_refused_before_allocating():
+    x = _sample(5, 1000)
+    bad_shape = Q.quantize(x)
+    bad_shape.shape = (10**12,)  # would need 5e11 packed bytes
+    with pytest.raises(ShapeError, match="packed must be uint8 of 500000000000 bytes"):
+        Q.dequantize(bad_shape)
+    bad_block = Q.quantize(x, 64)
+    bad_block.blocksize = 16  # 63 blocks' worth of absmax needed, 16 present
+    with pytest.raises(ShapeError, match="absmax must be float32 of 63 blocks.*got float32 of 16"):
+        Q.dequantize(bad_block)
+    nested = Q.quantize(x, 16, double_quant=True)  # 63 blocks -> one absmax2 value
+    for field, value, match in (("absmax2", np.zeros(0, np.float32), "absmax2 must be float32 "
+                                 "of 1"), ("absmax2", np.zeros(1, np.float64), "absmax2"),
+                                ("offset", np.zeros(2, np.float32), "offset"),
+                                ("blocksize2", 2**30, "state.blocksize2.*MAX_BLOCKSIZE")):
+        forged = Q.quantize(x, 16, double_quant=True)
+        setattr(forged, field, value)
+        with pytest.raises((ShapeError, InvalidArgumentError), match=match):
+            Q.dequantize(forged)
+        with pytest.raises((ShapeError, InvalidArgumentError), match=match):
+            forged.dequantized_absmax()
+    for shape in ((-4, -250), (0,), "1000"):
+        forged = Q.quantize(x)
+        forged.shape = shape
+        with pytest.raises(ShapeError, match="shape"):
+            Q.dequantize(forged)
+    assert host(Q.dequantize(nested)).shape == (1000,)
 
 
 # --------------------------------------------------------------------------------- the figures

@@ -3,11 +3,11 @@ quantization. What the experiments showed (bitsandbytes 0.50, CPU):
 
 * nibble order: the first element of each pair is in the HIGH nibble, as here;
 * odd element counts: the last low nibble is the code of zero (NF4: 7, FP4: 0), as here;
-* a short last block gets its own absmax; an all-zero full block stores absmax 0, but an
-  all-zero SHORT last block stores 1e-38 (a clamp); here both store 0 (either way it
-  dequantizes to zeros);
-* full blocks are scaled by x * (1 / absmax), the short block by x / absmax; here always
-  x / absmax, which can differ only for a value within an ulp of a midpoint;
+* a short last block gets its own absmax; the scale is floored at 1e-38, so an all-zero full
+  block stores absmax 0 but an all-zero SHORT last block stores 1e-38, as here;
+* full blocks are scaled by x * fl(1 / absmax), the short block by x / absmax, as here: the two
+  differ for some values within an ulp of a midpoint, so both rules are checked on values at
+  and one ulp either side of every midpoint;
 * ``dequantize_4bit`` on the CPU returns a 1-D tensor of even length n as shape (1, n), and for
   2-D shapes whose row length is not a multiple of the blocksize while the element count is,
   e.g. (128, 96) at blocksize 64, its native kernel applies the wrong absmax to some elements
@@ -70,6 +70,65 @@ def test_packed_bytes_and_absmax_equal_bitsandbytes(shape, blocksize, quant_type
     read = Q.QuantState(packed.numpy().reshape(-1), state.absmax.numpy(), shape, blocksize,
                         quant_type)
     np.testing.assert_array_equal(host(Q.dequantize(read)), theirs)
+
+
+def _around_bnb_midpoints(a, quant_type):
+    """float32 values at fl(m * a) and one ulp either side, for every midpoint m between
+    bitsandbytes' sorted code values (computed from its own table, in float32)."""
+    code = np.sort(bnb_functional.get_4bit_type(quant_type, device="cpu").numpy())
+    mid = (code[:-1] + code[1:]) / np.float32(2)
+    x0 = (mid.astype(np.float64) * a).astype(np.float32)
+    up, down = np.nextafter(x0, np.float32(np.inf)), np.nextafter(x0, np.float32(-np.inf))
+    return np.concatenate([x0, up, down])  # (45,)
+
+
+def _midpoint_input(a_full, a_short, blocksize, quant_type):
+    """One full block [a_full] + every midpoint candidate (zero-filled), and a short last block
+    [a_short] + every candidate for a_short (46 values < blocksize)."""
+    full = np.zeros(blocksize, np.float32)
+    full[0] = a_full
+    cand = _around_bnb_midpoints(abs(a_full), quant_type)
+    full[1:1 + cand.size] = cand
+    short = np.concatenate([[a_short], _around_bnb_midpoints(abs(a_short), quant_type)])
+    return np.concatenate([full, full[::-1], short]).astype(np.float32)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+def test_values_at_and_around_every_midpoint_give_bitsandbytes_bytes(blocksize, quant_type):
+    rng = np.random.default_rng(blocksize)
+    scales = np.concatenate([np.exp(rng.uniform(-6, 6, 60)), 2.0 ** np.arange(-4, 5),
+                             [1.0, 3.0, 0.1, 1e-3, 7e4]]).astype(np.float32)
+    pairs = np.stack([scales, np.roll(scales, 7)], axis=1) * rng.choice([-1, 1], (scales.size, 2))
+    _, order, mid = Q._host_tables(quant_type)
+    moved = 0
+    for a_full, a_short in pairs.astype(np.float32):
+        x = _midpoint_input(a_full, a_short, blocksize, quant_type)
+        packed, state = _bnb(x, blocksize, quant_type)
+        ours = Q.quantize(x, blocksize, quant_type)
+        np.testing.assert_array_equal(host(ours.packed), packed.numpy().reshape(-1),
+                                      err_msg=f"absmax {a_full}, {a_short}")
+        np.testing.assert_array_equal(host(ours.absmax), state.absmax.numpy())
+        # what dividing every block by its absmax (minilora's old arithmetic) would have given
+        am = np.repeat(state.absmax.numpy(), blocksize)[:x.size]
+        divided = order[np.searchsorted(mid, np.clip(x / am, -1, 1), side="left")]
+        moved += int((divided != host(ours.codes())).sum())
+    assert moved > 0  # these inputs tell the two arithmetics apart
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_zero_and_subnormal_blocks_give_bitsandbytes_bytes(quant_type):
+    """bitsandbytes floors the scale at 1e-38: zero blocks, subnormal blocks (scaled by 1e38,
+    so they land near the zero code) and a zero or subnormal short block (which stores 1e-38)."""
+    blocks = [np.zeros(64), np.full(64, 1e-40), np.full(64, -5e-39), np.linspace(-3e-39, 9e-39, 64),
+              np.r_[1e-30, np.full(63, 1e-39)]]
+    for short in (np.zeros(10), np.full(9, 5e-39), np.r_[2.0, np.zeros(4)], np.full(3, 1e-41)):
+        x = np.concatenate(blocks + [short]).astype(np.float32)
+        packed, state = _bnb(x, 64, quant_type)
+        ours = Q.quantize(x, 64, quant_type)
+        np.testing.assert_array_equal(host(ours.packed), packed.numpy().reshape(-1))
+        np.testing.assert_array_equal(host(ours.absmax).view(np.uint32),
+                                      state.absmax.numpy().view(np.uint32))
 
 
 def test_nibble_order_and_odd_padding_match_bitsandbytes():
