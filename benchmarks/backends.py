@@ -56,8 +56,8 @@ import minilora as ml  # noqa: E402
 from minilora import backend as B  # noqa: E402
 from minilora import functional as F  # noqa: E402
 from minilora import quant  # noqa: E402
-from minilora.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
 from minilora.errors import BackendError  # noqa: E402
+from minilora.fileio import atomic_directory  # noqa: E402
 
 BACKENDS = ("numpy", "cupy")
 WIDTH = 1024  # row length of the elementwise, softmax and quantization inputs
@@ -561,16 +561,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({len(rows)} cases, {info['seconds']:.0f} s, load average at end "
           f"{info['load_average_end']})")
 
-    os.makedirs(args.out, exist_ok=True)
     result = {"machine": info, "backends": backends, "cupy_available": has_cupy,
               "cupy_note": None if has_cupy else gpu, "rounds": rounds, "target_s": target,
               "quick": args.quick, "rows": rows, "gpt2_small": summary,
               "cpu_reference": cpu_reference}
-    atomic_write_json(os.path.join(args.out, "backends.json"), result)
-    atomic_write_bytes(os.path.join(args.out, "backends.md"), (text + "\n").encode("utf-8"))
     where = gpu.split(",")[0] if has_cupy else "no GPU here: NumPy only"
     title = f"minilora on NumPy ({info['cpu_count']} CPU cores) and CuPy ({where}), {info['date']}"
-    atomic_write_bytes(os.path.join(args.out, "backends.png"), plot(rows, title))
+    # one report, whole or not at all (with a manifest), like every directory minilora writes
+    with atomic_directory(args.out, ("backends.json", "backends.md", "backends.png")) as report:
+        report.write_json("backends.json", result, allow_nan=True)
+        report.write_bytes("backends.md", (text + "\n").encode("utf-8"))
+        report.write_bytes("backends.png", plot(rows, title))
     print(f"wrote backends.json, backends.md and backends.png to {args.out}")
 
     failed = [r for r in rows if "errors" in r or r.get("agree") is False]

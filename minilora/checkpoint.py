@@ -7,12 +7,14 @@ A checkpoint is a directory holding
   (for AdamW ``exp_avg`` and ``exp_avg_sq``), when an optimiser is saved;
 * ``checkpoint.json``        the model config, tokenizer, step, training config, the optimiser's
   step count and learning rates, the random generators' states, and a SHA-256 of each
-  safetensors file.
+  safetensors file;
+* ``history.json``           (written by the training loop) the loss curve so far;
+* ``manifest.json``          every file's size and SHA-256, written last.
 
-Each file is written to a temporary file in the same directory and moved into place with
-``os.replace``, which is atomic: a crash leaves the old file or the new one, never half of one.
-The JSON is written last and names the digests of the weight files it belongs to, so a checkpoint
-whose files come from two different saves is detected on load rather than silently mixed.
+The directory is written whole or not at all (:mod:`minilora.fileio`): into a sibling staging
+directory, then swapped in, so a kill or a full disk at any moment leaves the previous checkpoint
+or the new one, never a mix. Loading finishes or undoes a half-done swap, verifies the manifest,
+and checks every size the files claim against each other before the model is built.
 
 Resuming restores the weights, the optimiser, the data sampler's generator and minilora's global
 generator (``backend.host_rng``, which also drives dropout on the NumPy backend), so a resumed run
@@ -32,10 +34,18 @@ import numpy as np
 
 from . import backend as B
 from .data import Tokenizer, tokenizer_from_dict
-from .errors import CheckpointError, ConfigError, StateDictError
-from .fileio import atomic_write_bytes, atomic_write_json
+from .errors import CheckpointError, ConfigError, InvalidArgumentError, StateDictError
+from .fileio import (
+    MANIFEST,
+    atomic_directory,
+    recover,
+    sha256_file,
+    verify_manifest,
+    warn_no_manifest,
+)
 from .nn import Module
 from .optim import Optimizer
+from .tensorfile import read_header, read_json, read_tensors
 
 FORMAT = "minilora-checkpoint"
 VERSION = 1
@@ -70,49 +80,65 @@ def _optimizer_param_names(model: Module, optimizer: Optimizer) -> list[str]:
     return [names[id(p)] for p in params]
 
 
+HISTORY_FILE = "history.json"
+# what a checkpoint directory may hold; one holding only these (older saves had no manifest) is
+# a checkpoint that a new save may replace
+FILES = (MODEL_FILE, OPTIMIZER_FILE, META_FILE, HISTORY_FILE)
+
+
 # ---------------------------------------------------------------------------------- save
+
+def all_finite(model: Module) -> bool:
+    """True when every parameter of ``model`` is finite (one device-to-host sync in all)."""
+    flags = [B.xp.isfinite(p.data).all() for p in model.parameters()]
+    return bool(B.xp.stack(flags).all()) if flags else True
+
 
 def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any = None,
                     tokenizer: Tokenizer | None = None, optimizer: Optimizer | None = None,
                     step: int = 0, train_config: Any = None,
                     data_rng: np.random.Generator | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write a checkpoint of ``model`` (and optionally its optimiser) into ``directory``.
+                    extra: dict | None = None, files: dict[str, bytes] | None = None) -> Path:
+    """Write a checkpoint of ``model`` (and optionally its optimiser) to ``directory``, whole.
 
     ``model_config`` and ``train_config`` are dataclasses or dicts (stored as JSON), ``extra`` any
     JSON-able dict (the CLI keeps the task there). ``data_rng`` is the generator the training loop
     samples batches with; its state and minilora's global generator state are saved so that
-    training can resume exactly. Returns the directory.
+    training can resume exactly. ``files``: more files to put in the same save (the training
+    loop's ``history.json``). A directory already at ``directory`` is replaced as a whole, and only
+    if it is a checkpoint. Weights holding NaN or inf are refused: they would replace a good save
+    with a useless one. Returns the directory.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    files = {}
-    model_bytes = _safetensors_bytes(model.state_dict())
-    atomic_write_bytes(directory / MODEL_FILE, model_bytes)
-    files[MODEL_FILE] = hashlib.sha256(model_bytes).hexdigest()
-    opt_meta = None
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        names = _optimizer_param_names(model, optimizer)
-        arrays = {f"{n}.{k}": v for n, s in zip(names, sd["state"]) for k, v in s.items()}
-        opt_bytes = _safetensors_bytes(arrays)
-        atomic_write_bytes(directory / OPTIMIZER_FILE, opt_bytes)
-        files[OPTIMIZER_FILE] = hashlib.sha256(opt_bytes).hexdigest()
-        opt_meta = {"type": type(optimizer).__name__, "step": sd["step"], "lr": sd["lr"],
-                    "params": names, "state_keys": [sorted(s) for s in sd["state"]]}
+    if not all_finite(model):
+        raise CheckpointError(f"save_checkpoint: the model holds NaN or inf weights; not writing "
+                              f"them to {str(directory)!r}")
     meta = {
         "format": FORMAT, "version": VERSION, "step": int(step),
         "model_config": _as_dict(model_config), "train_config": _as_dict(train_config),
         "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
-        "optimizer": opt_meta, "sha256": files, "extra": extra or {},
+        "optimizer": None, "sha256": {}, "extra": extra or {},
         "rng": {"host": B.host_rng().bit_generator.state,
                 "data": data_rng.bit_generator.state if data_rng is not None else None},
     }
+    blobs = {MODEL_FILE: _safetensors_bytes(model.state_dict())}
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        names = _optimizer_param_names(model, optimizer)
+        arrays = {f"{n}.{k}": v for n, s in zip(names, sd["state"]) for k, v in s.items()}
+        blobs[OPTIMIZER_FILE] = _safetensors_bytes(arrays)
+        meta["optimizer"] = {"type": type(optimizer).__name__, "step": sd["step"],
+                             "lr": sd["lr"], "params": names,
+                             "state_keys": [sorted(s) for s in sd["state"]]}
+    meta["sha256"] = {k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
     try:
-        atomic_write_json(directory / META_FILE, meta)
-    except TypeError as exc:
+        blobs[META_FILE] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"save_checkpoint: a config or extra value is not JSON-able "
                               f"({exc})") from exc
+    with atomic_directory(directory, FILES) as stage:
+        for name, data in {**blobs, **(files or {})}.items():
+            stage.write_bytes(name, data)
     return directory
 
 
@@ -133,61 +159,138 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)
 
 
-def _read_safetensors(path: Path, digest: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load
+# checkpoint.json: field -> the JSON types it may hold (None: may be null)
+_META_TYPES = {"step": (int,), "model_config": (dict, None), "train_config": (dict, None),
+               "tokenizer": (dict, None), "optimizer": (dict, None), "sha256": (dict,),
+               "extra": (dict,), "rng": (dict,)}
+_OPT_TYPES = {"step": (int,), "lr": (list,), "params": (list,), "state_keys": (list,)}
 
+
+def _check_fields(obj: dict, types: dict, where: str, prefix: str = "") -> None:
+    for key, kinds in types.items():
+        value = obj.get(key)
+        ok = (value is None and None in kinds) or any(
+            k is not None and isinstance(value, k) and not (k is int and isinstance(value, bool))
+            for k in kinds)
+        if not ok:
+            names = " or ".join("null" if k is None else {dict: "an object", list: "a list",
+                                                           int: "an integer"}[k] for k in kinds)
+            raise CheckpointError(f"{where}: field {prefix}{key!r} must be {names}, got "
+                                  f"{value!r:.80}")
+
+
+def _check_meta(meta: Any, where: str) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a minilora checkpoint (format "
+                              f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{where} has checkpoint version {meta.get('version')!r}; "
+                              f"this minilora reads version {VERSION}")
+    _check_fields(meta, _META_TYPES, where)
+    if meta["step"] < 0:
+        raise CheckpointError(f"{where}: field 'step' must be >= 0, got {meta['step']}")
+    if meta["optimizer"] is not None:
+        _check_fields(meta["optimizer"], _OPT_TYPES, where, "optimizer.")
+
+
+def _check_against_config(infos: dict, config: dict, where: str) -> None:
+    """The sizes ``model_config`` claims against the shapes in the weights file's header, before
+    anything of that size is allocated."""
+    sizes = ("vocab_size", "block_size", "n_embd", "n_layer")
+    if not all(k in config for k in sizes):
+        return  # not a GPT's config: the shapes are checked when the state dict is loaded
+    V, T, C, L = (config[k] for k in sizes)
+    bad = [k for k in sizes if not isinstance(config[k], int) or isinstance(config[k], bool)]
+    if bad:
+        raise CheckpointError(f"{where}: model_config.{bad[0]} must be an integer, got "
+                              f"{config[bad[0]]!r}")
+    claims = {"wte.weight": (V, C), "wpe.weight": (T, C)}
+    for key, shape in claims.items():
+        found = infos[key].shape if key in infos else None
+        if found != shape:
+            raise CheckpointError(f"{where}: model_config says {key} is {shape}, the weights file "
+                                  f"holds {found}")
+    layers = {int(k.split(".")[1]) for k in infos if k.startswith("h.") and
+              k.split(".")[1].isdigit()}
+    if layers != set(range(L)):
+        raise CheckpointError(f"{where}: model_config says n_layer={L}, the weights file holds "
+                              f"{len(layers)} blocks")
+
+
+def _host_state(state: Any, where: str, key: str) -> Any:
+    """A generator state from JSON, checked by setting it on a fresh generator."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint file {str(path)!r} cannot be read ({exc})") from exc
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or from another save: "
-                              f"its SHA-256 differs from the one in {META_FILE}")
-    try:
-        return load(data)
-    except Exception as exc:  # safetensors raises its own error type for a malformed file
-        raise CheckpointError(f"checkpoint file {str(path)!r} is not valid safetensors "
-                              f"({exc})") from exc
+        np.random.default_rng().bit_generator.state = state
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{where}: field 'rng.{key}' is not a valid random generator state "
+                              f"({exc!r:.100})") from None
+    return state
 
 
 def load_checkpoint(directory: str | Path) -> Checkpoint:
     """Read a checkpoint directory written by :func:`save_checkpoint` (no pickle involved).
 
-    Raises CheckpointError naming the path when the directory or a file is missing, unreadable,
-    corrupt, or not a minilora checkpoint.
+    A swap that a kill interrupted is finished or undone first; the manifest (or, in older saves,
+    the digests in checkpoint.json) is verified; every field of checkpoint.json is type-checked;
+    the weights file's shapes must agree with ``model_config`` before any tensor is read; the
+    tokenizer must have the model's vocabulary size. Raises CheckpointError naming the path and
+    the field or file when anything is missing, unreadable, corrupt or inconsistent.
     """
-    directory = Path(directory)
+    found = recover(directory)
+    if found is None or not Path(found).is_dir():
+        raise CheckpointError(f"no checkpoint at {str(directory)!r}: the directory does not "
+                              f"exist")
+    directory = Path(found)
     meta_path = directory / META_FILE
-    if not directory.is_dir():
-        raise CheckpointError(f"no checkpoint at {str(directory)!r}: the directory does not exist")
     if not meta_path.is_file():
         raise CheckpointError(f"no checkpoint at {str(directory)!r}: {META_FILE} is missing")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {str(meta_path)!r} is not valid JSON "
-                              f"({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{str(meta_path)!r} is not a minilora checkpoint (format "
-                              f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{str(meta_path)!r} has checkpoint version {meta.get('version')!r}; "
-                              f"this minilora reads version {VERSION}")
-    digests = meta.get("sha256", {})
-    for name in digests:
-        if not (directory / name).is_file():
+    has_manifest = verify_manifest(directory, "load_checkpoint") \
+        if (directory / MANIFEST).exists() else False
+    where = repr(str(meta_path))
+    meta = read_json(meta_path, "load_checkpoint")
+    _check_meta(meta, where)
+    digests = meta["sha256"]
+    for name in (MODEL_FILE, *digests):
+        path = directory / name
+        if not path.is_file():
             raise CheckpointError(f"checkpoint at {str(directory)!r} is incomplete: {name} is "
                                   f"missing")
-    weights = _read_safetensors(directory / MODEL_FILE, digests.get(MODEL_FILE, ""))
-    opt = meta.get("optimizer")
+        if not has_manifest and name in digests and sha256_file(path) != digests[name]:
+            raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or from another "
+                                  f"save: its SHA-256 differs from the one in {META_FILE}")
+    if meta["model_config"] is not None:
+        infos, _ = read_header(directory / MODEL_FILE, "load_checkpoint")
+        _check_against_config(infos, meta["model_config"], where)
+    weights = read_tensors(directory / MODEL_FILE, "load_checkpoint", float_dtype=None,
+                           floats_only=True)
+    opt = meta["optimizer"]
     if opt is not None:
-        opt = {**opt, "arrays": _read_safetensors(directory / OPTIMIZER_FILE,
-                                                  digests.get(OPTIMIZER_FILE, ""))}
-    tok = meta.get("tokenizer")
-    return Checkpoint(directory=directory, step=int(meta["step"]), weights=weights,
-                      model_config=meta.get("model_config"), train_config=meta.get("train_config"),
-                      tokenizer=tokenizer_from_dict(tok) if tok is not None else None,
-                      optimizer=opt, rng=meta.get("rng", {}), extra=meta.get("extra", {}))
+        if OPTIMIZER_FILE not in digests and not (directory / OPTIMIZER_FILE).is_file():
+            raise CheckpointError(f"checkpoint at {str(directory)!r} is incomplete: "
+                                  f"{OPTIMIZER_FILE} is missing")
+        opt = {**opt, "arrays": read_tensors(directory / OPTIMIZER_FILE, "load_checkpoint",
+                                             float_dtype=None, floats_only=True)}
+    tok = meta["tokenizer"]
+    try:
+        tokenizer = tokenizer_from_dict(tok) if tok is not None else None
+    except (ConfigError, InvalidArgumentError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{where}: field 'tokenizer' is not a valid tokenizer "
+                              f"({exc})") from None
+    config = meta["model_config"]
+    if tokenizer is not None and config is not None and \
+            tokenizer.vocab_size != config.get("vocab_size"):
+        raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the "
+                              f"model's vocabulary (model_config.vocab_size) has "
+                              f"{config.get('vocab_size')}; the checkpoint is inconsistent")
+    rng = meta["rng"]
+    for key in ("host", "data"):
+        if rng.get(key) is not None:
+            _host_state(rng[key], where, key)
+    if not has_manifest:  # after every check: a refused checkpoint is one line, not two
+        warn_no_manifest(directory, "load_checkpoint", f"by the digests in {META_FILE}")
+    return Checkpoint(directory=directory, step=meta["step"], weights=weights,
+                      model_config=config, train_config=meta["train_config"],
+                      tokenizer=tokenizer, optimizer=opt, rng=rng, extra=meta["extra"])
 
 
 def restore(checkpoint: Checkpoint, model: Module, optimizer: Optimizer | None = None,
@@ -220,7 +323,7 @@ def restore(checkpoint: Checkpoint, model: Module, optimizer: Optimizer | None =
                                   f"missing") from exc
         try:
             optimizer.load_state_dict({"step": opt["step"], "lr": opt["lr"], "state": state})
-        except StateDictError as exc:
+        except (StateDictError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint at {where!r}: {exc}") from exc
     rng = checkpoint.rng or {}
     if data_rng is not None:
@@ -255,4 +358,4 @@ def load_model(directory: str | Path) -> tuple[Module, Checkpoint]:
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "restore", "load_model", "Checkpoint",
-           "atomic_write_bytes", "atomic_write_json", "MODEL_FILE", "OPTIMIZER_FILE", "META_FILE"]
+           "all_finite", "MODEL_FILE", "OPTIMIZER_FILE", "META_FILE", "HISTORY_FILE", "FILES"]

@@ -16,20 +16,25 @@ Tasks (one shared vocabulary; operands zero-padded to --digits digits, 3 by defa
 Train task A from scratch; tasks B and C are what LoRA adapters learn on top of it.
 
 Every command takes --help. Training writes a checkpoint directory (model.safetensors,
-optimizer.safetensors, checkpoint.json, history.json) that `sample`, `eval` and `train --resume`
-read back.
+optimizer.safetensors, checkpoint.json, history.json, manifest.json) that `sample`, `eval` and
+`train --resume` read back; it appears whole or not at all. Every failure is one line on stderr
+(add --debug for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-from typing import Callable
+import warnings
+from pathlib import Path
+from typing import Any, Callable
 
 from . import backend as B
 from . import cpu
+from .checkpoint import FILES as CHECKPOINT_FILES
 from .checkpoint import load_checkpoint, load_model
 from .data import (
     END,
@@ -41,7 +46,8 @@ from .data import (
     get_task,
     task_tokenizer,
 )
-from .errors import ConfigError, InvalidArgumentError, MiniLoraError
+from .errors import ConfigError, InvalidArgumentError, MiniLoraError, TrainingInterrupted
+from .fileio import NoManifestWarning, check_destination, check_writable, sha256_file
 from .gpt import GPT, GPTConfig
 from .train import TrainConfig, exact_match, format_eval, greedy_answers, train
 
@@ -79,6 +85,12 @@ def _task_dataset(extra: dict, task_name: str | None = None) -> TaskDataset:
 
 # -------------------------------------------------------------------------------- train
 
+def _default_out(args: argparse.Namespace) -> str:
+    """``runs/<task>`` or ``runs/<text file's stem>``: a run always has somewhere to be saved."""
+    name = Path(args.text).stem if args.text is not None else args.task
+    return str(Path("runs") / (name or "run"))
+
+
 def _train(args: argparse.Namespace) -> int:
     _setup(args)
     given = {f: getattr(args, f) for f in TRAIN_FIELDS + MODEL_FIELDS
@@ -87,6 +99,8 @@ def _train(args: argparse.Namespace) -> int:
         return _resume(args, given)
     if args.text is not None and args.task != "add":
         raise ConfigError("train: give either --task or --text, not both")
+    out = args.out or _default_out(args)
+    check_destination(out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
     train_cfg = TrainConfig(**{k: v for k, v in given.items() if k in TRAIN_FIELDS})
     B.manual_seed(train_cfg.seed)
     if args.text is not None:
@@ -102,33 +116,85 @@ def _train(args: argparse.Namespace) -> int:
     what = _describe(data.task) if isinstance(data, TaskDataset) else f"text file {args.text!r}"
     print(f"training a GPT ({model.num_parameters():,} parameters: {model_cfg.n_layer} layers, "
           f"{model_cfg.n_head} heads, {model_cfg.n_embd} channels) on {what} for "
-          f"{train_cfg.steps} steps", flush=True)
-    history = train(model, data, train_cfg, out_dir=args.out, until=args.until,
-                    progress=not args.no_progress, callback=_eval_printer(args))
-    _report(history, data, train_cfg, args.out)
+          f"{train_cfg.steps} steps; checkpoint in {out}", flush=True)
+    history = _run(args, model, data, train_cfg, out)
+    _report(history, data, train_cfg, out)
     return 0
 
 
+def _run(args: argparse.Namespace, model: GPT, data: TaskDataset | TextDataset,
+         cfg: TrainConfig, out: str, resume: str | None = None) -> dict:
+    """The training loop with the CLI's progress, printing and Ctrl-C handling."""
+    try:
+        return train(model, data, cfg, out_dir=out, resume=resume, until=args.until,
+                     progress=not args.no_progress, callback=_eval_printer(args),
+                     save_on_interrupt=not args.no_save_on_interrupt)
+    except TrainingInterrupted as stop:
+        if stop.checkpoint is not None:
+            print(f"interrupted after step {stop.step} of {cfg.steps}; checkpoint saved in "
+                  f"{stop.checkpoint}. Resume with:\n  minilora train --resume "
+                  f"{stop.checkpoint}", file=sys.stderr, flush=True)
+        else:
+            print(f"interrupted after step {stop.step} of {cfg.steps}; nothing saved "
+                  f"(--no-save-on-interrupt)", file=sys.stderr, flush=True)
+        stop.reported = True
+        raise
+
+
+def _text_for_resume(args: argparse.Namespace, saved: dict, tokenizer: Any,
+                     where: str) -> TextDataset:
+    """Re-read the text a run was trained on (or ``--text``, if it moved): it must be the same
+    file, byte for byte, as its SHA-256 in the checkpoint says."""
+    path = args.text or saved.get("path")
+    if not path:
+        raise ConfigError(f"train --resume: {where!r} does not record which text file it was "
+                          f"trained on; resume it from Python (minilora.train.train(resume=...))")
+    if not Path(path).is_file():
+        raise ConfigError(f"train --resume: the text file {path!r} that {where!r} was trained on "
+                          f"is missing; pass its new place with --text FILE")
+    if saved.get("sha256") and sha256_file(path) != saved["sha256"]:
+        raise ConfigError(f"train --resume: the text file {path!r} changed since {where!r} was "
+                          f"saved (its SHA-256 differs); resuming would train on other data")
+    return TextDataset.from_file(path, tokenizer=tokenizer, block_size=saved["block_size"])
+
+
 def _resume(args: argparse.Namespace, given: dict) -> int:
-    extra_flags = sorted(given) + (["text"] if args.text else []) + \
-        (["digits"] if args.digits is not None else [])
+    steps = given.pop("steps", None)
+    lr, min_lr = given.pop("lr", None), given.pop("min_lr", None)
+    extra_flags = sorted(given) + (["digits"] if args.digits is not None else [])
     if extra_flags:
         raise ConfigError(f"train --resume continues a run with its saved settings; drop "
                           f"{', '.join('--' + f.replace('_', '-') for f in extra_flags)}")
     ck = load_checkpoint(args.resume)
     if ck.model_config is None or ck.train_config is None:
         raise ConfigError(f"train --resume: {args.resume!r} lacks the model or training config")
-    if "task" not in ck.extra:
-        raise ConfigError(f"train --resume: {args.resume!r} was not trained on a task; resuming "
-                          f"a text run is done from Python (minilora.train.train(resume=...))")
-    data = _task_dataset(ck.extra)
-    model = GPT(GPTConfig.from_dict(ck.model_config))
     cfg = TrainConfig.from_dict(ck.train_config)
+    if steps is not None and steps != cfg.steps:
+        if steps < cfg.steps:
+            raise ConfigError(f"train --resume: --steps {steps} is below the run's {cfg.steps}; "
+                              f"to stop early use --until")
+        cfg = cfg.extended(steps, lr, min_lr)
+    elif lr is not None or min_lr is not None:
+        raise ConfigError("train --resume continues a run with its saved settings; drop --lr "
+                          "and --min-lr (they set the added steps' rate when --steps extends the "
+                          "run)")
+    if "task" in ck.extra:
+        if args.text is not None:
+            raise ConfigError(f"train --resume: {args.resume!r} was trained on a task, not a "
+                              f"text; drop --text")
+        data = _task_dataset(ck.extra)
+    elif "text" in ck.extra:
+        data = _text_for_resume(args, ck.extra["text"], ck.tokenizer, args.resume)
+    else:
+        raise ConfigError(f"train --resume: {args.resume!r} records neither a task nor a text")
+    model = GPT(GPTConfig.from_dict(ck.model_config))
     out = args.out or args.resume
+    same = Path(out).resolve() == Path(args.resume).resolve()
+    if not same:
+        check_destination(out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
     print(f"resuming {args.resume!r} at step {ck.step} of {cfg.steps}; writing to {out!r}",
           flush=True)
-    history = train(model, data, cfg, out_dir=out, resume=args.resume, until=args.until,
-                    progress=not args.no_progress, callback=_eval_printer(args))
+    history = _run(args, model, data, cfg, out, resume=args.resume)
     _report(history, data, cfg, out)
     return 0
 
@@ -180,6 +246,10 @@ def _sample(args: argparse.Namespace) -> int:
     ids = tok.encode(args.prompt)
     if ids.size == 0:
         raise InvalidArgumentError("--prompt is empty: give the text to continue")
+    block = model.config.block_size
+    if ids.size > block:
+        print(f"minilora sample: note: the prompt has {ids.size} tokens, more than the model's "
+              f"context of {block}; it sees only the last {block}", file=sys.stderr, flush=True)
     n_new = args.max_new_tokens
     if n_new is None:
         n_new = get_task(**ck.extra["task"]).answer_len if "task" in ck.extra else 100
@@ -211,6 +281,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _show_examples(model: GPT, data: TaskDataset, n: int) -> None:
+    n = min(n, data.n_heldout)
     if n <= 0:
         return
     prompts, answers = data.heldout(n)
@@ -226,6 +297,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo_report import checks, format_table
 
     _setup(args)
+    check_writable(args.out, what="demo --out")
+    if not args.overwrite:
+        _check_demo_dir(args.out)
     print(f"minilora demo: pretrain, then full fine-tuning vs LoRA vs QLoRA, merging and adapter "
           f"switching, on the {B.get_backend()} backend{' (quick)' if args.quick else ''}",
           flush=True)
@@ -235,11 +309,81 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     for ok, text in checks(results):
         print(f"  [{'x' if ok else ' '}] {text}")
-    print(f"\nreport and plots: {args.out}/report.md   ({results['seconds']:.0f} s)")
+    print(f"\nreport and plots: {Path(args.out) / 'report' / 'report.md'}   "
+          f"({results['seconds']:.0f} s)")
     return 0
 
 
+# what a demo directory holds (older demos wrote the report's files at the top)
+DEMO_ENTRIES = ("base", "adapters", "report", "report.md", "results.json", "loss_curves.png",
+                "accuracy.png", "trainable_params.png", "memory.png", "quant_error.png",
+                "adapter_switching.png")
+
+
+def _check_demo_dir(out: str) -> None:
+    """A demo may run again in its own directory (it reuses the base it cached there), but not in
+    a directory of other things without --overwrite."""
+    path = Path(out)
+    if not path.is_dir():
+        return
+    others = sorted(e for e in os.listdir(path) if not e.startswith(".") and
+                    e not in DEMO_ENTRIES)
+    if others:
+        raise InvalidArgumentError(f"demo --out {out!r} holds files that are not a demo's "
+                                   f"({', '.join(repr(e) for e in others[:3])}); choose another "
+                                   f"directory, or pass --overwrite to write the demo there too")
+
+
 # ------------------------------------------------------------------------------- parser
+
+# ------------------------------------------------------------------------- argument types
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: ``minilora train: error: ... (see --help)``."""
+
+    def error(self, message: str) -> Any:  # argparse's own prints the whole usage first
+        """Print one line naming the command and the problem, and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
@@ -248,58 +392,77 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="BLAS threads (default 1 unless OPENBLAS_NUM_THREADS or "
                    "OMP_NUM_THREADS is set: the models here are small, and extra threads "
                    "slow them down on a busy machine)")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full traceback instead of one line")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="minilora", description=__doc__, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="minilora", description=__doc__, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=Parser)
 
     t = sub.add_parser("train", formatter_class=fmt, help="train a GPT on a task or a text file",
                        description="Train a GPT from scratch on a synthetic task (default: add, "
                        "3-digit addition) or on a UTF-8 text file, and save a checkpoint.\n\n"
                        "  minilora train --task add --out runs/base\n"
                        "  minilora train --text notes.txt --out runs/notes --steps 2000\n"
-                       "  minilora train --resume runs/base     # continue an interrupted run")
+                       "  minilora train --resume runs/base     # continue an interrupted run\n"
+                       "  minilora train --resume runs/base --steps 3000   # extend a run\n\n"
+                       "Ctrl-C stops after the current step and saves a checkpoint that "
+                       "--resume continues.\nA NaN or inf loss or gradient stops training "
+                       "with an error; nothing is saved over the last good checkpoint.")
     t.add_argument("--task", default="add", metavar="NAME",
                    help=f"task to learn: {', '.join(TASKS)} (default add)")
-    t.add_argument("--text", metavar="FILE", help="train a character model on this text instead")
-    t.add_argument("--digits", type=int, default=None, metavar="K",
+    t.add_argument("--text", metavar="FILE", help="train a character model on this UTF-8 text "
+                   "instead (with --resume: where the run's text file is now)")
+    t.add_argument("--digits", type=positive_int, default=None, metavar="K",
                    help="digits per operand (default 3)")
-    t.add_argument("--heldout", type=int, default=1000, metavar="N",
+    t.add_argument("--heldout", type=positive_int, default=1000, metavar="N",
                    help="questions held out of training for evaluation (default 1000)")
-    t.add_argument("--out", metavar="DIR", help="checkpoint directory to write (e.g. runs/base)")
+    t.add_argument("--out", metavar="DIR", help="checkpoint directory to write (default "
+                   "runs/TASK, or runs/STEM for --text); must be new or empty unless --overwrite")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoint already in --out")
     t.add_argument("--resume", metavar="DIR",
                    help="continue the run saved in DIR with its saved settings (into --out, "
-                   "default DIR itself); the result equals an uninterrupted run")
-    t.add_argument("--until", type=int, default=None, metavar="STEP",
+                   "default DIR itself); the result equals an uninterrupted run, bit for bit. "
+                   "With --steps N beyond the run's steps, the run is extended: the added steps "
+                   "run at the schedule's final learning rate, or decay from --lr to --min-lr "
+                   "when given (an extended run need not equal any uninterrupted one)")
+    t.add_argument("--until", type=count, default=None, metavar="STEP",
                    help="stop after STEP steps as if interrupted (the learning-rate schedule "
                    "still spans --steps); continue later with --resume")
+    t.add_argument("--no-save-on-interrupt", action="store_true",
+                   help="on Ctrl-C, stop without saving a checkpoint")
     defaults = TrainConfig()
     for name, typ, text in (
-            ("steps", int, "optimiser steps"), ("batch_size", int, "sequences per step"),
-            ("lr", float, "peak learning rate"), ("warmup", int, "linear warmup steps"),
-            ("min_lr", float, "learning rate at the end of the cosine"),
-            ("weight_decay", float, "AdamW weight decay (matrices only)"),
-            ("grad_clip", float, "clip the global gradient norm to this (0: off)"),
-            ("eval_every", int, "evaluate every this many steps"),
-            ("eval_examples", int, "held-out questions per evaluation"),
-            ("checkpoint_every", int, "also save every this many steps (0: only at the end)"),
-            ("seed", int, "random seed: same seed, same run"),
-            ("shards", int, "cut each batch into this many shards that run side by side on "
-             "threads, one per core; the result depends on this number, not on the cores")):
+            ("steps", positive_int, "optimiser steps"),
+            ("batch_size", positive_int, "sequences per step"),
+            ("lr", nonnegative_float, "peak learning rate"),
+            ("warmup", count, "linear warmup steps"),
+            ("min_lr", nonnegative_float, "learning rate at the end of the cosine"),
+            ("weight_decay", nonnegative_float, "AdamW weight decay (matrices only)"),
+            ("grad_clip", nonnegative_float, "clip the global gradient norm to this (0: off)"),
+            ("eval_every", positive_int, "evaluate every this many steps"),
+            ("eval_examples", positive_int, "held-out questions per evaluation"),
+            ("checkpoint_every", count, "also save every this many steps (0: only at the end)"),
+            ("seed", count, "random seed: same seed, same run"),
+            ("shards", positive_int, "cut each batch into this many shards that run side by "
+             "side on threads, one per core; the result depends on this number, not on the "
+             "cores")):
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       metavar="N" if typ is int else "X",
+                       metavar="X" if typ is nonnegative_float else "N",
                        help=f"{text} (default {getattr(defaults, name)})")
-    for name, typ, text in (("n_layer", int, "transformer blocks"),
-                            ("n_head", int, "attention heads"),
-                            ("n_embd", int, "channels"), ("dropout", float, "dropout")):
+    for name, typ, text in (("n_layer", positive_int, "transformer blocks"),
+                            ("n_head", positive_int, "attention heads"),
+                            ("n_embd", positive_int, "channels"), ("dropout", fraction, "dropout")):
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       metavar="N" if typ is int else "X",
+                       metavar="X" if typ is fraction else "N",
                        help=f"model: {text} (default {MODEL_DEFAULTS[name]})")
-    t.add_argument("--block-size", dest="block_size", type=int, default=None, metavar="N",
-                   help="model context for --text (default 64; a task sets its own)")
+    t.add_argument("--block-size", dest="block_size", type=positive_int, default=None,
+                   metavar="N", help="model context for --text (default 64; a task sets its own)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(t)
     t.set_defaults(func=_train)
@@ -312,13 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
     s.add_argument("--prompt", required=True, help="text to continue; only characters the "
                    "model knows (for tasks: digits and + - * , = .)")
-    s.add_argument("--max-new-tokens", type=int, default=None,
+    s.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
                    help="tokens to generate (default: a task's answer length, else 100)")
-    s.add_argument("--temperature", type=float, default=0.0,
+    s.add_argument("--temperature", type=nonnegative_float, default=0.0, metavar="X",
                    help="0 takes the most likely token (default); higher is more random")
-    s.add_argument("--top-k", type=int, default=None, help="sample only from the k likeliest")
-    s.add_argument("--seed", type=int, default=None, help="sampling seed")
-    s.add_argument("--num-samples", type=int, default=1, help="how many continuations")
+    s.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                   help="sample only from the k likeliest")
+    s.add_argument("--seed", type=count, default=None, metavar="N", help="sampling seed")
+    s.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
+                   help="how many continuations (default 1)")
     _add_common(s)
     s.set_defaults(func=_sample)
 
@@ -330,8 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
     e.add_argument("--task", default=None, metavar="NAME",
                    help=f"task to evaluate: {', '.join(TASKS)} (default: the trained one)")
-    e.add_argument("--examples", type=int, default=1000, help="held-out questions (default 1000)")
-    e.add_argument("--show", type=int, default=5, help="questions to print (default 5)")
+    e.add_argument("--examples", type=positive_int, default=1000, metavar="N",
+                   help="held-out questions (default 1000, at most the checkpoint's held-out "
+                   "count)")
+    e.add_argument("--show", type=count, default=5, metavar="N",
+                   help="questions to print (default 5; 0 prints none)")
     _add_common(e)
     e.set_defaults(func=_eval)
 
@@ -340,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "a previous run cached in OUT/base; fine-tune it on a new task (B) with "
                        "full fine-tuning, LoRA and QLoRA; merge the LoRA adapter and check merged "
                        "== unmerged; train a second adapter (task C) and switch between them. "
-                       "Writes OUT/report.md with plots and prints a summary table.\n\n"
+                       "Writes OUT/report/report.md with plots and prints a summary table.\n\n"
                        "  minilora demo                  # about 2-3 minutes on 2 CPU cores\n"
                        "  minilora demo --quick          # a smoke run in seconds\n"
                        "  minilora demo --backend cupy   # on an NVIDIA GPU")
@@ -348,28 +516,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny step counts: checks the pipeline, not the accuracies")
     d.add_argument("--out", metavar="DIR", default="runs/demo",
                    help="where the report, plots, adapters and base checkpoint go "
-                   "(default runs/demo)")
+                   "(default runs/demo; a previous demo's directory is reused)")
+    d.add_argument("--overwrite", action="store_true",
+                   help="write the demo into --out even if it holds other files (they are kept)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_common(d)
     d.set_defaults(func=_demo)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: minilora's own message, or the kind of error and what it says."""
+    if isinstance(exc, MiniLoraError):
+        text = str(exc)
+    elif isinstance(exc, UnicodeDecodeError):
+        text = f"a file is not valid UTF-8 ({exc})"
+    elif isinstance(exc, OSError):
+        where = f" {exc.filename!r}" if exc.filename else ""
+        text = f"{exc.strerror or exc}{where}"
+    elif isinstance(exc, MemoryError):
+        text = "out of memory (a size in the input is larger than this machine can hold)"
+    else:
+        text = f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``minilora`` console script; returns the exit status."""
+    """Entry point of the ``minilora`` console script; returns the exit status.
+
+    Every failure is one line on stderr, ``minilora COMMAND: error: ...`` (the traceback with
+    ``--debug``); notes (a save without a manifest, a cropped prompt) are one line too.
+    """
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MiniLoraError as exc:
-        print(f"minilora {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"minilora {args.command}: interrupted", file=sys.stderr)
-        return 130
+
+    def note(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        print(f"minilora {args.command}: note: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", NoManifestWarning)
+        warnings.showwarning = note
+        try:
+            return args.func(args)
+        except KeyboardInterrupt as stop:
+            if not getattr(stop, "reported", False):  # else _run said what was saved
+                print(f"minilora {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            if args.debug:
+                raise
+            print(f"minilora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser", "MODEL_DEFAULTS"]
+__all__ = ["main", "build_parser", "MODEL_DEFAULTS", "DEMO_ENTRIES"]

@@ -32,17 +32,29 @@ training by the base model or by an adapter.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ConfigError, InvalidArgumentError
+from .errors import ConfigError, DataError, InvalidArgumentError
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (cross_entropy's default)
 END = "."  # the last character of every task answer
 TASK_VOCAB = "0123456789+-*,=" + END  # one vocabulary for every task (base and adapters)
+# Limits, checked before anything is read or allocated. A text file is read whole and becomes
+# 8 bytes (int64) per token, so 1 GiB of text is already 8 GiB of tokens. Operands have at most
+# 6 digits: 10^12 pairs, whose ids, sums and digits stay far inside int64. The held-out questions
+# are drawn and kept in memory (and each evaluation may run them all): a million is plenty.
+MAX_TEXT_BYTES = 2**30
+MIN_DIGITS, MAX_DIGITS = 1, 6
+MAX_HELDOUT = 10**6
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 # ------------------------------------------------------------------------------ tokenizers
@@ -177,6 +189,10 @@ class TextDataset:
             raise InvalidArgumentError(f"TextDataset: val_fraction must lie in [0, 1), got "
                                        f"{val_fraction}")
         self.tokenizer, self.block_size = tokenizer, int(block_size)
+        # where the text came from, so a training run can record it and check it later
+        # (from_file sets them; None for text given as a string)
+        self.path: str | None = None
+        self.sha256: str | None = None
         tokens = tokenizer.encode(text)
         n_val = int(len(tokens) * val_fraction)
         self.splits = {"train": tokens[:len(tokens) - n_val], "val": tokens[len(tokens) - n_val:]}
@@ -189,12 +205,17 @@ class TextDataset:
     @classmethod
     def from_file(cls, path: str | Path, tokenizer: Tokenizer | None = None,
                   block_size: int = 64, val_fraction: float = 0.1) -> TextDataset:
-        """Read a UTF-8 text file; without a tokenizer, a CharTokenizer of its characters."""
-        path = Path(path)
-        if not path.is_file():
-            raise InvalidArgumentError(f"TextDataset.from_file: no such file {str(path)!r}")
-        text = path.read_text(encoding="utf-8")
-        return cls(text, tokenizer or CharTokenizer.from_text(text), block_size, val_fraction)
+        """Read a UTF-8 text file; without a tokenizer, a CharTokenizer of its characters.
+
+        The dataset records ``path`` (absolute, str) and ``sha256`` (hex digest of the file's
+        bytes). A missing or unreadable path, a file over :data:`MAX_TEXT_BYTES` or bytes that are
+        not UTF-8 raise a DataError naming the file (and the byte offset and line of the first
+        bad byte).
+        """
+        text, digest = read_text(path, "TextDataset.from_file")
+        ds = cls(text, tokenizer or CharTokenizer.from_text(text), block_size, val_fraction)
+        ds.path, ds.sha256 = str(Path(path).resolve()), digest  # resumable from any cwd
+        return ds
 
     def get_batch(self, batch_size: int, rng: np.random.Generator,
                   split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -210,6 +231,33 @@ class TextDataset:
             raise InvalidArgumentError(f"TextDataset: split must be 'train' or 'val' (with "
                                        f"val_fraction > 0), got {split!r}")
         return self.splits[split]
+
+
+def read_text(path: str | Path, who: str) -> tuple[str, str]:
+    """(text, SHA-256 hex digest of its bytes) of the UTF-8 file at ``path``; a DataError
+    naming the file when it is missing, a directory, unreadable, over :data:`MAX_TEXT_BYTES`, or
+    not UTF-8 (with the byte offset and line of the first bad byte)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{who}: {str(path)!r} is a directory, not a text file")
+    if not path.is_file():
+        raise DataError(f"{who}: no such file {str(path)!r}")
+    try:
+        size = path.stat().st_size
+        if size > MAX_TEXT_BYTES:
+            raise DataError(f"{who}: {str(path)!r} has {size:,} bytes, more than MAX_TEXT_BYTES "
+                            f"= {MAX_TEXT_BYTES:,} (as int64 tokens it would take 8x that)")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{who}: {str(path)!r} cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{who}: {str(path)!r} is not UTF-8 text: byte {exc.start} (0x"
+                        f"{raw[exc.start]:02x}, line {line}): {exc.reason}; convert it, e.g. "
+                        f"iconv -f latin1 -t utf-8") from None
+    return text, hashlib.sha256(raw).hexdigest()
 
 
 # ---------------------------------------------------------------------------------- tasks
@@ -235,6 +283,9 @@ class ArithmeticTask:
     extra_width: int  # answer digits = digits + extra_width (one more for a sum's carry)
     reverse: bool = False
     digits: int = 3
+
+    def __post_init__(self) -> None:
+        _check_digits(self.digits, f"task {self.name!r}")
 
     @property
     def answer_digits(self) -> int:
@@ -262,10 +313,8 @@ class ArithmeticTask:
         return 10 ** (2 * self.digits)
 
     def with_digits(self, digits: int) -> ArithmeticTask:
-        """The same task on ``digits``-digit operands."""
-        if not isinstance(digits, (int, np.integer)) or not 1 <= digits <= 6:
-            raise ConfigError(f"task {self.name!r}: digits must be an int in [1, 6], got "
-                              f"{digits!r}")
+        """The same task on ``digits``-digit operands, MIN_DIGITS to MAX_DIGITS."""
+        _check_digits(digits, f"task {self.name!r}")
         return replace(self, digits=int(digits))
 
     def operands(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -298,6 +347,12 @@ class ArithmeticTask:
     def to_dict(self) -> dict:
         """The JSON form saved with a model: ``{"name", "digits"}``."""
         return {"name": self.name, "digits": self.digits}
+
+
+def _check_digits(digits: Any, who: str) -> None:
+    if not _is_int(digits) or not MIN_DIGITS <= digits <= MAX_DIGITS:
+        raise ConfigError(f"{who}: digits must be an int in [MIN_DIGITS, MAX_DIGITS] = "
+                          f"[{MIN_DIGITS}, {MAX_DIGITS}], got {digits!r}")
 
 
 def _sum(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
@@ -336,7 +391,8 @@ DEFAULT_DIGITS = 3
 
 
 def get_task(name: str, digits: int | None = None) -> ArithmeticTask:
-    """The task registered as ``name`` (see :data:`TASKS`) on ``digits``-digit operands."""
+    """The task registered as ``name`` (see :data:`TASKS`) on ``digits``-digit operands
+    (default :data:`DEFAULT_DIGITS`; MIN_DIGITS to MAX_DIGITS, else a ConfigError)."""
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
     return TASKS[name].with_digits(DEFAULT_DIGITS if digits is None else digits)
@@ -353,10 +409,15 @@ class TaskDataset:
 
     def __init__(self, task: ArithmeticTask, n_heldout: int = 1000, split_seed: int = 1234,
                  tokenizer: CharTokenizer | None = None) -> None:
-        if not isinstance(n_heldout, (int, np.integer)) or not 0 < n_heldout < task.num_pairs:
+        # both bounds before the draw below, which allocates n_heldout ids (or, for a large
+        # share of the pairs, a permutation of them all)
+        if not _is_int(n_heldout) or not 0 < n_heldout < task.num_pairs:
             raise InvalidArgumentError(f"TaskDataset: n_heldout must be an int in "
                                        f"(0, {task.num_pairs}) for {task.digits}-digit task "
                                        f"{task.name!r}, got {n_heldout!r}")
+        if n_heldout > MAX_HELDOUT:
+            raise InvalidArgumentError(f"TaskDataset: n_heldout={n_heldout:,} is more than "
+                                       f"MAX_HELDOUT = {MAX_HELDOUT:,}")
         self.task = task
         self.tokenizer = tokenizer or task_tokenizer()
         self.n_heldout, self.split_seed = int(n_heldout), int(split_seed)
@@ -409,6 +470,7 @@ class TaskDataset:
         return seq[:, :self.task.prompt_len], seq[:, self.task.prompt_len:]
 
 
-__all__ = ["IGNORE_INDEX", "END", "TASK_VOCAB", "CharTokenizer", "ByteTokenizer", "Tokenizer",
-           "tokenizer_from_dict", "task_tokenizer", "TextDataset", "ArithmeticTask", "TASKS",
+__all__ = ["IGNORE_INDEX", "END", "TASK_VOCAB", "MAX_TEXT_BYTES", "MIN_DIGITS", "MAX_DIGITS",
+           "MAX_HELDOUT", "CharTokenizer", "ByteTokenizer", "Tokenizer", "tokenizer_from_dict",
+           "task_tokenizer", "TextDataset", "read_text", "ArithmeticTask", "TASKS",
            "DEFAULT_DIGITS", "get_task", "TaskDataset"]

@@ -7,7 +7,8 @@
    answer to every held-out question.
 4. Train a second adapter for task C (the larger digit in each place) on the same base and switch
    between the two adapters.
-5. Write ``report.md`` with plots (see :mod:`minilora.demo_report`) and print a summary table.
+5. Write ``report/report.md`` with plots (see :mod:`minilora.demo_report`) and print a summary
+   table.
 
 The numbers it prints are measured in the run: accuracy is exact match on held-out questions; peak
 memory is the model's resident arrays plus the peak that tracemalloc sees over two training steps
@@ -138,7 +139,8 @@ def _base_model(s: DemoSettings, out: Path, progress: bool, log: Callable[[str],
                                          "base_lr", "batch_size", "seed")}}
     try:
         model, ckpt = load_model(base_dir)
-        if ckpt.extra.get("demo_settings") == wanted["demo_settings"]:
+        if ckpt.extra.get("demo_settings") == wanted["demo_settings"] and \
+                ckpt.step == s.base_steps:  # a base whose training was cut short is retrained
             log(f"[1/5] reusing the task-A base checkpoint in {base_dir.name}/ "
                 f"(delete it to retrain)")
             history_file = base_dir / HISTORY_FILE
@@ -153,7 +155,7 @@ def _base_model(s: DemoSettings, out: Path, progress: bool, log: Callable[[str],
         f"({s.digits}-digit addition), {s.base_steps} steps")
     data = TaskDataset(get_task(TASK_A, s.digits))
     history = train(model, data, _train_config(s, s.base_steps, s.base_lr), out_dir=base_dir,
-                    progress=progress, extra=wanted)
+                    progress=progress, extra=wanted, save_on_interrupt=False)
     model.eval()
     return model, history
 
@@ -161,7 +163,8 @@ def _base_model(s: DemoSettings, out: Path, progress: bool, log: Callable[[str],
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, progress: bool = True,
              settings: DemoSettings | None = None,
              log: Callable[[str], None] = print) -> dict:
-    """Run the whole demo, write ``report.md`` and plots into ``out_dir``; returns the results."""
+    """Run the whole demo, write ``report/report.md`` and plots into ``out_dir``; returns the
+    results."""
     from .demo_report import write_report
 
     s = settings or (DemoSettings.quick() if quick else DemoSettings())

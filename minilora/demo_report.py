@@ -13,7 +13,11 @@ import numpy as np
 
 from . import backend as B
 from . import quant
-from .fileio import atomic_write_bytes
+from .fileio import Staging, atomic_directory
+
+PLOTS = ("loss_curves.png", "accuracy.png", "trainable_params.png", "memory.png",
+         "quant_error.png", "adapter_switching.png")
+REPORT_FILES = ("report.md", "results.json", *PLOTS)
 
 MIB = 2 ** 20
 LABELS = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (NF4+DQ)"}
@@ -206,13 +210,21 @@ def _plot_switching(results: dict, plt: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict, base: Any, out: Path) -> None:
-    """Write the plots, ``results.json`` and ``report.md`` into ``out``."""
+def write_report(results: dict, base: Any, out: Path) -> Path:
+    """Write ``out/report/``: the plots, ``results.json`` and ``report.md``, as one save (whole or
+    not at all, with a manifest); returns its path."""
+    with atomic_directory(Path(out) / "report", REPORT_FILES) as stage:
+        _write_report(results, base, stage)
+    return Path(out) / "report"
+
+
+def _write_report(results: dict, base: Any, stage: Staging) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = stage.path
     _plot_losses(results, plt, out / "loss_curves.png")
     _plot_accuracy(results, plt, out / "accuracy.png")
     _plot_params(results, plt, out / "trainable_params.png")
@@ -241,8 +253,8 @@ def write_report(results: dict, base: Any, out: Path) -> None:
         "![adapter switching](adapter_switching.png)", "",
         "Reproduce with `minilora demo` (add `--quick` for a smoke run).", "",
     ]
-    atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
+    stage.write_bytes("report.md", "\n".join(lines).encode())
     slim = {k: v for k, v in results.items() if k not in ("base_history", "task_c_history")}
     slim["methods"] = {m: {k: v for k, v in r.items() if k != "history"}
                        for m, r in results["methods"].items()}
-    atomic_write_bytes(out / "results.json", json.dumps(slim, indent=2).encode())
+    stage.write_bytes("results.json", json.dumps(slim, indent=2).encode())

@@ -52,3 +52,30 @@ def shape_error(op: str, *shapes: tuple, detail: str = "") -> ShapeError:
     listed = " and ".join(str(tuple(s)) for s in shapes)
     msg = f"{op}: incompatible shapes {listed}"
     return ShapeError(f"{msg}: {detail}" if detail else msg)
+
+
+class DestinationError(MiniLoraError, ValueError):
+    """A place to save that cannot or must not be written: a file, a read-only folder, an existing
+    save without --overwrite, a folder of other files."""
+
+
+class DiskFullError(MiniLoraError, OSError):
+    """The disk filled up during a save; the previous save is untouched."""
+
+
+class TrainingDivergedError(MiniLoraError, FloatingPointError):
+    """The loss or the gradient norm became NaN or infinite; training stopped before the update."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training between two steps; ``checkpoint`` is where the completed steps were
+    saved (None when they were not), ``step`` how many there are, ``history`` what they did."""
+
+    def __init__(self, step: int, checkpoint: str | None, history: dict | None = None) -> None:
+        super().__init__(f"training interrupted after step {step}")
+        self.step, self.checkpoint, self.history = step, checkpoint, history or {}
+
+
+class DataError(InvalidArgumentError):
+    """A data file (training text, task data) that cannot be read or does not hold what it
+    should; the message names the file and, for bad text, the byte offset."""

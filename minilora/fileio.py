@@ -1,35 +1,353 @@
-"""Atomic file writes, shared by checkpoints, adapter files and reports.
+"""Saves that appear whole or not at all: every directory minilora writes goes through here.
 
-A file is written to a temporary file in the same directory, flushed to disk, then moved over the
-target with ``os.replace``, which is atomic: a crash leaves the old file or the new one, never half
-of one, and nothing is lost on a failure.
+A save (a checkpoint, an adapter, an exported model, the demo's report) is a directory. It is
+written into a sibling staging directory ``.NAME.tmp-XXXX``, each file flushed to disk, and a
+``manifest.json`` listing every file's size and SHA-256 is written *last*. Only then is the staging
+directory swapped in:
+
+    1. rename DEST -> .NAME.old-XXXX      (when a previous save exists)
+    2. rename .NAME.tmp-XXXX -> DEST      (the new save is live)
+    3. remove .NAME.old-XXXX
+
+A kill at any instant leaves one of: DEST old and complete (before 1); DEST missing, the old save
+and a complete new one beside it (between 1 and 2); DEST new (after 2). :func:`open_save` finishes
+the swap it finds half done (the staging directory is complete exactly when its manifest is there
+and agrees with its files), or undoes it, so a loader always meets the old save or the new one,
+never a mix. Strays are cleaned at the next save. A full disk (ENOSPC) leaves DEST untouched and
+becomes one :class:`DiskFullError` line naming the path and the bytes needed.
+
+Loading verifies the manifest (:func:`verify_manifest`) and names the file that does not match, so
+an adapter's config and its weights are tied together. A directory without a manifest (PEFT or
+transformers output, older minilora saves) still loads, with a one-line :class:`NoManifestWarning`.
+Files get the mode the umask gives, as ``open()`` would.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from .errors import CheckpointError, DestinationError, DiskFullError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "minilora-manifest"
+_TMP, _OLD = ".tmp-", ".old-"
+_CHUNK = 1 << 20
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+# os.write, one chunk at a time; a module attribute so that a test can make the disk fill up
+_write_chunk = os.write
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file beside it, fsync, os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class NoManifestWarning(UserWarning):
+    """A save without manifest.json was loaded: its files could not be checked together."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some systems cannot open a directory; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ destinations
+
+def _entries(path: Path) -> list[str]:
+    return sorted(e for e in os.listdir(path) if not e.startswith("."))
+
+
+def is_save(path: str | Path, names: tuple[str, ...] = ()) -> bool:
+    """True when ``path`` is a directory a save may replace: it has a manifest, or every entry in
+    it is one of ``names`` (the files this kind of save writes)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    entries = _entries(path)
+    return MANIFEST in entries or (bool(entries) and set(entries) <= set(names))
+
+
+def check_writable(path: str | Path, what: str = "the output") -> Path:
+    """Check, before any work, that ``path`` is not a file and that its directory can be written
+    (probed by creating and removing a directory there, which also catches read-only file systems
+    and, unlike ``os.access``, is true for root too). Raises :class:`DestinationError`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DestinationError(f"{what} {str(path)!r} is a file, not a directory; choose another "
+                               f"path")
+    probe_at = path if path.is_dir() else path.parent
+    while not probe_at.exists():  # the nearest existing ancestor is where mkdir will start
+        probe_at = probe_at.parent
+    if not probe_at.is_dir():
+        raise DestinationError(f"{what} {str(path)!r} cannot be made: {str(probe_at)!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe_at, prefix=".minilora-probe-"))
+    except OSError as exc:
+        raise DestinationError(f"{what} {str(path)!r} cannot be written: {str(probe_at)!r} is not "
+                               f"writable ({exc.strerror or exc})") from None
+    return path
+
+
+def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple[str, ...] = (),
+                      what: str = "the output", flag: str = "--overwrite") -> Path:
+    """Check, before any work, that a save can later be written to ``path`` as a whole.
+
+    Refused with a :class:`DestinationError`: what :func:`check_writable` refuses; an existing
+    save unless ``overwrite``; a non-empty directory that is not a save of this kind (``names``),
+    whatever ``overwrite`` says, since the swap would delete what it holds. Returns the path.
+    """
+    path = check_writable(path, what)
+    if path.is_dir() and path.parent.exists():
+        check_writable(path.parent, what)  # the swap renames path itself inside its parent
+    entries = _entries(path) if path.is_dir() else []
+    if entries and not is_save(path, names):
+        shown = ", ".join(repr(e) for e in entries[:3])
+        raise DestinationError(f"{what} {str(path)!r} is a directory holding other files "
+                               f"({shown}{', ...' if len(entries) > 3 else ''}); a save there "
+                               f"would replace them: choose a new or empty directory")
+    if entries and not overwrite:
+        raise DestinationError(f"{what} {str(path)!r} already holds a save; pass {flag} to "
+                               f"replace it, or choose another path")
+    return path
+
+
+# ---------------------------------------------------------------------------------- staging
+
+class Staging:
+    """The staging directory of one save; write its files with :meth:`write_bytes` (or into
+    :attr:`path` by any other means, e.g. ``savefig``)."""
+
+    def __init__(self, path: Path, dest: Path) -> None:
+        self.path, self.dest = path, dest
+        self.requested = 0  # bytes asked for so far, to say how much a full disk needed
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Write ``data`` to ``name`` in the staging directory, flushed to disk."""
+        self.requested += len(data)
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[_write_chunk(fd, view[:_CHUNK]):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return target
+
+    def write_json(self, name: str, obj: Any, allow_nan: bool = False) -> Path:
+        """Write ``obj`` as indented JSON (sorted keys) to ``name``; NaN and inf, which JSON does
+        not have, are refused unless ``allow_nan``."""
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=allow_nan)
+        return self.write_bytes(name, (text + "\n").encode("utf-8"))
+
+
+def _files(root: Path) -> list[str]:
+    out = []
+    for d, _, names in os.walk(root):
+        for n in names:
+            out.append(Path(d, n).relative_to(root).as_posix())
+    return sorted(out)
+
+
+def _write_manifest(stage: Staging) -> None:
+    files = {}
+    for name in _files(stage.path):
+        p = stage.path / name
+        with open(p, "rb") as f:  # files written by others (savefig) are flushed here
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        files[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    stage.write_json(MANIFEST, {"format": MANIFEST_FORMAT, "version": 1, "files": files})
+    _fsync_dir(stage.path)
+
+
+def _siblings(dest: Path, kind: str) -> list[Path]:
+    prefix = f".{dest.name}{kind}"
+    try:
+        found = [dest.parent / e for e in os.listdir(dest.parent) if e.startswith(prefix)]
+    except OSError:
+        return []
+    return sorted((p for p in found if p.is_dir()), key=lambda p: p.stat().st_mtime)
+
+
+def _complete(path: Path) -> bool:
+    """True when ``path`` has a manifest whose files are all present with their sizes (the manifest
+    is written last, so this means every write before it finished)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        return all((path / n).stat().st_size == f["bytes"] for n, f in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def recover(dest: str | Path) -> Path | None:
+    """Finish or undo a swap that a kill interrupted; returns where the save now lies (``dest``,
+    or, if it cannot be renamed back on a read-only medium, the sibling holding it), or None."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    candidates = [p for p in _siblings(dest, _TMP) if _complete(p)]  # finish the swap
+    if not candidates:
+        candidates = [p for p in _siblings(dest, _OLD) if _complete(p) or
+                      not (p / MANIFEST).exists()]  # or undo it
+    if not candidates:
+        return None
+    best = candidates[-1]
+    try:
+        os.rename(best, dest)
+        _fsync_dir(dest.parent)
+    except OSError:
+        return best
+    return dest
+
+
+def _clean(dest: Path) -> None:
+    for p in _siblings(dest, _TMP) + _siblings(dest, _OLD):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _disk_full(dest: Path, stage: Staging, exc: OSError) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(dest.parent).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(f"no space left on the device to write {str(dest)!r}: the save needs at "
+                         f"least {stage.requested:,} bytes ({free}); the previous save there, if "
+                         f"any, is untouched")
+
+
+@contextmanager
+def atomic_directory(path: str | Path, names: tuple[str, ...] = ()) -> Iterator[Staging]:
+    """Write a save to ``path`` whole or not at all; yields a :class:`Staging` to write into.
+
+    On a clean exit the manifest is written and the staging directory swapped in (see the module
+    docstring); on any error the staging directory is removed and ``path`` is left as it was.
+    A directory already at ``path`` is replaced only if it is a save (:func:`is_save` with
+    ``names``), never a folder of other files.
+    """
+    dest = Path(path)
+    if dest.exists() and not dest.is_dir():
+        raise DestinationError(f"cannot save to {str(dest)!r}: it is a file")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    recover(dest)
+    if dest.is_dir() and _entries(dest) and not is_save(dest, names):
+        raise DestinationError(f"cannot save to {str(dest)!r}: it holds files that are not a "
+                               f"minilora save ({', '.join(_entries(dest)[:3])}); choose another "
+                               f"directory")
+    _clean(dest)
+    stage_path = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}{_TMP}"))
+    os.chmod(stage_path, 0o777 & ~_umask())  # mkdtemp makes 0700; a save gets the umask's mode
+    stage = Staging(stage_path, dest)
+    old = None
+    try:
+        yield stage
+        _write_manifest(stage)
+        if dest.exists():
+            old = dest.parent / f".{dest.name}{_OLD}{stage_path.name.rsplit('-', 1)[-1]}"
+            os.rename(dest, old)
+        os.rename(stage_path, dest)
+        _fsync_dir(dest.parent)
+    except BaseException as exc:
+        shutil.rmtree(stage_path, ignore_errors=True)
+        if old is not None and not dest.exists():
+            os.rename(old, dest)  # the new save could not go in: put the old one back
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            raise _disk_full(dest, stage, exc) from None
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (sorted keys) to ``path`` atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+# ---------------------------------------------------------------------------------- loading
+
+def warn_no_manifest(path: str | Path, who: str = "load", checked: str = "") -> None:
+    """The one-line :class:`NoManifestWarning` for a save without a manifest."""
+    how = f"checked {checked} instead" if checked else "its files are loaded unchecked"
+    warnings.warn(f"{who}: {str(path)!r} has no {MANIFEST} (not written by this minilora, or "
+                  f"by an older one); {how}", NoManifestWarning, stacklevel=3)
+
+
+def verify_manifest(path: str | Path, who: str = "load", warn: bool = True) -> bool:
+    """Check every file ``manifest.json`` lists against its size and SHA-256.
+
+    Returns False for a directory without one (after a one-line :class:`NoManifestWarning`
+    when ``warn``); raises :class:`CheckpointError` naming the file that is missing or does not
+    match.
+    """
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        if warn:
+            warn_no_manifest(path, who)
+        return False
+    try:
+        if mpath.stat().st_size > 16 << 20:
+            raise ValueError("larger than 16 MiB")
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}")
+        files = {str(n): (int(f["bytes"]), str(f["sha256"])) for n, f in
+                 manifest["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{who}: {str(mpath)!r} is not a valid manifest ({exc})") from None
+    for name, (size, digest) in files.items():
+        p = path / name
+        if ".." in Path(name).parts or not p.is_file():
+            raise CheckpointError(f"{who}: the save at {str(path)!r} is incomplete: {name} is "
+                                  f"missing (listed in {MANIFEST})")
+        if p.stat().st_size != size:
+            raise CheckpointError(f"{who}: {str(p)!r} has {p.stat().st_size:,} bytes, "
+                                  f"{MANIFEST} says {size:,}: the file is corrupt or from "
+                                  f"another save")
+        if sha256_file(p) != digest:
+            raise CheckpointError(f"{who}: {str(p)!r} is corrupt or from another save: its "
+                                  f"SHA-256 differs from the one in {MANIFEST}")
+    return True
+
+
+def open_save(path: str | Path, who: str = "load", warn: bool = True) -> Path:
+    """The directory to load a save from: a half-done swap beside ``path`` is finished or undone
+    (:func:`recover`), then the manifest is verified (``warn``: see :func:`verify_manifest`).
+    Raises CheckpointError when nothing is there."""
+    found = recover(path)
+    if found is None:
+        raise CheckpointError(f"{who}: no save at {str(path)!r}: the directory does not exist")
+    if not found.is_dir():
+        raise CheckpointError(f"{who}: {str(found)!r} is a file, not a save directory")
+    verify_manifest(found, who, warn)
+    return found
+
+
+__all__ = ["MANIFEST", "Staging", "atomic_directory", "check_destination", "check_writable",
+           "is_save", "warn_no_manifest", "recover", "verify_manifest", "open_save", "sha256_file",
+           "NoManifestWarning"]
+

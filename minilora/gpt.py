@@ -31,6 +31,19 @@ from .errors import ConfigError, DTypeError, InvalidArgumentError, ShapeError
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
 from .tensor import Tensor, is_grad_enabled, no_grad
 
+# The largest sizes a GPTConfig accepts: far above GPT-2 XL (vocab 50257, block 1024, 48 layers,
+# 25 heads, 1600 channels) and GPT-3 (96 layers, 96 heads, 12288 channels), yet low enough that a
+# forged config (a vocab of 10^12) is refused by name before any weight is allocated.
+MAX_VOCAB_SIZE = 2**20
+MAX_BLOCK_SIZE = 2**16
+MAX_N_LAYER = 2**10
+MAX_N_HEAD = 2**10
+MAX_N_EMBD = 2**15
+_LIMITS = {"vocab_size": ("MAX_VOCAB_SIZE", MAX_VOCAB_SIZE),
+           "block_size": ("MAX_BLOCK_SIZE", MAX_BLOCK_SIZE),
+           "n_layer": ("MAX_N_LAYER", MAX_N_LAYER), "n_head": ("MAX_N_HEAD", MAX_N_HEAD),
+           "n_embd": ("MAX_N_EMBD", MAX_N_EMBD)}
+
 
 @dataclass
 class GPTConfig:
@@ -47,15 +60,22 @@ class GPTConfig:
     bias: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name, (limit_name, limit) in _LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"GPTConfig: {name} must be a positive int, got {value!r}")
+            if value > limit:
+                raise ConfigError(f"GPTConfig: {name}={value} is more than {limit_name} = "
+                                  f"{limit}")
             setattr(self, name, int(value))
         if self.n_embd % self.n_head:
             raise ConfigError(f"GPTConfig: n_embd={self.n_embd} must be divisible by "
                               f"n_head={self.n_head}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.dropout, (int, float, np.floating)) or \
+                isinstance(self.dropout, bool):
+            raise ConfigError(f"GPTConfig: dropout must be a number in [0, 1), got "
+                              f"{self.dropout!r}")
+        if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"GPTConfig: dropout must lie in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
         if not isinstance(self.bias, (bool, np.bool_)):
@@ -68,12 +88,23 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
-        """Rebuild a config from :meth:`to_dict`'s output; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Rebuild a config from :meth:`to_dict`'s output (say, a checkpoint's JSON): unknown
+        and missing keys are errors, and every value is checked as the constructor checks it
+        (ints that are ints, not bools or floats, within the MAX_* limits)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"GPTConfig.from_dict: expected a dict of fields, got "
+                              f"{type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"GPTConfig.from_dict: unknown keys {unknown}; known: "
                               f"{sorted(known)}")
+        missing = sorted(f.name for f in fields
+                         if f.name not in d and f.default is dataclasses.MISSING)
+        if missing:
+            raise ConfigError(f"GPTConfig.from_dict: missing {missing}; a config needs "
+                              f"{sorted(_LIMITS)}")
         return cls(**d)
 
     @classmethod

@@ -42,6 +42,7 @@ from .interop_peft import (
 )
 from .lora_layer import is_linear_like, lora_layers
 from .nn import Linear
+from .tensorfile import json_field, read_header
 
 __all__ = ["gpt_from_hf", "gpt_to_hf", "hf_config", "hf_state_dict", "export_peft",
            "import_peft"]
@@ -143,70 +144,100 @@ def gpt_to_hf(model: GPT, directory: str | Path) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ HF -> minilora
 
-def _gpt_config(hf: dict, dropout: float | None) -> GPTConfig:
-    """The GPTConfig of an HF GPT-2 config; fields minilora's GPT cannot follow are errors."""
+def _same(value: Any, accepted: Any) -> bool:
+    """``value == accepted`` with JSON's types kept apart (1 is not true, true is not 1)."""
+    return value == accepted and isinstance(value, bool) == isinstance(accepted, bool)
+
+
+def _gpt_config(hf: dict, dropout: float | None, where: str) -> GPTConfig:
+    """The GPTConfig of an HF GPT-2 config; fields minilora's GPT cannot follow are errors, and
+    so are values of the wrong JSON type (sizes must be ints, not 8.0, true or "8")."""
+    at = f"gpt_from_hf: {where}"
     model_type, archs = hf.get("model_type"), hf.get("architectures") or []
     if model_type != "gpt2" and not (model_type is None and "GPT2LMHeadModel" in archs):
         raise ConfigError(f"gpt_from_hf: config model_type={model_type!r} (architectures="
                           f"{archs}); only GPT-2 (model_type 'gpt2') can be loaded")
     for field, accepted, default in _FIXED:
-        if hf.get(field, default) not in accepted:
-            raise ConfigError(f"gpt_from_hf: config {field}={hf.get(field)!r}; minilora's GPT "
+        value = hf.get(field, default)
+        if not any(_same(value, a) for a in accepted):
+            raise ConfigError(f"gpt_from_hf: config {field}={value!r}; minilora's GPT "
                               f"computes it as {accepted[0]!r}")
-    missing = [f for f in _SIZES if not isinstance(hf.get(f), int)]
-    if missing:
-        raise ConfigError(f"gpt_from_hf: config field {missing[0]!r} must be an int, got "
-                          f"{hf.get(missing[0])!r}")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise ConfigError(f"gpt_from_hf: config n_inner={hf['n_inner']!r}; minilora's MLP has "
-                          f"4 * n_embd = {4 * hf['n_embd']} (or null)")
+    sizes = {f: json_field(hf, f, int, at) for f in _SIZES}
+    n_inner = json_field(hf, "n_inner", int, at, None)
+    if n_inner is not None and n_inner != 4 * sizes["n_embd"]:
+        raise ConfigError(f"gpt_from_hf: config n_inner={n_inner!r}; minilora's MLP has "
+                          f"4 * n_embd = {4 * sizes['n_embd']} (or null)")
     if dropout is None:
-        rates = {f: hf.get(f, 0.1) for f in _DROPOUTS}  # 0.1 is HF's default
+        rates = {f: json_field(hf, f, float, at, 0.1) for f in _DROPOUTS}  # 0.1: HF's default
         if len(set(rates.values())) > 1:
             raise ConfigError(f"gpt_from_hf: config dropout rates {rates} differ and minilora has "
                               f"one; pass dropout=...")
         dropout = rates["resid_pdrop"]
-    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
-                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                     dropout=dropout, bias=True)
+    try:  # GPTConfig checks the sizes against its MAX_* limits before anything is allocated
+        return GPTConfig(vocab_size=sizes["vocab_size"], block_size=sizes["n_positions"],
+                         n_layer=sizes["n_layer"], n_head=sizes["n_head"],
+                         n_embd=sizes["n_embd"], dropout=dropout, bias=True)
+    except ConfigError as exc:
+        raise ConfigError(f"{at}: {exc}") from None
 
 
-def _read(source: Any, config: Any) -> tuple[dict, dict, str]:
-    """(arrays, config dict, where) from a directory, a .safetensors file or a dict of arrays."""
+def _read(source: Any, config: Any) -> tuple[dict | str, dict[str, tuple], dict, str, str]:
+    """(arrays, or the weights file's path; {key: shape}; config dict; where the weights are;
+    where the config is) from a directory, a .safetensors file or a dict of arrays. Of a file,
+    only the header is read (and checked) here."""
     if hasattr(config, "to_dict"):  # a transformers GPT2Config
         config = config.to_dict()
     if isinstance(source, dict):
         if not isinstance(config, dict):
             raise InvalidArgumentError("gpt_from_hf: source is a dict of arrays, so config (the "
                                        "config.json values, a dict) is needed too")
-        return {k: np.asarray(v) for k, v in source.items()}, config, "the state dict"
+        arrays = {k: np.asarray(v) for k, v in source.items()}
+        return arrays, {k: v.shape for k, v in arrays.items()}, config, "the state dict", "config"
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"gpt_from_hf: {str(path)!r} does not exist")
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     folder = path if path.is_dir() else path.parent
+    config_where = "config"
     if config is None:
+        config_where = repr(str(folder / CONFIG_NAME))
         config = read_json(str(folder / CONFIG_NAME), "gpt_from_hf")
     elif not isinstance(config, dict):
         raise InvalidArgumentError(f"gpt_from_hf: config must be a dict of config.json values, "
                                    f"got {type(config).__name__}")
-    return read_safetensors(str(weights), "gpt_from_hf"), config, repr(str(weights))
+    infos, _ = read_header(weights, "gpt_from_hf")
+    return str(weights), {k: i.shape for k, i in infos.items()}, config, repr(str(weights)), \
+        config_where
 
 
-def _check_keys(arrays: dict, model: GPT, where: str, tied: bool) -> dict[str, np.ndarray]:
-    """{HF name: array} without prefixes and buffers; unknown, missing or misshapen keys are
-    errors naming the key (as the file spells it) and the shapes."""
+def _expected_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """{HF name: shape} of every tensor an HF GPT-2 of config ``c`` stores, from the config
+    alone (no model is built), lm_head.weight included (it is optional). Conv1D weights are
+    (in, out): c_attn (C, 3C), attn.c_proj (C, C), c_fc (C, 4C), mlp.c_proj (4C, C)."""
+    C = c.n_embd
+    in_out = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C),
+              "mlp.c_proj": (4 * C, C)}
+    out = {"wte.weight": (c.vocab_size, C), "wpe.weight": (c.block_size, C),
+           "ln_f.weight": (C,), "ln_f.bias": (C,), "lm_head.weight": (c.vocab_size, C)}
+    for i in range(c.n_layer):
+        for ln in ("ln_1", "ln_2"):
+            out[f"h.{i}.{ln}.weight"] = out[f"h.{i}.{ln}.bias"] = (C,)
+        for hf, (n_in, n_out) in in_out.items():
+            out[f"h.{i}.{hf}.weight"], out[f"h.{i}.{hf}.bias"] = (n_in, n_out), (n_out,)
+    return out
+
+
+def _check_keys(shapes: dict[str, tuple], c: GPTConfig, where: str,
+                tied: bool) -> dict[str, str]:
+    """{HF name: key as the file spells it} of the tensors to load, from the file's
+    {key: shape} (no data needed): prefixes and buffers dropped; unknown, missing or misshapen
+    keys are errors naming the key and the shapes."""
     names = {}
-    for key in arrays:
+    for key in shapes:
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if not _BUFFER.fullmatch(name):
             names[name] = key
-    sd = model.state_dict()
-    expected = {"lm_head.weight": sd["wte.weight"].shape}  # optional, checked below
-    for name, mine, transposed in _layout(model.config.n_layer):
-        shape = (sum(sd[k].shape[0] for k in mine),) + sd[mine[0]].shape[1:]
-        expected[name] = shape[::-1] if transposed else shape
-    c = model.config
+    expected = _expected_shapes(c)
     size = f"n_layer={c.n_layer}, n_embd={c.n_embd}, vocab_size={c.vocab_size}, " \
            f"n_positions={c.block_size}"
     for name, key in sorted(names.items()):
@@ -217,20 +248,24 @@ def _check_keys(arrays: dict, model: GPT, where: str, tied: bool) -> dict[str, n
         if name not in names and name != "lm_head.weight":
             raise CheckpointError(f"gpt_from_hf: {where} lacks key {PREFIX + name!r} (shape "
                                   f"{shape} for {size})")
-        if name in names and tuple(arrays[names[name]].shape) != shape:
+        if name in names and tuple(shapes[names[name]]) != shape:
             raise CheckpointError(f"gpt_from_hf: key {names[name]!r} has shape "
-                                  f"{tuple(arrays[names[name]].shape)} in {where}, expected "
+                                  f"{tuple(shapes[names[name]])} in {where}, expected "
                                   f"{shape} for {size}")
-    out = {name: arrays[key] for name, key in names.items()}
-    head = out.pop("lm_head.weight", None)
-    if head is None and not tied:
+    if "lm_head.weight" not in names and not tied:
         raise CheckpointError(f"gpt_from_hf: config tie_word_embeddings=False but {where} has no "
                               f"lm_head.weight")
-    if head is not None and not np.array_equal(head, out["wte.weight"]):
+    return names
+
+
+def _untie(named: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """``named`` without lm_head.weight, which must equal wte (minilora's head is wte)."""
+    head = named.pop("lm_head.weight", None)
+    if head is not None and not np.array_equal(head, named["wte.weight"]):
         raise CheckpointError(f"gpt_from_hf: key 'lm_head.weight' in {where} differs from "
                               f"{PREFIX}wte.weight; minilora's head is tied to wte, so an untied "
                               f"head cannot be loaded")
-    return out
+    return named
 
 
 def gpt_from_hf(source: str | Path | dict, config: Any = None, dtype: Any = None,
@@ -242,13 +277,28 @@ def gpt_from_hf(source: str | Path | dict, config: Any = None, dtype: Any = None
     ``{HF key: array}`` with ``config`` (a dict of config.json values, or a GPT2Config).
     ``dtype`` is float32 or float64 (default: minilora's default dtype); ``dropout`` overrides
     HF's rates (needed when its three differ). Errors name the config field or the file key.
+    Nothing is taken on trust: the config's values must have their JSON types and lie within
+    GPTConfig's MAX_* limits, and the weights file's header must hold exactly the shapes the
+    config implies, all before any weight is read or the GPT is built.
     """
-    arrays, hf, where = _read(source, config)
-    gpt_config = _gpt_config(hf, dropout)
+    # everything the files claim is checked against each other before anything big is read or
+    # allocated: the config's sizes (types, limits), then the weights' header shapes against them
+    data, shapes, hf, where, config_where = _read(source, config)
+    gpt_config = _gpt_config(hf, dropout, config_where)
+    tied = json_field(hf, "tie_word_embeddings", bool, f"gpt_from_hf: {config_where}", True)
+    keys = _check_keys(shapes, gpt_config, where, tied)
     dtype = B.default_dtype() if dtype is None else dtype
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise InvalidArgumentError(f"gpt_from_hf: dtype must be float32 or float64, got "
+                                   f"{np.dtype(dtype)}")
+    if isinstance(data, dict):
+        arrays = data
+    else:  # only the keys kept (not HF's mask buffers), floats read as the model's dtype
+        arrays = read_safetensors(data, "gpt_from_hf", names=list(keys.values()),
+                                  float_dtype=dtype)
+    named = _untie({name: arrays[key] for name, key in keys.items()}, where)
     with keep_host_rng(), B.default_dtype_as(dtype):  # the init is overwritten below
         model = GPT(gpt_config)
-    named = _check_keys(arrays, model, where, bool(hf.get("tie_word_embeddings", True)))
     state = {}
     for name, mine, transposed in _layout(gpt_config.n_layer):
         arr = named[name].T if transposed else named[name]

@@ -35,25 +35,26 @@ training mode. Everything is read without pickle (JSON and safetensors).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections import Counter
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from . import backend as B
+from . import tensorfile
 from .errors import CheckpointError, ConfigError, InvalidArgumentError
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import atomic_directory
 from .gpt import GPT
 from .lora_config import LoraConfig, lora_scaling
 from .lora_inject import inject_lora, lora_configs
 from .lora_io import CONFIG_NAME, WEIGHTS_NAME
 from .lora_layer import lora_layers
 from .nn import Module
+from .tensorfile import json_field
 
 # HF GPT-2 module (under h.{i}) -> the minilora modules it holds, in the order its out axis
 # stacks them. Every one is a Conv1D in HF: weight (in, out).
@@ -71,6 +72,7 @@ _MINE = {m for ms in MODULES.values() for m in ms}
 _MUST_BE_OFF = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices",
                 "layer_replication", "target_parameters", "use_qalora", "alora_invocation_tokens",
                 "use_bdlora", "arrow_config", "kasa_config", "velora_config", "monteclora_config")
+_FLAGS = ("use_dora", "lora_bias", "use_qalora")  # those of _MUST_BE_OFF that are booleans
 _INITS = (True, False, "gaussian", "eva", "orthogonal")  # the others rewrite the base weights
 
 Adapter = dict  # {"h.{i}.{module}": (A (r, in), B (out, r), alpha)}: r is A.shape[0]
@@ -79,50 +81,35 @@ Adapter = dict  # {"h.{i}.{module}": (A (r, in), B (out, r), alpha)}: r is A.sha
 # ------------------------------------------------------------------------------ shared helpers
 
 def read_json(path: str, who: str) -> dict:
-    """The JSON object in ``path``; a CheckpointError naming the file if it is missing or bad."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{who}: {path!r} is missing")
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{who}: {path!r} is not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{who}: {path!r} must hold a JSON object, got {type(obj).__name__}")
-    return obj
+    """The JSON object in ``path``; a CheckpointError naming the file if it is missing or bad
+    (:func:`minilora.tensorfile.read_json`: size limit, UTF-8, valid JSON, an object)."""
+    return tensorfile.read_json(path, who)
 
 
-def read_safetensors(path: str, who: str) -> dict[str, np.ndarray]:
-    """``{key: host array}`` of a safetensors file (no pickle); pickled .bin files are refused."""
-    if not os.path.isfile(path):
-        bins = [n for n in ("pytorch_model.bin", "adapter_model.bin")
-                if os.path.isfile(os.path.join(os.path.dirname(path), n))]
-        hint = f" (found {bins[0]}: minilora reads only safetensors, never pickle; re-save with " \
-               f"save_pretrained(..., safe_serialization=True))" if bins else ""
-        raise CheckpointError(f"{who}: {path!r} is missing{hint}")
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{who}: {path!r} is not a safetensors file NumPy can read "
-                              f"(bfloat16 cannot be: save float32 or float16): {exc}") from None
+def read_safetensors(path: str, who: str, *, names: Iterable[str] | None = None,
+                     float_dtype: Any = np.float64,
+                     expected_shapes: dict[str, tuple] | None = None) -> dict[str, np.ndarray]:
+    """``{key: host array}`` of a safetensors file, read without pickle and checked before
+    anything is allocated (:func:`minilora.tensorfile.read_tensors`); a pickled .bin file beside
+    it is named in the error. Float tensors (F16, BF16, F32, F64) become ``float_dtype``: float64
+    by default, which holds each of them exactly (the caller casts to its model's dtype);
+    integer and bool tensors are refused."""
+    return tensorfile.read_tensors(path, who, names=names, float_dtype=float_dtype,
+                                   expected_shapes=expected_shapes)
 
 
 def write_files(directory: str | os.PathLike, config: tuple[str, dict],
                 weights: tuple[str, dict[str, np.ndarray]]) -> dict[str, str]:
     """Write ``weights`` = (file name, arrays) as safetensors, then ``config`` = (file name,
-    fields) as JSON, into ``directory`` (created if missing), each atomically (fileio).
+    fields) as JSON, into ``directory`` as one save, whole or not at all (fileio).
     Returns ``{"config": path, "weights": path}``."""
     from safetensors.numpy import save as st_save
 
-    os.makedirs(directory, exist_ok=True)
-    paths = {"config": os.path.join(directory, config[0]),
-             "weights": os.path.join(directory, weights[0])}
-    atomic_write_bytes(paths["weights"], st_save(weights[1], metadata={"format": "pt"}))
-    atomic_write_json(paths["config"], config[1])
-    return paths
+    with atomic_directory(directory, (config[0], weights[0])) as stage:
+        stage.write_bytes(weights[0], st_save(weights[1], metadata={"format": "pt"}))
+        stage.write_json(config[0], config[1])
+    return {"config": os.path.join(directory, config[0]),
+            "weights": os.path.join(directory, weights[0])}
 
 
 @contextmanager
@@ -256,31 +243,37 @@ def export_peft(model: GPT, directory: str | os.PathLike,
 # ---------------------------------------------------------------------------------- import
 
 def _peft_config(raw: dict, where: str) -> LoraConfig:
-    """PEFT's fields checked, as a LoraConfig that resolves r and alpha for PEFT's module paths."""
+    """PEFT's fields checked, JSON types included ("false" is not a boolean, 8.0 not an r), as a
+    LoraConfig that resolves r and alpha for PEFT's module paths."""
+    at = f"import_peft: {where}"
     if raw.get("peft_type") != "LORA":
-        raise ConfigError(f"import_peft: {where} has peft_type={raw.get('peft_type')!r}; only "
-                          f"'LORA' adapters can be imported")
+        raise ConfigError(f"{at} has peft_type={raw.get('peft_type')!r}; only 'LORA' adapters "
+                          f"can be imported")
     for field in ("r", "lora_alpha"):
         if field not in raw:
-            raise ConfigError(f"import_peft: {where} lacks the field {field!r}")
+            raise ConfigError(f"{at} lacks the field {field!r}")
     for field in _MUST_BE_OFF:
-        if raw.get(field):
-            raise ConfigError(f"import_peft: {where} has {field}={raw[field]!r}, which "
-                              f"minilora's plain LoRA cannot represent")
+        # the flags are JSON booleans (a string "false" would be truthy); the rest are objects
+        # or lists, off when null or empty
+        value = json_field(raw, field, bool, at, False) if field in _FLAGS else raw.get(field)
+        if value:
+            raise ConfigError(f"{at} has {field}={value!r}, which minilora's plain LoRA cannot "
+                              f"represent")
     checks = (("bias", ("none",), "trained biases belong to the base"),
               ("init_lora_weights", _INITS, "the others rewrite the base weights"))
     for field, allowed, why in checks:
         value = raw.get(field, allowed[0])
         if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
-            raise ConfigError(f"import_peft: {where} has {field}={value!r}; supported: "
-                              f"{list(allowed)} ({why})")
-    try:
-        return LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                          use_rslora=bool(raw.get("use_rslora", False)),
-                          rank_pattern=dict(raw.get("rank_pattern") or {}),
-                          alpha_pattern=dict(raw.get("alpha_pattern") or {}))
+            raise ConfigError(f"{at} has {field}={value!r}; supported: {list(allowed)} ({why})")
+    fields = dict(r=json_field(raw, "r", int, at), alpha=json_field(raw, "lora_alpha", float, at),
+                  dropout=json_field(raw, "lora_dropout", float, at, 0.0),
+                  use_rslora=json_field(raw, "use_rslora", bool, at, False),
+                  rank_pattern=dict(json_field(raw, "rank_pattern", dict, at, {})),
+                  alpha_pattern=dict(json_field(raw, "alpha_pattern", dict, at, {})))
+    try:  # LoraConfig checks the values: r > 0 and within MAX_RANK, alpha > 0, the patterns
+        return LoraConfig(**fields)
     except ConfigError as exc:
-        raise ConfigError(f"import_peft: {where}: {exc}") from None
+        raise ConfigError(f"{at}: {exc}") from None
 
 
 def _collect(arrays: dict[str, np.ndarray], model: GPT, peft: LoraConfig, where: str) -> Adapter:

@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .tensorfile import json_field
 
 INITS = ("kaiming", "gaussian", "pissa")
 BIASES = ("none", "all", "lora_only")
+# The largest rank accepted: LoRA ranks are 1 to a few hundred (the paper uses 1 to 64), and an
+# adapter's A is (r, in), so a forged r of 2^40 must be refused before anything is allocated.
+MAX_RANK = 2**16
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -72,6 +76,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if not _is_int(self.r) or self.r <= 0:
             raise ConfigError(f"LoraConfig: r must be a positive int, got {self.r!r}")
+        if self.r > MAX_RANK:
+            raise ConfigError(f"LoraConfig: r={self.r} is more than MAX_RANK = {MAX_RANK}")
         if not _is_number(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"LoraConfig: alpha must be a positive number, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
@@ -86,7 +92,7 @@ class LoraConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"LoraConfig: {name} must be True or False, got "
                                   f"{getattr(self, name)!r}")
-        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, _is_int)
+        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, _is_int, MAX_RANK)
         self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, _is_number)
 
     # PEFT's spellings of the same fields
@@ -137,33 +143,45 @@ class LoraConfig:
 
     @classmethod
     def from_peft_dict(cls, d: dict) -> LoraConfig:
-        """Read PEFT's adapter_config.json fields; refuses other PEFT methods and layouts."""
+        """Read PEFT's adapter_config.json fields; refuses other PEFT methods and layouts.
+
+        The JSON types are checked first: booleans must be true/false (a string "false" is an
+        error, not True), r an integer, lora_alpha and lora_dropout numbers; null means PEFT's
+        default where PEFT has one. Fields minilora does not use are ignored.
+        """
+        where = "LoraConfig.from_peft_dict"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected the adapter_config.json object (a dict), got "
+                              f"{type(d).__name__}")
         if d.get("peft_type") != "LORA":
-            raise ConfigError(f"LoraConfig.from_peft_dict: peft_type must be 'LORA', got "
-                              f"{d.get('peft_type')!r}")
-        if d.get("fan_in_fan_out", False):
-            raise ConfigError("LoraConfig.from_peft_dict: fan_in_fan_out=True (weights stored "
-                              "(in, out), as HF GPT-2's Conv1D) is not supported here; minilora's "
-                              "Linear weights are (out, in). For a PEFT adapter of HF GPT-2 use "
-                              "minilora.interop.import_peft")
+            raise ConfigError(f"{where}: peft_type must be 'LORA', got {d.get('peft_type')!r}")
+        if json_field(d, "fan_in_fan_out", bool, where, False):
+            raise ConfigError(f"{where}: fan_in_fan_out=True (weights stored (in, out), as HF "
+                              f"GPT-2's Conv1D) is not supported here; minilora's Linear weights "
+                              f"are (out, in). For a PEFT adapter of HF GPT-2 use "
+                              f"minilora.interop.import_peft")
         for key in ("r", "lora_alpha", "target_modules"):
             if key not in d:
-                raise ConfigError(f"LoraConfig.from_peft_dict: missing field {key!r}")
+                raise ConfigError(f"{where}: missing field {key!r}")
         init = d.get("init_lora_weights", True)
         if isinstance(init, bool):
             init = "kaiming"  # False (random B) only matters before training; weights get loaded
         elif isinstance(init, str) and init.startswith("pissa"):
             init = "pissa"
         elif init != "gaussian":
-            raise ConfigError(f"LoraConfig.from_peft_dict: init_lora_weights={init!r} is not "
-                              f"supported; known: True, False, 'gaussian', 'pissa'")
-        targets = d["target_modules"]
-        return cls(r=d["r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
-                   target_modules=targets if isinstance(targets, str) else tuple(targets),
-                   bias=d.get("bias", "none"), use_rslora=bool(d.get("use_rslora", False)),
-                   use_dora=bool(d.get("use_dora", False)), init=init,
-                   rank_pattern=dict(d.get("rank_pattern") or {}),
-                   alpha_pattern=dict(d.get("alpha_pattern") or {}))
+            raise ConfigError(f"{where}: init_lora_weights={init!r} is not supported; known: "
+                              f"True, False, 'gaussian', 'pissa'")
+        targets = d["target_modules"]  # a list of names or a regex str (LoraConfig checks which)
+        if isinstance(targets, list):
+            targets = tuple(targets)
+        return cls(r=json_field(d, "r", int, where),
+                   alpha=json_field(d, "lora_alpha", float, where),
+                   dropout=json_field(d, "lora_dropout", float, where, 0.0),
+                   target_modules=targets, bias=json_field(d, "bias", str, where, "none"),
+                   use_rslora=json_field(d, "use_rslora", bool, where, False),
+                   use_dora=json_field(d, "use_dora", bool, where, False), init=init,
+                   rank_pattern=dict(json_field(d, "rank_pattern", dict, where, {})),
+                   alpha_pattern=dict(json_field(d, "alpha_pattern", dict, where, {})))
 
 
 def _check_targets(targets: Any) -> str | tuple[str, ...]:
@@ -184,7 +202,7 @@ def _check_targets(targets: Any) -> str | tuple[str, ...]:
                       f"or a regex str, got {targets!r}")
 
 
-def _check_pattern(name: str, pattern: Any, valid: Any) -> dict:
+def _check_pattern(name: str, pattern: Any, valid: Any, limit: int | None = None) -> dict:
     if not isinstance(pattern, dict):
         raise ConfigError(f"LoraConfig: {name} must be a dict {{regex: value}}, got {pattern!r}")
     for key, value in pattern.items():
@@ -196,6 +214,9 @@ def _check_pattern(name: str, pattern: Any, valid: Any) -> dict:
             raise ConfigError(f"LoraConfig: {name} key {key!r} does not compile: {exc}") from None
         if not valid(value) or value <= 0:
             raise ConfigError(f"LoraConfig: {name}[{key!r}] must be positive, got {value!r}")
+        if limit is not None and value > limit:
+            raise ConfigError(f"LoraConfig: {name}[{key!r}]={value} is more than MAX_RANK = "
+                              f"{limit}")
     return dict(pattern)
 
 

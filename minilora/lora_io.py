@@ -8,16 +8,18 @@ A directory holds ``adapter_config.json`` (the LoraConfig in PEFT's fields, peft
     base_model.model.<module path>.lora_magnitude_vector    (out,)   DoRA only
     base_model.model.<parameter path of a bias>             (out,)   bias "all" / "lora_only"
 
-(the adapter name is not in the keys). Both files are written atomically (a temporary file in the
-same directory, then ``os.replace``) and read without pickle. An adapter is r (n + k) numbers per
-layer: kilobytes to megabytes against the base's n k per layer.
+(the adapter name is not in the keys), plus ``manifest.json`` (each file's size and SHA-256). The
+directory is written whole or not at all (:mod:`minilora.fileio`), so the config and the weights
+always come from the same save, and loading verifies the manifest; nothing is read with pickle.
+Sizes the config claims (r) are checked against the weights file's shapes before any adapter is
+allocated. An adapter is r (n + k) numbers per layer: kilobytes to megabytes against the base's
+n k per layer.
 
 A PiSSA adapter belongs with the residual base it was made from (W - s B A): save that base too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from typing import Any
@@ -26,11 +28,12 @@ import numpy as np
 
 from . import backend as B
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write_bytes
+from .fileio import MANIFEST, atomic_directory, open_save, warn_no_manifest
 from .lora_config import LoraConfig
 from .lora_inject import delete_adapter, inject_lora, lora_configs
 from .lora_layer import lora_layers
 from .nn import Module
+from .tensorfile import read_json, read_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,47 +66,46 @@ def adapter_state_dict(model: Module, adapter_name: str = "default") -> dict[str
 
 
 def save_adapter(model: Module, directory: str, adapter_name: str = "default") -> dict[str, str]:
-    """Write adapter ``adapter_name`` of ``model`` to ``directory`` (created if missing).
+    """Write adapter ``adapter_name`` of ``model`` to ``directory``, whole or not at all.
 
-    Returns ``{"config": path, "weights": path}`` of the two files written.
+    A directory already there is replaced only if it is an adapter save. Returns
+    ``{"config": path, "weights": path}`` of the two files written.
     """
     from safetensors.numpy import save as st_save
 
     params = adapter_state_dict(model, adapter_name)
     arrays = {k: np.ascontiguousarray(B.to_numpy(p.data)) for k, p in params.items()}
     config = lora_configs(model)[adapter_name].to_peft_dict()
-    os.makedirs(directory, exist_ok=True)
-    paths = {"config": os.path.join(directory, CONFIG_NAME),
-             "weights": os.path.join(directory, WEIGHTS_NAME)}
-    atomic_write_bytes(paths["weights"], st_save(arrays, metadata={"format": "pt"}))
-    atomic_write_bytes(paths["config"], (json.dumps(config, indent=2, sort_keys=True) + "\n")
-                  .encode())
-    return paths
+    with atomic_directory(directory, (CONFIG_NAME, WEIGHTS_NAME)) as stage:
+        stage.write_bytes(WEIGHTS_NAME, st_save(arrays, metadata={"format": "pt"}))
+        stage.write_json(CONFIG_NAME, config)
+    return {"config": os.path.join(directory, CONFIG_NAME),
+            "weights": os.path.join(directory, WEIGHTS_NAME)}
 
 
 def read_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:
-    """Read an adapter directory: its LoraConfig and its ``{key: array}`` (host arrays)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """Read an adapter directory: its LoraConfig and its ``{key: array}`` (host float arrays).
 
-    config_path = os.path.join(directory, CONFIG_NAME)
-    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    The manifest is verified (a save without one, e.g. from PEFT, loads with a note); the config's
+    fields are type-checked; float tensors keep their precision (bfloat16 becomes float32, and
+    each is cast to its parameter's dtype on load), integer tensors are refused.
+    """
+    found = open_save(directory, "load_adapter", warn=False)
+    config_path, weights_path = found / CONFIG_NAME, found / WEIGHTS_NAME
     for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"load_adapter: {path!r} is missing; an adapter directory "
+        if not path.is_file():
+            raise CheckpointError(f"load_adapter: {str(path)!r} is missing; an adapter directory "
                                   f"holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    raw = read_json(config_path, "load_adapter")
     try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
         config = LoraConfig.from_peft_dict(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError, TypeError) as exc:
-        raise CheckpointError(f"load_adapter: {config_path!r} is not a usable LoRA adapter "
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"load_adapter: {str(config_path)!r} is not a usable LoRA adapter "
                               f"config: {exc}") from None
-    try:
-        arrays = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"load_adapter: {weights_path!r} is not a readable safetensors "
-                              f"file: {exc}") from None
+    # floats keep their precision (bf16 comes as float32); integers are refused before reading
+    arrays = read_tensors(weights_path, "load_adapter", float_dtype=None, floats_only=True)
+    if not (found / MANIFEST).is_file():  # after every check: a refusal is one line, not two
+        warn_no_manifest(found, "load_adapter")
     return config, arrays
 
 
@@ -134,6 +136,17 @@ def _check_fit(expected: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
                                   f"made for another base model")
 
 
+def _check_ranks(config: LoraConfig, arrays: dict[str, np.ndarray], directory: str) -> None:
+    """The rank the config claims against the rows of every lora_A in the file, before anything
+    of that rank is allocated."""
+    if config.rank_pattern:
+        return  # per-module ranks: the shapes are checked key by key after injection
+    for key, a in arrays.items():
+        if key.endswith("lora_A.weight") and (a.ndim != 2 or a.shape[0] != config.r):
+            raise CheckpointError(f"load_adapter: {str(directory)!r}: the config says r="
+                                  f"{config.r}, but {key!r} has shape {tuple(a.shape)}")
+
+
 def load_adapter(model: Module, directory: str, adapter_name: str = "default") -> Module:
     """Load an adapter directory into ``model`` as adapter ``adapter_name``; returns ``model``.
 
@@ -142,7 +155,14 @@ def load_adapter(model: Module, directory: str, adapter_name: str = "default") -
     has one, the configs must agree. Keys and shapes must match exactly; on any mismatch a
     CheckpointError names the key and both shapes, and the model is left as it was.
     """
+    merged = [path for path, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
+    if merged:
+        raise CheckpointError(f"load_adapter: adapter {adapter_name!r} is merged into {merged[0]} "
+                              f"({len(merged)} layers); replacing its values now would make a "
+                              f"later unmerge subtract the wrong update. Call unmerge(model) "
+                              f"first")
     config, arrays = read_adapter(directory)
+    _check_ranks(config, arrays, directory)
     existing = lora_configs(model).get(adapter_name)
     flags = [(p, p.requires_grad) for p in model.parameters()]  # to undo the freezing on error
     if existing is not None:

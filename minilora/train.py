@@ -23,27 +23,36 @@ bit on the CPU. This module and the CLI are the only ones that print (a tqdm pro
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from . import backend as B
-from .checkpoint import atomic_write_json, load_checkpoint, restore, save_checkpoint
+from .checkpoint import HISTORY_FILE, all_finite, load_checkpoint, restore, save_checkpoint
 from .cpu import keep_freed_memory
 from .data import TaskDataset, TextDataset
-from .errors import CheckpointError, ConfigError, InvalidArgumentError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    InvalidArgumentError,
+    TrainingDivergedError,
+    TrainingInterrupted,
+)
 from .nn import Module
-from .optim import AdamW, clip_grad_norm, warmup_cosine
+from .optim import AdamW, clip_grad_norm, grad_norm, warmup_cosine
 from .parallel import forward_backward
 from .tensor import no_grad
-
-HISTORY_FILE = "history.json"
 
 
 @dataclass
@@ -70,8 +79,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     seed: int = 0
     shards: int = 2
+    phases: tuple = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.betas, (tuple, list)) or not all(_is_number(b) for b in self.betas):
+            raise ConfigError(f"TrainConfig: betas must be two numbers, got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
         for name in ("steps", "batch_size", "eval_every", "eval_examples", "shards"):
             v = getattr(self, name)
@@ -83,8 +95,9 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig: {name} must be an int >= 0, got {v!r}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not _is_number(v) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"TrainConfig: {name} must be a finite number >= 0, got {v!r}")
+        self.phases = _check_phases(self.phases, self.steps)
         if self.min_lr > self.lr:
             raise ConfigError(f"TrainConfig: min_lr={self.min_lr} must not exceed lr={self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -93,23 +106,83 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """The fields as a JSON-able dict."""
-        return {**dataclasses.asdict(self), "betas": list(self.betas)}
+        return {**dataclasses.asdict(self), "betas": list(self.betas),
+                "phases": [list(p) for p in self.phases]}
+
+    @property
+    def schedule_steps(self) -> int:
+        """Where the first (warmup + cosine) schedule ends: ``steps`` unless extended."""
+        return self.phases[0][0] if self.phases else self.steps
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based): warmup + cosine over the first schedule,
+        then each phase's cosine from its ``lr`` to its ``min_lr``."""
+        starts = [p[0] for p in self.phases]
+        k = bisect.bisect_right(starts, step) - 1
+        if k < 0:
+            return warmup_cosine(step, self.lr, self.warmup, self.schedule_steps, self.min_lr)
+        start, lr, min_lr = self.phases[k]
+        end = starts[k + 1] if k + 1 < len(starts) else self.steps
+        return warmup_cosine(step - start, lr, 0, max(1, end - start), min_lr)
+
+    def extended(self, steps: int, lr: float | None = None,
+                 min_lr: float | None = None) -> TrainConfig:
+        """This run continued to ``steps`` in all: the added steps run at the schedule's final
+        rate, or decay from ``lr`` to ``min_lr`` when they are given."""
+        if not isinstance(steps, int) or steps <= self.steps:
+            raise ConfigError(f"TrainConfig.extended: steps must exceed the run's {self.steps}, "
+                              f"got {steps!r}")
+        final = self.phases[-1][2] if self.phases else self.min_lr
+        new_lr = final if lr is None else lr
+        new_min = min(final, new_lr) if min_lr is None else min_lr
+        if new_min > new_lr:
+            raise ConfigError(f"extending a run: min_lr={new_min} must not exceed lr={new_lr} "
+                              f"(give --lr, or a --min-lr below it)")
+        return dataclasses.replace(self, steps=steps,
+                                   phases=(*self.phases, (self.steps, new_lr, new_min)))
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """Rebuild from :meth:`to_dict`; unknown keys are an error."""
         known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict):
+            raise ConfigError(f"TrainConfig.from_dict: expected an object, got {d!r:.80}")
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"TrainConfig.from_dict: unknown keys {unknown}")
         return cls(**{**_OLD_DEFAULTS, **d})
 
 
-# the fields a resumed run must share with the saved one to continue it exactly
-_SCHEDULE_FIELDS = ("steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay", "betas",
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _check_phases(phases: Any, steps: int) -> tuple:
+    """``phases`` as a tuple of (int start, float lr, float min_lr), starts increasing inside
+    (0, steps), 0 <= min_lr <= lr."""
+    if not isinstance(phases, (tuple, list)):
+        raise ConfigError(f"TrainConfig: phases must be a list of (start, lr, min_lr), got "
+                          f"{phases!r:.80}")
+    out, last = [], 0
+    for p in phases:
+        ok = isinstance(p, (tuple, list)) and len(p) == 3 and isinstance(p[0], int) and \
+            not isinstance(p[0], bool) and _is_number(p[1]) and _is_number(p[2])
+        if not ok or not last < p[0] < steps or not 0 <= p[2] <= p[1] or \
+                not math.isfinite(p[1]):
+            raise ConfigError(f"TrainConfig: each phase must be (start, lr, min_lr) with starts "
+                              f"increasing inside (0, steps={steps}) and 0 <= min_lr <= lr, got "
+                              f"{p!r:.80}")
+        out.append((int(p[0]), float(p[1]), float(p[2])))
+        last = p[0]
+    return tuple(out)
+
+
+# the fields a resumed run must share with the saved one to continue it exactly (steps and
+# phases may grow: an extended run)
+_SCHEDULE_FIELDS = ("batch_size", "lr", "warmup", "min_lr", "weight_decay", "betas",
                     "grad_clip", "seed", "shards")
 # what a checkpoint saved before a field existed meant by it
-_OLD_DEFAULTS = {"shards": 1}
+_OLD_DEFAULTS = {"shards": 1, "phases": ()}
 
 
 def param_groups(model: Module, weight_decay: float) -> list[dict]:
@@ -178,7 +251,8 @@ def data_description(data: TaskDataset | TextDataset) -> dict:
     if isinstance(data, TaskDataset):
         return {"task": data.task.to_dict(), "n_heldout": data.n_heldout,
                 "split_seed": data.split_seed}
-    return {"text": {"block_size": data.block_size}}
+    return {"text": {"block_size": data.block_size, "path": getattr(data, "path", None),
+                     "sha256": getattr(data, "sha256", None)}}
 
 
 # ---------------------------------------------------------------------------------- train
@@ -190,28 +264,67 @@ def _check_resumable(saved: dict | None, config: TrainConfig, where: Path) -> No
     saved = {**_OLD_DEFAULTS, **saved}
     diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in _SCHEDULE_FIELDS
             if saved.get(k) != now[k]]
+    old_phases = [list(p) for p in saved["phases"]]
+    if now["phases"] == old_phases:
+        if saved.get("steps") != now["steps"]:
+            diff.append(f"steps: saved {saved.get('steps')!r}, now {now['steps']!r}")
+    elif now["phases"][:len(old_phases)] != old_phases or \
+            now["phases"][len(old_phases)][0] != saved.get("steps"):
+        diff.append(f"phases: saved {old_phases}, now {now['phases']} (an extended run adds one "
+                    f"phase starting at the saved steps={saved.get('steps')})")
     if diff:
         raise ConfigError(f"train: cannot resume from {str(where)!r} with a different "
                           f"configuration ({'; '.join(diff)})")
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[dict]:
+    """Turn the first Ctrl-C (SIGINT) into a flag the loop reads between steps, so a step is never
+    cut in half (weights updated for some parameters, not others); a second Ctrl-C interrupts at
+    once. Outside the main thread signals cannot be caught, and nothing changes."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train(model: Module, data: TaskDataset | TextDataset, config: TrainConfig | None = None, *,
           out_dir: str | Path | None = None, resume: str | Path | None = None,
           until: int | None = None, progress: bool = True, tokenizer: Any = None,
           model_config: Any = None, extra: dict | None = None,
-          callback: Callable[[int, dict], None] | None = None) -> dict:
+          callback: Callable[[int, dict], None] | None = None,
+          save_on_interrupt: bool = True) -> dict:
     """Train ``model`` on ``data`` for ``config.steps`` AdamW steps; returns the history.
 
     The history is ``{"step": [...], "loss": [...], "lr": [...], "grad_norm": [...],
     "eval": [{"step": s, "accuracy" or "val_loss": v}, ...], "seconds": wall time,
     "start_step": s0}``; ``step`` counts completed steps (1-based).
 
-    ``out_dir``: write a checkpoint there every ``config.checkpoint_every`` steps and at the end,
-    plus ``history.json``. ``resume``: a checkpoint directory to continue from (same schedule
-    fields in ``config``). ``until``: stop after this many completed steps, as if interrupted (the
-    schedule still spans ``config.steps``). ``callback(step, record)`` runs after each step.
-    ``tokenizer``, ``model_config`` and ``extra`` go into the checkpoint (default: the data's
-    tokenizer, ``model.config`` and a description of the data).
+    ``out_dir``: write a checkpoint there every ``config.checkpoint_every`` steps and at the end
+    (with ``history.json`` inside), each save whole or not at all. ``resume``: a checkpoint
+    directory to continue from (same schedule fields in ``config``, or the same run extended:
+    :meth:`TrainConfig.extended`). ``until``: stop after this many completed steps, as if
+    interrupted (the schedule still spans ``config.steps``). ``callback(step, record)`` runs after
+    each step. ``tokenizer``, ``model_config`` and ``extra`` go into the checkpoint (default: the
+    data's tokenizer, ``model.config`` and a description of the data).
+
+    Every step checks the loss and the global gradient norm (computed even when clipping is off):
+    a NaN or inf stops training with :class:`TrainingDivergedError` naming the step and the value,
+    before the update, and nothing is saved over the last good checkpoint. Ctrl-C stops after the
+    step in progress; with ``out_dir`` and ``save_on_interrupt`` a resumable checkpoint of the
+    completed steps is written there first; then :class:`TrainingInterrupted` (a
+    KeyboardInterrupt) is raised, carrying ``step`` and ``checkpoint``.
     """
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
@@ -234,6 +347,9 @@ def train(model: Module, data: TaskDataset | TextDataset, config: TrainConfig | 
         if start > stop:
             raise InvalidArgumentError(f"train: the checkpoint at {str(resume)!r} is at step "
                                        f"{start}, beyond the requested stop at {stop}")
+    if not all_finite(model):
+        raise TrainingDivergedError("train: the model's weights hold NaN or inf before the first "
+                                    "step; training them would only spread it")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     tokenizer = tokenizer if tokenizer is not None else data.tokenizer
     model_config = model_config if model_config is not None else getattr(model, "config", None)
@@ -244,54 +360,83 @@ def train(model: Module, data: TaskDataset | TextDataset, config: TrainConfig | 
     earlier = _earlier_history(resume, start)
 
     def save(done: int) -> None:
-        save_checkpoint(out_dir, model, model_config=model_config, tokenizer=tokenizer,
-                        optimizer=optimizer, step=done, train_config=config.to_dict(), data_rng=rng,
-                        extra=extra)
         whole = {k: earlier[k] + history[k] for k in ("step", "loss", "lr", "grad_norm", "eval")}
         whole["seconds"] = earlier["seconds"] + history["seconds"]
-        atomic_write_json(Path(out_dir) / HISTORY_FILE, {"start_step": 0, **whole})
+        text = json.dumps({"start_step": 0, **whole}, indent=2, sort_keys=True) + "\n"
+        save_checkpoint(out_dir, model, model_config=model_config, tokenizer=tokenizer,
+                        optimizer=optimizer, step=done, train_config=config.to_dict(), data_rng=rng,
+                        extra=extra, files={HISTORY_FILE: text.encode()})
 
     bar = _progress_bar(config.steps, start, stop, progress)
     t0 = time.perf_counter()
     model.train()
     if B.get_backend() == "numpy":
         keep_freed_memory()  # every step frees and makes the same arrays: reuse, don't re-fault
+    done = start
     try:
-        for step in range(start, stop):
-            lr = warmup_cosine(step, config.lr, config.warmup, config.steps, config.min_lr)
-            optimizer.set_lr(lr)
-            x, y = data.get_batch(config.batch_size, rng)
-            loss = forward_backward(model, x, y, config.shards)
-            grad_norm = clip_grad_norm(params, config.grad_clip) if config.grad_clip > 0 \
-                else math.nan
-            optimizer.step()
-            optimizer.zero_grad()
-            done = step + 1
-            record = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
-            for key, value in (("step", done), *record.items()):
-                history[key].append(value)
-            if done % config.eval_every == 0 or done == config.steps:
-                result = {"step": done, **evaluate(model, data, config)}
-                history["eval"].append(result)
-                record.update(result)
+        with _deferred_interrupt() as interrupted, warnings.catch_warnings():
+            # NumPy's overflow warnings (from every shard's thread) would bury the one line that
+            # says which step diverged; the loss and gradient norm are checked each step instead
+            warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) "
+                                    r"encountered", RuntimeWarning)
+            for step in range(start, stop):
+                if interrupted["set"]:
+                    break
+                lr = config.lr_at(step)
+                optimizer.set_lr(lr)
+                x, y = data.get_batch(config.batch_size, rng)
+                loss = forward_backward(model, x, y, config.shards)
+                norm = clip_grad_norm(params, config.grad_clip) if config.grad_clip > 0 \
+                    else grad_norm(params)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    optimizer.zero_grad()
+                    raise TrainingDivergedError(_diverged(step + 1, loss, norm, lr, config,
+                                                          out_dir))
+                optimizer.step()
+                optimizer.zero_grad()
+                done = step + 1
+                record = {"loss": loss, "lr": lr, "grad_norm": norm}
+                for key, value in (("step", done), *record.items()):
+                    history[key].append(value)
+                if done % config.eval_every == 0 or done == config.steps:
+                    result = {"step": done, **evaluate(model, data, config)}
+                    history["eval"].append(result)
+                    record.update(result)
+                    if bar is not None:
+                        bar.write(format_eval(result))
                 if bar is not None:
-                    bar.write(format_eval(result))
-            if bar is not None:
-                bar.set_postfix_str(f"loss {record['loss']:.4f} lr {lr:.2e}", refresh=False)
-                bar.update(1)
-            history["seconds"] = time.perf_counter() - t0
-            if callback is not None:
-                callback(done, record)
-            if out_dir is not None and config.checkpoint_every and \
-                    done % config.checkpoint_every == 0 and done != stop:
-                save(done)
+                    bar.set_postfix_str(f"loss {record['loss']:.4f} lr {lr:.2e}", refresh=False)
+                    bar.update(1)
+                history["seconds"] = time.perf_counter() - t0
+                if callback is not None:
+                    callback(done, record)
+                if out_dir is not None and config.checkpoint_every and \
+                        done % config.checkpoint_every == 0 and done != stop:
+                    save(done)
     finally:
         if bar is not None:
             bar.close()
     history["seconds"] = time.perf_counter() - t0
+    if interrupted["set"] and done < stop:
+        saved = None
+        if out_dir is not None and save_on_interrupt:
+            save(done)
+            saved = str(out_dir)
+        raise TrainingInterrupted(done, saved, history)
     if out_dir is not None:
         save(stop)
     return history
+
+
+def _diverged(step: int, loss: float, norm: float, lr: float, config: TrainConfig,
+              out_dir: str | Path | None) -> str:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm} (loss {loss:.4g})"
+    kept = ""
+    if out_dir is not None and (Path(out_dir) / "checkpoint.json").is_file():
+        kept = f"; the last good checkpoint in {str(out_dir)!r} is kept"
+    return (f"training diverged at step {step}: {what}; this step's update was not applied and "
+            f"nothing was saved{kept}. Try a lower learning rate (this step's lr={lr:g}) or "
+            f"clipping (grad_clip={config.grad_clip:g})")
 
 
 def _earlier_history(resume: str | Path | None, start: int) -> dict:

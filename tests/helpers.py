@@ -1,13 +1,28 @@
-"""Helpers the tests share: finite-difference gradient checks and host copies of arrays."""
+"""Helpers the tests share: finite-difference gradient checks, host copies of arrays, and the
+command line in a fresh process."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 import minilora as ml
 from minilora import backend as B
+
+ROOT = Path(__file__).resolve().parents[1]
+# a task model that trains in well under a second: 1-digit addition, one 16-channel block
+TINY = ["--digits", "1", "--heldout", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+        "--batch-size", "16", "--eval-examples", "20", "--no-progress"]
+
+
+def run_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    """``python -m minilora ARGS`` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "minilora", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
 
 
 def host(x) -> np.ndarray:

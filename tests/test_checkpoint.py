@@ -1,5 +1,6 @@
 """Checkpoints: exact round trips, atomic writes, and clear errors for missing or damaged files."""
 
+import errno
 import json
 import os
 import tempfile
@@ -23,7 +24,7 @@ from minilora.checkpoint import (
     save_checkpoint,
 )
 from minilora.data import ByteTokenizer, task_tokenizer
-from minilora.errors import CheckpointError
+from minilora.errors import CheckpointError, DiskFullError
 from minilora.gpt import GPT, GPTConfig
 from minilora.optim import AdamW
 from tests.helpers import host
@@ -101,7 +102,8 @@ def test_files_are_plain_safetensors_and_json(tmp_path):
     model = GPT(CFG)
     opt = _trained(model, steps=1)
     save_checkpoint(tmp_path, model, model_config=CFG, optimizer=opt, step=1)
-    assert sorted(os.listdir(tmp_path)) == sorted([META_FILE, MODEL_FILE, OPTIMIZER_FILE])
+    assert sorted(os.listdir(tmp_path)) == sorted([META_FILE, MODEL_FILE, OPTIMIZER_FILE,
+                                                   "manifest.json"])
     meta = json.loads((tmp_path / META_FILE).read_text())
     assert meta["format"] == "minilora-checkpoint" and meta["step"] == 1
     assert meta["optimizer"]["params"][0] == "wte.weight"
@@ -123,22 +125,33 @@ def test_load_model_rebuilds_the_same_function(tmp_path):
     assert ck.tokenizer == task_tokenizer() and not again.training
 
 
-def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a file: the old checkpoint still loads, nothing temporary is left,
+    and the error is one line naming the path and the bytes the save needed."""
     model = GPT(CFG)
-    save_checkpoint(tmp_path, model, model_config=CFG, step=1)
-    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
-    _trained(model)  # new weights, then the disk "fills up" while they are written
-    real_replace = os.replace
+    where = tmp_path / "ck"
+    save_checkpoint(where, model, model_config=CFG, step=1)
+    before = {name: (where / name).read_bytes() for name in os.listdir(where)}
+    _trained(model)  # new weights, then the disk fills up while they are written
+    written = []
 
-    def failing_replace(src, dst):
-        raise OSError("no space left on device")
+    def disk_fills_up(fd, data):
+        if sum(written) > 1000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(os.write(fd, data[:600]))
+        return written[-1]
 
-    monkeypatch.setattr(fileio_mod.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="no space"):
-        save_checkpoint(tmp_path, model, model_config=CFG, step=2)
-    monkeypatch.setattr(fileio_mod.os, "replace", real_replace)
-    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
-    assert load_checkpoint(tmp_path).step == 1  # no temporary file left, old one still loads
+    monkeypatch.setattr(fileio_mod, "_write_chunk", disk_fills_up)
+    with pytest.raises(DiskFullError) as info:
+        save_checkpoint(where, model, model_config=CFG, step=2)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "\n" not in message and repr(str(where)) in message and "bytes" in message
+    needed = int(message.split("at least ")[1].split(" bytes")[0].replace(",", ""))
+    assert needed > 1000
+    assert {name: (where / name).read_bytes() for name in os.listdir(where)} == before
+    assert os.listdir(tmp_path) == ["ck"]  # no staging directory left beside it
+    assert load_checkpoint(where).step == 1
 
 
 def test_missing_and_damaged_checkpoints_name_the_path(tmp_path):
@@ -167,6 +180,9 @@ def test_missing_and_damaged_checkpoints_name_the_path(tmp_path):
     meta_path = tmp_path / META_FILE
     meta_text = meta_path.read_text()
     meta_path.write_text(meta_text[:40])
+    with pytest.raises(CheckpointError, match=f"{META_FILE}.*corrupt"):
+        load_checkpoint(tmp_path)  # the manifest notices first
+    (tmp_path / "manifest.json").unlink()  # an older save, checked by its own fields
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(tmp_path)
     meta_path.write_text(json.dumps({"format": "something-else"}))

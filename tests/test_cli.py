@@ -1,9 +1,7 @@
 """The command line: help a newcomer can follow, the train/sample/eval/demo round trip, resuming in
 fresh processes, and one clear line for each usual mistake."""
 
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +9,7 @@ import pytest
 from minilora.checkpoint import load_checkpoint
 from minilora.cli import main
 from minilora.data import TASKS
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--digits", "1", "--heldout", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-        "--batch-size", "16", "--eval-examples", "20", "--no-progress"]
-
-
-def run_cli(*args):
-    """``python -m minilora ARGS`` in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "minilora", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+from tests.helpers import TINY, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -227,3 +227,83 @@ def test_split_is_deterministic_and_shared_by_tasks():
         TaskDataset(get_task("add", 1), n_heldout=100)
     with pytest.raises(InvalidArgumentError, match="'test'"):
         a.get_batch(2, np.random.default_rng(0), split="test")
+
+
+# ---------------------------------------------------- distrusted files and sizes (issue #11)
+
+def test_a_text_file_records_its_path_and_sha256(tmp_path):
+    import hashlib
+
+    path = tmp_path / "t.txt"
+    path.write_bytes("héllo wörld ☃ ".encode() * 4)
+    ds = TextDataset.from_file(path, block_size=4)
+    assert ds.path == str(path)
+    assert ds.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert TextDataset("abcdefgh", CharTokenizer("abcdefgh"), 4).sha256 is None
+    assert TextDataset("abcdefgh", CharTokenizer("abcdefgh"), 4).path is None
+
+
+def test_a_text_file_that_is_not_utf8_names_the_byte(tmp_path):
+    from minilora.errors import DataError
+
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("first line\ncafé au lait".encode("latin-1"))  # é is 0xe9 in Latin-1
+    with pytest.raises(DataError) as info:
+        TextDataset.from_file(path, block_size=4)
+    msg = str(info.value)
+    for word in (str(path), "not UTF-8", "byte 14", "0xe9", "line 2"):
+        assert word in msg, msg
+    assert isinstance(info.value, InvalidArgumentError)
+
+
+def test_a_text_path_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    import pathlib
+
+    from minilora.errors import DataError
+
+    with pytest.raises(DataError, match="is a directory"):
+        TextDataset.from_file(tmp_path)
+    path = tmp_path / "t.txt"
+    path.write_text("hello hello hello")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", denied)
+    with pytest.raises(DataError) as info:
+        TextDataset.from_file(path, block_size=3)
+    assert str(path) in str(info.value) and "Permission denied" in str(info.value)
+
+
+def test_a_text_file_over_the_limit_is_refused_before_reading(tmp_path):
+    from minilora import data
+    from minilora.errors import DataError
+
+    path = tmp_path / "huge.txt"
+    with open(path, "wb") as f:
+        f.truncate(data.MAX_TEXT_BYTES + 1)  # sparse: no disk space, and never read
+    with pytest.raises(DataError) as info:
+        TextDataset.from_file(path)
+    assert f"MAX_TEXT_BYTES = {data.MAX_TEXT_BYTES:,}" in str(info.value)
+
+
+def test_heldout_counts_beyond_the_limit_are_refused_before_allocating():
+    from minilora import data
+
+    task = get_task("add", data.MAX_DIGITS)  # 10^12 pairs: only the limit stops 10^11
+    with pytest.raises(InvalidArgumentError) as info:
+        TaskDataset(task, n_heldout=data.MAX_HELDOUT + 1)
+    assert f"MAX_HELDOUT = {data.MAX_HELDOUT:,}" in str(info.value)
+    with pytest.raises(InvalidArgumentError, match="n_heldout must be an int.*True"):
+        TaskDataset(get_task("add", 1), n_heldout=True)
+    assert TaskDataset(task, n_heldout=10).num_train == 10**12 - 10
+
+
+@pytest.mark.parametrize("digits", [0, 7, 9, True, 2.0, "3"])
+def test_task_digits_outside_the_named_range_are_refused(digits):
+    from minilora import data
+
+    with pytest.raises(ConfigError) as info:
+        get_task("add", digits)
+    msg = str(info.value)
+    assert repr(digits) in msg and f"[MIN_DIGITS, MAX_DIGITS] = [1, {data.MAX_DIGITS}]" in msg, msg

@@ -7,6 +7,7 @@ import pytest
 
 from minilora.cli import main
 from minilora.demo_report import checks
+from minilora.fileio import verify_manifest as load_save
 
 PLOTS = ("loss_curves.png", "accuracy.png", "trainable_params.png", "memory.png",
          "quant_error.png", "adapter_switching.png")
@@ -19,11 +20,12 @@ def test_quick_demo_writes_report_and_reuses_the_base(tmp_path, capsys):
     for method in ("full fine-tuning", "LoRA", "QLoRA"):
         assert method in text
     assert "pretraining" in text
-    report = (out / "report.md").read_text()
+    report = (out / "report" / "report.md").read_text()
     for plot in PLOTS:
-        assert (out / plot).stat().st_size > 5000, plot
+        assert (out / "report" / plot).stat().st_size > 5000, plot
         assert f"({plot})" in report
-    results = json.loads((out / "results.json").read_text())
+    assert load_save(out / "report")  # the report is one save, with a manifest that checks out
+    results = json.loads((out / "report" / "results.json").read_text())
     assert set(results["methods"]) == {"full", "lora", "qlora"}
     merge = results["merge"]
     assert merge["identical"] == merge["examples"] > 0  # merged == unmerged on every question
@@ -36,7 +38,7 @@ def test_quick_demo_writes_report_and_reuses_the_base(tmp_path, capsys):
     assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
     again = capsys.readouterr().out
     assert "reusing the task-A base" in again and "pretraining" not in again
-    assert json.loads((out / "results.json").read_text())["base"] == results["base"]
+    assert json.loads((out / "report" / "results.json").read_text())["base"] == results["base"]
 
 
 @pytest.fixture

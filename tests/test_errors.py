@@ -14,12 +14,17 @@ from minilora.errors import (
     BackendError,
     CheckpointError,
     ConfigError,
+    DataError,
+    DestinationError,
+    DiskFullError,
     DTypeError,
     GraphError,
     InvalidArgumentError,
     MiniLoraError,
     ShapeError,
     StateDictError,
+    TrainingDivergedError,
+    TrainingInterrupted,
     shape_error,
 )
 
@@ -32,6 +37,10 @@ EXPECTED_BUILTIN = {
     GraphError: RuntimeError,
     StateDictError: KeyError,
     CheckpointError: ValueError,
+    DataError: ValueError,
+    DestinationError: ValueError,
+    DiskFullError: OSError,
+    TrainingDivergedError: FloatingPointError,
 }
 
 shapes = st.lists(st.integers(0, 9), min_size=0, max_size=4).map(tuple)
@@ -41,7 +50,15 @@ def test_every_error_class_in_the_module_is_listed_here():
     """A new error class must be added to EXPECTED_BUILTIN (and so get its hierarchy checked)."""
     defined = {obj for _, obj in inspect.getmembers(errors, inspect.isclass)
                if issubclass(obj, Exception) and obj.__module__ == errors.__name__}
-    assert defined - {MiniLoraError} == set(EXPECTED_BUILTIN)
+    assert defined - {MiniLoraError, TrainingInterrupted} == set(EXPECTED_BUILTIN)
+
+
+def test_an_interrupted_run_is_a_keyboard_interrupt_not_an_error():
+    """Ctrl-C must stay a KeyboardInterrupt (``except Exception`` does not swallow it) while it
+    carries where the completed steps were saved."""
+    stop = TrainingInterrupted(7, "runs/x", {"step": [1]})
+    assert isinstance(stop, KeyboardInterrupt) and not isinstance(stop, Exception)
+    assert (stop.step, stop.checkpoint, stop.history) == (7, "runs/x", {"step": [1]})
 
 
 @pytest.mark.parametrize("cls", list(EXPECTED_BUILTIN), ids=lambda c: c.__name__)

@@ -564,3 +564,41 @@ def test_a_tiny_batch_overfits():
             break
     assert losses[0] > 2.0 and losses[-1] < 0.05, (losses[0], losses[-1], len(losses))
     assert model.wte.weight.dtype == np.float32
+
+
+# ------------------------------------------------------- config limits and types (issue #11)
+
+@pytest.mark.parametrize("field,limit", [
+    ("vocab_size", "MAX_VOCAB_SIZE"), ("block_size", "MAX_BLOCK_SIZE"),
+    ("n_layer", "MAX_N_LAYER"), ("n_head", "MAX_N_HEAD"), ("n_embd", "MAX_N_EMBD"),
+])
+def test_config_sizes_beyond_their_named_limit_are_refused(field, limit):
+    value = getattr(G, limit) + 1
+    sizes = {**TINY, field: value}
+    if field in ("n_head", "n_embd"):
+        sizes["n_embd"] = sizes["n_head"] * (value if field == "n_embd" else 1)  # divisible
+    with pytest.raises(ConfigError) as info:
+        GPTConfig(**sizes)
+    msg = str(info.value)
+    assert f"{field}={sizes[field]}" in msg and f"{limit} = {getattr(G, limit)}" in msg, msg
+
+
+def test_config_limits_allow_gpt2_xl_and_a_forged_vocab_is_refused_at_once():
+    xl = GPTConfig(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600)
+    assert xl.n_embd == 1600
+    with pytest.raises(ConfigError, match="vocab_size=1000000000000"):
+        GPTConfig.from_dict({**TINY, "vocab_size": 10**12})
+
+
+def test_config_dropout_must_be_a_number_not_a_bool():
+    with pytest.raises(ConfigError, match="dropout must be a number .*got False"):
+        GPTConfig(**TINY, dropout=False)  # a JSON false is not a rate of 0
+
+
+def test_config_from_dict_names_missing_fields_and_wants_a_dict():
+    d = GPTConfig(**TINY).to_dict()
+    del d["n_head"], d["vocab_size"]
+    with pytest.raises(ConfigError, match=r"missing \['n_head', 'vocab_size'\]"):
+        GPTConfig.from_dict(d)
+    with pytest.raises(ConfigError, match="dict.*list"):
+        GPTConfig.from_dict([("vocab_size", 11)])

@@ -58,7 +58,7 @@ def randomize_adapter(model, seed, name="default"):
 def test_gpt_to_hf_then_back_gives_the_same_weights_and_logits(tmp_path, dtype, bias):
     model = gpt(dtype, seed=1, bias=bias)
     paths = interop.gpt_to_hf(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "manifest.json", "model.safetensors"]
     back = interop.gpt_from_hf(tmp_path, dtype=dtype)
     assert not back.training and back.config.bias  # HF GPT-2 always has biases
     assert back.config.block_size == 6 and back.config.n_layer == 2
@@ -326,3 +326,118 @@ def test_import_and_export_refusals(adapter_dir):
                          (lora.LoraConfig(bias="all"), "bias='all'")):
         with pytest.raises(ConfigError, match=word):
             interop.export_peft(lora.inject_lora(gpt(), config), adapter_dir)
+
+
+# ------------------------------------------------------------------- distrusted files (#11)
+
+@pytest.mark.parametrize("config, words", [
+    ({"n_embd": 8.0}, ["n_embd must be an integer", "8.0"]),
+    ({"n_layer": True}, ["n_layer must be an integer", "True"]),
+    ({"vocab_size": "11"}, ["vocab_size must be an integer", "'11'"]),
+    ({"tie_word_embeddings": "false"}, ["tie_word_embeddings", "boolean", "'false'"]),
+    ({"scale_attn_weights": 1}, ["scale_attn_weights", "1"]),
+    ({"resid_pdrop": "0.1", "embd_pdrop": "0.1", "attn_pdrop": "0.1"},
+     ["resid_pdrop must be a number", "'0.1'"]),
+    ({"n_inner": 32.0}, ["n_inner must be an integer", "32.0"]),
+])
+def test_gpt_from_hf_config_values_must_have_their_json_types(hf_dir, config, words):
+    edit(hf_dir, config=config)
+    with pytest.raises(ConfigError) as info:
+        interop.gpt_from_hf(hf_dir)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"vocab_size": 10**12}, ["vocab_size", "MAX_VOCAB_SIZE"]),
+    ({"n_embd": 2**40, "n_head": 2}, ["n_embd", "MAX_N_EMBD"]),
+    ({"n_positions": 10**9}, ["block_size", "MAX_BLOCK_SIZE"]),
+    ({"n_layer": 10**6}, ["n_layer", "MAX_N_LAYER"]),
+])
+def test_gpt_from_hf_forged_huge_sizes_are_refused_by_a_named_limit(hf_dir, config, words):
+    edit(hf_dir, config=config)
+    with pytest.raises(ConfigError) as info:
+        interop.gpt_from_hf(hf_dir)  # before: a MemoryError while building the GPT
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("config, key, shapes", [
+    ({"vocab_size": 50000}, "transformer.wte.weight", ["(11, 8)", "(50000, 8)"]),
+    ({"n_positions": 4096}, "transformer.wpe.weight", ["(6, 8)", "(4096, 8)"]),
+    ({"n_embd": 512, "n_head": 2}, "transformer.wte.weight", ["(11, 8)", "(11, 512)"]),
+    ({"n_layer": 3}, "transformer.h.2.ln_1.weight", ["lacks key", "(8,)"]),
+])
+def test_gpt_from_hf_checks_config_sizes_against_the_file_before_building(hf_dir, monkeypatch,
+                                                                          config, key, shapes):
+    edit(hf_dir, config=config)
+
+    def no_gpt(*args, **kwargs):
+        raise AssertionError("the GPT was built before the file was checked")
+
+    monkeypatch.setattr(interop, "GPT", no_gpt)
+    with pytest.raises(CheckpointError) as info:
+        interop.gpt_from_hf(hf_dir)
+    for word in [key, *shapes]:
+        assert word in str(info.value)
+
+
+def test_gpt_from_hf_reads_half_precision_weights_and_refuses_integers(hf_dir):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as torch_save
+
+    arrays = load_file(hf_dir / "model.safetensors")
+    expected = interop.gpt_from_hf(hf_dir, dtype=np.float64)
+    torch_save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in arrays.items()},
+               hf_dir / "model.safetensors")
+    halved = interop.gpt_from_hf(hf_dir, dtype=np.float64)
+    for key, value in weights(halved).items():  # bfloat16 keeps about 3 significant digits
+        np.testing.assert_allclose(value, weights(expected)[key], rtol=1e-2, atol=1e-2)
+    key = "transformer.h.1.ln_2.weight"
+    save_file({**arrays, key: arrays[key].astype(np.int8)}, hf_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"'{re.escape(key)}' has dtype I8"):
+        interop.gpt_from_hf(hf_dir)
+
+
+def test_gpt_from_hf_does_not_read_the_attention_mask_buffers(hf_dir):
+    arrays = load_file(hf_dir / "model.safetensors")
+    arrays["transformer.h.0.attn.bias"] = np.tril(np.ones((1, 1, 6, 6), np.uint8))  # not floats
+    save_file(arrays, hf_dir / "model.safetensors")
+    assert interop.gpt_from_hf(hf_dir).config.n_layer == 2
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"use_rslora": "false"}, ["use_rslora", "boolean", "'false'"]),
+    ({"use_dora": "false"}, ["use_dora", "boolean", "'false'"]),
+    ({"r": 2.0}, ["r must be an integer", "2.0"]),
+    ({"r": True}, ["r must be an integer", "True"]),
+    ({"lora_alpha": "4"}, ["lora_alpha must be a number", "'4'"]),
+    ({"r": 2**40}, ["r=1099511627776", "MAX_RANK"]),
+    ({"rank_pattern": {"c_fc": 2**40}}, ["rank_pattern", "MAX_RANK"]),
+    ({"rank_pattern": ["c_fc"]}, ["rank_pattern must be an object"]),
+])
+def test_import_peft_config_values_must_have_their_json_types(adapter_dir, config, words):
+    edit_adapter(adapter_dir, config=config)
+    with pytest.raises(ConfigError) as info:
+        interop.import_peft(gpt(), adapter_dir)
+    for word in words + ["adapter_config.json"]:
+        assert word in str(info.value)
+
+
+def test_import_peft_reads_half_precision_and_refuses_integer_weights(adapter_dir):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as torch_save
+
+    arrays = load_file(adapter_dir / "adapter_model.safetensors")
+    torch_save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in arrays.items()},
+               adapter_dir / "adapter_model.safetensors")
+    model = interop.import_peft(gpt(), adapter_dir)
+    got = host(model.h[0].mlp.fc.lora_A["default"].weight)
+    expected = torch.from_numpy(arrays[KEY.format("A")]).to(torch.bfloat16).double().numpy()
+    np.testing.assert_array_equal(got, expected)
+    save_file({**arrays, KEY.format("A"): arrays[KEY.format("A")].astype(np.int8)},
+              adapter_dir / "adapter_model.safetensors")
+    model = gpt()
+    with pytest.raises(CheckpointError, match=f"'{re.escape(KEY.format('A'))}' has dtype I8"):
+        interop.import_peft(model, adapter_dir)
+    assert not lora.lora_layers(model)

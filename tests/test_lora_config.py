@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora import lora
+from minilora import lora, lora_config
 from minilora.errors import ConfigError
 from minilora.lora_config import lora_scaling, matches_target
 
@@ -132,3 +132,56 @@ def test_peft_init_spellings():
     for value, init in [(True, "kaiming"), (False, "kaiming"), ("gaussian", "gaussian"),
                         ("pissa_niter_4", "pissa")]:
         assert lora.LoraConfig.from_peft_dict({**base, "init_lora_weights": value}).init == init
+
+
+# ------------------------------------------------------- JSON types and limits (issue #11)
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("use_rslora", "false", "'false'"), ("use_dora", "false", "'false'"),
+    ("use_rslora", 0, "0"), ("fan_in_fan_out", "false", "'false'"),
+    ("lora_alpha", True, "True"), ("lora_alpha", "16", "'16'"), ("lora_dropout", "0.1", "'0.1'"),
+    ("rank_pattern", ["q_proj"], "['q_proj']"), ("alpha_pattern", "q_proj=2", "'q_proj=2'"),
+])
+def test_peft_dict_values_must_have_their_json_types(field, value, shown):
+    d = {**lora.LoraConfig().to_peft_dict(), field: value}
+    with pytest.raises(ConfigError) as info:
+        lora.LoraConfig.from_peft_dict(d)
+    msg = str(info.value)
+    assert f"{field} must be" in msg and shown in msg, msg
+
+
+@pytest.mark.parametrize("change, shown", [
+    ({"r": 2**40}, "r=1099511627776"),
+    ({"rank_pattern": {"v_proj": 2**40}}, "rank_pattern['v_proj']=1099511627776"),
+])
+def test_ranks_over_the_limit_are_refused_by_name(change, shown):
+    d = {**lora.LoraConfig().to_peft_dict(), **change}
+    with pytest.raises(ConfigError) as info:
+        lora.LoraConfig.from_peft_dict(d)
+    assert shown in str(info.value) and f"MAX_RANK = {lora_config.MAX_RANK}" in str(info.value)
+    lora.LoraConfig(r=lora_config.MAX_RANK)  # the limit itself is allowed
+    with pytest.raises(ConfigError, match="MAX_RANK"):
+        lora.LoraConfig(r=lora_config.MAX_RANK + 1)
+
+
+def test_a_real_peft_adapter_config_loads():
+    """adapter_config.json as PEFT 0.13+ writes it: many fields minilora ignores, nulls, a list
+    of targets (a set in PEFT, so in any order), and a regex str."""
+    d = {"alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": "gpt2",
+         "bias": "none", "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False,
+         "inference_mode": True, "init_lora_weights": True, "layer_replication": None,
+         "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+         "lora_alpha": 32, "lora_bias": False, "lora_dropout": 0.05, "megatron_config": None,
+         "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA",
+         "r": 16, "rank_pattern": {}, "revision": None, "target_modules": ["v_proj", "q_proj"],
+         "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": False,
+         "runtime_config": {"ephemeral_gpu_offload": False}, "peft_version": "0.17.0"}
+    c = lora.LoraConfig.from_peft_dict(d)
+    assert (c.r, c.alpha, c.dropout, c.target_modules) == (16, 32, 0.05, ("v_proj", "q_proj"))
+    nulls = {**d, "rank_pattern": None, "alpha_pattern": None, "use_rslora": None,
+             "lora_dropout": None, "target_modules": r".*\.(q|v)_proj", "lora_alpha": 8.5}
+    c = lora.LoraConfig.from_peft_dict(nulls)
+    assert (c.rank_pattern, c.use_rslora, c.dropout, c.alpha) == ({}, False, 0.0, 8.5)
+    assert c.target_modules == r".*\.(q|v)_proj"
+    with pytest.raises(ConfigError, match="dict"):
+        lora.LoraConfig.from_peft_dict(["peft_type", "LORA"])

@@ -43,7 +43,8 @@ def test_files_are_peft_shaped_and_small():
     model = lora.inject_lora(Stack(16, 2), lora.LoraConfig(r=2, alpha=4, use_dora=True))
     with tempfile.TemporaryDirectory() as d:
         paths = lora.save_adapter(model, d)
-        assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors",
+                                         "manifest.json"]
         with open(paths["config"]) as f:
             config = json.load(f)
         arrays = load_file(paths["weights"])
@@ -104,6 +105,9 @@ def test_file_keys_that_the_model_lacks_are_named():
         arrays = load_file(paths["weights"])
         arrays["base_model.model.nowhere.lora_A.weight"] = np.zeros((2, 3), np.float32)
         save_file(arrays, paths["weights"])
+        with pytest.raises(CheckpointError, match="adapter_model.safetensors.*manifest"):
+            lora.load_adapter(tiny(), d)  # the manifest ties the weights to their config
+        os.remove(os.path.join(d, "manifest.json"))  # as a PEFT-made directory would be
         with pytest.raises(CheckpointError, match=r"nowhere\.lora_A\.weight.*\(2, 3\)"):
             lora.load_adapter(tiny(), d)
 
@@ -137,13 +141,19 @@ def test_a_second_adapter_loads_under_its_own_name():
 
 @pytest.mark.parametrize("breakage,needle", [
     ("no_config", "adapter_config.json"), ("no_weights", "adapter_model.safetensors"),
-    ("bad_json", "not a usable LoRA adapter config"), ("not_lora", "peft_type"),
-    ("bad_weights", "not a readable safetensors"),
+    ("bad_json", "adapter_config.json.*not valid JSON"), ("not_lora", "peft_type"),
+    ("bad_weights", "adapter_model.safetensors.*header"),
 ])
-def test_broken_directories_give_clear_errors(breakage, needle):
+@pytest.mark.parametrize("manifest", [True, False])
+@pytest.mark.filterwarnings("ignore::minilora.fileio.NoManifestWarning")
+def test_broken_directories_give_clear_errors(breakage, needle, manifest):
     model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
     with tempfile.TemporaryDirectory() as d:
         paths = lora.save_adapter(model, d)
+        if manifest:  # the manifest names the file that does not match it
+            needle = os.path.basename(paths["weights" if "weights" in breakage else "config"])
+        else:
+            os.remove(os.path.join(d, "manifest.json"))
         if breakage == "no_config":
             os.remove(paths["config"])
         elif breakage == "no_weights":
@@ -162,21 +172,29 @@ def test_broken_directories_give_clear_errors(breakage, needle):
 
 
 def test_saving_is_atomic(monkeypatch):
-    """A failure while writing leaves the previous files intact and no temporary file behind."""
-    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
-    with tempfile.TemporaryDirectory() as d:
-        paths = lora.save_adapter(model, d)
-        before = {k: open(p, "rb").read() for k, p in paths.items()}
-        randomize_lora(model)
+    """A failure while writing leaves the previous save intact and nothing temporary behind."""
+    from minilora import fileio
 
-        def failing_replace(src, dst):
-            raise OSError("disk full")
-        monkeypatch.setattr(os, "replace", failing_replace)
-        with pytest.raises(OSError, match="disk full"):
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    with tempfile.TemporaryDirectory() as parent:
+        d = os.path.join(parent, "adapter")
+        paths = lora.save_adapter(model, d)
+        before = {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)}
+        randomize_lora(model)
+        calls = []
+
+        def failing_write(fd, data):
+            calls.append(len(data))
+            if len(calls) > 1:
+                raise OSError("disk on fire")
+            return os.write(fd, data[:len(data) // 2])
+        monkeypatch.setattr(fileio, "_write_chunk", failing_write)
+        with pytest.raises(OSError, match="disk on fire"):
             lora.save_adapter(model, d)
         monkeypatch.undo()
-        assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors"]
-        assert {k: open(p, "rb").read() for k, p in paths.items()} == before
+        assert os.listdir(parent) == ["adapter"]
+        assert {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)} == before
+        assert lora.read_adapter(d)[0].r == 2 and os.path.isfile(paths["config"])
 
 
 def test_unknown_adapter_name_is_refused_on_save():

@@ -1,0 +1,375 @@
+"""Trust at the command line (issue #11): destinations checked before any work, one clear line for
+every failure, manifests that catch a damaged or mixed-up save, notes that are one line too."""
+
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minilora import fileio, lora
+from minilora.checkpoint import load_checkpoint
+from minilora.cli import main
+from minilora.errors import CheckpointError
+from minilora.fileio import MANIFEST, NoManifestWarning, sha256_file
+from tests.helpers import TINY, host, run_cli
+from tests.test_lora_support import randomize_lora, tiny
+
+
+def snapshot(directory):
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def one_line(err, command):
+    """The single stderr line of a failed command, checked to be ``minilora COMMAND: error:``."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"minilora {command}: error: "), lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def rewrite_manifest_entry(directory, name):
+    """Make manifest.json agree with an edited file again (so that the field checks are reached)."""
+    mpath = Path(directory) / MANIFEST
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    p = Path(directory) / name
+    manifest["files"][name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    mpath.write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def flip_byte(path, at=None):
+    data = bytearray(Path(path).read_bytes())
+    at = len(data) - 3 if at is None else at  # in the tensor data, past the header
+    data[at] ^= 0x01
+    Path(path).write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny checkpoint trained through the CLI (1-digit addition, 4 steps)."""
+    out = tmp_path_factory.mktemp("trust") / "base"
+    assert main(["train", "--steps", "4", "--out", str(out), *TINY]) == 0
+    return out
+
+
+@pytest.fixture
+def ck(trained, tmp_path):
+    """A private copy of the trained checkpoint, free to damage."""
+    path = tmp_path / "ck"
+    shutil.copytree(trained, path)
+    return path
+
+
+# -------------------------------------------------------------- B. destinations, up front
+
+@pytest.mark.parametrize("where,needles", [
+    ("file.txt", ["is a file, not a directory"]),
+    ("file.txt/run", ["cannot be made", "is a file"]),
+])
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, where, needles):
+    (tmp_path / "file.txt").write_text("keep me", encoding="utf-8")
+    out = tmp_path / where
+    start = time.perf_counter()
+    assert main(["train", *TINY, "--steps", "100000", "--out", str(out)]) == 1
+    assert time.perf_counter() - start < 5  # 100000 steps would take minutes
+    captured = capsys.readouterr()
+    assert "training a GPT" not in captured.out and captured.out == ""
+    line = one_line(captured.err, "train")
+    assert str(out) in line
+    for needle in needles:
+        assert needle in line
+    assert (tmp_path / "file.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_an_existing_checkpoint_is_replaced_only_with_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out)]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", *TINY, "--steps", "3", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    line = one_line(captured.err, "train")
+    assert str(out) in line and "already holds a save" in line and "--overwrite" in line
+    assert snapshot(out) == before
+    assert main(["train", *TINY, "--steps", "3", "--out", str(out), "--overwrite"]) == 0
+    assert load_checkpoint(out).step == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging left behind
+
+
+def test_resume_into_another_existing_checkpoint_needs_overwrite(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", *TINY, "--steps", "2", "--out", str(a)]) == 0
+    assert main(["train", *TINY, "--steps", "3", "--out", str(b)]) == 0
+    before = snapshot(b)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(a), "--steps", "4", "--out", str(b),
+                 "--no-progress"]) == 1
+    line = one_line(capsys.readouterr().err, "train")
+    assert str(b) in line and "--overwrite" in line
+    assert snapshot(b) == before
+    assert main(["train", "--resume", str(a), "--steps", "4", "--out", str(b), "--overwrite",
+                 "--no-progress"]) == 0
+    assert load_checkpoint(b).step == 4
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_directory_of_other_files_is_never_replaced(tmp_path, capsys, overwrite):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes", encoding="utf-8")
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out), *overwrite]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    line = one_line(captured.err, "train")
+    assert str(out) in line and "'notes.txt'" in line and "holding other files" in line
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", *TINY, "--steps", "2", "--out", "{tmp}/new/run"],
+    ["demo", "--quick", "--no-progress", "--out", "{tmp}/new/demo"],
+])
+def test_an_unwritable_parent_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, argv):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fileio.tempfile, "mkdtemp", refuse)  # root ignores chmod; this does not
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    line = one_line(captured.err, argv[0])
+    assert argv[-1] in line and "cannot be written" in line and "Permission denied" in line
+    assert str(tmp_path) in line.split("cannot be written")[1]  # names where it probed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_out_is_runs_task_in_the_current_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint in {Path('runs') / 'add'}" in out
+    assert load_checkpoint(tmp_path / "runs" / "add").step == 2
+    assert main(["train", *TINY, "--steps", "2"]) == 1  # a second run does not clobber it
+    line = one_line(capsys.readouterr().err, "train")
+    assert "'runs/add'" in line and "--overwrite" in line
+    (tmp_path / "story.txt").write_text("once upon a time, there was a cat. " * 10,
+                                        encoding="utf-8")
+    assert main(["train", "--text", "story.txt", "--block-size", "8", "--steps", "2",
+                 "--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--no-progress"]) == 0
+    assert load_checkpoint(tmp_path / "runs" / "story").step == 2
+
+
+# --------------------------------------------------------------- F. one line per failure
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "--checkpoint", "x", "--examples", "0"], "--examples"),
+    (["eval", "--checkpoint", "x", "--examples", "-5"], "--examples"),
+    (["sample", "--checkpoint", "x", "--prompt", "1+1=", "--num-samples", "-3"],
+     "--num-samples"),
+    (["sample", "--checkpoint", "x", "--prompt", "1+1=", "--num-samples", "0"],
+     "--num-samples"),
+    (["eval", "--checkpoint", "x", "--show", "-1"], "--show"),
+])
+def test_bad_counts_are_refused_by_the_parser_in_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    line = one_line(capsys.readouterr().err, argv[0])
+    assert needle in line and "must be at least" in line and argv[-1] in line
+
+
+def test_eval_show_zero_prints_only_the_accuracy(trained, capsys):
+    assert main(["eval", "--checkpoint", str(trained), "--examples", "10", "--show", "0"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 1 and "held-out exact match" in lines[0] and "on 10 questions" in lines[0]
+    assert captured.err == ""
+
+
+def test_a_text_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("caf\u00e9 au lait, s'il vous pla\u00eet. ".encode("latin-1") * 20)
+    out = tmp_path / "out"
+    assert main(["train", "--text", str(text), "--steps", "2", "--out", str(out),
+                 "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    line = one_line(captured.err, "train")
+    assert str(text) in line and "UTF-8" in line
+    assert "training a GPT" not in captured.out and not out.exists()
+
+
+def _edit_meta(directory, edit):
+    path = Path(directory) / "checkpoint.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    edit(meta)
+    path.write_text(json.dumps(meta), encoding="utf-8")
+
+
+MALFORMED = {
+    "missing step": (lambda m: m.pop("step"), ["'step'", "an integer", "None"]),
+    "step a string": (lambda m: m.update(step="3"), ["'step'", "an integer", "'3'"]),
+    "step a bool": (lambda m: m.update(step=True), ["'step'", "an integer", "True"]),
+    "step negative": (lambda m: m.update(step=-1), ["'step'", ">= 0"]),
+    "rng garbage": (lambda m: m["rng"].update(host="garbage"),
+                    ["'rng.host'", "not a valid random generator state"]),
+    "tokenizer kind": (lambda m: m.update(tokenizer={"kind": "words"}),
+                       ["'tokenizer'", "not a valid tokenizer", "'words'"]),
+    "tokenizer not an object": (lambda m: m.update(tokenizer="chars"),
+                                ["'tokenizer'", "an object"]),
+    "tokenizer vocab": (lambda m: m.update(tokenizer={"kind": "char", "chars": "0123456789"}),
+                        ["10 tokens", "model_config.vocab_size", "inconsistent"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_checkpoint_json_is_one_line_naming_the_field(ck, capsys, case):
+    edit, needles = MALFORMED[case]
+    _edit_meta(ck, edit)
+    rewrite_manifest_entry(ck, "checkpoint.json")  # as if the save itself had been written so
+    assert main(["eval", "--checkpoint", str(ck), "--examples", "5"]) == 1
+    line = one_line(capsys.readouterr().err, "eval")
+    assert str(ck / "checkpoint.json") in line
+    for needle in needles:
+        assert needle in line, line
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_checkpoint_json_without_a_manifest_is_refused(ck, case):
+    edit, needles = MALFORMED[case]
+    _edit_meta(ck, edit)
+    (ck / MANIFEST).unlink()  # an older save: the field checks are all there is
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoManifestWarning)
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(ck)
+    assert "checkpoint.json" in str(info.value)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_an_edited_checkpoint_json_is_caught_by_the_manifest(ck, capsys):
+    _edit_meta(ck, lambda m: m.update(step=3))  # plausible, and still wrong
+    assert main(["eval", "--checkpoint", str(ck), "--examples", "5"]) == 1
+    line = one_line(capsys.readouterr().err, "eval")
+    assert str(ck / "checkpoint.json") in line and "manifest.json" in line
+    assert "corrupt or from another save" in line
+
+
+def test_a_long_prompt_is_cropped_with_a_one_line_note(trained, capsys):
+    prompt = "1+2=3.4+5="  # 10 tokens; the model's context is 6
+    assert main(["sample", "--checkpoint", str(trained), "--prompt", prompt]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minilora sample: note: ")
+    assert "10 tokens" in lines[0] and "context of 6" in lines[0] and "last 6" in lines[0]
+    assert captured.out.startswith(prompt)
+
+
+def test_debug_shows_the_traceback_instead_of_one_line(tmp_path):
+    missing = tmp_path / "missing"
+    plain = run_cli("eval", "--checkpoint", missing)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines() == [
+        f"minilora eval: error: no checkpoint at {str(missing)!r}: the directory does not exist"]
+    debug = run_cli("eval", "--checkpoint", missing, "--debug")
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert "minilora.errors.CheckpointError" in debug.stderr and str(missing) in debug.stderr
+
+
+def test_debug_in_process_raises_the_error(capsys):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        main(["eval", "--checkpoint", "no/such/run", "--debug"])
+
+
+# --------------------------------------------------------------------------- G. manifests
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "history.json"])
+def test_one_changed_byte_is_named(ck, capsys, name):
+    flip_byte(ck / name)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(ck)
+    msg = str(info.value)
+    assert str(ck / name) in msg and "SHA-256 differs" in msg and "manifest.json" in msg
+    assert main(["sample", "--checkpoint", str(ck), "--prompt", "1+2="]) == 1
+    line = one_line(capsys.readouterr().err, "sample")
+    assert str(ck / name) in line
+
+
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "history.json"])
+def test_a_listed_file_that_is_missing_is_named(ck, capsys, name):
+    (ck / name).unlink()
+    with pytest.raises(CheckpointError, match=f"incomplete: {name} is missing"):
+        load_checkpoint(ck)
+    assert main(["eval", "--checkpoint", str(ck)]) == 1
+    assert f"{name} is missing" in one_line(capsys.readouterr().err, "eval")
+
+
+def test_a_checkpoint_without_a_manifest_loads_with_one_warning(ck):
+    (ck / MANIFEST).unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_checkpoint(ck)
+    assert loaded.step == 4
+    notes = [w for w in caught if issubclass(w.category, NoManifestWarning)]
+    assert len(notes) == 1 and len(caught) == 1
+    assert "manifest.json" in str(notes[0].message) and str(ck) in str(notes[0].message)
+
+
+def test_sample_from_a_save_without_a_manifest_notes_it_in_one_line(ck, capsys):
+    (ck / MANIFEST).unlink()
+    assert main(["sample", "--checkpoint", str(ck), "--prompt", "1+2="]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minilora sample: note: ")
+    assert "manifest.json" in lines[0] and str(ck) in lines[0]
+    assert captured.out.startswith("1+2=")
+
+
+def test_a_damaged_adapter_is_named_and_the_model_left_alone(tmp_path):
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    randomize_lora(model)
+    adapter = tmp_path / "adapter"
+    lora.save_adapter(model, str(adapter))
+    flip_byte(adapter / "adapter_model.safetensors")
+    target = tiny()
+    before = {k: host(v).copy() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        lora.load_adapter(target, str(adapter))
+    msg = str(info.value)
+    assert str(adapter / "adapter_model.safetensors") in msg and "SHA-256 differs" in msg
+    assert lora.lora_layers(target) == [] and lora.lora_configs(target) == {}
+    after = {k: host(v) for k, v in target.state_dict().items()}
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    (adapter / "adapter_config.json").unlink()
+    with pytest.raises(CheckpointError, match="adapter_config.json is missing"):
+        lora.load_adapter(tiny(), str(adapter))
+
+
+def test_an_adapter_without_a_manifest_loads_with_one_warning(tmp_path):
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    randomize_lora(model)
+    adapter = tmp_path / "adapter"
+    lora.save_adapter(model, str(adapter))
+    (adapter / MANIFEST).unlink()  # as PEFT writes it
+    target = tiny()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora.load_adapter(target, str(adapter))
+    assert [w.category for w in caught] == [NoManifestWarning]
+    assert str(adapter) in str(caught[0].message)
+    want = lora.adapter_state_dict(model)
+    got = lora.adapter_state_dict(target)
+    assert all(np.array_equal(host(got[k]), host(want[k])) for k in want)
