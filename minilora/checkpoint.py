@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import backend as B
+from .bnb_format import check_quantized_file
 from .data import Tokenizer, tokenizer_from_dict
 from .errors import CheckpointError, ConfigError, InvalidArgumentError, StateDictError
 from .fileio import (
@@ -98,15 +99,18 @@ def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any =
                     tokenizer: Tokenizer | None = None, optimizer: Optimizer | None = None,
                     step: int = 0, train_config: Any = None,
                     data_rng: np.random.Generator | None = None,
-                    extra: dict | None = None, files: dict[str, bytes] | None = None) -> Path:
+                    extra: dict | None = None, files: dict[str, bytes] | None = None,
+                    weights: str = "all") -> Path:
     """Write a checkpoint of ``model`` (and optionally its optimiser) to ``directory``, whole.
 
     ``model_config`` and ``train_config`` are dataclasses or dicts (stored as JSON), ``extra`` any
     JSON-able dict (the CLI keeps the task there). ``data_rng`` is the generator the training loop
     samples batches with; its state and minilora's global generator state are saved so that
     training can resume exactly. ``files``: more files to put in the same save (the training
-    loop's ``history.json``). A directory already at ``directory`` is replaced as a whole, and only
-    if it is a checkpoint. Weights holding NaN or inf are refused: they would replace a good save
+    loop's ``history.json``, a fine-tune's adapter files). ``weights="trainable"`` stores only the
+    parameters with ``requires_grad`` (a LoRA fine-tune: its base lives elsewhere); :func:`restore`
+    then fills exactly those. A directory already at ``directory`` is replaced as a whole, and
+    only if it is a save. Weights holding NaN or inf are refused: they would replace a good save
     with a useless one. Returns the directory.
     """
     directory = Path(directory)
@@ -121,7 +125,15 @@ def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any =
         "rng": {"host": B.host_rng().bit_generator.state,
                 "data": data_rng.bit_generator.state if data_rng is not None else None},
     }
-    blobs = {MODEL_FILE: _safetensors_bytes(model.state_dict())}
+    if weights not in ("all", "trainable"):
+        raise CheckpointError(f"save_checkpoint: weights must be 'all' or 'trainable', got "
+                              f"{weights!r}")
+    state = model.state_dict()
+    if weights == "trainable":
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trainable}
+        meta["weights"] = "trainable"
+    blobs = {MODEL_FILE: _safetensors_bytes(state)}
     if optimizer is not None:
         sd = optimizer.state_dict()
         names = _optimizer_param_names(model, optimizer)
@@ -157,6 +169,7 @@ class Checkpoint:
     optimizer: dict | None  # "type", "step", "lr", "params", "state_keys" and "arrays"
     rng: dict
     extra: dict = field(default_factory=dict)
+    partial: bool = False  # True: ``weights`` holds only the trainable parameters
 
 
 # checkpoint.json: field -> the JSON types it may hold (None: may be null)
@@ -258,11 +271,19 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         if not has_manifest and name in digests and sha256_file(path) != digests[name]:
             raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or from another "
                                   f"save: its SHA-256 differs from the one in {META_FILE}")
-    if meta["model_config"] is not None:
+    if meta.get("weights", "all") not in ("all", "trainable"):
+        raise CheckpointError(f"{where}: field 'weights' must be 'all' or 'trainable', got "
+                              f"{meta.get('weights')!r:.40}")
+    if meta["model_config"] is not None and meta.get("weights", "all") == "all":
         infos, _ = read_header(directory / MODEL_FILE, "load_checkpoint")
         _check_against_config(infos, meta["model_config"], where)
+    # integer tensors only as the codes of 4-bit layers, each checked against its quant-state
+    # blob from the header before the file is read (minilora.bnb_format)
+    quantized = check_quantized_file(directory / MODEL_FILE,
+                                     read_header(directory / MODEL_FILE, "load_checkpoint")[0],
+                                     "load_checkpoint")
     weights = read_tensors(directory / MODEL_FILE, "load_checkpoint", float_dtype=None,
-                           floats_only=True)
+                           floats_only=not quantized)
     opt = meta["optimizer"]
     if opt is not None:
         if OPTIMIZER_FILE not in digests and not (directory / OPTIMIZER_FILE).is_file():
@@ -290,7 +311,8 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         warn_no_manifest(directory, "load_checkpoint", f"by the digests in {META_FILE}")
     return Checkpoint(directory=directory, step=meta["step"], weights=weights,
                       model_config=config, train_config=meta["train_config"],
-                      tokenizer=tokenizer, optimizer=opt, rng=rng, extra=meta["extra"])
+                      tokenizer=tokenizer, optimizer=opt, rng=rng, extra=meta["extra"],
+                      partial=meta.get("weights", "all") == "trainable")
 
 
 def restore(checkpoint: Checkpoint, model: Module, optimizer: Optimizer | None = None,
@@ -302,7 +324,15 @@ def restore(checkpoint: Checkpoint, model: Module, optimizer: Optimizer | None =
     """
     where = str(checkpoint.directory)
     try:
-        model.load_state_dict(checkpoint.weights)
+        if checkpoint.partial:  # only the trainable parameters were saved: exactly those
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            if set(checkpoint.weights) != trainable:
+                raise StateDictError(f"it holds {sorted(checkpoint.weights)[:3]}... "
+                                     f"({len(checkpoint.weights)} tensors), the model trains "
+                                     f"{sorted(trainable)[:3]}... ({len(trainable)})")
+            model.load_state_dict(checkpoint.weights, strict=False)
+        else:
+            model.load_state_dict(checkpoint.weights)
     except StateDictError as exc:
         raise CheckpointError(f"checkpoint at {where!r} does not fit this model: {exc}") from exc
     if optimizer is not None:
@@ -338,12 +368,23 @@ def restore(checkpoint: Checkpoint, model: Module, optimizer: Optimizer | None =
 def load_model(directory: str | Path) -> tuple[Module, Checkpoint]:
     """Build the GPT a checkpoint describes and load its weights: ``(model, checkpoint)``.
 
-    The model is in eval mode. LoRA-adapted models are rebuilt by the caller, then
-    :func:`restore` fills them.
+    The model is in eval mode. A quantized checkpoint is recognised by its keys: every layer
+    with a ``<path>.weight.quant_state.*`` tensor (bitsandbytes' layout, see
+    :mod:`minilora.bnb_format`) comes back as the QuantLinear it was saved as, bit for bit,
+    without re-quantizing (:func:`minilora.quant_linear.load_quantized_layers`). LoRA-adapted
+    models (a 4-bit base included) are rebuilt by the caller: ``GPT(config)``, ``inject_lora``,
+    ``load_quantized_layers(model, checkpoint.weights)``, then :func:`restore` fills them.
     """
     from .gpt import GPT, GPTConfig
+    from .quant_linear import load_quantized_layers
 
     ckpt = load_checkpoint(directory)
+    if ckpt.partial:
+        base = (ckpt.extra.get("finetune") or {}).get("base", "its base")
+        raise CheckpointError(f"{str(ckpt.directory)!r} holds only what a fine-tune trained (an "
+                              f"adapter), not a whole model: load its base ({base}) and the "
+                              f"adapter on top (sample/eval --checkpoint BASE --adapter "
+                              f"{ckpt.directory})")
     if ckpt.model_config is None:
         raise CheckpointError(f"checkpoint at {str(ckpt.directory)!r} has no model_config, so the "
                               f"model cannot be rebuilt; build it yourself and call restore()")
@@ -352,6 +393,11 @@ def load_model(directory: str | Path) -> tuple[Module, Checkpoint]:
     except (TypeError, ConfigError) as exc:
         raise CheckpointError(f"checkpoint at {str(ckpt.directory)!r}: model_config "
                               f"{ckpt.model_config} does not fit GPTConfig ({exc})") from exc
+    try:
+        load_quantized_layers(model, ckpt.weights)  # none for a float checkpoint
+    except StateDictError as exc:
+        raise CheckpointError(f"checkpoint at {str(ckpt.directory)!r} does not fit this model: "
+                              f"{exc}") from exc
     restore(ckpt, model, restore_global_rng=False)
     model.eval()
     return model, ckpt

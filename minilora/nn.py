@@ -187,28 +187,73 @@ class Module:
     # ------------------------------------------------------------------------ state dicts
 
     def state_dict(self) -> dict[str, Any]:
-        """``{path: array}`` of every parameter under every path (tied ones under each name).
+        """``{path: array}`` of every parameter under every path (tied ones under each name),
+        then of the arrays a module holds besides its parameters (its :meth:`_extra_state`, e.g.
+        a 4-bit layer's packed codes and scales).
 
         The arrays are the parameters' own (not copies), as PyTorch's tensors are.
         """
         out = {}
         for path, mod in self.named_modules():
+            pre = f"{path}." if path else ""
             for name, p in mod._parameters.items():
-                out[f"{path}.{name}" if path else name] = p.data
+                out[pre + name] = p.data
+            for name, arr in mod._extra_state().items():
+                out[pre + name] = arr
         return out
+
+    # A module may hold arrays that are not Parameters (a quantized weight: codes, scales and a
+    # small metadata blob) and still want them in its state dict. It overrides these three; the
+    # keys are relative to the module, and they must not name one of its parameters.
+
+    def _extra_state(self) -> dict[str, Any]:
+        """``{local key: array}`` this module adds to :meth:`state_dict`; none by default."""
+        return {}
+
+    def _owns_extra_key(self, name: str) -> bool:
+        """True when the state-dict key ``name`` (relative to this module) belongs to its extra
+        state; :meth:`load_state_dict` routes such keys to :meth:`_load_extra_state`."""
+        return False
+
+    def _load_extra_state(self, state: dict[str, Any], prefix: str) -> Callable[[], None]:
+        """Check ``state`` (this module's extra-state entries, local keys; at least one) and
+        return a function that installs it. Must change nothing itself and raise
+        StateDictError (naming ``prefix + key`` and the values) when the entries do not fit,
+        so that a refused load leaves the model as it was."""
+        raise StateDictError(f"load_state_dict: {type(self).__name__} at {prefix!r} takes no "
+                             f"extra state, got keys {sorted(state)[:5]}")
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> tuple:
         """Copy values into the parameters in place; returns ``(missing, unexpected)`` keys.
 
         Shapes must match exactly (the error names the key and both shapes); with ``strict`` a
-        missing or an unexpected key is an error too. Nothing is changed when an error is raised.
+        missing or an unexpected key is an error too. A module's extra state (see
+        :meth:`_extra_state`) is handed to that module, which checks it and replaces its arrays;
+        a module none of whose extra keys are given reports its current keys as missing.
+        Nothing is changed when an error is raised.
         """
         own: dict[str, Parameter] = {}
+        holders: dict[str, Module] = {}  # path -> a module that may take extra state
         for path, mod in self.named_modules():
             for name, p in mod._parameters.items():
                 own[f"{path}.{name}" if path else name] = p
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
+            if type(mod)._owns_extra_key is not Module._owns_extra_key:
+                holders[path] = mod
+        extra: dict[str, dict[str, Any]] = {path: {} for path in holders}
+        for key in state_dict if holders else ():
+            if key in own:
+                continue
+            parts = key.split(".")
+            for i in range(len(parts) - 1, -1, -1):  # the deepest module that claims the key
+                path = ".".join(parts[:i])
+                if path in holders and holders[path]._owns_extra_key(".".join(parts[i:])):
+                    extra[path][".".join(parts[i:])] = state_dict[key]
+                    break
+        claimed = {f"{p}.{k}" if p else k for p, entries in extra.items() for k in entries}
+        missing = sorted((set(own) - set(state_dict)) | {
+            f"{p}.{k}" if p else k for p, entries in extra.items() if not entries
+            for k in holders[p]._extra_state()})
+        unexpected = sorted(set(state_dict) - set(own) - claimed)
         if strict and (missing or unexpected):
             raise StateDictError(f"load_state_dict: missing keys {missing[:10]}"
                                  f"{' ...' if len(missing) > 10 else ''}, unexpected keys "
@@ -218,9 +263,13 @@ class Module:
             if shape != own[key].shape:
                 raise StateDictError(f"load_state_dict: key {key!r} has shape {shape} in the "
                                      f"state dict but {own[key].shape} in the model")
+        installs = [holders[p]._load_extra_state(entries, f"{p}." if p else "")
+                    for p, entries in extra.items() if entries]
         for key in own.keys() & state_dict.keys():
             p = own[key]
             p.data[...] = B.asarray(state_dict[key], dtype=p.data.dtype)
+        for install in installs:
+            install()
         return missing, unexpected
 
     # ---------------------------------------------------------------------------- repr

@@ -533,7 +533,8 @@ def error_stats(original: Any, approx: Any) -> dict:
 # quant_linear.py; they are served from here on first use (PEP 562), so either file may be
 # imported first without an import cycle.
 _FROM_QUANT_LINEAR = ("QuantLinear", "quantize_model", "merge_into_quantized", "merge_into_float",
-                      "memory_report", "format_memory_report")
+                      "memory_report", "format_memory_report", "quant_linear_from_bnb_state",
+                      "bnb_state_from_quant_linear", "load_quantized_layers")
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,15 @@ weights to the input, never into them. :class:`QuantLinear` is that base layer.
 Merging a LoRA update into a 4-bit base is ``W' = Q(deq(Q(W)) + delta)``: the sum lands on the
 4-bit grid again, so the merge is not exact, and an update smaller than half a grid step vanishes.
 :func:`merge_into_quantized` and :func:`merge_into_float` both measure what they lose.
+
+A QuantLinear's state dict holds its 4-bit weight in bitsandbytes' ``Linear4bit`` layout
+(:mod:`minilora.bnb_format`): ``weight`` (packed codes, uint8 ((n + 1) // 2, 1)),
+``weight.absmax``, ``weight.quant_map``, with double quantization ``weight.nested_absmax`` and
+``weight.nested_quant_map``, and a JSON blob ``weight.quant_state.bitsandbytes__nf4`` (``__fp4``;
+``minilora__int4`` for INT4) with the shape, blocksizes and offset, next to ``bias``. So a
+checkpoint of a quantized model loads back as QuantLinear layers, bit for bit, without
+re-quantizing (:func:`load_quantized_layers`), and bitsandbytes' own state dicts load here
+(:func:`quant_linear_from_bnb_state`, :func:`bnb_state_from_quant_linear`).
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ import numpy as np
 
 from . import backend as B
 from . import nn
-from .errors import InvalidArgumentError, ShapeError, shape_error
+from .bnb_format import FLOAT_DTYPES, quant_state_from_bnb, quant_state_to_bnb, quantized_layers
+from .errors import InvalidArgumentError, ShapeError, StateDictError, shape_error
 from .quant import (
     NESTED_BLOCKSIZE,
     QuantState,
@@ -118,6 +128,27 @@ class QuantLinear(nn.Module):
         """Move the bias and the quantized weight to the active backend (see Module.to_backend)."""
         super()._move_arrays()
         self.quant_state = self.quant_state.to_backend()
+
+    # the state dict (nn.Module's extra-state hook): the weight in bitsandbytes' layout
+
+    def _extra_state(self) -> dict[str, Any]:
+        """``weight``, ``weight.absmax``, ``weight.quant_map``, ... (module docstring): the
+        state's own arrays (views), the code tables and the JSON blob."""
+        return quant_state_to_bnb(self.quant_state, "weight")
+
+    def _owns_extra_key(self, name: str) -> bool:
+        return name == "weight" or name.startswith("weight.")
+
+    def _load_extra_state(self, state: dict[str, Any], prefix: str) -> Any:
+        """Check a 4-bit weight in bitsandbytes' layout and return the function that installs
+        it; its logical shape must be this layer's (out, in), its settings may differ."""
+        full = {prefix + k: v for k, v in state.items()}
+        new = quant_state_from_bnb(full, prefix + "weight", who="load_state_dict")
+        if tuple(new.shape) != self.quant_state.shape:
+            raise StateDictError(f"load_state_dict: key {prefix + 'weight'!r} holds a 4-bit "
+                                 f"weight of shape {new.shape} but the layer is "
+                                 f"{self.quant_state.shape} (out, in)")
+        return lambda: setattr(self, "quant_state", new)
 
     def extra_repr(self) -> str:
         s = self.quant_state
@@ -267,6 +298,116 @@ def quantize_model(model: nn.Module, blocksize: int = 64, quant_type: str = "nf4
     return model
 
 
+# ---------------------------------------------------------------- state dicts and checkpoints
+
+def _prefix(prefix: str) -> str:
+    if not isinstance(prefix, str):
+        raise InvalidArgumentError(f"prefix must be a str, got {type(prefix).__name__}")
+    return prefix + "." if prefix and not prefix.endswith(".") else prefix
+
+
+def quant_linear_from_bnb_state(state: dict[str, Any], prefix: str = "") -> QuantLinear:
+    """A QuantLinear from one layer of a bitsandbytes ``Linear4bit`` state dict (or minilora's):
+    ``prefix + "weight"``, ``prefix + "weight.absmax"``, ... and ``prefix + "bias"`` if present.
+
+    ``prefix`` is the layer's path, with or without the final dot ("model.layers.0.q_proj.");
+    keys of other layers are ignored. The arrays (NumPy or CuPy, e.g. from
+    ``safetensors.numpy.load_file``) are checked and copied; the result dequantizes to exactly
+    what bitsandbytes' ``dequantize_4bit`` gives for a float32 state. The weight must be 2-D
+    (out, in). A float bias is copied as float32 and frozen. Raises StateDictError naming the key.
+    """
+    prefix = _prefix(prefix)
+    new = quant_state_from_bnb(state, prefix + "weight", who="quant_linear_from_bnb_state")
+    if len(new.shape) != 2:
+        raise StateDictError(f"quant_linear_from_bnb_state: {prefix + 'weight'!r} holds a 4-bit "
+                             f"tensor of shape {new.shape}; a linear weight is 2-D (out, in)")
+    bias = state.get(prefix + "bias")
+    if bias is not None:
+        if not B.is_array(bias) or bias.dtype.kind != "f" or tuple(bias.shape) != new.shape[:1]:
+            got = f"{bias.dtype} {tuple(bias.shape)}" if B.is_array(bias) else type(bias).__name__
+            raise StateDictError(f"quant_linear_from_bnb_state: key {prefix + 'bias'!r} must be "
+                                 f"a float array of shape ({new.shape[0]},), got {got}")
+        bias = B.asarray(bias).astype(np.float32)  # a copy
+    return QuantLinear(new, bias)
+
+
+def bnb_state_from_quant_linear(layer: QuantLinear, prefix: str = "",
+                                dtype: str = "float32") -> dict[str, np.ndarray]:
+    """``layer`` as bitsandbytes' ``Linear4bit.state_dict()`` lays it out, host NumPy arrays:
+    ``prefix + "weight"`` (uint8 ((n + 1) // 2, 1)), ``"bias"`` (if any), ``"weight.absmax"``,
+    ``"weight.quant_map"``, [``"weight.nested_absmax"``, ``"weight.nested_quant_map"``],
+    ``"weight.quant_state.bitsandbytes__<nf4|fp4>"``; ready for ``safetensors.numpy.save_file``
+    and for ``Params4bit.from_prequantized``. ``dtype`` is what bitsandbytes will dequantize to.
+
+    An INT4 layer is written with the blob key ``minilora__int4``, which bitsandbytes refuses
+    (it has no such type); on the NumPy backend the arrays are the layer's own (views).
+    """
+    if not isinstance(layer, QuantLinear):
+        raise InvalidArgumentError(f"bnb_state_from_quant_linear: expected a QuantLinear, got "
+                                   f"{type(layer).__name__}")
+    if dtype not in FLOAT_DTYPES:
+        raise InvalidArgumentError(f"bnb_state_from_quant_linear: dtype must be one of "
+                                   f"{FLOAT_DTYPES}, got {dtype!r}")
+    prefix = _prefix(prefix)
+    arrays = quant_state_to_bnb(layer.quant_state, prefix + "weight", dtype)
+    out = {prefix + "weight": arrays.pop(prefix + "weight")}
+    if layer.bias is not None:
+        out[prefix + "bias"] = layer.bias.data
+    out.update(arrays)
+    return {k: B.to_numpy(v) for k, v in out.items()}
+
+
+def load_quantized_layers(model: nn.Module, state_dict: dict[str, Any]) -> list[str]:
+    """Replace, in place, every layer of ``model`` that ``state_dict`` holds in 4 bits (the
+    layers with a ``<path>.weight.quant_state.*`` key) by a QuantLinear built from the state
+    dict, without re-quantizing; returns their paths.
+
+    Each must be an ``nn.Linear`` (or a QuantLinear) of the same (out, in) whose weight no other
+    module shares (a head tied to the embedding stays float); inside a LoRA layer that is its
+    ``base_layer`` ("h.0.attn.q_proj.base_layer"). The bias is taken from the state dict when it
+    holds one, else kept. Then ``model.load_state_dict(state_dict)`` (or
+    ``checkpoint.restore``) loads the rest. Every layer is checked before any is replaced.
+    Raises StateDictError naming the path.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"load_quantized_layers: expected an nn.Module, got "
+                                   f"{type(model).__name__}")
+    modules = dict(model.named_modules())
+    owners: dict = {}
+    for mod in modules.values():
+        for p in mod._parameters.values():
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    built = []
+    for path in quantized_layers(state_dict):
+        mod = modules.get(path)
+        if not path or not isinstance(mod, (nn.Linear, QuantLinear)):
+            what = "the model itself" if not path else \
+                "no module" if mod is None else f"a {type(mod).__name__}"
+            hint = " (a LoRA checkpoint: inject_lora into the model first, so that its " \
+                   "base_layer paths exist)" if path.endswith(".base_layer") else ""
+            raise StateDictError(f"load_quantized_layers: the state dict holds a 4-bit layer "
+                                 f"at {path!r}, where the model has {what}, not a Linear "
+                                 f"layer that can be replaced{hint}")
+        if isinstance(mod, nn.Linear) and owners[id(mod.weight)] > 1:
+            raise StateDictError(f"load_quantized_layers: {path!r} shares its weight with "
+                                 f"another module (a tied head), which must stay float")
+        layer = quant_linear_from_bnb_state(state_dict, path)
+        if (layer.out_features, layer.in_features) != (mod.out_features, mod.in_features):
+            raise StateDictError(f"load_quantized_layers: {path + '.weight'!r} holds a 4-bit "
+                                 f"weight of shape {layer.quant_state.shape}, the model's layer "
+                                 f"is ({mod.out_features}, {mod.in_features}) (out, in)")
+        if mod.bias is None and layer.bias is not None:
+            raise StateDictError(f"load_quantized_layers: the state dict has {path + '.bias'!r} "
+                                 f"but the model's layer at {path!r} has no bias")
+        if mod.bias is not None and layer.bias is None:
+            layer.bias = nn.Parameter(mod.bias.data.copy(), requires_grad=False)
+        built.append((path, layer))
+    for path, layer in built:
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, layer)
+    return [path for path, _ in built]
+
+
 # ------------------------------------------------------------------------------ memory report
 
 def _scenario(shapes: list, other_bytes: int, per_weight: Any) -> dict:
@@ -327,4 +468,6 @@ def format_memory_report(report: dict) -> str:
 
 
 __all__ = ["QuantLinear", "quantize_model", "merge_into_quantized", "merge_into_float",
-           "memory_report", "format_memory_report", "NESTED_BLOCKSIZE", "ShapeError"]
+           "memory_report", "format_memory_report", "quant_linear_from_bnb_state",
+           "bnb_state_from_quant_linear", "load_quantized_layers", "NESTED_BLOCKSIZE",
+           "ShapeError"]
