@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from .errors import ConfigError, DataError, InvalidArgumentError
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (cross_entropy's default)
 END = "."  # the last character of every task answer
 TASK_VOCAB = "0123456789+-*,=" + END  # one vocabulary for every task (base and adapters)
+BYTE_EOT = 256  # ByteTokenizer(eot=True)'s end-of-text id: the first id after the 256 bytes
 # Limits, checked before anything is read or allocated. A text file is read whole and becomes
 # 8 bytes (int64) per token, so 1 GiB of text is already 8 GiB of tokens. Operands have at most
 # 6 digits: 10^12 pairs, whose ids, sums and digits stay far inside int64. The held-out questions
@@ -93,6 +94,11 @@ class CharTokenizer:
         """Number of distinct tokens."""
         return len(self.chars)
 
+    @property
+    def eot_id(self) -> int | None:
+        """None: a character vocabulary has no end-of-text token (the tasks end at ``.``)."""
+        return None
+
     def encode(self, text: str) -> np.ndarray:
         """``text`` -> int64 ids of shape (len(text),); unknown characters raise an error."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point each
@@ -119,51 +125,139 @@ class CharTokenizer:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CharTokenizer) and other.chars == self.chars
 
+    def __hash__(self) -> int:
+        return hash((self.kind, self.chars))
+
     def __repr__(self) -> str:
         return f"CharTokenizer({self.chars!r})"
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: 256 ids, any text encodes; decoding replaces broken sequences."""
+    """UTF-8 bytes as tokens: ids 0..255 are the bytes, so any text encodes.
+
+    With ``eot=True`` there is one more id, :data:`BYTE_EOT` = 256, that marks the end of a text
+    (an example of a JSONL data set ends with it; a sampler stops there): 257 tokens. ``encode``
+    never produces it (no byte sequence stands for it); ``decode`` stops at the first one, since
+    what follows the end of a text is not part of it. Without ``eot`` the tokenizer is the
+    256-token one that older checkpoints hold, and ``to_dict`` keeps their form ``{"kind":
+    "byte"}``, so they load unchanged. Decoding replaces broken UTF-8 sequences with U+FFFD.
+    """
 
     kind = "byte"
-    vocab_size = 256
+
+    def __init__(self, eot: bool = False) -> None:
+        if not isinstance(eot, (bool, np.bool_)):
+            raise InvalidArgumentError(f"ByteTokenizer: eot must be True or False, got {eot!r}")
+        self.eot = bool(eot)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: 256 bytes, plus the end-of-text id with ``eot``."""
+        return 257 if self.eot else 256
+
+    @property
+    def eot_id(self) -> int | None:
+        """The end-of-text id (256) with ``eot``, else None."""
+        return BYTE_EOT if self.eot else None
 
     def encode(self, text: str) -> np.ndarray:
-        """``text`` -> int64 ids of its UTF-8 bytes."""
+        """``text`` -> int64 ids of its UTF-8 bytes, shape (number of bytes,)."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids: Any) -> str:
-        """Ids in [0, 256) -> text (invalid UTF-8 becomes U+FFFD)."""
+        """Ids in [0, vocab_size) -> text (invalid UTF-8 becomes U+FFFD); with ``eot`` the text
+        ends just before the first end-of-text id."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() > 255):
-            raise InvalidArgumentError(f"decode: byte ids must lie in [0, 256), got values from "
-                                       f"{ids.min()} to {ids.max()}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            what = "byte ids" if not self.eot else "ids (bytes and end-of-text 256)"
+            raise InvalidArgumentError(f"decode: {what} must lie in [0, {self.vocab_size}), got "
+                                       f"values from {ids.min()} to {ids.max()}")
+        if self.eot:
+            ends = np.flatnonzero(ids == BYTE_EOT)
+            if ends.size:
+                ids = ids[:ends[0]]
         return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def to_dict(self) -> dict:
-        """The JSON form: ``{"kind": "byte"}``."""
-        return {"kind": self.kind}
+        """The JSON form: ``{"kind": "byte"}``, or ``{"kind": "byte", "eot": true}``."""
+        return {"kind": self.kind, "eot": True} if self.eot else {"kind": self.kind}
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ByteTokenizer)
+        return isinstance(other, ByteTokenizer) and other.eot == self.eot
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.eot))
 
     def __repr__(self) -> str:
-        return "ByteTokenizer()"
+        return "ByteTokenizer(eot=True)" if self.eot else "ByteTokenizer()"
 
 
-Tokenizer = CharTokenizer | ByteTokenizer
+Tokenizer = CharTokenizer | ByteTokenizer  # built in; tokenizer_from_dict also gives GPT-2's BPE
 
 
-def tokenizer_from_dict(d: dict) -> Tokenizer:
-    """Rebuild a tokenizer from its ``to_dict()`` form."""
-    kind = d.get("kind") if isinstance(d, dict) else None
+class TokenizerLike(Protocol):
+    """What the data sets and the training loop need of a tokenizer (CharTokenizer,
+    ByteTokenizer, minilora.bpe.GPT2BPETokenizer)."""
+
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eot_id(self) -> int | None: ...
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids: Any) -> str: ...
+
+    def to_dict(self) -> dict: ...
+
+
+# the keys each built-in kind's JSON form may hold, and the type each must have
+_TOKENIZER_FIELDS: dict[str, dict[str, type]] = {"char": {"kind": str, "chars": str},
+                                                 "byte": {"kind": str, "eot": bool}}
+_REQUIRED = {"char": {"kind", "chars"}, "byte": {"kind"}}
+
+
+def tokenizer_from_dict(d: dict) -> Any:
+    """Rebuild a tokenizer from its ``to_dict()`` form (a JSON object).
+
+    Kinds: ``"char"`` ``{"kind", "chars": str}``, ``"byte"`` ``{"kind", "eot": bool}`` (``eot``
+    absent means false, the form older checkpoints hold) and ``"gpt2_bpe"`` (handed whole to
+    ``minilora.bpe.GPT2BPETokenizer.from_dict``). Any other kind, an unknown key, a missing key or
+    a value of the wrong JSON type (``eot`` must be a JSON boolean, not 0 or 1) is a ConfigError
+    naming it.
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"tokenizer_from_dict: expected a JSON object, got "
+                          f"{type(d).__name__} {d!r:.80}")
+    kind = d.get("kind")
+    if kind == "gpt2_bpe":
+        try:  # imported here: the BPE tokenizer (and its vocabulary files) is optional
+            from .bpe import GPT2BPETokenizer
+        except ImportError as exc:
+            raise ConfigError(f"tokenizer_from_dict: kind 'gpt2_bpe' needs minilora.bpe, which "
+                              f"cannot be imported here ({exc})") from None
+        return GPT2BPETokenizer.from_dict(d)
+    if not isinstance(kind, str) or kind not in _TOKENIZER_FIELDS:
+        raise ConfigError(f"tokenizer_from_dict: unknown tokenizer kind {kind!r}; expected "
+                          f"'char', 'byte' or 'gpt2_bpe' (got {d!r:.120})")
+    fields = _TOKENIZER_FIELDS[kind]
+    unknown = sorted(set(d) - set(fields), key=str)
+    missing = sorted(_REQUIRED[kind] - set(d))
+    if unknown or missing:
+        raise ConfigError(f"tokenizer_from_dict: a {kind!r} tokenizer has keys "
+                          f"{sorted(fields)} ({sorted(_REQUIRED[kind])} required); "
+                          f"unknown: {unknown}, missing: {missing}")
+    for key, want in fields.items():
+        if key in d and type(d[key]) is not want:  # exact: a bool is an int, 1 is no boolean
+            raise ConfigError(f"tokenizer_from_dict: {kind!r} field {key!r} must be a JSON "
+                              f"{'boolean' if want is bool else 'string'}, got "
+                              f"{type(d[key]).__name__} {d[key]!r:.80}")
     if kind == "char":
         return CharTokenizer(d["chars"])
-    if kind == "byte":
-        return ByteTokenizer()
-    raise ConfigError(f"tokenizer_from_dict: unknown tokenizer kind {kind!r}; expected 'char' "
-                      f"or 'byte' (got {d!r})")
+    return ByteTokenizer(eot=d.get("eot", False))
 
 
 def task_tokenizer() -> CharTokenizer:
@@ -470,7 +564,7 @@ class TaskDataset:
         return seq[:, :self.task.prompt_len], seq[:, self.task.prompt_len:]
 
 
-__all__ = ["IGNORE_INDEX", "END", "TASK_VOCAB", "MAX_TEXT_BYTES", "MIN_DIGITS", "MAX_DIGITS",
-           "MAX_HELDOUT", "CharTokenizer", "ByteTokenizer", "Tokenizer", "tokenizer_from_dict",
-           "task_tokenizer", "TextDataset", "read_text", "ArithmeticTask", "TASKS",
-           "DEFAULT_DIGITS", "get_task", "TaskDataset"]
+__all__ = ["IGNORE_INDEX", "END", "TASK_VOCAB", "BYTE_EOT", "MAX_TEXT_BYTES", "MIN_DIGITS",
+           "MAX_DIGITS", "MAX_HELDOUT", "CharTokenizer", "ByteTokenizer", "Tokenizer",
+           "TokenizerLike", "tokenizer_from_dict", "task_tokenizer", "TextDataset", "read_text",
+           "ArithmeticTask", "TASKS", "DEFAULT_DIGITS", "get_task", "TaskDataset"]

@@ -14,7 +14,8 @@ the whole batch's. The result depends on ``shards``, not on the number of cores.
 Only parameters with ``requires_grad`` are optimised, so the same loop fine-tunes a LoRA model
 (whose base is frozen). Weight decay applies to matrices (2-D and up) only, never to biases or
 LayerNorm gains, as nanoGPT does. A task dataset is evaluated by exact match of greedy answers on
-held-out questions, a text dataset by its validation loss.
+held-out questions, a JSONL prompt/completion dataset by exact match of greedy completions on its
+held-out examples, a text dataset by its validation loss.
 
 Resuming from a checkpoint restores the weights, the optimiser's moments, the batch sampler's
 generator and minilora's global generator, so the continuation equals the uninterrupted run bit for
@@ -49,6 +50,8 @@ from .errors import (
     TrainingDivergedError,
     TrainingInterrupted,
 )
+from .jsonl import JsonlDataset
+from .jsonl import exact_match as jsonl_exact_match
 from .nn import Module
 from .optim import AdamW, clip_grad_norm, grad_norm, warmup_cosine
 from .parallel import forward_backward
@@ -220,7 +223,7 @@ def exact_match(model: Module, data: TaskDataset, n: int | None = None,
     return float((predicted == answers).all(axis=1).mean())
 
 
-def validation_loss(model: Module, data: TextDataset | TaskDataset, batch_size: int,
+def validation_loss(model: Module, data: TextDataset | TaskDataset | JsonlDataset, batch_size: int,
                     batches: int = 8, seed: int = 0) -> float:
     """Mean loss on ``batches`` fixed validation batches (their own generator: the training
     sampler is not disturbed)."""
@@ -238,19 +241,27 @@ def validation_loss(model: Module, data: TextDataset | TaskDataset, batch_size: 
     return total / batches
 
 
-def evaluate(model: Module, data: TaskDataset | TextDataset, config: TrainConfig) -> dict:
-    """``{"accuracy": exact match}`` on a task's held-out questions; ``{"val_loss": ...}`` on
-    a text dataset."""
+def evaluate(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
+             config: TrainConfig) -> dict:
+    """``{"accuracy": exact match}`` on a task's held-out questions or a JSONL dataset's held-out
+    examples (at most ``config.eval_examples``); ``{"val_loss": ...}`` on a text dataset."""
     if isinstance(data, TaskDataset):
         return {"accuracy": exact_match(model, data, min(config.eval_examples, data.n_heldout))}
+    if isinstance(data, JsonlDataset):
+        return {"accuracy": jsonl_exact_match(model, data,
+                                              min(config.eval_examples, data.n_heldout))}
     return {"val_loss": validation_loss(model, data, config.batch_size)}
 
 
-def data_description(data: TaskDataset | TextDataset) -> dict:
-    """What a checkpoint records about the data (the CLI rebuilds the task from it)."""
+def data_description(data: TaskDataset | TextDataset | JsonlDataset) -> dict:
+    """What a checkpoint records about the data (the CLI rebuilds the task, or finds and checks
+    the file, from it)."""
     if isinstance(data, TaskDataset):
         return {"task": data.task.to_dict(), "n_heldout": data.n_heldout,
                 "split_seed": data.split_seed}
+    if isinstance(data, JsonlDataset):
+        return {"jsonl": {"path": data.path, "sha256": data.sha256, "block_size": data.block_size,
+                          "n_heldout": data.n_heldout, "split_seed": data.split_seed}}
     return {"text": {"block_size": data.block_size, "path": getattr(data, "path", None),
                      "sha256": getattr(data, "sha256", None)}}
 
@@ -299,12 +310,14 @@ def _deferred_interrupt() -> Iterator[dict]:
         signal.signal(signal.SIGINT, previous)
 
 
-def train(model: Module, data: TaskDataset | TextDataset, config: TrainConfig | None = None, *,
+def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
+          config: TrainConfig | None = None, *,
           out_dir: str | Path | None = None, resume: str | Path | None = None,
           until: int | None = None, progress: bool = True, tokenizer: Any = None,
           model_config: Any = None, extra: dict | None = None,
           callback: Callable[[int, dict], None] | None = None,
-          save_on_interrupt: bool = True) -> dict:
+          save_on_interrupt: bool = True, checkpoint_weights: str = "all",
+          checkpoint_files: Callable[[], dict[str, bytes]] | None = None) -> dict:
     """Train ``model`` on ``data`` for ``config.steps`` AdamW steps; returns the history.
 
     The history is ``{"step": [...], "loss": [...], "lr": [...], "grad_norm": [...],
@@ -325,13 +338,16 @@ def train(model: Module, data: TaskDataset | TextDataset, config: TrainConfig | 
     step in progress; with ``out_dir`` and ``save_on_interrupt`` a resumable checkpoint of the
     completed steps is written there first; then :class:`TrainingInterrupted` (a
     KeyboardInterrupt) is raised, carrying ``step`` and ``checkpoint``.
+
+    ``checkpoint_weights="trainable"`` saves only the trained parameters (a LoRA fine-tune, whose
+    base is elsewhere); ``checkpoint_files()`` gives more files for every save (its adapter files).
     """
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"train: config must be a TrainConfig, got {type(config).__name__}")
-    if not isinstance(data, (TaskDataset, TextDataset)):
-        raise InvalidArgumentError(f"train: data must be a TaskDataset or a TextDataset, got "
-                                   f"{type(data).__name__}")
+    if not isinstance(data, (TaskDataset, TextDataset, JsonlDataset)):
+        raise InvalidArgumentError(f"train: data must be a JsonlDataset, a TaskDataset or a "
+                                   f"TextDataset, got {type(data).__name__}")
     stop = config.steps if until is None else int(until)
     if not 0 <= stop <= config.steps:
         raise InvalidArgumentError(f"train: until must lie in [0, steps={config.steps}], got "
@@ -365,10 +381,13 @@ def train(model: Module, data: TaskDataset | TextDataset, config: TrainConfig | 
         text = json.dumps({"start_step": 0, **whole}, indent=2, sort_keys=True) + "\n"
         save_checkpoint(out_dir, model, model_config=model_config, tokenizer=tokenizer,
                         optimizer=optimizer, step=done, train_config=config.to_dict(), data_rng=rng,
-                        extra=extra, files={HISTORY_FILE: text.encode()})
+                        extra=extra, weights=checkpoint_weights,
+                        files={HISTORY_FILE: text.encode(),
+                               **(checkpoint_files() if checkpoint_files else {})})
 
     bar = _progress_bar(config.steps, start, stop, progress)
     t0 = time.perf_counter()
+    tokens = 0
     model.train()
     if B.get_backend() == "numpy":
         keep_freed_memory()  # every step frees and makes the same arrays: reuse, don't re-fault
@@ -405,7 +424,10 @@ def train(model: Module, data: TaskDataset | TextDataset, config: TrainConfig | 
                     if bar is not None:
                         bar.write(format_eval(result))
                 if bar is not None:
-                    bar.set_postfix_str(f"loss {record['loss']:.4f} lr {lr:.2e}", refresh=False)
+                    tokens += x.size  # positions run forward and backward this step
+                    rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"loss {record['loss']:.4f} lr {lr:.2e} "
+                                        f"{rate:,.0f} tok/s", refresh=False)
                     bar.update(1)
                 history["seconds"] = time.perf_counter() - t0
                 if callback is not None:

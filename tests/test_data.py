@@ -1,11 +1,16 @@
 """Tokenizers, the text dataset and the synthetic tasks: round trips, exact formats, the split."""
 
+import json
+import sys
+import types
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from minilora.data import (
+    BYTE_EOT,
     END,
     IGNORE_INDEX,
     TASK_VOCAB,
@@ -71,6 +76,77 @@ def test_tokenizers_survive_their_json_form():
         assert again == tok and type(again) is type(tok)
     with pytest.raises(ConfigError, match="'word'"):
         tokenizer_from_dict({"kind": "word"})
+
+
+@given(st.text(max_size=40), st.text(max_size=10))
+def test_byte_tokenizer_with_eot_has_257_ids_and_decode_stops_at_the_end(text, after):
+    tok = ByteTokenizer(eot=True)
+    assert tok.vocab_size == 257 and tok.eot_id == BYTE_EOT == 256
+    ids = tok.encode(text)
+    assert ids.tolist() == list(text.encode("utf-8"))  # encoding never makes an end-of-text
+    assert tok.decode(ids) == text
+    assert tok.decode(np.concatenate([ids, [256], tok.encode(after)])) == text  # stops there
+
+
+def test_end_of_text_ids_of_the_tokenizers():
+    assert ByteTokenizer().eot_id is None and ByteTokenizer().vocab_size == 256
+    assert CharTokenizer(ALPHABET).eot_id is None and task_tokenizer().eot_id is None
+    assert ByteTokenizer(eot=True) != ByteTokenizer()
+    assert repr(ByteTokenizer(eot=True)) == "ByteTokenizer(eot=True)"
+    with pytest.raises(InvalidArgumentError, match=r"\[0, 257\)"):
+        ByteTokenizer(eot=True).decode([257])
+    with pytest.raises(InvalidArgumentError, match="eot must be True or False"):
+        ByteTokenizer(eot=1)
+
+
+def test_byte_tokenizer_json_forms_old_and_new():
+    assert ByteTokenizer().to_dict() == {"kind": "byte"}  # what older checkpoints hold
+    assert ByteTokenizer(eot=True).to_dict() == {"kind": "byte", "eot": True}
+    assert tokenizer_from_dict({"kind": "byte"}) == ByteTokenizer()
+    assert tokenizer_from_dict({"kind": "byte", "eot": False}) == ByteTokenizer()
+    again = tokenizer_from_dict(json.loads(json.dumps(ByteTokenizer(eot=True).to_dict())))
+    assert again == ByteTokenizer(eot=True) and again.vocab_size == 257
+
+
+@pytest.mark.parametrize("d,words", [
+    ({"kind": "byte", "eot": 1}, ["'eot'", "JSON boolean", "int"]),
+    ({"kind": "byte", "eot": "true"}, ["'eot'", "JSON boolean", "str"]),
+    ({"kind": "byte", "eot": None}, ["'eot'", "JSON boolean"]),
+    ({"kind": "char", "chars": 5}, ["'chars'", "JSON string"]),
+    ({"kind": "char"}, ["missing: ['chars']"]),
+    ({"kind": "byte", "size": 256}, ["unknown: ['size']"]),
+    ({"kind": 3}, ["unknown tokenizer kind 3"]),
+    ({}, ["unknown tokenizer kind None"]),
+    (["byte"], ["JSON object", "list"]),
+    ("byte", ["JSON object", "str"]),
+])
+def test_tokenizer_from_dict_checks_the_json_types(d, words):
+    with pytest.raises(ConfigError) as err:
+        tokenizer_from_dict(d)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_tokenizer_from_dict_hands_gpt2_bpe_to_the_bpe_module(monkeypatch):
+    seen = []
+
+    class FakeBPE:  # stands in for minilora.bpe.GPT2BPETokenizer, whatever that file holds now
+        @classmethod
+        def from_dict(cls, d):
+            seen.append(d)
+            return cls()
+
+    fake = types.ModuleType("minilora.bpe")
+    fake.GPT2BPETokenizer = FakeBPE
+    monkeypatch.setitem(sys.modules, "minilora.bpe", fake)
+    d = {"kind": "gpt2_bpe", "anything": [1, 2]}
+    assert isinstance(tokenizer_from_dict(d), FakeBPE) and seen == [d]
+
+
+def test_tokenizer_from_dict_names_a_missing_bpe_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "minilora.bpe", None)  # makes the import fail
+    with pytest.raises(ConfigError, match="'gpt2_bpe' needs minilora.bpe"):
+        tokenizer_from_dict({"kind": "gpt2_bpe"})
 
 
 # ---------------------------------------------------------------------------- text dataset
