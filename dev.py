@@ -3,6 +3,7 @@
 
     python3 dev.py demo     # make .venv, install minilora, run the demo
     python3 dev.py test     # make .venv, install minilora[dev], run ruff and the tests
+    python3 dev.py run -- finetune --help    # any minilora command, in .venv
 
 Each command creates (or reuses) the virtual environment .venv beside this file. Extra extras for
 the environment can be named with --extras (CI adds "crosscheck" to compare against PyTorch).
@@ -45,16 +46,20 @@ def ensure_env(extras: set[str]) -> None:
 
 
 def main() -> int:
-    """Parse the command line and run ``demo`` or ``test``."""
+    """Parse the command line and run ``demo``, ``test``, ``setup`` or ``run`` (any minilora
+    command, e.g. ``python3 dev.py run -- train --task add``)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["demo", "test", "setup"])
+    parser.add_argument("command", choices=["demo", "test", "setup", "run"])
     parser.add_argument("--extras", default="", help="extra extras, comma separated")
     args, rest = parser.parse_known_args()  # the rest goes on to the demo or to pytest
     extras = {e for e in args.extras.split(",") if e}
-    if args.command == "demo":
+    if args.command in ("demo", "run"):
         ensure_env(extras)
-        return subprocess.run([str(PY), "-m", "minilora", "demo", *rest], cwd=ROOT).returncode
+        if args.command == "demo":  # runs/demo inside the checkout, wherever it is started from
+            return subprocess.run([str(PY), "-m", "minilora", "demo", *rest], cwd=ROOT).returncode
+        argv = rest[1:] if rest[:1] == ["--"] else rest  # paths stay relative to where you are
+        return subprocess.run([str(PY), "-m", "minilora", *argv]).returncode
     ensure_env(extras | {"dev"})
     if args.command == "setup":
         return 0

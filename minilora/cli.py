@@ -30,58 +30,45 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import numpy as np
 
 from . import backend as B
-from . import cpu
 from .checkpoint import FILES as CHECKPOINT_FILES
 from .checkpoint import load_checkpoint, load_model
+from .cli_common import (
+    MODEL_DEFAULTS,
+    MODEL_FIELDS,
+    TRAIN_FIELDS,
+    Parser,
+    add_common,
+    add_training_flags,
+    count,
+    fraction,
+    nonnegative_float,
+    positive_int,
+    report,
+    run_training,
+    setup,
+    task_dataset,
+)
+from .cli_lora import add_adapter_flags, add_parsers, attach_adapters
 from .data import (
     END,
     TASKS,
     ArithmeticTask,
+    ByteTokenizer,
     CharTokenizer,
     TaskDataset,
     TextDataset,
     get_task,
     task_tokenizer,
 )
-from .errors import ConfigError, InvalidArgumentError, MiniLoraError, TrainingInterrupted
+from .errors import ConfigError, InvalidArgumentError, MiniLoraError
 from .fileio import NoManifestWarning, check_destination, check_writable, sha256_file
 from .gpt import GPT, GPTConfig
-from .train import TrainConfig, exact_match, format_eval, greedy_answers, train
-
-# the default model for the tasks: small enough to learn 3-digit addition in about a minute
-MODEL_DEFAULTS = {"n_layer": 3, "n_head": 4, "n_embd": 128, "dropout": 0.0}
-TRAIN_FIELDS = ("steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay", "grad_clip",
-                "eval_every", "eval_examples", "checkpoint_every", "seed", "shards")
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "block_size")
-
-
-def _setup(args: argparse.Namespace) -> None:
-    """Select the backend and the BLAS thread count for a command."""
-    B.use_backend(args.backend)
-    threads = args.threads
-    if threads is None and not any(v in os.environ for v in ("OPENBLAS_NUM_THREADS",
-                                                             "OMP_NUM_THREADS")):
-        threads = 1
-    if threads is not None:
-        if threads < 1:
-            raise InvalidArgumentError(f"--threads must be at least 1, got {threads}")
-        cpu.set_blas_threads(threads)
-
-
-def _task_dataset(extra: dict, task_name: str | None = None) -> TaskDataset:
-    """The task (and held-out split) a checkpoint was trained on, or ``task_name`` instead."""
-    saved = extra.get("task")
-    if task_name is None and saved is None:
-        raise ConfigError("this checkpoint was not trained on a task; name one with --task "
-                          f"({', '.join(TASKS)})")
-    digits = saved["digits"] if saved else None
-    task = get_task(task_name or saved["name"], digits)
-    return TaskDataset(task, n_heldout=extra.get("n_heldout", 1000),
-                       split_seed=extra.get("split_seed", 1234))
-
+from .train import TrainConfig, exact_match, greedy_answers, validation_loss
 
 # -------------------------------------------------------------------------------- train
 
@@ -92,7 +79,7 @@ def _default_out(args: argparse.Namespace) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    _setup(args)
+    setup(args)
     given = {f: getattr(args, f) for f in TRAIN_FIELDS + MODEL_FIELDS
              if getattr(args, f) is not None}
     if args.resume:
@@ -105,7 +92,10 @@ def _train(args: argparse.Namespace) -> int:
     B.manual_seed(train_cfg.seed)
     if args.text is not None:
         block = given.get("block_size", 64)
-        data = TextDataset.from_file(args.text, block_size=block)
+        # bytes by default, so that any later text (or JSONL) can be encoded and adapted; the
+        # end-of-text token lets a JSONL fine-tune mark where a completion ends
+        tokenizer = ByteTokenizer(eot=True) if args.tokenizer == "byte" else None
+        data = TextDataset.from_file(args.text, tokenizer=tokenizer, block_size=block)
     else:
         if "block_size" in given:
             raise ConfigError("train: --block-size is for --text; a task sets its own length")
@@ -117,28 +107,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"training a GPT ({model.num_parameters():,} parameters: {model_cfg.n_layer} layers, "
           f"{model_cfg.n_head} heads, {model_cfg.n_embd} channels) on {what} for "
           f"{train_cfg.steps} steps; checkpoint in {out}", flush=True)
-    history = _run(args, model, data, train_cfg, out)
-    _report(history, data, train_cfg, out)
+    history = run_training(args, model, data, train_cfg, out)
+    report(history, data, train_cfg, out)
     return 0
-
-
-def _run(args: argparse.Namespace, model: GPT, data: TaskDataset | TextDataset,
-         cfg: TrainConfig, out: str, resume: str | None = None) -> dict:
-    """The training loop with the CLI's progress, printing and Ctrl-C handling."""
-    try:
-        return train(model, data, cfg, out_dir=out, resume=resume, until=args.until,
-                     progress=not args.no_progress, callback=_eval_printer(args),
-                     save_on_interrupt=not args.no_save_on_interrupt)
-    except TrainingInterrupted as stop:
-        if stop.checkpoint is not None:
-            print(f"interrupted after step {stop.step} of {cfg.steps}; checkpoint saved in "
-                  f"{stop.checkpoint}. Resume with:\n  minilora train --resume "
-                  f"{stop.checkpoint}", file=sys.stderr, flush=True)
-        else:
-            print(f"interrupted after step {stop.step} of {cfg.steps}; nothing saved "
-                  f"(--no-save-on-interrupt)", file=sys.stderr, flush=True)
-        stop.reported = True
-        raise
 
 
 def _text_for_resume(args: argparse.Namespace, saved: dict, tokenizer: Any,
@@ -182,7 +153,7 @@ def _resume(args: argparse.Namespace, given: dict) -> int:
         if args.text is not None:
             raise ConfigError(f"train --resume: {args.resume!r} was trained on a task, not a "
                               f"text; drop --text")
-        data = _task_dataset(ck.extra)
+        data = task_dataset(ck.extra)
     elif "text" in ck.extra:
         data = _text_for_resume(args, ck.extra["text"], ck.tokenizer, args.resume)
     else:
@@ -194,20 +165,9 @@ def _resume(args: argparse.Namespace, given: dict) -> int:
         check_destination(out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
     print(f"resuming {args.resume!r} at step {ck.step} of {cfg.steps}; writing to {out!r}",
           flush=True)
-    history = _run(args, model, data, cfg, out, resume=args.resume)
-    _report(history, data, cfg, out)
+    history = run_training(args, model, data, cfg, out, resume=args.resume)
+    report(history, data, cfg, out)
     return 0
-
-
-def _eval_printer(args: argparse.Namespace) -> Callable[[int, dict], None] | None:
-    """Without a progress bar (which shows them itself), print each evaluation as a line."""
-    if not args.no_progress:
-        return None
-
-    def show(step: int, record: dict) -> None:
-        if "accuracy" in record or "val_loss" in record:
-            print(format_eval(record), flush=True)
-    return show
 
 
 def _describe(task: ArithmeticTask) -> str:
@@ -216,28 +176,20 @@ def _describe(task: ArithmeticTask) -> str:
     return f"task {task.name!r} ({task.digits} digits, e.g. {example})"
 
 
-def _report(history: dict, data: TaskDataset | TextDataset, cfg: TrainConfig,
-            out: str | None) -> None:
-    steps = history["step"][-1] if history["step"] else history["start_step"]
-    final = history["eval"][-1] if history["eval"] else {}
-    line = f"done: {steps} steps in {history['seconds']:.1f} s"
-    if "accuracy" in final:
-        n = min(data.n_heldout, cfg.eval_examples)
-        line += (f"; held-out exact match {final['accuracy']:.1%} ({n} questions, at step "
-                 f"{final['step']})")
-    if "val_loss" in final:
-        line += f"; validation loss {final['val_loss']:.4f} (at step {final['step']})"
-    if out:
-        line += f"; checkpoint in {out}"
-    print(line, flush=True)
-
-
 # ------------------------------------------------------------------------- sample, eval
 
-def _sample(args: argparse.Namespace) -> int:
-    _setup(args)
+def _model_and_data_record(args: argparse.Namespace) -> tuple[GPT, Any, Any, dict]:
+    """The base of ``--checkpoint`` with ``--adapter``s on it: ``(model, checkpoint, tokenizer,
+    what the active adapter, or else the base, was trained on)``."""
     model, ck = load_model(args.checkpoint)
-    tok = ck.tokenizer or task_tokenizer()
+    record = attach_adapters(model, args)
+    trained_on = (record or {}).get("data") or ck.extra
+    return model, ck, ck.tokenizer or task_tokenizer(), trained_on
+
+
+def _sample(args: argparse.Namespace) -> int:
+    setup(args)
+    model, ck, tok, trained_on = _model_and_data_record(args)
     if isinstance(tok, CharTokenizer):
         unknown = "".join(sorted(set(args.prompt) - set(tok.chars)))
         if unknown:
@@ -250,29 +202,55 @@ def _sample(args: argparse.Namespace) -> int:
     if ids.size > block:
         print(f"minilora sample: note: the prompt has {ids.size} tokens, more than the model's "
               f"context of {block}; it sees only the last {block}", file=sys.stderr, flush=True)
+    text_model = "text" in trained_on
+    # a text model samples (temperature 0.8, top-k 40), a task or JSONL model answers greedily
+    temperature = args.temperature if args.temperature is not None else \
+        (0.8 if text_model else 0.0)
+    top_k = args.top_k if args.top_k is not None else (40 if text_model and temperature else None)
     n_new = args.max_new_tokens
     if n_new is None:
-        n_new = get_task(**ck.extra["task"]).answer_len if "task" in ck.extra else 100
+        n_new = get_task(**trained_on["task"]).answer_len if "task" in trained_on else 100
+    eot = getattr(tok, "eot_id", None)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        out = model.generate(ids[None, :], n_new, temperature=args.temperature, top_k=args.top_k,
-                             seed=seed)
-        text = tok.decode(B.to_numpy(out)[0, ids.size:])
-        if "task" in ck.extra and END in text:
+        out = B.to_numpy(model.generate(ids[None, :], n_new, temperature=temperature,
+                                        top_k=top_k, seed=seed))[0, ids.size:]
+        if eot is not None and (out == eot).any():  # a completion ends at end-of-text
+            out = out[:int(np.argmax(out == eot))]
+        text = tok.decode(out)
+        if "task" in trained_on and END in text:
             text = text[:text.index(END) + 1]  # a task answer ends at the end mark
         print(args.prompt + text, flush=True)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    _setup(args)
-    model, ck = load_model(args.checkpoint)
-    data = _task_dataset(ck.extra, args.task)
+    setup(args)
+    model, ck, tok, trained_on = _model_and_data_record(args)
+    start = time.perf_counter()
+    if args.text is not None:
+        data = TextDataset.from_file(args.text, tokenizer=tok, block_size=model.config.block_size)
+        loss = validation_loss(model, data, batch_size=16, batches=max(1, args.examples // 16))
+        print(f"text {args.text!r}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
+              f"({time.perf_counter() - start:.1f} s)")
+        return 0
+    if args.data is not None or ("jsonl" in trained_on and args.task is None):
+        from .cli_lora import _dataset_from_record
+        from .jsonl import JsonlDataset
+        from .jsonl import exact_match as jsonl_exact_match
+
+        data = JsonlDataset.from_file(args.data, tok, block_size=model.config.block_size) \
+            if args.data is not None else _dataset_from_record(trained_on, tok, "eval")
+        n = min(args.examples, data.n_heldout)
+        acc = jsonl_exact_match(model, data, n)
+        print(f"JSONL {data.path!r}: held-out exact match {acc:.1%} on {n} prompts "
+              f"({time.perf_counter() - start:.1f} s)")
+        return 0
+    data = task_dataset(trained_on, args.task)
     if data.block_size > model.config.block_size:
         raise ConfigError(f"eval: task {data.task.name!r} needs block_size "
                           f"{data.block_size}, the model has {model.config.block_size}")
     n = min(args.examples, data.n_heldout)
-    start = time.perf_counter()
     acc = exact_match(model, data, n)
     print(f"task {data.task.name!r} ({data.task.digits} digits): held-out exact match "
           f"{acc:.1%} on {n} questions ({time.perf_counter() - start:.1f} s)")
@@ -296,7 +274,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     from .demo_report import checks, format_table
 
-    _setup(args)
+    setup(args)
     check_writable(args.out, what="demo --out")
     if not args.overwrite:
         _check_demo_dir(args.out)
@@ -336,66 +314,6 @@ def _check_demo_dir(out: str) -> None:
 
 # ------------------------------------------------------------------------------- parser
 
-# ------------------------------------------------------------------------- argument types
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def count(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number in [0, 1)."""
-    value = nonnegative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line: ``minilora train: error: ... (see --help)``."""
-
-    def error(self, message: str) -> Any:  # argparse's own prints the whole usage first
-        """Print one line naming the command and the problem, and exit with status 2."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                   help="array backend: numpy (CPU, default) or cupy (NVIDIA GPU)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="BLAS threads (default 1 unless OPENBLAS_NUM_THREADS or "
-                   "OMP_NUM_THREADS is set: the models here are small, and extra threads "
-                   "slow them down on a busy machine)")
-    p.add_argument("--debug", action="store_true",
-                   help="on an error, show the full traceback instead of one line")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -417,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"task to learn: {', '.join(TASKS)} (default add)")
     t.add_argument("--text", metavar="FILE", help="train a character model on this UTF-8 text "
                    "instead (with --resume: where the run's text file is now)")
+    t.add_argument("--tokenizer", choices=("byte", "char"), default="byte",
+                   help="for --text: byte (UTF-8 bytes and an end-of-text token, so any later "
+                   "text can be adapted; default) or char (the characters of this text only)")
     t.add_argument("--digits", type=positive_int, default=None, metavar="K",
                    help="digits per operand (default 3)")
     t.add_argument("--heldout", type=positive_int, default=1000, metavar="N",
@@ -431,30 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "With --steps N beyond the run's steps, the run is extended: the added steps "
                    "run at the schedule's final learning rate, or decay from --lr to --min-lr "
                    "when given (an extended run need not equal any uninterrupted one)")
-    t.add_argument("--until", type=count, default=None, metavar="STEP",
-                   help="stop after STEP steps as if interrupted (the learning-rate schedule "
-                   "still spans --steps); continue later with --resume")
-    t.add_argument("--no-save-on-interrupt", action="store_true",
-                   help="on Ctrl-C, stop without saving a checkpoint")
-    defaults = TrainConfig()
-    for name, typ, text in (
-            ("steps", positive_int, "optimiser steps"),
-            ("batch_size", positive_int, "sequences per step"),
-            ("lr", nonnegative_float, "peak learning rate"),
-            ("warmup", count, "linear warmup steps"),
-            ("min_lr", nonnegative_float, "learning rate at the end of the cosine"),
-            ("weight_decay", nonnegative_float, "AdamW weight decay (matrices only)"),
-            ("grad_clip", nonnegative_float, "clip the global gradient norm to this (0: off)"),
-            ("eval_every", positive_int, "evaluate every this many steps"),
-            ("eval_examples", positive_int, "held-out questions per evaluation"),
-            ("checkpoint_every", count, "also save every this many steps (0: only at the end)"),
-            ("seed", count, "random seed: same seed, same run"),
-            ("shards", positive_int, "cut each batch into this many shards that run side by "
-             "side on threads, one per core; the result depends on this number, not on the "
-             "cores")):
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       metavar="X" if typ is nonnegative_float else "N",
-                       help=f"{text} (default {getattr(defaults, name)})")
+    add_training_flags(t)
     for name, typ, text in (("n_layer", positive_int, "transformer blocks"),
                             ("n_head", positive_int, "attention heads"),
                             ("n_embd", positive_int, "channels"), ("dropout", fraction, "dropout")):
@@ -463,9 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"model: {text} (default {MODEL_DEFAULTS[name]})")
     t.add_argument("--block-size", dest="block_size", type=positive_int, default=None,
                    metavar="N", help="model context for --text (default 64; a task sets its own)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_common(t)
+    add_common(t)
     t.set_defaults(func=_train)
+    add_parsers(sub, fmt)
 
     s = sub.add_parser("sample", formatter_class=fmt, help="continue a prompt with a trained model",
                        description="Continue a prompt with a trained model. By default the "
@@ -477,14 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "model knows (for tasks: digits and + - * , = .)")
     s.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
                    help="tokens to generate (default: a task's answer length, else 100)")
-    s.add_argument("--temperature", type=nonnegative_float, default=0.0, metavar="X",
-                   help="0 takes the most likely token (default); higher is more random")
+    s.add_argument("--temperature", type=nonnegative_float, default=None, metavar="X",
+                   help="0 takes the most likely token (default for task and JSONL models); "
+                   "higher is more random (default 0.8 for a text model)")
     s.add_argument("--top-k", type=positive_int, default=None, metavar="K",
-                   help="sample only from the k likeliest")
+                   help="sample only from the k likeliest (default 40 for a text model)")
+    add_adapter_flags(s)
     s.add_argument("--seed", type=count, default=None, metavar="N", help="sampling seed")
     s.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                    help="how many continuations (default 1)")
-    _add_common(s)
+    add_common(s)
     s.set_defaults(func=_sample)
 
     e = sub.add_parser("eval", formatter_class=fmt,
@@ -500,7 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "count)")
     e.add_argument("--show", type=count, default=5, metavar="N",
                    help="questions to print (default 5; 0 prints none)")
-    _add_common(e)
+    e.add_argument("--text", metavar="FILE", help="validation loss and perplexity on this text")
+    e.add_argument("--data", metavar="FILE", help="exact match on the held-out completions of "
+                   "this JSONL file")
+    add_adapter_flags(e)
+    add_common(e)
     e.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", formatter_class=fmt, help="the whole LoRA story in a few minutes",
@@ -520,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true",
                    help="write the demo into --out even if it holds other files (they are kept)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_common(d)
+    add_common(d)
     d.set_defaults(func=_demo)
     return parser
 

@@ -35,7 +35,9 @@ from .interop_peft import (
     MODULES,
     export_peft,
     import_peft,
+    is_peft_gpt2,
     keep_host_rng,
+    peft_adapter_files,
     read_json,
     read_safetensors,
     write_files,
@@ -45,7 +47,7 @@ from .nn import Linear
 from .tensorfile import json_field, read_header
 
 __all__ = ["gpt_from_hf", "gpt_to_hf", "hf_config", "hf_state_dict", "export_peft",
-           "import_peft"]
+           "import_peft", "peft_adapter_files", "is_peft_gpt2"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -35,6 +35,7 @@ training mode. Everything is read without pickle (JSON and safetensors).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -47,7 +48,7 @@ import numpy as np
 from . import backend as B
 from . import tensorfile
 from .errors import CheckpointError, ConfigError, InvalidArgumentError
-from .fileio import atomic_directory
+from .fileio import atomic_directory, open_save
 from .gpt import GPT
 from .lora_config import LoraConfig, lora_scaling
 from .lora_inject import inject_lora, lora_configs
@@ -98,16 +99,24 @@ def read_safetensors(path: str, who: str, *, names: Iterable[str] | None = None,
                                    expected_shapes=expected_shapes)
 
 
-def write_files(directory: str | os.PathLike, config: tuple[str, dict],
-                weights: tuple[str, dict[str, np.ndarray]]) -> dict[str, str]:
-    """Write ``weights`` = (file name, arrays) as safetensors, then ``config`` = (file name,
-    fields) as JSON, into ``directory`` as one save, whole or not at all (fileio).
-    Returns ``{"config": path, "weights": path}``."""
+def file_bytes(config: tuple[str, dict], weights: tuple[str, dict[str, np.ndarray]]) -> dict:
+    """``{file name: bytes}`` of ``config`` = (file name, fields) as JSON and ``weights`` = (file
+    name, arrays) as safetensors, as transformers and PEFT write them."""
     from safetensors.numpy import save as st_save
 
+    text = json.dumps(config[1], indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return {weights[0]: st_save(weights[1], metadata={"format": "pt"}),
+            config[0]: text.encode("utf-8")}
+
+
+def write_files(directory: str | os.PathLike, config: tuple[str, dict],
+                weights: tuple[str, dict[str, np.ndarray]]) -> dict[str, str]:
+    """Write ``weights`` = (file name, arrays) as safetensors and ``config`` = (file name,
+    fields) as JSON into ``directory`` as one save, whole or not at all (fileio).
+    Returns ``{"config": path, "weights": path}``."""
     with atomic_directory(directory, (config[0], weights[0])) as stage:
-        stage.write_bytes(weights[0], st_save(weights[1], metadata={"format": "pt"}))
-        stage.write_json(config[0], config[1])
+        for name, data in file_bytes(config, weights).items():
+            stage.write_bytes(name, data)
     return {"config": os.path.join(directory, config[0]),
             "weights": os.path.join(directory, weights[0])}
 
@@ -201,6 +210,21 @@ def export_peft(model: GPT, directory: str | os.PathLike,
     docstring). A merged adapter is written all the same: pair it with the unmerged base.
     Returns ``{"config": path, "weights": path}``.
     """
+    return write_files(directory, *_peft_adapter(model, adapter_name))
+
+
+def peft_adapter_files(model: GPT, adapter_name: str = "default") -> dict[str, bytes]:
+    """``{file name: bytes}`` of what :func:`export_peft` writes, to put into a larger save."""
+    return file_bytes(*_peft_adapter(model, adapter_name))
+
+
+def is_peft_gpt2(arrays_or_keys: Any) -> bool:
+    """True when the adapter's keys name HF GPT-2 modules (c_attn, c_fc, ...): PEFT's layout."""
+    return any(_KEY.fullmatch(k) for k in arrays_or_keys)
+
+
+def _peft_adapter(model: GPT, adapter_name: str) -> tuple[tuple, tuple]:
+    """((CONFIG_NAME, PEFT config), (WEIGHTS_NAME, arrays)) of an adapter, q, k, v fused."""
     _check_gpt(model, "export_peft")
     configs = lora_configs(model)
     if adapter_name not in configs:
@@ -237,7 +261,7 @@ def export_peft(model: GPT, directory: str | os.PathLike,
         arrays[f"{KEY_PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(b)
     peft_config = {**config.to_peft_dict(), **config_fields(theirs, model.config.n_layer),
                    "task_type": "CAUSAL_LM", "fan_in_fan_out": True, "init_lora_weights": True}
-    return write_files(directory, (CONFIG_NAME, peft_config), (WEIGHTS_NAME, arrays))
+    return (CONFIG_NAME, peft_config), (WEIGHTS_NAME, arrays)
 
 
 # ---------------------------------------------------------------------------------- import
@@ -350,6 +374,7 @@ def import_peft(model: GPT, directory: str | os.PathLike, adapter_name: str = "d
     if adapter_name in lora_configs(model):
         raise InvalidArgumentError(f"import_peft: the model already has an adapter "
                                    f"{adapter_name!r}; choose another adapter_name")
+    directory = open_save(directory, "import_peft")  # a half-done swap, then the manifest
     config_path = os.path.join(directory, CONFIG_NAME)
     peft = _peft_config(read_json(config_path, "import_peft"), repr(config_path))
     weights_path = os.path.join(directory, WEIGHTS_NAME)

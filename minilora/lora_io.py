@@ -20,6 +20,7 @@ A PiSSA adapter belongs with the residual base it was made from (W - s B A): sav
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from typing import Any
@@ -65,20 +66,27 @@ def adapter_state_dict(model: Module, adapter_name: str = "default") -> dict[str
     return out
 
 
+def adapter_files(model: Module, adapter_name: str = "default") -> dict[str, bytes]:
+    """``{file name: bytes}`` of adapter ``adapter_name``: its config as JSON and its weights as
+    safetensors, as :func:`save_adapter` writes them (to put into a larger save)."""
+    from safetensors.numpy import save as st_save
+
+    params = adapter_state_dict(model, adapter_name)
+    arrays = {k: np.ascontiguousarray(B.to_numpy(p.data)) for k, p in params.items()}
+    config = lora_configs(model)[adapter_name].to_peft_dict()
+    return {WEIGHTS_NAME: st_save(arrays, metadata={"format": "pt"}),
+            CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")}
+
+
 def save_adapter(model: Module, directory: str, adapter_name: str = "default") -> dict[str, str]:
     """Write adapter ``adapter_name`` of ``model`` to ``directory``, whole or not at all.
 
     A directory already there is replaced only if it is an adapter save. Returns
     ``{"config": path, "weights": path}`` of the two files written.
     """
-    from safetensors.numpy import save as st_save
-
-    params = adapter_state_dict(model, adapter_name)
-    arrays = {k: np.ascontiguousarray(B.to_numpy(p.data)) for k, p in params.items()}
-    config = lora_configs(model)[adapter_name].to_peft_dict()
     with atomic_directory(directory, (CONFIG_NAME, WEIGHTS_NAME)) as stage:
-        stage.write_bytes(WEIGHTS_NAME, st_save(arrays, metadata={"format": "pt"}))
-        stage.write_json(CONFIG_NAME, config)
+        for name, data in adapter_files(model, adapter_name).items():
+            stage.write_bytes(name, data)
     return {"config": os.path.join(directory, CONFIG_NAME),
             "weights": os.path.join(directory, WEIGHTS_NAME)}
 

@@ -1,0 +1,194 @@
+"""What the command line's sub-commands share: argument types, the backend and BLAS set-up, the
+training flags, the training loop run with its progress and Ctrl-C message, and the summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Any, Callable
+
+from . import backend as B
+from . import cpu
+from .data import TASKS, TaskDataset, get_task
+from .errors import ConfigError, InvalidArgumentError, TrainingInterrupted
+from .train import TrainConfig, format_eval, train
+
+# the default model for the tasks: small enough to learn 3-digit addition in about a minute
+MODEL_DEFAULTS = {"n_layer": 3, "n_head": 4, "n_embd": 128, "dropout": 0.0}
+TRAIN_FIELDS = ("steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay", "grad_clip",
+                "eval_every", "eval_examples", "checkpoint_every", "seed", "shards")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "block_size")
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Select the backend and the BLAS thread count for a command."""
+    B.use_backend(args.backend)
+    threads = args.threads
+    if threads is None and not any(v in os.environ for v in ("OPENBLAS_NUM_THREADS",
+                                                             "OMP_NUM_THREADS")):
+        threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise InvalidArgumentError(f"--threads must be at least 1, got {threads}")
+        cpu.set_blas_threads(threads)
+
+
+def task_dataset(extra: dict, task_name: str | None = None) -> TaskDataset:
+    """The task (and held-out split) a checkpoint was trained on, or ``task_name`` instead."""
+    saved = extra.get("task")
+    if task_name is None and saved is None:
+        raise ConfigError("this checkpoint was not trained on a task; name one with --task "
+                          f"({', '.join(TASKS)})")
+    digits = saved["digits"] if saved else None
+    task = get_task(task_name or saved["name"], digits)
+    return TaskDataset(task, n_heldout=extra.get("n_heldout", 1000),
+                       split_seed=extra.get("split_seed", 1234))
+
+
+def run_training(args: argparse.Namespace, model: Any, data: Any, cfg: TrainConfig, out: str,
+                 resume: str | None = None, **options: Any) -> dict:
+    """The training loop with the CLI's progress, printing and Ctrl-C handling; ``options`` go on
+    to :func:`minilora.train.train`."""
+    try:
+        return train(model, data, cfg, out_dir=out, resume=resume, until=args.until,
+                     progress=not args.no_progress, callback=eval_printer(args),
+                     save_on_interrupt=not args.no_save_on_interrupt, **options)
+    except TrainingInterrupted as stop:
+        if stop.checkpoint is not None:
+            print(f"interrupted after step {stop.step} of {cfg.steps}; checkpoint saved in "
+                  f"{stop.checkpoint}. Resume with:\n  minilora {args.command} --resume "
+                  f"{stop.checkpoint}", file=sys.stderr, flush=True)
+        else:
+            print(f"interrupted after step {stop.step} of {cfg.steps}; nothing saved "
+                  f"(--no-save-on-interrupt)", file=sys.stderr, flush=True)
+        stop.reported = True
+        raise
+
+
+def eval_printer(args: argparse.Namespace) -> Callable[[int, dict], None] | None:
+    """Without a progress bar (which shows them itself), print each evaluation as a line."""
+    if not args.no_progress:
+        return None
+
+    def show(step: int, record: dict) -> None:
+        if "accuracy" in record or "val_loss" in record:
+            print(format_eval(record), flush=True)
+    return show
+
+
+def report(history: dict, data: Any, cfg: TrainConfig, out: str | None) -> None:
+    """Print the one-line summary of a finished run."""
+    steps = history["step"][-1] if history["step"] else history["start_step"]
+    final = history["eval"][-1] if history["eval"] else {}
+    line = f"done: {steps} steps in {history['seconds']:.1f} s"
+    if "accuracy" in final:
+        n = min(data.n_heldout, cfg.eval_examples)
+        line += (f"; held-out exact match {final['accuracy']:.1%} ({n} questions, at step "
+                 f"{final['step']})")
+    if "val_loss" in final:
+        line += f"; validation loss {final['val_loss']:.4f} (at step {final['step']})"
+    if out:
+        line += f"; checkpoint in {out}"
+    print(line, flush=True)
+
+
+# ------------------------------------------------------------------------- argument types
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: ``minilora train: error: ... (see --help)``."""
+
+    def error(self, message: str) -> Any:  # argparse's own prints the whole usage first
+        """Print one line naming the command and the problem, and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """The flags every command takes: --backend, --threads, --debug."""
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="array backend: numpy (CPU, default) or cupy (NVIDIA GPU)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="BLAS threads (default 1 unless OPENBLAS_NUM_THREADS or "
+                   "OMP_NUM_THREADS is set: the models here are small, and extra threads "
+                   "slow them down on a busy machine)")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full traceback instead of one line")
+
+
+
+
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the training loop (``train`` and ``finetune`` take the same), plus --until and
+    --no-save-on-interrupt; every value is typed, so nonsense is one line from the parser."""
+    p.add_argument("--until", type=count, default=None, metavar="STEP",
+                   help="stop after STEP steps as if interrupted (the learning-rate schedule "
+                   "still spans --steps); continue later with --resume")
+    p.add_argument("--no-save-on-interrupt", action="store_true",
+                   help="on Ctrl-C, stop without saving a checkpoint")
+    defaults = TrainConfig()
+    for name, typ, text in (
+            ("steps", positive_int, "optimiser steps"),
+            ("batch_size", positive_int, "sequences per step"),
+            ("lr", nonnegative_float, "peak learning rate"),
+            ("warmup", count, "linear warmup steps"),
+            ("min_lr", nonnegative_float, "learning rate at the end of the cosine"),
+            ("weight_decay", nonnegative_float, "AdamW weight decay (matrices only)"),
+            ("grad_clip", nonnegative_float, "clip the global gradient norm to this (0: off)"),
+            ("eval_every", positive_int, "evaluate every this many steps"),
+            ("eval_examples", positive_int, "held-out questions per evaluation"),
+            ("checkpoint_every", count, "also save every this many steps (0: only at the end)"),
+            ("seed", count, "random seed: same seed, same run"),
+            ("shards", positive_int, "cut each batch into this many shards that run side by "
+             "side on threads, one per core; the result depends on this number, not on the "
+             "cores")):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       metavar="X" if typ is nonnegative_float else "N",
+                       help=f"{text} (default {getattr(defaults, name)})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_out(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:
+    """--out DIR (``what`` it holds) and --overwrite: a save there is replaced only when asked."""
+    p.add_argument("--out", required=required, metavar="DIR", help=what)
+    p.add_argument("--overwrite", action="store_true", help="replace the save already in --out")

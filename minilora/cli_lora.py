@@ -1,0 +1,701 @@
+"""The LoRA workflow from the command line: finetune, merge, quantize, export, import, inspect,
+and the adapters that ``sample`` and ``eval`` put on a base.
+
+    minilora finetune --from runs/base --task nocarry --out runs/nocarry      # LoRA r=8 on q, v
+    minilora eval --checkpoint runs/base --adapter runs/nocarry
+    minilora merge --checkpoint runs/base --adapter runs/nocarry --out runs/merged
+    minilora quantize --checkpoint runs/base --out runs/base-nf4
+    minilora export --checkpoint runs/base --adapter runs/nocarry --to peft --out runs/peft
+    minilora inspect runs/nocarry
+
+A LoRA (or QLoRA) fine-tune directory is one save holding the adapter as ``save_adapter`` writes
+it (adapter_config.json + adapter_model.safetensors: minilora's module names on a minilora base,
+PEFT's GPT-2 names such as ``c_attn`` on a Hugging Face base, so ``PeftModel`` loads it) plus what
+resuming needs: the trained weights and optimizer state (model.safetensors holds only the
+adapter), checkpoint.json naming the base (its path and SHA-256), the method, the LoRA and
+quantization settings and the data. ``--full`` writes a whole checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from . import backend as B
+from . import interop, lora, quant
+from .checkpoint import FILES as CHECKPOINT_FILES
+from .checkpoint import MODEL_FILE, load_checkpoint, load_model, save_checkpoint
+from .cli_common import (
+    TRAIN_FIELDS,
+    add_common,
+    add_out,
+    add_training_flags,
+    fraction,
+    positive_int,
+    report,
+    run_training,
+    setup,
+    task_dataset,
+)
+from .data import TASKS, TaskDataset, TextDataset, get_task, task_tokenizer
+from .errors import CheckpointError, ConfigError
+from .fileio import check_destination, sha256_file, verify_manifest
+from .gpt import GPT
+from .lora_config import INITS
+from .lora_io import CONFIG_NAME, WEIGHTS_NAME, adapter_files
+from .train import TrainConfig, validation_loss
+
+# every linear layer of minilora's GPT but the output head (tied to wte): PEFT's "all-linear"
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj")
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+FINETUNE_FILES = CHECKPOINT_FILES + ADAPTER_FILES
+
+
+# ------------------------------------------------------------------------------------ bases
+
+def load_base(path: str) -> tuple[GPT, Any, dict]:
+    """``(model, tokenizer, info)`` of a base: a minilora checkpoint directory or a Hugging Face
+    GPT-2 directory (config.json + model.safetensors, its tokenizer from vocab.json + merges.txt
+    when they are there). ``info`` records where it came from, for a fine-tune to name it."""
+    where = Path(path)
+    if (where / "checkpoint.json").is_file() or not (where / "config.json").is_file():
+        model, ck = load_model(path)
+        info = {"base": str(where.resolve()), "base_kind": "minilora",
+                "base_sha256": sha256_file(ck.directory / MODEL_FILE), "base_extra": ck.extra}
+        return model, ck.tokenizer or task_tokenizer(), info
+    model = interop.gpt_from_hf(path)
+    model.eval()
+    tokenizer = None
+    if (where / "vocab.json").is_file() and (where / "merges.txt").is_file():
+        from .bpe import GPT2BPETokenizer
+
+        tokenizer = GPT2BPETokenizer.from_dir(path)
+    info = {"base": str(where.resolve()), "base_kind": "hf",
+            "base_sha256": sha256_file(where / "model.safetensors"), "base_extra": {}}
+    return model, tokenizer, info
+
+
+def _check_base_unchanged(info: dict, who: str) -> None:
+    weights = Path(info["base"]) / (MODEL_FILE if info["base_kind"] == "minilora"
+                                    else "model.safetensors")
+    if not weights.is_file():
+        raise CheckpointError(f"{who}: the base {info['base']!r} this fine-tune was made from is "
+                              f"missing")
+    if sha256_file(weights) != info["base_sha256"]:
+        raise CheckpointError(f"{who}: the base {info['base']!r} changed since this fine-tune was "
+                              f"made (its weights' SHA-256 differs); the adapter belongs to the "
+                              f"old one")
+
+
+# ------------------------------------------------------------------------------------- data
+
+def _dataset(args: argparse.Namespace, tokenizer: Any, model: GPT, info: dict) -> Any:
+    """The fine-tuning data: --task, --text or --data, tokenized as the base is."""
+    given = [f for f in ("task", "text", "data") if getattr(args, f) is not None]
+    if len(given) != 1:
+        raise ConfigError(f"{args.command}: give the data as exactly one of --task NAME, --text "
+                          f"FILE or --data FILE.jsonl (got {len(given)})")
+    block = model.config.block_size
+    if args.task is not None:
+        if tokenizer != task_tokenizer():
+            raise ConfigError(f"{args.command} --task: the base's tokenizer is not the tasks' "
+                              f"one; fine-tune it on --text or --data instead")
+        saved = info["base_extra"].get("task") or {}
+        data = TaskDataset(get_task(args.task, args.digits or saved.get("digits")),
+                           n_heldout=info["base_extra"].get("n_heldout", 1000))
+    elif tokenizer is None:
+        raise ConfigError(f"{args.command}: the base {info['base']!r} has no tokenizer "
+                          f"(vocab.json and merges.txt are missing), so text cannot be encoded")
+    elif args.text is not None:
+        data = TextDataset.from_file(args.text, tokenizer=tokenizer,
+                                     block_size=min(block, args.block_size or block))
+    else:
+        from .jsonl import JsonlDataset
+
+        data = JsonlDataset.from_file(args.data, tokenizer, block_size=block)
+    if data.block_size > block:
+        raise ConfigError(f"{args.command}: the data needs a context of {data.block_size} "
+                          f"tokens, the base has {block}")
+    return data
+
+
+def _dataset_from_record(record: dict, tokenizer: Any, who: str) -> Any:
+    """Rebuild the data a fine-tune recorded (the same file, byte for byte)."""
+    if "task" in record:
+        return task_dataset(record)
+    kind = "text" if "text" in record else "jsonl"
+    saved = record.get(kind) or {}
+    path = saved.get("path")
+    if not path or not Path(path).is_file():
+        raise ConfigError(f"{who}: the {kind} file {path!r} this run was trained on is missing")
+    if saved.get("sha256") and sha256_file(path) != saved["sha256"]:
+        raise ConfigError(f"{who}: the {kind} file {path!r} changed since the run was saved")
+    if kind == "text":
+        return TextDataset.from_file(path, tokenizer=tokenizer, block_size=saved["block_size"])
+    from .jsonl import JsonlDataset
+
+    return JsonlDataset.from_file(path, tokenizer, block_size=saved["block_size"],
+                                  n_heldout=saved.get("n_heldout"))
+
+
+# ---------------------------------------------------------------------------------- finetune
+
+def _lora_config(args: argparse.Namespace) -> lora.LoraConfig:
+    targets = ALL_LINEAR if args.target == "all-linear" else \
+        tuple(t.strip() for t in args.target.split(",") if t.strip())
+    if not targets:
+        raise ConfigError(f"--target must name modules (e.g. q_proj,v_proj) or be all-linear, "
+                          f"got {args.target!r}")
+    return lora.LoraConfig(r=args.r, alpha=args.alpha if args.alpha is not None else 2 * args.r,
+                           dropout=args.lora_dropout, target_modules=targets,
+                           use_rslora=args.rslora, use_dora=args.dora, init=args.init)
+
+
+def _prepare(model: GPT, info: dict, method: str, config: lora.LoraConfig | None,
+             quant_cfg: dict | None, name: str) -> None:
+    """Quantize the base (QLoRA) and inject the adapter (LoRA, QLoRA), in place."""
+    if method == "qlora":
+        quant.quantize_model(model, **quant_cfg)
+    if method != "full":
+        lora.inject_lora(model, config, adapter_name=name)
+        if info["base_kind"] == "hf":
+            interop.peft_adapter_files(model, name)  # refuses what PEFT's GPT-2 cannot hold
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+def _adapter_bytes(model: GPT, info: dict, name: str) -> Any:
+    if info["base_kind"] == "hf":
+        return lambda: interop.peft_adapter_files(model, name)
+    return lambda: adapter_files(model, name)
+
+
+def _print_trainable(model: GPT, method: str, name: str) -> None:
+    trainable, total = lora.count_parameters(model)
+    if method == "full":
+        print(f"full fine-tuning: all {total:,} parameters train", flush=True)
+        return
+    rows = lora.lora_parameter_table(model, name)
+    adapted, full = sum(r["lora"] for r in rows), sum(r["full"] for r in rows)
+    r = rows[0]
+    print(f"{method}: adapter {name!r} on {len(rows)} layers; r(n+k) = {r['r']}({r['n']}+"
+          f"{r['k']}) = {r['lora']:,} per layer against n k = {r['full']:,}; {adapted:,} "
+          f"trainable against {full:,} in those layers ({adapted / full:.2%}); {trainable:,} of "
+          f"{total:,} parameters train ({trainable / total:.2%})", flush=True)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    setup(args)
+    if args.resume:
+        return _finetune_resume(args)
+    if args.source is None:
+        raise ConfigError("finetune: name the base with --from DIR (a minilora checkpoint or a "
+                          "Hugging Face GPT-2 directory), or continue a run with --resume DIR")
+    if args.out is None:
+        raise ConfigError("finetune: name the output directory with --out DIR")
+    method = args.method or "lora"
+    names = CHECKPOINT_FILES if method == "full" else FINETUNE_FILES
+    check_destination(args.out, overwrite=args.overwrite, names=names, what="--out")
+    given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
+    cfg = TrainConfig(**given)
+    B.manual_seed(cfg.seed)
+    model, tokenizer, info = load_base(args.source)
+    data = _dataset(args, tokenizer, model, info)
+    config = _lora_config(args) if method != "full" else None
+    quant_cfg = {"quant_type": args.quant_type, "blocksize": args.quant_blocksize,
+                 "double_quant": not args.no_double_quant} if method == "qlora" else None
+    _prepare(model, info, method, config, quant_cfg, args.adapter_name)
+    _print_trainable(model, method, args.adapter_name)
+    record = {"method": method, "adapter_name": args.adapter_name, "quant": quant_cfg,
+              "lora": dataclasses.asdict(config) if config is not None else None,
+              **{k: v for k, v in info.items() if k != "base_extra"}}
+    return _finetune_run(args, model, data, cfg, tokenizer, record, resume=None)
+
+
+def _finetune_run(args: argparse.Namespace, model: GPT, data: Any, cfg: TrainConfig,
+                  tokenizer: Any, record: dict, resume: str | None) -> int:
+    from .train import data_description
+
+    method, name = record["method"], record["adapter_name"]
+    extra = {**data_description(data), "finetune": record}
+    options: dict[str, Any] = {"tokenizer": tokenizer, "model_config": model.config,
+                               "extra": extra}
+    if method != "full":
+        options.update(checkpoint_weights="trainable",
+                       checkpoint_files=_adapter_bytes(model, record, name))
+    print(f"fine-tuning ({method}) on {_describe_data(data)} for {cfg.steps} steps; writing "
+          f"{args.out}", flush=True)
+    history = run_training(args, model, data, cfg, args.out, resume=resume, **options)
+    report(history, data, cfg, args.out)
+    return 0
+
+
+def _describe_data(data: Any) -> str:
+    if isinstance(data, TaskDataset):
+        return f"task {data.task.name!r}"
+    return f"{'text' if isinstance(data, TextDataset) else 'JSONL'} file {data.path!r}"
+
+
+def _finetune_resume(args: argparse.Namespace) -> int:
+    ck = load_checkpoint(args.resume)
+    record = ck.extra.get("finetune")
+    if not isinstance(record, dict) or ck.train_config is None:
+        raise ConfigError(f"finetune --resume: {args.resume!r} is not a fine-tune (no finetune "
+                          f"record); a training run resumes with `minilora train --resume`")
+    _check_base_unchanged(record, "finetune --resume")
+    model, tokenizer, info = load_base(record["base"])
+    config = lora.LoraConfig(**{**record["lora"], "target_modules": tuple(
+        record["lora"]["target_modules"])}) if record.get("lora") else None
+    _prepare(model, {**info, **record}, record["method"], config, record.get("quant"),
+             record["adapter_name"])
+    data = _dataset_from_record(ck.extra, tokenizer, "finetune --resume")
+    cfg = TrainConfig.from_dict(ck.train_config)
+    if args.steps is not None and args.steps != cfg.steps:
+        cfg = cfg.extended(args.steps, args.lr, args.min_lr)
+    args.out = args.out or args.resume
+    if Path(args.out).resolve() != Path(args.resume).resolve():
+        names = CHECKPOINT_FILES if record["method"] == "full" else FINETUNE_FILES
+        check_destination(args.out, overwrite=args.overwrite, names=names, what="--out")
+    print(f"resuming {args.resume!r} at step {ck.step} of {cfg.steps}", flush=True)
+    return _finetune_run(args, model, data, cfg, tokenizer, record, resume=args.resume)
+
+
+# ------------------------------------------------------------------- adapters on sample/eval
+
+def adapter_record(directory: str) -> dict:
+    """What a fine-tune directory says about its adapter (name, method, quantization, data), or
+    a plain adapter directory's defaults (its folder name as the adapter's name)."""
+    meta = Path(directory) / "checkpoint.json"
+    if meta.is_file():
+        ck = load_checkpoint(directory)
+        record = ck.extra.get("finetune") or {}
+        if record.get("method") == "full":
+            raise ConfigError(f"--adapter {directory!r} is a full fine-tune (a whole model), not "
+                              f"an adapter: pass it as --checkpoint")
+        return {**record, "data": {k: v for k, v in ck.extra.items() if k != "finetune"}}
+    name = re.sub(r"[^A-Za-z0-9_]", "_", Path(directory).resolve().name) or "adapter"
+    return {"adapter_name": name, "quant": None, "data": {}}
+
+
+def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
+    """Load every ``--adapter DIR`` into ``model`` and activate ``--use NAME`` (default: the
+    first); returns the active adapter's record, or None for the bare base (no adapter, or
+    ``--no-adapter``). QLoRA adapters quantize the base first, as they were trained on it."""
+    dirs = args.adapter or []
+    if args.no_adapter or not dirs:
+        if args.use:
+            raise ConfigError(f"--use {args.use!r} needs the adapter it names (--adapter DIR)")
+        return None
+    records = [adapter_record(d) for d in dirs]
+    names = [r["adapter_name"] for r in records]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--adapter: two adapters are named alike ({names}); rename a folder")
+    quants = {repr(r.get("quant")) for r in records if r.get("quant")}
+    if len(quants) > 1:
+        raise ConfigError("--adapter: the QLoRA adapters were trained on bases quantized "
+                          "differently; load them one at a time")
+    quant_cfg = next((r["quant"] for r in records if r.get("quant")), None)
+    if quant_cfg is not None:
+        quant.quantize_model(model, **quant_cfg)
+    for directory, name in zip(dirs, names):
+        from .tensorfile import read_header
+
+        keys, _ = read_header(Path(directory) / WEIGHTS_NAME, "--adapter")
+        if interop.is_peft_gpt2(keys):
+            interop.import_peft(model, directory, name)
+        else:
+            lora.load_adapter(model, directory, name)
+    use = args.use or names[0]
+    if use not in names:
+        raise ConfigError(f"--use {use!r}: the loaded adapters are {names}")
+    lora.set_adapter(model, use)
+    model.eval()
+    return records[names.index(use)]
+
+
+def add_adapter_flags(p: argparse.ArgumentParser) -> None:
+    """--adapter DIR (repeatable), --use NAME and --no-adapter, for sample and eval."""
+    p.add_argument("--adapter", action="append", metavar="DIR",
+                   help="an adapter (a fine-tune directory, or adapter files from save_adapter "
+                   "or PEFT) to put on the base; repeat it to load several")
+    p.add_argument("--use", metavar="NAME", help="which loaded adapter is active (default: the "
+                   "first); a fine-tune's name is its --adapter-name, a plain folder's its name")
+    p.add_argument("--no-adapter", action="store_true", help="the bare base, no adapter")
+
+
+# ------------------------------------------------------------------------------------ merge
+
+def _weight_error(before: dict[str, Any], model: GPT) -> dict:
+    """max and mean |W_float - W_4bit| over the layers that were quantized."""
+    diffs = []
+    for path, layer in model.named_modules():
+        if isinstance(layer, quant.QuantLinear) and path in before:
+            diffs.append(B.xp.abs(layer.dequantized_weight() - before[path]).reshape(-1))
+    if not diffs:
+        return {"max": 0.0, "mean": 0.0}
+    d = B.xp.concatenate(diffs)
+    return {"max": float(d.max()), "mean": float(d.mean())}
+
+
+def _float_weights(model: GPT) -> dict[str, Any]:
+    from .nn import Linear
+
+    return {path: m.weight.data.copy() for path, m in model.named_modules()
+            if isinstance(m, Linear) and path}
+
+
+def _dequantize_lora_bases(model: GPT) -> None:
+    """QuantLinear bases under LoRA layers back to float Linears (deq(Q)): a QLoRA adapter learned
+    on top of deq(Q), so that is the base it merges into exactly."""
+    for _, layer in lora.lora_layers(model):
+        if layer.is_quantized:
+            layer.base_layer = layer.base_layer.to_linear()
+
+
+def _answers_changed(before: GPT, after: GPT, data: Any) -> str:
+    """How a 4-bit merge changes what the model says: the share of held-out answers that change
+    (task, JSONL) or the change of validation loss (text)."""
+    if isinstance(data, TaskDataset):
+        from .train import greedy_answers
+
+        prompts, answers = data.heldout(min(500, data.n_heldout))
+        a = greedy_answers(before, prompts, answers.shape[1])
+        b = greedy_answers(after, prompts, answers.shape[1])
+        return f"{(a != b).any(axis=1).mean():.1%} of {len(prompts)} held-out answers change"
+    if isinstance(data, TextDataset):
+        la, lb = validation_loss(before, data, 16), validation_loss(after, data, 16)
+        return f"validation loss {la:.4f} -> {lb:.4f} ({lb - la:+.4f})"
+    return ""
+
+
+def _merge(args: argparse.Namespace) -> int:
+    setup(args)
+    check_destination(args.out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
+    model, ck = load_model(args.checkpoint)
+    args.no_adapter, args.use = False, args.use
+    record = attach_adapters(model, args)
+    _dequantize_lora_bases(model)
+    lora.merge_and_unload(model)
+    into = args.into
+    print(f"merged adapter {record['adapter_name']!r} into {args.checkpoint!r}", flush=True)
+    extra = {**ck.extra, "merged": {"adapter": [str(Path(a).resolve()) for a in args.adapter],
+                                    "into": into}}
+    if into != "float32":
+        before = _float_weights(model)
+        merged_float = _copy(model)
+        quant.quantize_model(model, quant_type=into, blocksize=args.quant_blocksize,
+                             double_quant=not args.no_double_quant)
+        err = _weight_error(before, model)
+        data = _data_of(record, ck, model)
+        changed = _answers_changed(merged_float, model, data) if data is not None else ""
+        print(f"merging into {into} re-quantizes W + s B A: |delta W| lost max {err['max']:.4g}, "
+              f"mean {err['mean']:.4g}{'; ' + changed if changed else ''}", flush=True)
+        extra["merged"]["error"] = err
+    save_checkpoint(args.out, model, model_config=model.config, tokenizer=ck.tokenizer,
+                    extra=extra)
+    print(f"merged checkpoint in {args.out}", flush=True)
+    return 0
+
+
+def _copy(model: GPT) -> GPT:
+    twin = GPT(model.config)
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    return twin
+
+
+def _data_of(record: dict, ck: Any, model: GPT) -> Any:
+    """The data the adapter (or else the base) was trained on, to measure a merge on."""
+    for extra in (record.get("data") or {}, ck.extra):
+        try:
+            if "task" in extra:
+                return task_dataset(extra)
+            if "text" in extra:
+                return _dataset_from_record(extra, ck.tokenizer, "merge")
+        except (ConfigError, CheckpointError):
+            continue
+    return None
+
+
+# --------------------------------------------------------------------------------- quantize
+
+def _quantize(args: argparse.Namespace) -> int:
+    setup(args)
+    check_destination(args.out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
+    model, ck = load_model(args.checkpoint)
+    before = _float_weights(model)
+    quant.quantize_model(model, quant_type=args.quant_type, blocksize=args.quant_blocksize,
+                         double_quant=not args.no_double_quant)
+    err = _weight_error(before, model)
+    save_checkpoint(args.out, model, model_config=model.config, tokenizer=ck.tokenizer,
+                    extra={**ck.extra, "quantized": {"quant_type": args.quant_type,
+                                                     "blocksize": args.quant_blocksize,
+                                                     "double_quant": not args.no_double_quant}})
+    bits = quant.bits_per_parameter(args.quant_blocksize, not args.no_double_quant)
+    size, old = _dir_bytes(args.out), _dir_bytes(args.checkpoint)
+    dq = "off" if args.no_double_quant else "on"
+    print(f"quantized {len(before)} linear layers to {args.quant_type} (blocksize "
+          f"{args.quant_blocksize}, double quantization {dq}): {bits:.3f} bits per weight; "
+          f"{size:,} bytes on disk (was {old:,}); |W - deq(Q(W))| max {err['max']:.4g}, mean "
+          f"{err['mean']:.4g}; checkpoint in {args.out}", flush=True)
+    return 0
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+# --------------------------------------------------------------------------- export, import
+
+def _export(args: argparse.Namespace) -> int:
+    setup(args)
+    if args.to == "peft" and not args.adapter:
+        raise ConfigError("export --to peft writes an adapter: name it with --adapter DIR")
+    names = ("config.json", "model.safetensors") if args.to == "hf" else ADAPTER_FILES
+    check_destination(args.out, overwrite=args.overwrite, names=names, what="--out")
+    model, _ = load_model(args.checkpoint)
+    args.no_adapter = False
+    record = attach_adapters(model, args)
+    if args.to == "peft":
+        interop.export_peft(model, args.out, record["adapter_name"])
+        print(f"PEFT adapter for Hugging Face GPT-2 in {args.out} (load it with "
+              f"PeftModel.from_pretrained on `minilora export --to hf` of the base)", flush=True)
+        return 0
+    if record is not None:
+        _dequantize_lora_bases(model)
+        lora.merge_and_unload(model)
+    interop.gpt_to_hf(model, args.out)
+    print(f"Hugging Face GPT-2 in {args.out}{' (adapter merged)' if record else ''} "
+          f"(GPT2LMHeadModel.from_pretrained loads it)", flush=True)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    setup(args)
+    check_destination(args.out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
+    model, tokenizer, info = load_base(args.hf)
+    save_checkpoint(args.out, model, model_config=model.config, tokenizer=tokenizer,
+                    extra={"imported": {k: v for k, v in info.items() if k != "base_extra"}})
+    print(f"imported {args.hf!r} ({model.num_parameters():,} parameters"
+          f"{', with its BPE tokenizer' if tokenizer is not None else ', no tokenizer'}) into "
+          f"{args.out}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- inspect
+
+def inspect_rows(path: str) -> list[tuple[str, str]]:
+    """``(field, value)`` rows describing a checkpoint, fine-tune, adapter or HF directory."""
+    where = Path(path)
+    if not where.is_dir():
+        raise CheckpointError(f"inspect: {path!r} is not a directory")
+    rows = []
+    try:
+        status = "verified" if verify_manifest(where, "inspect", warn=False) else "none (unchecked)"
+    except CheckpointError as exc:
+        status = f"MISMATCH: {exc}"
+    size = _dir_bytes(path)
+    if (where / "checkpoint.json").is_file():
+        ck = load_checkpoint(path)
+        record = ck.extra.get("finetune")
+        kind = "LoRA fine-tune" if ck.partial else "checkpoint"
+        if record:
+            kind = f"{record['method']} fine-tune of {record['base']}"
+        if "quantized" in ck.extra or any(k.endswith(".absmax") for k in ck.weights):
+            kind += " (4-bit)"
+        rows += [("kind", kind), ("step", str(ck.step)), ("model", _config_text(ck.model_config))]
+        if ck.partial:
+            rows += _adapter_rows(path)
+        else:
+            model, _ = load_model(path)
+            trainable, total = lora.count_parameters(model)
+            rows.append(("parameters", f"{total:,}"))
+            held = sum(int(v.nbytes) for v in ck.weights.values())
+            rows.append(("bits per parameter", f"{8 * held / max(total, 1):.3f}"))
+        for key in ("task", "text", "jsonl"):
+            if key in ck.extra:
+                rows.append(("data", f"{key}: {_short(ck.extra[key])}"))
+    elif (where / CONFIG_NAME).is_file():
+        rows += [("kind", "adapter")] + _adapter_rows(path)
+    elif (where / "config.json").is_file():
+        model = interop.gpt_from_hf(path)
+        rows += [("kind", "Hugging Face GPT-2"), ("model", _config_text(model.config.to_dict())),
+                 ("parameters", f"{model.num_parameters():,}")]
+    else:
+        raise CheckpointError(f"inspect: {path!r} holds neither a checkpoint, an adapter nor a "
+                              f"Hugging Face model")
+    rows += [("size on disk", f"{size:,} bytes"), ("manifest", status)]
+    return rows
+
+
+def _adapter_rows(path: str) -> list[tuple[str, str]]:
+    from .tensorfile import read_header, read_json
+
+    config = read_json(Path(path) / CONFIG_NAME, "inspect")
+    infos, _ = read_header(Path(path) / WEIGHTS_NAME, "inspect")
+    numbers = sum(math.prod(i.shape) for i in infos.values())
+    layers = sorted({k.rsplit(".lora_", 1)[0] for k in infos if ".lora_A." in k})
+    a = next((i for k, i in infos.items() if ".lora_A." in k), None)
+    b = next((i for k, i in infos.items() if ".lora_B." in k), None)
+    per_layer = ""
+    if a is not None and b is not None:
+        r, k, n = a.shape[0], a.shape[1], b.shape[0]
+        per_layer = f"; r(n+k) = {r}({n}+{k}) = {r * (n + k):,} per layer against n k = {n * k:,}"
+    return [("adapter", f"r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, "
+                        f"targets {config.get('target_modules')}"),
+            ("parameters", f"{numbers:,} trainable in {len(layers)} layers{per_layer}")]
+
+
+def _config_text(config: dict | None) -> str:
+    if not config:
+        return "-"
+    return ", ".join(f"{k}={config[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                  "vocab_size") if k in config)
+
+
+def _short(value: Any) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in value.items() if k != "sha256") \
+        if isinstance(value, dict) else str(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    rows = inspect_rows(args.path)
+    width = max(len(k) for k, _ in rows)
+    print(f"{args.path}")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- parser
+
+def _quant_flags(p: argparse.ArgumentParser, into: bool = False) -> None:
+    if not into:
+        p.add_argument("--quant-type", choices=quant.QUANT_TYPES, default="nf4",
+                       help="the 4-bit code (default nf4, QLoRA's)")
+    p.add_argument("--quant-blocksize", type=positive_int, default=64, metavar="N",
+                   help="elements per absmax block (default 64; not the context's --block-size)")
+    p.add_argument("--no-double-quant", action="store_true",
+                   help="keep the absmax values in float32 (default: 8-bit, as QLoRA)")
+
+
+def add_parsers(sub: Any, fmt: Any) -> None:
+    """The workflow's sub-commands on the ``minilora`` parser."""
+    f = sub.add_parser("finetune", formatter_class=fmt, help="LoRA, QLoRA or full fine-tuning of "
+                       "a base on a task, a text or prompt/completion pairs",
+                       description="Fine-tune a base (a minilora checkpoint or a Hugging Face "
+                       "GPT-2 directory) and save the adapter.\n\n"
+                       "  minilora finetune --from runs/base --task nocarry --out runs/nocarry\n"
+                       "  minilora finetune --from runs/base --task nocarry --qlora --out "
+                       "runs/nocarry-q\n"
+                       "  minilora finetune --from runs/story --text more.txt --target all-linear "
+                       "--r 16 --out runs/more\n"
+                       "  minilora finetune --from gpt2-dir --data pairs.jsonl --out runs/pairs\n"
+                       "  minilora finetune --resume runs/nocarry       # continue it exactly")
+    f.add_argument("--from", dest="source", metavar="DIR", help="the base: a minilora checkpoint "
+                   "or a Hugging Face GPT-2 directory (config.json + model.safetensors)")
+    add_out(f, "where the fine-tune is written", required=False)
+    f.add_argument("--resume", metavar="DIR", help="continue the fine-tune saved in DIR")
+    f.add_argument("--task", metavar="NAME", help=f"a task: {', '.join(TASKS)}")
+    f.add_argument("--digits", type=positive_int, default=None, metavar="K",
+                   help="digits per operand of --task (default: the base's)")
+    f.add_argument("--text", metavar="FILE", help="a UTF-8 text file (next-token loss)")
+    f.add_argument("--data", metavar="FILE", help="a JSONL file of {\"prompt\", \"completion\"} "
+                   "lines (loss on the completions only)")
+    f.add_argument("--block-size", dest="block_size", type=positive_int, default=None,
+                   metavar="N", help="context for --text (default and at most: the base's)")
+    for flag, method, text in (("--lora", "lora", "LoRA on the frozen base (default)"),
+                               ("--qlora", "qlora", "LoRA on a 4-bit quantized base"),
+                               ("--full", "full", "train every weight")):
+        f.add_argument(flag, dest="method", action="store_const", const=method, help=text)
+    f.add_argument("--r", type=positive_int, default=8, metavar="R", help="LoRA rank (default 8)")
+    f.add_argument("--alpha", type=float, default=None, metavar="X",
+                   help="LoRA alpha; scaling = alpha / r (default 2 r)")
+    f.add_argument("--lora-dropout", type=fraction, default=0.0, metavar="X",
+                   help="dropout on the adapter's input (default 0)")
+    f.add_argument("--target", default="q_proj,v_proj", metavar="NAMES",
+                   help="comma list of module names, or all-linear (every linear layer but the "
+                   "output head); default q_proj,v_proj as the LoRA paper")
+    f.add_argument("--rslora", action="store_true", help="scaling alpha / sqrt(r) (rsLoRA)")
+    f.add_argument("--dora", action="store_true", help="DoRA: a learned magnitude per output")
+    f.add_argument("--init", choices=INITS, default="kaiming",
+                   help="adapter init: kaiming (B = 0, default), gaussian or pissa")
+    f.add_argument("--adapter-name", default="default", metavar="NAME",
+                   help="the adapter's name (default 'default')")
+    _quant_flags(f)
+    add_training_flags(f)
+    add_common(f)
+    f.set_defaults(func=_finetune)
+
+    m = sub.add_parser("merge", formatter_class=fmt, help="fold an adapter into its base",
+                       description="Merge an adapter into its base: W' = W + s B A, a checkpoint "
+                       "that sample and eval read and that runs at the base's cost. --into a "
+                       "4-bit type re-quantizes W' and prints the error that adds.\n\n"
+                       "  minilora merge --checkpoint runs/base --adapter runs/nocarry --out "
+                       "runs/merged\n"
+                       "  minilora merge --checkpoint runs/base --adapter runs/nocarry --into nf4 "
+                       "--out runs/merged-nf4")
+    m.add_argument("--checkpoint", required=True, metavar="DIR", help="the base")
+    m.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                   help="the adapter to merge")
+    m.add_argument("--use", metavar="NAME", help="with several --adapter: which one to merge")
+    m.add_argument("--into", choices=("float32", *quant.QUANT_TYPES), default="float32",
+                   help="keep the merged weights in float32 (default) or re-quantize them")
+    add_out(m, "the merged checkpoint")
+    _quant_flags(m, into=True)
+    add_common(m)
+    m.set_defaults(func=_merge)
+
+    q = sub.add_parser("quantize", formatter_class=fmt, help="a 4-bit copy of a checkpoint",
+                       description="Quantize every linear layer of a checkpoint to 4 bits "
+                       "(blockwise absmax, NF4 by default, double quantization on) and save it; "
+                       "it loads back as QuantLinear layers without re-quantizing.\n\n"
+                       "  minilora quantize --checkpoint runs/base --out runs/base-nf4")
+    q.add_argument("--checkpoint", required=True, metavar="DIR", help="the float checkpoint")
+    add_out(q, "the 4-bit checkpoint")
+    _quant_flags(q)
+    add_common(q)
+    q.set_defaults(func=_quantize)
+
+    e = sub.add_parser("export", formatter_class=fmt, help="to Hugging Face GPT-2 or PEFT files",
+                       description="Write a checkpoint as a Hugging Face GPT-2 directory (--to "
+                       "hf; with --adapter, merged) or an adapter as a PEFT LoRA adapter for it "
+                       "(--to peft).\n\n"
+                       "  minilora export --checkpoint runs/base --to hf --out hf/base\n"
+                       "  minilora export --checkpoint runs/base --adapter runs/nocarry --to peft "
+                       "--out hf/nocarry")
+    e.add_argument("--checkpoint", required=True, metavar="DIR", help="the base checkpoint")
+    add_adapter_flags(e)
+    e.add_argument("--to", required=True, choices=("hf", "peft"), help="the format")
+    add_out(e, "where the files go")
+    add_common(e)
+    e.set_defaults(func=_export)
+
+    i = sub.add_parser("import", formatter_class=fmt, help="a Hugging Face GPT-2 as a checkpoint",
+                       description="Read a Hugging Face GPT-2 directory (config.json + "
+                       "model.safetensors, and its tokenizer from vocab.json + merges.txt) into "
+                       "a minilora checkpoint.\n\n"
+                       "  minilora import --hf gpt2-dir --out runs/gpt2")
+    i.add_argument("--hf", required=True, metavar="DIR", help="the Hugging Face directory")
+    add_out(i, "the checkpoint to write")
+    add_common(i)
+    i.set_defaults(func=_import)
+
+    s = sub.add_parser("inspect", formatter_class=fmt, help="what a directory holds",
+                       description="Show what a checkpoint, fine-tune, adapter or Hugging Face "
+                       "directory holds: its kind, config, parameters (for an adapter r(n+k) per "
+                       "layer), size on disk, bits per parameter and whether its manifest checks "
+                       "out.\n\n  minilora inspect runs/nocarry")
+    s.add_argument("path", metavar="PATH", help="the directory")
+    add_common(s)
+    s.set_defaults(func=_inspect)
+
+
+__all__ = ["add_parsers", "add_adapter_flags", "attach_adapters", "adapter_record", "load_base",
+           "inspect_rows", "ALL_LINEAR"]
