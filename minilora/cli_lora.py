@@ -25,6 +25,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import backend as B
 from . import interop, lora, quant
 from .checkpoint import FILES as CHECKPOINT_FILES
@@ -370,7 +372,12 @@ def _answers_changed(before: GPT, after: GPT, data: Any) -> str:
     if isinstance(data, TextDataset):
         la, lb = validation_loss(before, data, 16), validation_loss(after, data, 16)
         return f"validation loss {la:.4f} -> {lb:.4f} ({lb - la:+.4f})"
-    return ""
+    from .jsonl import greedy_completions
+
+    n = min(500, data.n_heldout)
+    a, b = greedy_completions(before, data, n), greedy_completions(after, data, n)
+    changed = np.mean([not np.array_equal(x, y) for x, y in zip(a, b)])
+    return f"{changed:.1%} of {n} held-out completions change"
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -415,7 +422,7 @@ def _data_of(record: dict, ck: Any, model: GPT) -> Any:
         try:
             if "task" in extra:
                 return task_dataset(extra)
-            if "text" in extra:
+            if "text" in extra or "jsonl" in extra:
                 return _dataset_from_record(extra, ck.tokenizer, "merge")
         except (ConfigError, CheckpointError):
             continue

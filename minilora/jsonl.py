@@ -335,15 +335,13 @@ class JsonlDataset:
                 f"block_size={self.block_size})")
 
 
-def exact_match(model: Any, data: JsonlDataset, n: int | None = None,
-                batch_size: int = 1000) -> float:
-    """Share of the first ``n`` held-out examples (all by default) whose greedy completion equals
-    the true one exactly, its end-of-text included.
+def greedy_completions(model: Any, data: JsonlDataset, n: int | None = None,
+                       batch_size: int = 1000) -> list[np.ndarray]:
+    """The greedy answers to the first ``n`` held-out prompts: for example i, the first
+    len(completion_i) generated tokens (its end-of-text included when the model stops there).
 
     Prompts of the same length go through ``model.generate(prompts, k, temperature=0)`` together
-    (up to ``batch_size`` rows at a time), k the longest completion among them. Row i's answer
-    is its first len(completion_i) generated tokens: the example counts when they equal the
-    completion, so the model must stop (emit end-of-text) exactly where the completion does.
+    (up to ``batch_size`` rows at a time), k the longest completion among them.
     """
     if not _is_int(batch_size) or batch_size < 1:
         raise InvalidArgumentError(f"exact_match: batch_size must be a positive int, got "
@@ -356,22 +354,28 @@ def exact_match(model: Any, data: JsonlDataset, n: int | None = None,
         raise InvalidArgumentError(f"exact_match: the data needs block_size {data.block_size}, "
                                    f"the model has {block}")
     p_lens = np.array([len(p) for p in prompts])
-    correct = 0
+    answers: list[np.ndarray] = [np.zeros(0, np.int64)] * len(prompts)
     for length in np.unique(p_lens).tolist():
         group = np.flatnonzero(p_lens == length)
         for start in range(0, len(group), batch_size):
             rows = group[start:start + batch_size].tolist()
-            c_lens = np.array([len(completions[i]) for i in rows])  # (b,)
-            k = int(c_lens.max())
-            want = np.full((len(rows), k), -1, np.int64)  # -1: past this row's completion
-            for r, i in enumerate(rows):
-                want[r, :c_lens[r]] = completions[i]
+            k = max(len(completions[i]) for i in rows)
             out = model.generate(np.stack([prompts[i] for i in rows]), k, temperature=0.0)
             got = B.to_numpy(out)[:, length:]  # (b, k)
-            beyond = np.arange(k) >= c_lens[:, None]  # tokens after the eot are not judged
-            correct += int(((got == want) | beyond).all(axis=1).sum())
-    return correct / len(prompts)
+            for r, i in enumerate(rows):
+                answers[i] = got[r, :len(completions[i])]
+    return answers
 
 
-__all__ = ["KEYS", "JsonlDataset", "exact_match", "parse_jsonl", "check_record",
-           "default_n_heldout"]
+def exact_match(model: Any, data: JsonlDataset, n: int | None = None,
+                batch_size: int = 1000) -> float:
+    """Share of the first ``n`` held-out examples (all by default) whose greedy completion equals
+    the true one exactly, its end-of-text included: the model must stop where the completion
+    does (tokens after that are not judged). See :func:`greedy_completions`."""
+    got = greedy_completions(model, data, n, batch_size)
+    _, completions = data.heldout(n)
+    return sum(np.array_equal(g, c) for g, c in zip(got, completions)) / len(completions)
+
+
+__all__ = ["KEYS", "JsonlDataset", "exact_match", "greedy_completions", "parse_jsonl",
+           "check_record", "default_n_heldout"]

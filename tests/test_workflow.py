@@ -182,3 +182,18 @@ def test_a_byte_base_adapts_to_a_text_with_new_characters_and_to_jsonl(tmp_path)
     sampled = _ok("sample", "--checkpoint", base, "--adapter", tmp_path / "rev", "--prompt",
                   "rev ab=", "--max-new-tokens", "5")
     assert sampled.startswith("rev ab=")  # greedy, and cut at the end-of-text token
+    said = _ok("merge", "--checkpoint", base, "--adapter", tmp_path / "rev", "--into", "fp4",
+               "--out", tmp_path / "rev-fp4")
+    assert "held-out completions change" in said
+    said = _ok("merge", "--checkpoint", base, "--adapter", tmp_path / "fr", "--into", "nf4",
+               "--out", tmp_path / "fr-nf4")
+    assert "validation loss" in said and "->" in said
+
+
+@pytest.mark.parametrize("command", ["finetune", "merge", "quantize", "export", "import",
+                                     "inspect", "sample", "eval"])
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    assert f"minilora {command} " in capsys.readouterr().out
