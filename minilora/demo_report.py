@@ -197,12 +197,13 @@ def _plot_switching(results: dict, plt: Any, path: Path) -> None:
     names = results["tasks"]
     tasks = [names["A"], names["B"], names["C"]]
     grid = np.array([[results["switching"][r][t] for t in tasks] for r in rows])
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.imshow(grid, vmin=0, vmax=1, cmap="Greens")
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
-            ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center")
-    ax.set_xticks(range(3), [f"task {k} ({names[k]})" for k in "ABC"])
+            ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center",
+                    color="white" if grid[i, j] > 0.6 else "black")  # readable on dark green
+    ax.set_xticks(range(3), [f"task {k}\n({names[k]})" for k in "ABC"])  # two lines: no overlap
     ax.set_yticks(range(len(rows)), [f"adapter {r}" if "base" not in r else r for r in rows])
     ax.set_title("one base, two adapters: accuracy by active adapter")
     fig.tight_layout()
