@@ -172,9 +172,32 @@ def _prepare(model: GPT, info: dict, method: str, config: lora.LoraConfig | None
 
 
 def _adapter_bytes(model: GPT, info: dict, name: str) -> Any:
-    if info["base_kind"] == "hf":
-        return lambda: interop.peft_adapter_files(model, name)
-    return lambda: adapter_files(model, name)
+    """A function giving the adapter's files for each save (a PiSSA adapter converted first)."""
+    write = interop.peft_adapter_files if info["base_kind"] == "hf" else adapter_files
+    if lora.lora_configs(model)[name].init != "pissa":
+        return lambda: write(model, name)
+    # PiSSA trains A, B on the residual base W - s B0 A0 (module lora_layer). Against the base
+    # the user has, W, its update is s (B A - B0 A0) = s [B, -B0] [A; A0]: an exact LoRA of rank
+    # 2 r (alpha doubled, or times sqrt 2 with rsLoRA, so that the scaling stays s), as PEFT's
+    # PiSSA-to-LoRA conversion writes it. So the files load onto the untouched base.
+    initial = {path: (layer.lora_A[name].weight.data.copy(), layer.lora_B[name].weight.data.copy())
+               for path, layer in lora.lora_layers(model) if name in layer.lora_A}
+    config = lora.lora_configs(model)[name]
+    wide = dataclasses.replace(config, r=2 * config.r, init="kaiming",
+                               alpha=config.alpha * (math.sqrt(2) if config.use_rslora else 2))
+
+    def converted() -> dict[str, bytes]:
+        plain, _, _ = load_base(info["base"])
+        with interop.keep_host_rng():  # the init of the wide adapter is overwritten below
+            lora.inject_lora(plain, wide, name)
+        for path, (a0, b0) in initial.items():
+            trained, target = model.get_submodule(path), plain.get_submodule(path)
+            target.lora_A[name].weight.data[...] = B.xp.concatenate(
+                [trained.lora_A[name].weight.data, a0], axis=0)  # (2r, in)
+            target.lora_B[name].weight.data[...] = B.xp.concatenate(
+                [trained.lora_B[name].weight.data, -b0], axis=1)  # (out, 2r)
+        return write(plain, name)
+    return converted
 
 
 def _print_trainable(model: GPT, method: str, name: str) -> None:
@@ -209,6 +232,9 @@ def _finetune(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_base(args.source)
     data = _dataset(args, tokenizer, model, info)
     config = _lora_config(args) if method != "full" else None
+    if config is not None and config.init == "pissa" and (method == "qlora" or config.use_dora):
+        raise ConfigError("finetune --init pissa rewrites the base weights (W - s B A); it works "
+                          "with --lora, not with --qlora or --dora: use --init kaiming there")
     quant_cfg = {"quant_type": args.quant_type, "blocksize": args.quant_blocksize,
                  "double_quant": not args.no_double_quant} if method == "qlora" else None
     _prepare(model, info, method, config, quant_cfg, args.adapter_name)

@@ -197,3 +197,30 @@ def test_every_command_has_help_with_an_example(command, capsys):
         main([command, "--help"])
     assert stop.value.code == 0
     assert f"minilora {command} " in capsys.readouterr().out
+
+
+def test_a_pissa_adapter_is_written_for_the_untouched_base(road):
+    """PiSSA trains on the residual W - s B0 A0; its files hold the exact rank-2r LoRA of
+    s (B A - B0 A0), so base + files computes what the trained model computes."""
+    import minilora as ml
+    from minilora.checkpoint import restore
+
+    base = road / "base"
+    _ok("finetune", "--from", base, "--task", "nocarry", "--init", "pissa", "--r", "2",
+        "--out", road / "pissa", "--batch-size", "16", "--eval-examples", "20", "--no-progress",
+        "--steps", "15", "--lr", "0.02")
+    trained, _ = load_model(base)  # rebuilt as it trained: residual base + trained A, B
+    ck = load_checkpoint(road / "pissa")
+    record = ck.extra["finetune"]
+    lora.inject_lora(trained, lora.LoraConfig(**{**record["lora"], "target_modules": tuple(
+        record["lora"]["target_modules"])}))
+    restore(ck, trained, restore_global_rng=False)
+    trained.eval()
+    config, _ = lora.read_adapter(str(road / "pissa"))
+    assert config.r == 4 and config.init == "kaiming"
+    idx = np.random.default_rng(0).integers(0, 16, (4, 5))
+    with ml.no_grad():
+        want, got = trained(idx).numpy(), _adapted(base, road / "pissa")(idx).numpy()
+        bare = load_model(base)[0](idx).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(bare - want).max() > 1e-3
