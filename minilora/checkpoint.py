@@ -375,10 +375,16 @@ def load_model(directory: str | Path) -> tuple[Module, Checkpoint]:
     models (a 4-bit base included) are rebuilt by the caller: ``GPT(config)``, ``inject_lora``,
     ``load_quantized_layers(model, checkpoint.weights)``, then :func:`restore` fills them.
     """
+    ckpt = load_checkpoint(directory)
+    return model_from_checkpoint(ckpt), ckpt
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> Module:
+    """The GPT a loaded checkpoint describes, its weights in place, in eval mode (what
+    :func:`load_model` builds, for a caller that already holds the :class:`Checkpoint`)."""
     from .gpt import GPT, GPTConfig
     from .quant_linear import load_quantized_layers
 
-    ckpt = load_checkpoint(directory)
     if ckpt.partial:
         base = (ckpt.extra.get("finetune") or {}).get("base", "its base")
         raise CheckpointError(f"{str(ckpt.directory)!r} holds only what a fine-tune trained (an "
@@ -400,8 +406,9 @@ def load_model(directory: str | Path) -> tuple[Module, Checkpoint]:
                               f"{exc}") from exc
     restore(ckpt, model, restore_global_rng=False)
     model.eval()
-    return model, ckpt
+    return model
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "restore", "load_model", "Checkpoint",
+__all__ = ["save_checkpoint", "load_checkpoint", "restore", "load_model", "model_from_checkpoint",
+           "Checkpoint",
            "all_finite", "MODEL_FILE", "OPTIMIZER_FILE", "META_FILE", "HISTORY_FILE", "FILES"]

@@ -49,6 +49,7 @@ from .cli_common import (
     nonnegative_float,
     positive_int,
     report,
+    resumed_config,
     run_training,
     setup,
     task_dataset,
@@ -130,25 +131,12 @@ def _text_for_resume(args: argparse.Namespace, saved: dict, tokenizer: Any,
 
 
 def _resume(args: argparse.Namespace, given: dict) -> int:
-    steps = given.pop("steps", None)
-    lr, min_lr = given.pop("lr", None), given.pop("min_lr", None)
-    extra_flags = sorted(given) + (["digits"] if args.digits is not None else [])
-    if extra_flags:
-        raise ConfigError(f"train --resume continues a run with its saved settings; drop "
-                          f"{', '.join('--' + f.replace('_', '-') for f in extra_flags)}")
+    if args.digits is not None:
+        given = {**given, "digits": args.digits}
     ck = load_checkpoint(args.resume)
     if ck.model_config is None or ck.train_config is None:
         raise ConfigError(f"train --resume: {args.resume!r} lacks the model or training config")
-    cfg = TrainConfig.from_dict(ck.train_config)
-    if steps is not None and steps != cfg.steps:
-        if steps < cfg.steps:
-            raise ConfigError(f"train --resume: --steps {steps} is below the run's {cfg.steps}; "
-                              f"to stop early use --until")
-        cfg = cfg.extended(steps, lr, min_lr)
-    elif lr is not None or min_lr is not None:
-        raise ConfigError("train --resume continues a run with its saved settings; drop --lr "
-                          "and --min-lr (they set the added steps' rate when --steps extends the "
-                          "run)")
+    cfg = resumed_config(args, TrainConfig.from_dict(ck.train_config), given)
     if "task" in ck.extra:
         if args.text is not None:
             raise ConfigError(f"train --resume: {args.resume!r} was trained on a task, not a "

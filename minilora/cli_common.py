@@ -192,3 +192,24 @@ def add_out(p: argparse.ArgumentParser, what: str, required: bool = True) -> Non
     """--out DIR (``what`` it holds) and --overwrite: a save there is replaced only when asked."""
     p.add_argument("--out", required=required, metavar="DIR", help=what)
     p.add_argument("--overwrite", action="store_true", help="replace the save already in --out")
+
+
+def resumed_config(args: argparse.Namespace, saved: TrainConfig, given: dict) -> TrainConfig:
+    """The configuration a ``--resume`` runs with: the saved one, or the saved one extended when
+    ``--steps`` goes beyond it (``--lr``/``--min-lr`` then set the added steps' rate). Any other
+    training flag in ``given`` is refused, since a resumed run keeps its settings."""
+    given = dict(given)
+    steps, lr, min_lr = (given.pop(k, None) for k in ("steps", "lr", "min_lr"))
+    if given:
+        raise ConfigError(f"{args.command} --resume continues a run with its saved settings; "
+                          f"drop {', '.join('--' + f.replace('_', '-') for f in sorted(given))}")
+    if steps is not None and steps != saved.steps:
+        if steps < saved.steps:
+            raise ConfigError(f"{args.command} --resume: --steps {steps} is below the run's "
+                              f"{saved.steps}; to stop early use --until")
+        return saved.extended(steps, lr, min_lr)
+    if lr is not None or min_lr is not None:
+        raise ConfigError(f"{args.command} --resume continues a run with its saved settings; "
+                          f"drop --lr and --min-lr (they set the added steps' rate when --steps "
+                          f"extends the run)")
+    return saved

@@ -30,7 +30,14 @@ import numpy as np
 from . import backend as B
 from . import interop, lora, quant
 from .checkpoint import FILES as CHECKPOINT_FILES
-from .checkpoint import MODEL_FILE, load_checkpoint, load_model, save_checkpoint
+from .checkpoint import (
+    META_FILE,
+    MODEL_FILE,
+    load_checkpoint,
+    load_model,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from .cli_common import (
     TRAIN_FIELDS,
     add_common,
@@ -39,17 +46,19 @@ from .cli_common import (
     fraction,
     positive_int,
     report,
+    resumed_config,
     run_training,
     setup,
     task_dataset,
 )
 from .data import TASKS, TaskDataset, TextDataset, get_task, task_tokenizer
 from .errors import CheckpointError, ConfigError
-from .fileio import check_destination, sha256_file, verify_manifest
+from .fileio import check_destination, listed_digest, recover, sha256_file, verify_manifest
 from .gpt import GPT
 from .lora_config import INITS
 from .lora_io import CONFIG_NAME, WEIGHTS_NAME, adapter_files
-from .train import TrainConfig, validation_loss
+from .tensorfile import read_header, read_json
+from .train import TrainConfig, data_description, validation_loss
 
 # every linear layer of minilora's GPT but the output head (tied to wte): PEFT's "all-linear"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj")
@@ -66,8 +75,10 @@ def load_base(path: str) -> tuple[GPT, Any, dict]:
     where = Path(path)
     if (where / "checkpoint.json").is_file() or not (where / "config.json").is_file():
         model, ck = load_model(path)
-        info = {"base": str(where.resolve()), "base_kind": "minilora",
-                "base_sha256": sha256_file(ck.directory / MODEL_FILE), "base_extra": ck.extra}
+        # load_model verified the manifest, which lists the weights' digest: no second hashing
+        digest = listed_digest(ck.directory, MODEL_FILE) or sha256_file(ck.directory / MODEL_FILE)
+        info = {"base": str(where.resolve()), "base_kind": "minilora", "base_sha256": digest,
+                "base_extra": ck.extra}
         return model, ck.tokenizer or task_tokenizer(), info
     model = interop.gpt_from_hf(path)
     model.eval()
@@ -81,16 +92,17 @@ def load_base(path: str) -> tuple[GPT, Any, dict]:
     return model, tokenizer, info
 
 
-def _check_base_unchanged(info: dict, who: str) -> None:
-    weights = Path(info["base"]) / (MODEL_FILE if info["base_kind"] == "minilora"
-                                    else "model.safetensors")
-    if not weights.is_file():
-        raise CheckpointError(f"{who}: the base {info['base']!r} this fine-tune was made from is "
-                              f"missing")
-    if sha256_file(weights) != info["base_sha256"]:
-        raise CheckpointError(f"{who}: the base {info['base']!r} changed since this fine-tune was "
-                              f"made (its weights' SHA-256 differs); the adapter belongs to the "
-                              f"old one")
+def _load_recorded_base(record: dict, who: str) -> tuple[GPT, Any, dict]:
+    """The base a fine-tune names, refused when it is gone or its weights changed since."""
+    if not Path(record["base"]).is_dir():
+        raise CheckpointError(f"{who}: the base {record['base']!r} this fine-tune was made from "
+                              f"is missing")
+    model, tokenizer, info = load_base(record["base"])
+    if info["base_sha256"] != record["base_sha256"]:
+        raise CheckpointError(f"{who}: the base {record['base']!r} changed since this fine-tune "
+                              f"was made (its weights' SHA-256 differs); the adapter belongs to "
+                              f"the old one")
+    return model, tokenizer, info
 
 
 # ------------------------------------------------------------------------------------- data
@@ -247,8 +259,6 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _finetune_run(args: argparse.Namespace, model: GPT, data: Any, cfg: TrainConfig,
                   tokenizer: Any, record: dict, resume: str | None) -> int:
-    from .train import data_description
-
     method, name = record["method"], record["adapter_name"]
     extra = {**data_description(data), "finetune": record}
     options: dict[str, Any] = {"tokenizer": tokenizer, "model_config": model.config,
@@ -275,16 +285,14 @@ def _finetune_resume(args: argparse.Namespace) -> int:
     if not isinstance(record, dict) or ck.train_config is None:
         raise ConfigError(f"finetune --resume: {args.resume!r} is not a fine-tune (no finetune "
                           f"record); a training run resumes with `minilora train --resume`")
-    _check_base_unchanged(record, "finetune --resume")
-    model, tokenizer, info = load_base(record["base"])
+    model, tokenizer, info = _load_recorded_base(record, "finetune --resume")
     config = lora.LoraConfig(**{**record["lora"], "target_modules": tuple(
         record["lora"]["target_modules"])}) if record.get("lora") else None
     _prepare(model, {**info, **record}, record["method"], config, record.get("quant"),
              record["adapter_name"])
     data = _dataset_from_record(ck.extra, tokenizer, "finetune --resume")
-    cfg = TrainConfig.from_dict(ck.train_config)
-    if args.steps is not None and args.steps != cfg.steps:
-        cfg = cfg.extended(args.steps, args.lr, args.min_lr)
+    given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
+    cfg = resumed_config(args, TrainConfig.from_dict(ck.train_config), given)
     args.out = args.out or args.resume
     if Path(args.out).resolve() != Path(args.resume).resolve():
         names = CHECKPOINT_FILES if record["method"] == "full" else FINETUNE_FILES
@@ -298,14 +306,19 @@ def _finetune_resume(args: argparse.Namespace) -> int:
 def adapter_record(directory: str) -> dict:
     """What a fine-tune directory says about its adapter (name, method, quantization, data), or
     a plain adapter directory's defaults (its folder name as the adapter's name)."""
-    meta = Path(directory) / "checkpoint.json"
-    if meta.is_file():
-        ck = load_checkpoint(directory)
-        record = ck.extra.get("finetune") or {}
+    found = recover(directory) or Path(directory)  # a half-done swap first
+    if (found / META_FILE).is_file():
+        # only checkpoint.json: the adapter's own files and the manifest are read and checked
+        # when it is loaded, and its weights and optimizer state are not needed here
+        extra = read_json(found / META_FILE, "--adapter").get("extra")
+        record = (extra or {}).get("finetune") if isinstance(extra, dict) else None
+        if not isinstance(record, dict):
+            raise CheckpointError(f"--adapter {directory!r} holds a checkpoint, not a fine-tune's "
+                                  f"adapter: pass it as --checkpoint")
         if record.get("method") == "full":
             raise ConfigError(f"--adapter {directory!r} is a full fine-tune (a whole model), not "
                               f"an adapter: pass it as --checkpoint")
-        return {**record, "data": {k: v for k, v in ck.extra.items() if k != "finetune"}}
+        return {**record, "data": {k: v for k, v in extra.items() if k != "finetune"}}
     name = re.sub(r"[^A-Za-z0-9_]", "_", Path(directory).resolve().name) or "adapter"
     return {"adapter_name": name, "quant": None, "data": {}}
 
@@ -331,8 +344,6 @@ def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
     if quant_cfg is not None:
         quant.quantize_model(model, **quant_cfg)
     for directory, name in zip(dirs, names):
-        from .tensorfile import read_header
-
         keys, _ = read_header(Path(directory) / WEIGHTS_NAME, "--adapter")
         if interop.is_peft_gpt2(keys):
             interop.import_peft(model, directory, name)
@@ -545,7 +556,7 @@ def inspect_rows(path: str) -> list[tuple[str, str]]:
         if ck.partial:
             rows += _adapter_rows(path)
         else:
-            model, _ = load_model(path)
+            model = model_from_checkpoint(ck)
             trainable, total = lora.count_parameters(model)
             rows.append(("parameters", f"{total:,}"))
             held = sum(int(v.nbytes) for v in ck.weights.values())
@@ -567,8 +578,6 @@ def inspect_rows(path: str) -> list[tuple[str, str]]:
 
 
 def _adapter_rows(path: str) -> list[tuple[str, str]]:
-    from .tensorfile import read_header, read_json
-
     config = read_json(Path(path) / CONFIG_NAME, "inspect")
     infos, _ = read_header(Path(path) / WEIGHTS_NAME, "inspect")
     numbers = sum(math.prod(i.shape) for i in infos.values())

@@ -334,6 +334,16 @@ def verify_manifest(path: str | Path, who: str = "load", warn: bool = True) -> b
     return True
 
 
+def listed_digest(path: str | Path, name: str) -> str | None:
+    """The SHA-256 that ``path``'s manifest lists for file ``name`` (None without one): once
+    :func:`verify_manifest` has passed, this is the file's digest without hashing it again."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+        return str(manifest["files"][name]["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def open_save(path: str | Path, who: str = "load", warn: bool = True) -> Path:
     """The directory to load a save from: a half-done swap beside ``path`` is finished or undone
     (:func:`recover`), then the manifest is verified (``warn``: see :func:`verify_manifest`).
@@ -348,6 +358,6 @@ def open_save(path: str | Path, who: str = "load", warn: bool = True) -> Path:
 
 
 __all__ = ["MANIFEST", "Staging", "atomic_directory", "check_destination", "check_writable",
-           "is_save", "warn_no_manifest", "recover", "verify_manifest", "open_save", "sha256_file",
-           "NoManifestWarning"]
+           "is_save", "warn_no_manifest", "listed_digest", "recover", "verify_manifest",
+           "open_save", "sha256_file", "NoManifestWarning"]
 

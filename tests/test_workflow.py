@@ -119,6 +119,8 @@ def test_finetune_resumes_exactly(road):
             "--batch-size", "16", "--eval-examples", "20", "--no-progress", "--steps", "12"]
     _ok(*args, "--out", road / "straight")
     _ok(*args, "--out", road / "part", "--until", "5")
+    refused = run_cli("finetune", "--resume", road / "part", "--batch-size", "4")
+    assert refused.returncode == 1 and "drop --batch-size" in refused.stderr  # not ignored
     _ok("finetune", "--resume", road / "part", "--out", road / "resumed", "--no-progress")
     a, b = load_checkpoint(road / "straight"), load_checkpoint(road / "resumed")
     assert a.step == b.step == 12 and a.weights.keys() == b.weights.keys()
