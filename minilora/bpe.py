@@ -28,7 +28,7 @@ Decoding is the inverse: ids -> symbols -> bytes (step 3 backwards) -> UTF-8 tex
 
 Pre-tokenization uses the standard ``re`` module: Python's ``re`` has no ``\\p{L}`` or ``\\p{N}``,
 so the letter and number classes are built once, on the first encode, from the Unicode
-categories in ``unicodedata`` (L* and N*; about 0.2 s), and ``\\s`` is the Unicode White_Space
+categories in ``unicodedata`` (L* and N*), and ``\\s`` is the Unicode White_Space
 set (``re``'s own ``\\s`` would also take the separators U+001C..U+001F, which GPT-2's does not).
 The split then equals the one of the ``regex`` package and of Hugging Face ``tokenizers`` on every
 character assigned in this Python's Unicode version; characters assigned only in a later version
@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, InvalidArgumentError
+from .errors import CheckpointError, ConfigError, InvalidArgumentError, is_int
 from .tensorfile import MAX_JSON_BYTES, read_json
 
 EOT = "<|endoftext|>"
@@ -115,7 +115,7 @@ def _check_vocab(vocab: Any, where: str, error: type) -> dict[str, int]:
     for tok, i in vocab.items():
         if not isinstance(tok, str) or not tok:
             raise error(f"{where}: vocabulary token {tok!r} must be a non-empty string")
-        if not isinstance(i, (int, np.integer)) or isinstance(i, (bool, np.bool_)):
+        if not is_int(i):
             raise error(f"{where}: the id of token {tok!r} must be an integer, got {i!r}")
         if not 0 <= i < len(vocab):
             raise error(f"{where}: the id of token {tok!r} is {i}, outside [0, {len(vocab)}) "

@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 
 from . import backend as B
-from .bnb_format import check_quantized_file
 from .data import Tokenizer, tokenizer_from_dict
-from .errors import CheckpointError, ConfigError, InvalidArgumentError, StateDictError
+from .errors import CheckpointError, ConfigError, InvalidArgumentError, StateDictError, is_int
 from .fileio import (
     MANIFEST,
     atomic_directory,
@@ -46,7 +45,8 @@ from .fileio import (
 )
 from .nn import Module
 from .optim import Optimizer
-from .tensorfile import read_header, read_json, read_tensors
+from .quant.bnb_format import check_quantized_file
+from .tensorfile import read_header, read_json, read_tensors, safetensors_bytes
 
 FORMAT = "minilora-checkpoint"
 VERSION = 1
@@ -64,10 +64,8 @@ def _as_dict(config: Any) -> dict | None:
                           f"{type(config).__name__}")
 
 
-def _safetensors_bytes(arrays: dict[str, Any]) -> bytes:
-    from safetensors.numpy import save
-
-    return save({k: np.ascontiguousarray(B.to_numpy(v)) for k, v in arrays.items()})
+def _host(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: B.to_numpy(v) for k, v in arrays.items()}
 
 
 def _optimizer_param_names(model: Module, optimizer: Optimizer) -> list[str]:
@@ -133,12 +131,12 @@ def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any =
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trainable}
         meta["weights"] = "trainable"
-    blobs = {MODEL_FILE: _safetensors_bytes(state)}
+    blobs = {MODEL_FILE: safetensors_bytes(_host(state))}
     if optimizer is not None:
         sd = optimizer.state_dict()
         names = _optimizer_param_names(model, optimizer)
         arrays = {f"{n}.{k}": v for n, s in zip(names, sd["state"]) for k, v in s.items()}
-        blobs[OPTIMIZER_FILE] = _safetensors_bytes(arrays)
+        blobs[OPTIMIZER_FILE] = safetensors_bytes(_host(arrays))
         meta["optimizer"] = {"type": type(optimizer).__name__, "step": sd["step"],
                              "lr": sd["lr"], "params": names,
                              "state_keys": [sorted(s) for s in sd["state"]]}
@@ -213,7 +211,7 @@ def _check_against_config(infos: dict, config: dict, where: str) -> None:
     if not all(k in config for k in sizes):
         return  # not a GPT's config: the shapes are checked when the state dict is loaded
     V, T, C, L = (config[k] for k in sizes)
-    bad = [k for k in sizes if not isinstance(config[k], int) or isinstance(config[k], bool)]
+    bad = [k for k in sizes if not is_int(config[k])]
     if bad:
         raise CheckpointError(f"{where}: model_config.{bad[0]} must be an integer, got "
                               f"{config[bad[0]]!r}")
@@ -278,7 +276,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         infos, _ = read_header(directory / MODEL_FILE, "load_checkpoint")
         _check_against_config(infos, meta["model_config"], where)
     # integer tensors only as the codes of 4-bit layers, each checked against its quant-state
-    # blob from the header before the file is read (minilora.bnb_format)
+    # blob from the header before the file is read (minilora.quant.bnb_format)
     quantized = check_quantized_file(directory / MODEL_FILE,
                                      read_header(directory / MODEL_FILE, "load_checkpoint")[0],
                                      "load_checkpoint")
@@ -370,8 +368,8 @@ def load_model(directory: str | Path) -> tuple[Module, Checkpoint]:
 
     The model is in eval mode. A quantized checkpoint is recognised by its keys: every layer
     with a ``<path>.weight.quant_state.*`` tensor (bitsandbytes' layout, see
-    :mod:`minilora.bnb_format`) comes back as the QuantLinear it was saved as, bit for bit,
-    without re-quantizing (:func:`minilora.quant_linear.load_quantized_layers`). LoRA-adapted
+    :mod:`minilora.quant.bnb_format`) comes back as the QuantLinear it was saved as, bit for bit,
+    without re-quantizing (:func:`minilora.quant.load_quantized_layers`). LoRA-adapted
     models (a 4-bit base included) are rebuilt by the caller: ``GPT(config)``, ``inject_lora``,
     ``load_quantized_layers(model, checkpoint.weights)``, then :func:`restore` fills them.
     """
@@ -383,7 +381,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> Module:
     """The GPT a loaded checkpoint describes, its weights in place, in eval mode (what
     :func:`load_model` builds, for a caller that already holds the :class:`Checkpoint`)."""
     from .gpt import GPT, GPTConfig
-    from .quant_linear import load_quantized_layers
+    from .quant.model import load_quantized_layers
 
     if ckpt.partial:
         base = (ckpt.extra.get("finetune") or {}).get("base", "its base")

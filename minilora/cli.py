@@ -223,12 +223,12 @@ def _eval(args: argparse.Namespace) -> int:
               f"({time.perf_counter() - start:.1f} s)")
         return 0
     if args.data is not None or ("jsonl" in trained_on and args.task is None):
-        from .cli_lora import _dataset_from_record
+        from .cli_lora import dataset_from_record
         from .jsonl import JsonlDataset
         from .jsonl import exact_match as jsonl_exact_match
 
         data = JsonlDataset.from_file(args.data, tok, block_size=model.config.block_size) \
-            if args.data is not None else _dataset_from_record(trained_on, tok, "eval")
+            if args.data is not None else dataset_from_record(trained_on, tok, "eval")
         n = min(args.examples, data.n_heldout)
         acc = jsonl_exact_match(model, data, n)
         print(f"JSONL {data.path!r}: held-out exact match {acc:.1%} on {n} prompts "

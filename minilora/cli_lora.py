@@ -55,14 +55,15 @@ from .data import TASKS, TaskDataset, TextDataset, get_task, task_tokenizer
 from .errors import CheckpointError, ConfigError
 from .fileio import check_destination, listed_digest, recover, sha256_file, verify_manifest
 from .gpt import GPT
-from .lora_config import INITS
-from .lora_io import CONFIG_NAME, WEIGHTS_NAME, adapter_files
-from .tensorfile import read_header, read_json
+from .lora.config import INITS
+from .lora.io import ADAPTER_FILES, CONFIG_NAME, adapter_files, adapter_header
+from .lora.variants import pissa_as_lora, pissa_lora_alpha
+from .nn import keep_host_rng
+from .tensorfile import read_json
 from .train import TrainConfig, data_description, validation_loss
 
 # every linear layer of minilora's GPT but the output head (tied to wte): PEFT's "all-linear"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj")
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 FINETUNE_FILES = CHECKPOINT_FILES + ADAPTER_FILES
 
 
@@ -137,7 +138,7 @@ def _dataset(args: argparse.Namespace, tokenizer: Any, model: GPT, info: dict) -
     return data
 
 
-def _dataset_from_record(record: dict, tokenizer: Any, who: str) -> Any:
+def dataset_from_record(record: dict, tokenizer: Any, who: str) -> Any:
     """Rebuild the data a fine-tune recorded (the same file, byte for byte)."""
     if "task" in record:
         return task_dataset(record)
@@ -188,26 +189,25 @@ def _adapter_bytes(model: GPT, info: dict, name: str) -> Any:
     write = interop.peft_adapter_files if info["base_kind"] == "hf" else adapter_files
     if lora.lora_configs(model)[name].init != "pissa":
         return lambda: write(model, name)
-    # PiSSA trains A, B on the residual base W - s B0 A0 (module lora_layer). Against the base
-    # the user has, W, its update is s (B A - B0 A0) = s [B, -B0] [A; A0]: an exact LoRA of rank
-    # 2 r (alpha doubled, or times sqrt 2 with rsLoRA, so that the scaling stays s), as PEFT's
-    # PiSSA-to-LoRA conversion writes it. So the files load onto the untouched base.
+    # PiSSA trains A, B on the residual base W - s B0 A0 (lora.variants). Against the base the
+    # user has, W, that is the exact rank-2r LoRA s [B, -B0] [A; A0], as PEFT's PiSSA-to-LoRA
+    # conversion writes it, so the files load onto the untouched base.
     initial = {path: (layer.lora_A[name].weight.data.copy(), layer.lora_B[name].weight.data.copy())
                for path, layer in lora.lora_layers(model) if name in layer.lora_A}
     config = lora.lora_configs(model)[name]
     wide = dataclasses.replace(config, r=2 * config.r, init="kaiming",
-                               alpha=config.alpha * (math.sqrt(2) if config.use_rslora else 2))
+                               alpha=pissa_lora_alpha(config.alpha, config.use_rslora))
 
     def converted() -> dict[str, bytes]:
         plain, _, _ = load_base(info["base"])
-        with interop.keep_host_rng():  # the init of the wide adapter is overwritten below
+        with keep_host_rng():  # the init of the wide adapter is overwritten below
             lora.inject_lora(plain, wide, name)
         for path, (a0, b0) in initial.items():
             trained, target = model.get_submodule(path), plain.get_submodule(path)
-            target.lora_A[name].weight.data[...] = B.xp.concatenate(
-                [trained.lora_A[name].weight.data, a0], axis=0)  # (2r, in)
-            target.lora_B[name].weight.data[...] = B.xp.concatenate(
-                [trained.lora_B[name].weight.data, -b0], axis=1)  # (out, 2r)
+            A, Bm = pissa_as_lora(trained.lora_A[name].weight.data,
+                                  trained.lora_B[name].weight.data, a0, b0)
+            target.lora_A[name].weight.data[...] = A  # (2r, in)
+            target.lora_B[name].weight.data[...] = Bm  # (out, 2r)
         return write(plain, name)
     return converted
 
@@ -290,7 +290,7 @@ def _finetune_resume(args: argparse.Namespace) -> int:
         record["lora"]["target_modules"])}) if record.get("lora") else None
     _prepare(model, {**info, **record}, record["method"], config, record.get("quant"),
              record["adapter_name"])
-    data = _dataset_from_record(ck.extra, tokenizer, "finetune --resume")
+    data = dataset_from_record(ck.extra, tokenizer, "finetune --resume")
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
     cfg = resumed_config(args, TrainConfig.from_dict(ck.train_config), given)
     args.out = args.out or args.resume
@@ -344,7 +344,7 @@ def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
     if quant_cfg is not None:
         quant.quantize_model(model, **quant_cfg)
     for directory, name in zip(dirs, names):
-        keys, _ = read_header(Path(directory) / WEIGHTS_NAME, "--adapter")
+        _, keys = adapter_header(directory, "--adapter")
         if interop.is_peft_gpt2(keys):
             interop.import_peft(model, directory, name)
         else:
@@ -460,7 +460,7 @@ def _data_of(record: dict, ck: Any, model: GPT) -> Any:
             if "task" in extra:
                 return task_dataset(extra)
             if "text" in extra or "jsonl" in extra:
-                return _dataset_from_record(extra, ck.tokenizer, "merge")
+                return dataset_from_record(extra, ck.tokenizer, "merge")
         except (ConfigError, CheckpointError):
             continue
     return None
@@ -578,8 +578,7 @@ def inspect_rows(path: str) -> list[tuple[str, str]]:
 
 
 def _adapter_rows(path: str) -> list[tuple[str, str]]:
-    config = read_json(Path(path) / CONFIG_NAME, "inspect")
-    infos, _ = read_header(Path(path) / WEIGHTS_NAME, "inspect")
+    config, infos = adapter_header(path, "inspect")
     numbers = sum(math.prod(i.shape) for i in infos.values())
     layers = sorted({k.rsplit(".lora_", 1)[0] for k in infos if ".lora_A." in k})
     a = next((i for k, i in infos.items() if ".lora_A." in k), None)
@@ -740,4 +739,4 @@ def add_parsers(sub: Any, fmt: Any) -> None:
 
 
 __all__ = ["add_parsers", "add_adapter_flags", "attach_adapters", "adapter_record", "load_base",
-           "inspect_rows", "ALL_LINEAR"]
+           "inspect_rows", "dataset_from_record", "ALL_LINEAR"]

@@ -39,7 +39,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .errors import ConfigError, DataError, InvalidArgumentError
+from .errors import ConfigError, DataError, InvalidArgumentError, check_int, is_int
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (cross_entropy's default)
 END = "."  # the last character of every task answer
@@ -52,10 +52,6 @@ BYTE_EOT = 256  # ByteTokenizer(eot=True)'s end-of-text id: the first id after t
 MAX_TEXT_BYTES = 2**30
 MIN_DIGITS, MAX_DIGITS = 1, 6
 MAX_HELDOUT = 10**6
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 # ------------------------------------------------------------------------------ tokenizers
@@ -276,9 +272,7 @@ class TextDataset:
 
     def __init__(self, text: str, tokenizer: Tokenizer, block_size: int,
                  val_fraction: float = 0.1) -> None:
-        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
-            raise InvalidArgumentError(f"TextDataset: block_size must be a positive int, got "
-                                       f"{block_size!r}")
+        check_int(block_size, "TextDataset: block_size")
         if not 0.0 <= val_fraction < 1.0:
             raise InvalidArgumentError(f"TextDataset: val_fraction must lie in [0, 1), got "
                                        f"{val_fraction}")
@@ -444,7 +438,7 @@ class ArithmeticTask:
 
 
 def _check_digits(digits: Any, who: str) -> None:
-    if not _is_int(digits) or not MIN_DIGITS <= digits <= MAX_DIGITS:
+    if not is_int(digits) or not MIN_DIGITS <= digits <= MAX_DIGITS:
         raise ConfigError(f"{who}: digits must be an int in [MIN_DIGITS, MAX_DIGITS] = "
                           f"[{MIN_DIGITS}, {MAX_DIGITS}], got {digits!r}")
 
@@ -505,7 +499,7 @@ class TaskDataset:
                  tokenizer: CharTokenizer | None = None) -> None:
         # both bounds before the draw below, which allocates n_heldout ids (or, for a large
         # share of the pairs, a permutation of them all)
-        if not _is_int(n_heldout) or not 0 < n_heldout < task.num_pairs:
+        if not is_int(n_heldout) or not 0 < n_heldout < task.num_pairs:
             raise InvalidArgumentError(f"TaskDataset: n_heldout must be an int in "
                                        f"(0, {task.num_pairs}) for {task.digits}-digit task "
                                        f"{task.name!r}, got {n_heldout!r}")

@@ -36,7 +36,7 @@ from .data import TASK_VOCAB, TaskDataset, get_task
 from .errors import CheckpointError
 from .gpt import GPT, GPTConfig
 from .optim import AdamW
-from .parallel import forward_backward
+from .step import forward_backward
 from .train import HISTORY_FILE, TrainConfig, exact_match, greedy_answers, param_groups, train
 
 

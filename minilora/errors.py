@@ -79,3 +79,23 @@ class TrainingInterrupted(KeyboardInterrupt):
 class DataError(InvalidArgumentError):
     """A data file (training text, task data) that cannot be read or does not hold what it
     should; the message names the file and, for bad text, the byte offset."""
+
+
+def is_int(value: object) -> bool:
+    """True for a Python or NumPy integer, False for a bool (``True`` is an int in Python, never
+    a count here) and for everything else."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and \
+        type(value).__name__ != "bool_"
+
+
+def check_int(value: object, name: str, minimum: int | None = 1,
+              error: type[MiniLoraError] = InvalidArgumentError) -> int:
+    """``value`` as a Python int if it is an integer (not a bool) >= ``minimum`` (None: any);
+    else ``error`` with a message naming ``name`` (say "GPTConfig: n_layer") and the value."""
+    if not is_int(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else " >= 0" if minimum == 0 else \
+            " >= 1 (positive)" if minimum == 1 else f" >= {minimum}"
+        raise error(f"{name} must be an int{bound}, got {value!r}")
+    return int(value)

@@ -287,6 +287,17 @@ def atomic_directory(path: str | Path, names: tuple[str, ...] = ()) -> Iterator[
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_files(directory: str | Path, files: dict[str, bytes],
+                names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Write ``files`` ({file name: bytes}) into ``directory`` as one save, whole or not at all
+    (:func:`atomic_directory`; ``names``, by default the files' own names, are those a save of
+    this kind holds). Returns ``{file name: path}``."""
+    with atomic_directory(directory, tuple(files) if names is None else names) as stage:
+        for name, data in files.items():
+            stage.write_bytes(name, data)
+    return {name: os.path.join(directory, name) for name in files}
+
+
 # ---------------------------------------------------------------------------------- loading
 
 def warn_no_manifest(path: str | Path, who: str = "load", checked: str = "") -> None:
@@ -357,7 +368,6 @@ def open_save(path: str | Path, who: str = "load", warn: bool = True) -> Path:
     return found
 
 
-__all__ = ["MANIFEST", "Staging", "atomic_directory", "check_destination", "check_writable",
-           "is_save", "warn_no_manifest", "listed_digest", "recover", "verify_manifest",
-           "open_save", "sha256_file", "NoManifestWarning"]
-
+__all__ = ["MANIFEST", "Staging", "atomic_directory", "write_files", "check_destination",
+           "check_writable", "is_save", "warn_no_manifest", "listed_digest", "recover",
+           "verify_manifest", "open_save", "sha256_file", "NoManifestWarning"]

@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import backend as B
-from .data import IGNORE_INDEX, MAX_HELDOUT, TokenizerLike, _is_int, read_text
-from .errors import DataError, InvalidArgumentError
+from .data import IGNORE_INDEX, MAX_HELDOUT, TokenizerLike, read_text
+from .errors import DataError, InvalidArgumentError, check_int, is_int
 from .gpt import MAX_BLOCK_SIZE
 
 KEYS = ("prompt", "completion")  # exactly these, in any order
@@ -147,7 +147,7 @@ class JsonlDataset:
                  split_seed: int = 1234, *, locations: Sequence[str] | None = None,
                  source: str | None = None) -> None:
         eot = getattr(tokenizer, "eot_id", None)
-        if not _is_int(eot):
+        if not is_int(eot):
             raise InvalidArgumentError(
                 f"JsonlDataset: the tokenizer has no end-of-text token (its eot_id is {eot!r}), "
                 f"and every example must end with one; train the base with --tokenizer byte (a "
@@ -155,14 +155,12 @@ class JsonlDataset:
         if not 0 <= eot < tokenizer.vocab_size:
             raise InvalidArgumentError(f"JsonlDataset: the tokenizer's eot_id={eot} lies outside "
                                        f"its vocabulary [0, {tokenizer.vocab_size})")
-        if block_size is not None and (not _is_int(block_size) or
+        if block_size is not None and (not is_int(block_size) or
                                        not 1 <= block_size <= MAX_BLOCK_SIZE):
             raise InvalidArgumentError(f"JsonlDataset: block_size must be None or an int in "
                                        f"[1, MAX_BLOCK_SIZE = {MAX_BLOCK_SIZE}], got "
                                        f"{block_size!r}")
-        if not _is_int(split_seed) or split_seed < 0:
-            raise InvalidArgumentError(f"JsonlDataset: split_seed must be an int >= 0, got "
-                                       f"{split_seed!r}")
+        check_int(split_seed, "JsonlDataset: split_seed", minimum=0)
         if not isinstance(records, Sequence) or isinstance(records, (str, bytes)):
             raise InvalidArgumentError(f"JsonlDataset: records must be a list of "
                                        f'{{"prompt", "completion"}} dicts, got '
@@ -255,9 +253,7 @@ class JsonlDataset:
         x = seq[:-1], y = seq[1:] right-padded; y is -100 (IGNORE_INDEX) where its target is a
         prompt token or padding, so only the completion and its end-of-text are scored.
         """
-        if not _is_int(batch_size) or batch_size < 1:
-            raise InvalidArgumentError(f"JsonlDataset.get_batch: batch_size must be a positive "
-                                       f"int, got {batch_size!r}")
+        check_int(batch_size, "JsonlDataset.get_batch: batch_size")
         pool = self._split(split)
         return self.inputs_targets(pool[rng.integers(0, len(pool), size=batch_size)])
 
@@ -280,7 +276,7 @@ class JsonlDataset:
     def heldout(self, n: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The first ``n`` held-out examples (all by default) as (prompts, completions): lists of
         int64 token arrays, each completion ending with the end-of-text id."""
-        if n is not None and (not _is_int(n) or n < 0):
+        if n is not None and (not is_int(n) or n < 0):
             raise InvalidArgumentError(f"JsonlDataset.heldout: n must be None or an int >= 0, "
                                        f"got {n!r}")
         prompts, completions = [], []
@@ -303,7 +299,7 @@ class JsonlDataset:
     def _check_heldout(self, n_heldout: Any, n: int) -> int:
         if n_heldout is None:
             n_heldout = default_n_heldout(n)
-        elif not _is_int(n_heldout) or not 1 <= n_heldout <= MAX_HELDOUT:
+        elif not is_int(n_heldout) or not 1 <= n_heldout <= MAX_HELDOUT:
             raise InvalidArgumentError(f"JsonlDataset: n_heldout must be None or an int in "
                                        f"[1, MAX_HELDOUT = {MAX_HELDOUT:,}], got {n_heldout!r}")
         if n_heldout >= n:
@@ -343,9 +339,7 @@ def greedy_completions(model: Any, data: JsonlDataset, n: int | None = None,
     Prompts of the same length go through ``model.generate(prompts, k, temperature=0)`` together
     (up to ``batch_size`` rows at a time), k the longest completion among them.
     """
-    if not _is_int(batch_size) or batch_size < 1:
-        raise InvalidArgumentError(f"exact_match: batch_size must be a positive int, got "
-                                   f"{batch_size!r}")
+    check_int(batch_size, "exact_match: batch_size")
     prompts, completions = data.heldout(n)
     if not prompts:
         raise InvalidArgumentError(f"exact_match: no held-out examples to score (n={n!r})")

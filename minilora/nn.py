@@ -9,13 +9,14 @@ so ``named_parameters()`` and ``state_dict()`` find them by their dotted path
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from . import backend as B
 from . import functional as F
-from .errors import InvalidArgumentError, StateDictError
+from .errors import InvalidArgumentError, StateDictError, check_int, is_int
 from .tensor import Tensor
 
 
@@ -37,6 +38,18 @@ def _uniform(shape: tuple, bound: float, dtype: Any) -> Any:
 
 def _normal(shape: tuple, std: float, dtype: Any) -> Any:
     return B.asarray((B.host_rng().standard_normal(size=shape) * std).astype(dtype))
+
+
+@contextmanager
+def keep_host_rng() -> Iterator[None]:
+    """Context manager: minilora's host generator is restored on exit. Building modules whose
+    initial values a file then overwrites draws random numbers, and loading a file should not
+    shift a training run's random stream."""
+    state = B.host_rng().bit_generator.state
+    try:
+        yield
+    finally:
+        B.host_rng().bit_generator.state = state
 
 
 class Module:
@@ -122,6 +135,35 @@ class Module:
                                            f"submodule {part!r} (path {path!r})")
             mod = mod._modules[part]
         return mod
+
+    def set_submodule(self, target: str, module: Module, strict: bool = False) -> None:
+        """Put ``module`` at dotted path ``target``, as torch's ``set_submodule``: the module at
+        the path's head (which must exist) holds it under the last name from then on, in the
+        place of the module there before (its place in the order kept).
+
+        With ``strict`` a module must already be there. A name that holds a parameter or a plain
+        attribute is refused either way: the model code reads it as something else.
+        """
+        if not isinstance(target, str) or not target or "" in target.split("."):
+            raise InvalidArgumentError(f"set_submodule: target must be a dotted path such as "
+                                       f"'h.0.attn', got {target!r}")
+        if not isinstance(module, Module):
+            raise InvalidArgumentError(f"set_submodule: module must be a Module, got "
+                                       f"{type(module).__name__} (for {target!r})")
+        parent_path, _, name = target.rpartition(".")
+        parent = self.get_submodule(parent_path)
+        if name not in parent._modules:
+            taken = name in parent._parameters or name in parent.__dict__
+            if strict or taken:
+                what = "holds a parameter or attribute, not a module" if taken else \
+                    "holds no module to replace (strict=True)"
+                raise InvalidArgumentError(f"set_submodule: {target!r}: {name!r} of "
+                                           f"{type(parent).__name__} {what}")
+        parent._set_child(name, module)
+
+    def _set_child(self, name: str, module: Module) -> None:
+        """Register ``module`` as this module's child ``name`` (containers override it)."""
+        setattr(self, name, module)
 
     def apply(self, fn: Callable[[Module], None]) -> Module:
         """Call ``fn`` on every module of the tree; returns self."""
@@ -296,10 +338,8 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = None) -> None:
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, (int, np.integer)) or v <= 0:
-                raise InvalidArgumentError(f"Linear: {name} must be a positive int, got {v!r}")
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = check_int(in_features, "Linear: in_features")
+        self.out_features = check_int(out_features, "Linear: out_features")
         dtype = dtype or B.default_dtype()
         bound = 1.0 / math.sqrt(in_features)
         self.weight = Parameter(_uniform((out_features, in_features), bound, dtype))
@@ -319,10 +359,8 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: Any = None) -> None:
         super().__init__()
-        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if not isinstance(v, (int, np.integer)) or v <= 0:
-                raise InvalidArgumentError(f"Embedding: {name} must be a positive int, got {v!r}")
-        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.num_embeddings = check_int(num_embeddings, "Embedding: num_embeddings")
+        self.embedding_dim = check_int(embedding_dim, "Embedding: embedding_dim")
         self.weight = Parameter(_normal((num_embeddings, embedding_dim), 1.0,
                                         dtype or B.default_dtype()))
 
@@ -385,7 +423,7 @@ class ModuleList(Module):
 
     def _index(self, i: int) -> str:
         n = len(self._modules)
-        if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not -n <= i < n:
+        if not is_int(i) or not -n <= i < n:
             raise IndexError(f"{type(self).__name__}: index {i!r} out of range for {n} modules")
         return str(int(i) % n)
 
@@ -403,6 +441,65 @@ class ModuleList(Module):
 
     def __iter__(self) -> Iterator[Module]:
         return iter(self._modules.values())
+
+    def _set_child(self, name: str, module: Module) -> None:
+        if name.isdigit() and name not in self._modules:  # it would break the run of indices
+            raise InvalidArgumentError(f"set_submodule: a {type(self).__name__} of {len(self)} "
+                                       f"modules has no index {name!r} to replace; append instead")
+        setattr(self, name, module)
+
+
+class ModuleDict(Module):
+    """Modules under string keys, as torch's ``nn.ModuleDict``: ``d[key] = module``.
+
+    Entries live in ``_modules`` only, never as attributes, so any key is safe (an adapter named
+    "train" does not hide the method) and state keys read "<dict path>.<key>.<parameter>".
+    A key is a non-empty str without a dot (a dot would split its state keys).
+    """
+
+    def __init__(self, modules: dict[str, Module] | None = None) -> None:
+        super().__init__()
+        for key, module in (modules or {}).items():
+            self[key] = module
+
+    def __getitem__(self, key: str) -> Module:
+        return self._modules[key]
+
+    def __setitem__(self, key: str, module: Module) -> None:
+        if not isinstance(key, str) or not key or "." in key:
+            raise InvalidArgumentError(f"ModuleDict: a key must be a non-empty str without '.', "
+                                       f"got {key!r}")
+        if not isinstance(module, Module):
+            raise InvalidArgumentError(f"ModuleDict: [{key!r}] must be a Module, got "
+                                       f"{type(module).__name__}")
+        self._modules[key] = module
+
+    def __delitem__(self, key: str) -> None:
+        del self._modules[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._modules))  # a copy: deleting while iterating is safe
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def keys(self) -> list[str]:
+        """The keys, in insertion order."""
+        return list(self._modules)
+
+    def values(self) -> list[Module]:
+        """The modules, in insertion order."""
+        return list(self._modules.values())
+
+    def items(self) -> list[tuple[str, Module]]:
+        """``(key, module)`` pairs, in insertion order."""
+        return list(self._modules.items())
+
+    def _set_child(self, name: str, module: Module) -> None:
+        self[name] = module
 
 
 class Sequential(ModuleList):
@@ -424,14 +521,6 @@ class GELU(Module):
     def forward(self, x: Tensor) -> Tensor:
         """Same shape out as in."""
         return F.gelu(x)
-
-
-class ReLU(Module):
-    """max(x, 0) as a module."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Same shape out as in."""
-        return x.relu()
 
 
 class Tanh(Module):

@@ -1,4 +1,5 @@
-"""Reading safetensors and JSON files that are distrusted until checked (no pickle, no trust).
+"""Reading safetensors and JSON files that are distrusted until checked (no pickle, no trust),
+and the bytes that writing them takes.
 
 A safetensors file is
 
@@ -34,7 +35,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, InvalidArgumentError
+from .errors import CheckpointError, ConfigError, InvalidArgumentError, check_int, is_int
 
 # The limits. safetensors' own reader caps the header at 100,000,000 bytes; GPT-2 XL's header is
 # about 60 KB. Files: GPT-2 XL in float32 is 6.4 GB, so 16 GiB leaves room and refuses absurd
@@ -86,12 +87,10 @@ def max_file_bytes() -> int:
     if raw is None:
         return MAX_FILE_BYTES
     try:
-        value = int(raw)
+        value: Any = int(raw)
     except ValueError:
-        value = -1
-    if value <= 0:
-        raise ConfigError(f"{MAX_FILE_BYTES_ENV} must be a positive int (bytes), got {raw!r}")
-    return value
+        value = raw
+    return check_int(value, f"{MAX_FILE_BYTES_ENV} (bytes)", error=ConfigError)
 
 
 def _gib(n: int) -> str:
@@ -131,17 +130,15 @@ def _pickle_hint(head: bytes) -> str:
 
 # ---------------------------------------------------------------------------- safetensors
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``json.loads``' ``object_pairs_hook`` that refuses a key given twice (ValueError): json
+    keeps the last one, another reader may keep the first, so the file means two things."""
     obj: dict = {}
     for key, value in pairs:
         if key in obj:  # json keeps the last one; another reader may keep the first
             raise ValueError(f"the key {key!r} appears twice")
         obj[key] = value
     return obj
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _entry(name: str, raw: Any, data_len: int, who: str, path: str) -> TensorInfo:
@@ -157,11 +154,11 @@ def _entry(name: str, raw: Any, data_len: int, who: str, path: str) -> TensorInf
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
     if dtype not in DTYPES:
         raise bad(f"dtype {dtype!r} is unknown or unsupported; supported: {sorted(DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise bad(f"shape must be a list of non-negative ints, got {shape!r}")
     if len(shape) > MAX_NDIM:
         raise bad(f"shape has {len(shape)} dimensions, more than MAX_NDIM = {MAX_NDIM}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise bad(f"data_offsets must be two ints 0 <= begin <= end, got {offsets!r}")
     begin, end = offsets
@@ -200,7 +197,7 @@ def _parse(path: str, who: str) -> tuple[dict[str, TensorInfo], dict, int]:
     if len(raw) != n:  # the file shrank under us
         raise _fail(who, path, f"the header is {len(raw):,} bytes, {n:,} claimed")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
     except UnicodeDecodeError as exc:
         raise _fail(who, path, f"the header is not UTF-8 (byte {8 + exc.start} of the file: "
                                f"{exc.reason}){_pickle_hint(head)}") from None
@@ -337,6 +334,15 @@ def read_tensors(path: str | os.PathLike, who: str, *, names: Iterable[str] | No
     return out
 
 
+def safetensors_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``{name: host array}`` as the bytes of a safetensors file (metadata {"format": "pt"}, so
+    that transformers and PEFT load it); each array is made C-contiguous first."""
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                metadata={"format": "pt"})
+
+
 # ------------------------------------------------------------------------------------ JSON
 
 def read_json(path: str | os.PathLike, who: str) -> dict:
@@ -359,6 +365,12 @@ def read_json(path: str | os.PathLike, who: str) -> dict:
     if not isinstance(obj, dict):
         raise _fail(who, path, f"must hold a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the UTF-8 bytes of indented JSON with sorted keys and a final newline, as
+    transformers and PEFT write their configs; NaN and inf, which JSON has not, are refused."""
+    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 REQUIRED: Any = object()  # json_field's default when the field must be present
@@ -397,4 +409,5 @@ def json_field(obj: dict, key: str, kind: type, where: str, default: Any = REQUI
 
 __all__ = ["TensorInfo", "DTYPES", "MAX_HEADER_BYTES", "MAX_FILE_BYTES", "MAX_FILE_BYTES_ENV",
            "MAX_JSON_BYTES", "MAX_NDIM", "REQUIRED", "max_file_bytes", "read_header",
-           "read_tensors", "read_json", "json_field"]
+           "read_tensors", "read_json", "json_field", "json_bytes", "safetensors_bytes",
+           "no_duplicate_keys"]

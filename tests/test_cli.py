@@ -145,7 +145,7 @@ def test_blas_threads_can_be_limited_after_numpy_is_loaded(capsys):
         pytest.skip("NumPy is not linked against OpenBLAS here")
     import ctypes
 
-    from minilora.cpu import set_blas_threads
+    from minilora.fast.cpu import set_blas_threads
 
     with open("/proc/self/maps") as maps:
         path = next(line.split()[-1] for line in maps if "openblas" in line.lower())

@@ -321,3 +321,17 @@ def test_loading_an_adapter_into_a_model_where_it_is_merged_is_refused(tmp_path)
     lora.unmerge(model)
     lora.load_adapter(model, str(tmp_path / "a"))  # allowed once unmerged
     shutil.rmtree(tmp_path / "a")
+
+
+def test_write_files_is_one_whole_save(tmp_path):
+    dest = tmp_path / "out"
+    paths = fileio.write_files(dest, {"a.json": b"{}\n", "b.bin": b"\x00\x01"})
+    assert paths == {"a.json": str(dest / "a.json"), "b.bin": str(dest / "b.bin")}
+    assert (dest / "b.bin").read_bytes() == b"\x00\x01" and verify_manifest(dest)
+    fileio.write_files(dest, {"a.json": b"[]\n"}, names=("a.json", "b.bin"))  # replaced whole
+    assert sorted(os.listdir(dest)) == ["a.json", "manifest.json"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DestinationError, match="not a minilora save"):
+        fileio.write_files(tmp_path / "other", {"a.json": b"{}"})
+    assert os.listdir(tmp_path / "other") == ["notes.txt"]

@@ -378,7 +378,7 @@ def test_gpt_from_hf_checks_config_sizes_against_the_file_before_building(hf_dir
     def no_gpt(*args, **kwargs):
         raise AssertionError("the GPT was built before the file was checked")
 
-    monkeypatch.setattr(interop, "GPT", no_gpt)
+    monkeypatch.setattr(interop.hf, "GPT", no_gpt)
     with pytest.raises(CheckpointError) as info:
         interop.gpt_from_hf(hf_dir)
     for word in [key, *shapes]:

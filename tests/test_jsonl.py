@@ -205,7 +205,8 @@ def test_bad_batch_arguments_are_named():
     ds = JsonlDataset(RECORDS, TOK, n_heldout=1)
     with pytest.raises(InvalidArgumentError, match="split must be 'train' or 'val'"):
         ds.get_batch(2, np.random.default_rng(0), split="test")
-    with pytest.raises(InvalidArgumentError, match="batch_size must be a positive int"):
+    with pytest.raises(InvalidArgumentError,
+                       match=r"get_batch: batch_size must be an int >= 1 \(positive\), got 0"):
         ds.get_batch(0, np.random.default_rng(0))
     with pytest.raises(InvalidArgumentError, match="n must be None or an int >= 0"):
         ds.heldout(-1)

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora import lora, lora_config
+from minilora import lora
 from minilora.errors import ConfigError
-from minilora.lora_config import lora_scaling, matches_target
+from minilora.lora import config as lora_config
+from minilora.lora.config import lora_scaling, matches_target
 
 
 def test_defaults_are_the_design_ones():

@@ -10,7 +10,7 @@ import minilora as ml
 import minilora.functional as F
 from minilora import lora, nn
 from minilora.errors import ConfigError, InvalidArgumentError
-from minilora.lora_layer import LoRALinear
+from minilora.lora.layer import LoRALinear
 from tests.helpers import host
 from tests.test_lora_support import (
     Stack,

@@ -201,3 +201,82 @@ def test_unknown_adapter_name_is_refused_on_save():
     model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
     with tempfile.TemporaryDirectory() as d, pytest.raises(CheckpointError, match="'other'"):
         lora.save_adapter(model, d, "other")
+
+
+# ---------------------------------------------------- the one reader and writer of the files
+
+def test_every_adapter_writer_goes_through_the_same_bytes(tmp_path):
+    """save_adapter, adapter_files and interop.export_peft / peft_adapter_files write what
+    adapter_file_bytes makes of their (config, arrays), byte for byte."""
+    from minilora import interop
+    from minilora.gpt import GPT, GPTConfig
+    from minilora.lora.io import adapter_file_bytes
+
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    randomize_lora(model)
+    lora.save_adapter(model, str(tmp_path / "a"))
+    files = lora.adapter_files(model)
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors"}
+    for name, data in files.items():
+        assert (tmp_path / "a" / name).read_bytes() == data
+    arrays = {k: host(p) for k, p in lora.adapter_state_dict(model).items()}
+    assert adapter_file_bytes(lora.lora_configs(model)["default"].to_peft_dict(), arrays) == files
+    config = json.loads(files["adapter_config.json"])
+    assert files["adapter_config.json"] == (json.dumps(config, indent=2, sort_keys=True)
+                                            + "\n").encode()
+    gpt = lora.inject_lora(GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2,
+                                         n_embd=8)), lora.LoraConfig(r=2))
+    interop.export_peft(gpt, str(tmp_path / "p"))
+    for name, data in interop.peft_adapter_files(gpt).items():
+        assert (tmp_path / "p" / name).read_bytes() == data
+
+
+def test_the_reader_checks_the_config_before_reading_any_tensor(tmp_path):
+    from minilora.lora.io import read_adapter_files
+
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    lora.save_adapter(model, str(tmp_path / "a"))
+    seen = []
+
+    def refuse(raw, path):
+        seen.append((raw["r"], path))
+        raise CheckpointError("refused by the caller")
+
+    with pytest.raises(CheckpointError, match="refused by the caller"):
+        read_adapter_files(tmp_path / "a", "my_loader", refuse)
+    assert seen == [(2, str(tmp_path / "a" / "adapter_config.json"))]
+    parsed, arrays, found = read_adapter_files(tmp_path / "a", "my_loader",
+                                               lambda raw, path: raw["r"], float_dtype=np.float64)
+    assert parsed == 2 and found == tmp_path / "a"
+    assert all(a.dtype == np.float64 for a in arrays.values()) and len(arrays) == 4
+    os.remove(tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="my_loader: .*incomplete"):
+        read_adapter_files(tmp_path / "a", "my_loader", lambda raw, path: raw)
+    os.remove(tmp_path / "a" / "manifest.json")
+    with pytest.raises(CheckpointError, match="my_loader: .*adapter_model.safetensors' is "
+                                              "missing; an adapter directory holds"):
+        read_adapter_files(tmp_path / "a", "my_loader", lambda raw, path: raw)
+
+
+def test_the_header_reader_reads_no_tensor_data(tmp_path, monkeypatch):
+    from minilora.lora import io
+    from minilora.lora.io import adapter_header
+
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=3))
+    lora.save_adapter(model, str(tmp_path / "a"))
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # the data is damaged, the header is not
+        f.seek(size - 4)
+        f.write(b"\xff\xff\xff\xff")
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):  # a load would refuse it
+        lora.load_adapter(tiny(), str(tmp_path / "a"))
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("adapter_header read tensor data")
+
+    monkeypatch.setattr(io, "read_tensors", no_data)
+    config, infos = adapter_header(tmp_path / "a", "inspect")
+    assert config["r"] == 3 and config["peft_type"] == "LORA"
+    a = infos["base_model.model.q_proj.lora_A.weight"]
+    assert a.shape == (3, 5) and a.dtype == "F64"

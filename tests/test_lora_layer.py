@@ -9,7 +9,7 @@ import minilora as ml
 from minilora import backend as B
 from minilora import nn
 from minilora.errors import ConfigError, InvalidArgumentError
-from minilora.lora_layer import LoRALinear
+from minilora.lora.layer import LoRALinear
 from tests.helpers import check_grads, host, numeric_grad
 from tests.test_lora_support import alphas, assert_close, dims, dtypes, inputs, ranks, seeds
 
@@ -240,12 +240,14 @@ def test_layer_merge_refuses_a_second_merge_until_unmerged():
     assert_close(host(layer.base_layer.weight), W, 1e-12)
 
 
-@given(k=dims, n=dims, r=ranks, seed=seeds)
-def test_a_plain_and_a_dora_adapter_together(k, n, r, seed):
-    """Both read the same base(x); the plain update is added into base(x)'s buffer only after
-    DoRA has used it. Forward against the equations, gradients against finite differences."""
+@given(k=dims, n=dims, r=ranks, seed=seeds, bias=st.booleans())
+def test_a_plain_and_a_dora_adapter_together(k, n, r, seed, bias):
+    """Both read the same base(x). Without a bias DoRA's term keeps base(x) itself for its
+    backward, so the plain update must not be written into base(x)'s array then (it once was:
+    m's gradient came out wrong). Forward against the equations, gradients against finite
+    differences."""
     ml.set_default_dtype(np.float64)
-    layer = make_layer(k, n, r, 4.0, seed=seed)
+    layer = make_layer(k, n, r, 4.0, seed=seed, bias=bias)
     layer.update_layer("d", r=r, alpha=2.0, use_dora=True)
     layer.set_adapter(["default", "d"])
     rng = np.random.default_rng(seed + 3)
@@ -267,3 +269,48 @@ def test_a_plain_and_a_dora_adapter_together(k, n, r, seed):
         return layer(x)
 
     check_grads(fn, [x, A, Bm, m], rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------- per-adapter values, derived
+
+def test_rank_dora_and_scaling_are_read_off_the_adapter_itself():
+    layer = LoRALinear(nn.Linear(6, 5).double())
+    layer.update_layer("a", r=2, alpha=8)
+    layer.update_layer("b", r=4, alpha=8, use_rslora=True, use_dora=True, dropout=0.25)
+    assert dict(layer.r) == {"a": 2, "b": 4}
+    assert dict(layer.use_dora) == {"a": False, "b": True}
+    assert dict(layer.scaling) == {"a": 8 / 2, "b": 8 / np.sqrt(4)}
+    assert dict(layer.lora_alpha) == {"a": 8, "b": 8}
+    assert dict(layer.lora_dropout) == {"a": 0.0, "b": 0.25}
+    assert dict(layer.use_rslora) == {"a": False, "b": True}
+    # the settings table holds only what the modules do not say
+    assert set(vars(layer.settings["b"])) == {"alpha", "dropout", "use_rslora"}
+    # a new A of another rank (as add_weighted_adapter's "cat" makes) changes r and s with it
+    layer.lora_A["a"] = nn.Linear(6, 3, bias=False).double()
+    layer.lora_B["a"] = nn.Linear(3, 5, bias=False).double()
+    assert layer.r["a"] == 3 and layer.scaling["a"] == 8 / 3
+    del layer.lora_magnitude_vector["b"]
+    assert layer.use_dora["b"] is False
+    layer.delete_adapter("a")
+    assert list(layer.r) == list(layer.scaling) == list(layer.lora_alpha) == ["b"]
+
+
+def test_the_derived_tables_are_read_only():
+    layer = make_layer(4, 3, 2, 4.0)
+    for table in ("r", "scaling", "use_dora", "lora_alpha", "lora_dropout", "use_rslora"):
+        with pytest.raises(TypeError):
+            getattr(layer, table)["default"] = 1
+        with pytest.raises(AttributeError):
+            setattr(layer, table, {"default": 1})
+    assert layer.r == {"default": 2} and layer.scaling == {"default": 2.0}
+
+
+def test_adapters_live_in_module_dicts_under_their_names():
+    layer = LoRALinear(nn.Linear(3, 2))
+    for name in ("train", "forward", "lora-1", "x_2"):  # names that are methods stay safe
+        layer.update_layer(name, r=1, alpha=1, use_dora=name == "train")
+    assert isinstance(layer.lora_A, nn.ModuleDict) and callable(layer.lora_A.train)
+    keys = [k for k in layer.state_dict() if not k.startswith("base_layer")]
+    assert keys == [f"lora_A.{n}.weight" for n in ("train", "forward", "lora-1", "x_2")] + \
+        [f"lora_B.{n}.weight" for n in ("train", "forward", "lora-1", "x_2")] + \
+        ["lora_magnitude_vector.train.weight"]

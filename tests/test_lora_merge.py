@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from minilora import lora, nn
 from minilora.errors import ConfigError, InvalidArgumentError
-from minilora.lora_layer import LoRALinear
+from minilora.lora.layer import LoRALinear
 from tests.helpers import host
 from tests.test_lora_support import (
     RTOL,

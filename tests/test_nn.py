@@ -18,10 +18,12 @@ from minilora.nn import (
     LayerNorm,
     Linear,
     Module,
+    ModuleDict,
     ModuleList,
     Parameter,
     Sequential,
     Tanh,
+    keep_host_rng,
 )
 from tests.helpers import host, numeric_grad
 
@@ -462,3 +464,69 @@ def test_mlp_gradients_match_finite_differences():
         assert p.grad is not None, name
         np.testing.assert_allclose(host(p.grad), numeric_grad(value, p.data), rtol=1e-5,
                                    atol=1e-8, err_msg=name)
+
+
+# ---------------------------------------------------------------- ModuleDict, set_submodule
+
+def test_module_dict_keys_any_name_and_keeps_them_out_of_the_attributes():
+    d = ModuleDict({"b": Linear(2, 2)})
+    d["train"] = Linear(2, 3)  # a method's name: stays a key, the method stays a method
+    d["a-1"] = Linear(3, 1)
+    assert list(d) == d.keys() == ["b", "train", "a-1"] and len(d) == 3 and "train" in d
+    assert callable(d.train) and d.train() is d
+    assert [k for k, _ in d.items()] == d.keys() and d.values()[1] is d["train"]
+    holder = Module()
+    holder.adapters = d
+    assert list(holder.state_dict()) == [f"adapters.{k}.{p}" for k in ("b", "train", "a-1")
+                                         for p in ("weight", "bias")]
+    assert holder.get_submodule("adapters.a-1") is d["a-1"]
+    del d["b"]
+    assert d.keys() == ["train", "a-1"] and "adapters.b.weight" not in holder.state_dict()
+    for bad in ("", "x.y", 3):
+        with pytest.raises(InvalidArgumentError, match="ModuleDict: a key must be"):
+            d[bad] = Linear(1, 1)
+    with pytest.raises(InvalidArgumentError, match=r"ModuleDict: \['c'\] must be a Module"):
+        d["c"] = Parameter(np.zeros(2))
+
+
+def test_set_submodule_replaces_in_place_keeping_the_order():
+    net = Sequential(Linear(3, 4), Block(4), Linear(4, 2))
+    before = list(net.state_dict())
+    new = Linear(4, 4)
+    net.set_submodule("1.fc", new)
+    assert net[1].fc is new and list(net.state_dict()) == before
+    net.set_submodule("2", Linear(4, 2, bias=False))
+    assert net[2].bias is None and len(net) == 3
+    holder = Module()
+    holder.d = ModuleDict({"x": Linear(1, 1)})
+    holder.set_submodule("d.x", Linear(1, 2))
+    holder.set_submodule("d.y", Linear(1, 3))  # strict=False may add, as torch
+    assert holder.d.keys() == ["x", "y"] and holder.d["x"].out_features == 2
+    assert not hasattr(holder.d, "x")  # still a key only
+
+
+def test_set_submodule_refuses_what_it_cannot_put_in_place():
+    net = Sequential(Linear(3, 4), Block(4))
+    with pytest.raises(InvalidArgumentError, match="has no submodule 'nope'"):
+        net.set_submodule("nope.fc", Linear(1, 1))
+    with pytest.raises(InvalidArgumentError, match="holds no module to replace"):
+        net.set_submodule("1.extra", Linear(1, 1), strict=True)
+    with pytest.raises(InvalidArgumentError, match="holds a parameter or attribute"):
+        net.set_submodule("1.fc.weight", Linear(1, 1))
+    with pytest.raises(InvalidArgumentError, match="has no index '5'"):
+        net.set_submodule("5", Linear(1, 1))
+    with pytest.raises(InvalidArgumentError, match="must be a Module"):
+        net.set_submodule("0", Parameter(np.zeros(2)))
+    for bad in ("", "1..fc", None):
+        with pytest.raises(InvalidArgumentError, match="target must be a dotted path"):
+            net.set_submodule(bad, Linear(1, 1))
+    assert isinstance(net[0], Linear) and net[0].out_features == 4 and len(net) == 2
+
+
+def test_keep_host_rng_leaves_the_stream_where_it_was():
+    ml.manual_seed(3)
+    expected = B.host_rng().standard_normal(4)
+    ml.manual_seed(3)
+    with keep_host_rng():
+        Linear(50, 50)  # draws its init
+    assert np.array_equal(B.host_rng().standard_normal(4), expected)

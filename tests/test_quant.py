@@ -56,7 +56,7 @@ def _bnb_scaled(x: np.ndarray, blocksize: int) -> np.ndarray:
 
 def _reference_codes(x: np.ndarray, blocksize: int, quant_type: str) -> np.ndarray:
     """An independent oracle: loop over blocks, argmin of the distance to every emitted code."""
-    code = Q._CODES[quant_type].astype(np.float64)
+    code = Q.codes.CODES[quant_type].astype(np.float64)
     allowed = np.arange(1, 16) if quant_type == "int4" else np.arange(16)
     scaled = _bnb_scaled(x, blocksize).astype(np.float64)
     dist = np.abs(scaled[:, None] - code[allowed][None, :])
@@ -66,7 +66,7 @@ def _reference_codes(x: np.ndarray, blocksize: int, quant_type: str) -> np.ndarr
 def _midpoint_codes(x: np.ndarray, blocksize: int, quant_type: str) -> np.ndarray:
     """The midpoint rule on bitsandbytes' scaled values, by counting: code = order[number of
     midpoints strictly below s] (torch.bucketize), midpoints (a + b) / 2 in float32."""
-    code = Q._CODES[quant_type]
+    code = Q.codes.CODES[quant_type]
     emitted = np.arange(1, 16) if quant_type == "int4" else np.arange(16)
     order = emitted[np.argsort(code[emitted], kind="stable")]
     mid = (code[order[:-1]] + code[order[1:]]) / np.float32(2)
@@ -138,7 +138,7 @@ def test_error_bound_and_nearest_code(seed, n, blocksize, qt):
     assert np.all(np.abs(x - xh) <= bound)
     codes = host(state.codes())
     ref = _reference_codes(x, blocksize, qt)
-    values = Q._CODES[qt]
+    values = Q.codes.CODES[qt]
     if qt == "fp4":  # +0 and -0 are the same value; compare values
         np.testing.assert_array_equal(values[codes], values[ref])
     else:
@@ -188,7 +188,7 @@ def test_quantize_of_dequantize_is_the_same_state(seed, n, blocksize, qt, dq):
     q1 = Q.quantize(x, blocksize, qt, dq)
     q2 = Q.quantize(Q.dequantize(q1), blocksize, qt, dq)
     c1, c2 = host(q1.codes()), host(q2.codes())
-    values = Q._CODES[qt]
+    values = Q.codes.CODES[qt]
     if qt == "fp4":  # -0 dequantizes to a zero that quantizes to +0: the same value
         np.testing.assert_array_equal(values[c1], values[c2])
     else:
@@ -290,7 +290,7 @@ def test_bad_input_raises_clear_errors():
 def _around_midpoints(a: float, quant_type: str, ulps: int = 2) -> np.ndarray:
     """float32 values at fl(m * a) and up to ``ulps`` ulps either side, for every midpoint m of
     ``quant_type``'s sorted codes: the inputs whose code depends on the last bit of the scaling."""
-    code = Q._CODES[quant_type]
+    code = Q.codes.CODES[quant_type]
     emitted = np.arange(1, 16) if quant_type == "int4" else np.arange(16)
     v = np.sort(code[emitted])
     mid = (v[:-1] + v[1:]) / np.float32(2)
@@ -322,7 +322,7 @@ def _one_rule_codes(x: np.ndarray, blocksize: int, quant_type: str, multiply: bo
     am = np.repeat([np.abs(flat[i * blocksize:(i + 1) * blocksize]).max()
                     for i in range(n_blocks)], blocksize)[:flat.size].astype(np.float32)
     s = flat * (np.float32(1) / am) if multiply else flat / am
-    _, order, mid = Q._host_tables(quant_type)
+    _, order, mid = Q.codes.host_tables(quant_type)
     return order[np.searchsorted(mid, np.clip(s, -1, 1), side="left")].astype(np.uint8)
 
 
@@ -346,7 +346,7 @@ def test_codes_follow_bitsandbytes_arithmetic_at_every_midpoint(a_full, a_short,
 
 def test_exactly_on_a_midpoint_takes_the_lower_code():
     for qt in Q.QUANT_TYPES:
-        _, order, mid = Q._host_tables(qt)
+        _, order, mid = Q.codes.host_tables(qt)
         for a in (np.float32(1.0), np.float32(4.0), np.float32(0.125)):  # exact reciprocals
             x = np.concatenate([[a], mid * a]).astype(np.float32)  # s = mid exactly
             for bs in (16, 32):  # 16: a full block (nf4, fp4: 1 + 15 values), 32: a short one

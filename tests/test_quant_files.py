@@ -16,13 +16,13 @@ from safetensors.numpy import load, save, save_file
 
 import minilora as ml
 from minilora import backend as B
-from minilora import bnb_format as BF
 from minilora import lora, nn, tensorfile
 from minilora import quant as Q
-from minilora import quant_linear as QL
+from minilora import quant as QL
 from minilora.checkpoint import MODEL_FILE, load_checkpoint, load_model, restore, save_checkpoint
 from minilora.errors import CheckpointError, StateDictError
 from minilora.gpt import GPT, GPTConfig
+from minilora.quant import bnb_format as BF
 from tests.helpers import host
 
 CFG = GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=32)

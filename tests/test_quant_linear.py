@@ -12,7 +12,7 @@ import minilora as ml
 from minilora import backend as B
 from minilora import nn
 from minilora import quant as Q
-from minilora import quant_linear as QL
+from minilora import quant as QL
 from minilora.errors import InvalidArgumentError, ShapeError
 from tests.helpers import check_grads, host, numeric_grad
 
@@ -73,7 +73,7 @@ def test_dequantizes_once_forward_and_once_backward_and_only_if_needed(monkeypat
     _, ql = _layer()
     calls = []
     real = QL.dequantize
-    monkeypatch.setattr(QL, "dequantize", lambda s: calls.append(1) or real(s))
+    monkeypatch.setattr(QL.linear, "dequantize", lambda s: calls.append(1) or real(s))
     y = ql(_x(4, 40))  # frozen everything: no graph, one dequantization
     assert not y.requires_grad and len(calls) == 1
     x = ml.Tensor(_x(4, 40).data, requires_grad=True)

@@ -356,3 +356,41 @@ def test_json_field_defaults_and_required_fields():
         tf.json_field({}, "f", int, "w")
     with pytest.raises(ConfigError, match="w: f must be an integer, got null"):
         tf.json_field({"f": None}, "f", int, "w")
+
+
+# ------------------------------------------------------------------------------- writing
+
+@given(arrays=st.dictionaries(st.text("abc.", min_size=1, max_size=5),
+                              hnp.arrays(st.sampled_from([np.float32, np.float64, np.int64]),
+                                         hnp.array_shapes(min_dims=1, max_dims=3, max_side=3)),
+                              max_size=4))
+def test_safetensors_bytes_read_back_exactly(tmp_path_factory, arrays):
+    path = tmp_path_factory.mktemp("w") / "t.safetensors"
+    path.write_bytes(tf.safetensors_bytes(arrays))
+    _, metadata = tf.read_header(path, "t")
+    assert metadata == {"format": "pt"}  # what transformers and PEFT look for
+    back = tf.read_tensors(path, "t", float_dtype=None)
+    assert back.keys() == arrays.keys()
+    for k, a in arrays.items():
+        assert back[k].dtype == a.dtype and np.array_equal(back[k], a, equal_nan=True)
+
+
+def test_safetensors_bytes_take_strided_views():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    data = tf.safetensors_bytes({"t": a.T})  # not contiguous
+    assert data == st_save({"t": np.ascontiguousarray(a.T)}, metadata={"format": "pt"})
+
+
+def test_json_bytes_are_sorted_indented_and_refuse_nan():
+    data = tf.json_bytes({"b": 1, "a": [1.5, None]})
+    assert data == b'{\n  "a": [\n    1.5,\n    null\n  ],\n  "b": 1\n}\n'
+    assert json.loads(data) == {"a": [1.5, None], "b": 1}
+    with pytest.raises(ValueError):
+        tf.json_bytes({"x": float("nan")})
+
+
+def test_no_duplicate_keys_names_the_key():
+    assert json.loads('{"a": 1, "b": 2}', object_pairs_hook=tf.no_duplicate_keys) == \
+        {"a": 1, "b": 2}
+    with pytest.raises(ValueError, match="the key 'a' appears twice"):
+        json.loads('{"a": 1, "a": 2}', object_pairs_hook=tf.no_duplicate_keys)

@@ -32,7 +32,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import minilora as ml  # noqa: E402
 from minilora import nn  # noqa: E402
 from minilora import quant as Q  # noqa: E402
-from minilora import quant_linear as QL  # noqa: E402
+from minilora import quant as QL  # noqa: E402
 from tests.helpers import host  # noqa: E402
 
 pytestmark = pytest.mark.crosscheck

@@ -100,7 +100,7 @@ def test_values_at_and_around_every_midpoint_give_bitsandbytes_bytes(blocksize, 
     scales = np.concatenate([np.exp(rng.uniform(-6, 6, 60)), 2.0 ** np.arange(-4, 5),
                              [1.0, 3.0, 0.1, 1e-3, 7e4]]).astype(np.float32)
     pairs = np.stack([scales, np.roll(scales, 7)], axis=1) * rng.choice([-1, 1], (scales.size, 2))
-    _, order, mid = Q._host_tables(quant_type)
+    _, order, mid = Q.codes.host_tables(quant_type)
     moved = 0
     for a_full, a_short in pairs.astype(np.float32):
         x = _midpoint_input(a_full, a_short, blocksize, quant_type)

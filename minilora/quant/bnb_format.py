@@ -3,7 +3,7 @@
 A bitsandbytes ``Linear4bit`` saves its 4-bit weight (``Params4bit`` plus
 ``QuantState.as_dict(packed=True)``) as the tensors below, next to the layer; a QLoRA model saved
 with ``safetensors.torch.save_file`` holds exactly these, and minilora's checkpoints keep every
-:class:`~minilora.quant_linear.QuantLinear` the same way. For a weight of ``shape`` with
+:class:`~minilora.quant.linear.QuantLinear` the same way. For a weight of ``shape`` with
 ``n = prod(shape)`` elements (a Linear's (out, in), flattened row-major),
 ``n_blocks = ceil(n / blocksize)`` and ``n_blocks2 = ceil(n_blocks / nested_blocksize)``::
 
@@ -65,18 +65,17 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from . import backend as B
-from .errors import CheckpointError, InvalidArgumentError, MiniLoraError, StateDictError
-from .quant import (
-    DYNAMIC_CODE,
-    FP4_CODE,
-    INT4_CODE,
-    NF4_CODE,
-    QuantState,
-    _check_blocksize,
-    _check_state,
+from .. import backend as B
+from ..errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    MiniLoraError,
+    StateDictError,
+    is_int,
 )
-from .tensorfile import DTYPES, MAX_NDIM, TensorInfo, read_tensors
+from ..tensorfile import DTYPES, MAX_NDIM, TensorInfo, no_duplicate_keys, read_tensors
+from .blockwise import QuantState, check_blocksize, check_state
+from .codes import DYNAMIC_CODE, FP4_CODE, INT4_CODE, NF4_CODE
 
 # quant type -> who defines it (the blob key is "quant_state.<namespace>__<quant type>")
 NAMESPACES = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int4": "minilora"}
@@ -112,19 +111,6 @@ def quantized_layers(keys: Iterable[str]) -> list[str]:
 
 # ------------------------------------------------------------------------- the JSON blob
 
-def _no_duplicates(pairs: list) -> dict:
-    obj: dict = {}
-    for k, v in pairs:
-        if k in obj:
-            raise ValueError(f"the field {k!r} appears twice")
-        obj[k] = v
-    return obj
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _blob_type(key: str, tail: str, fail: Fail) -> str:
     """The quant type a blob key names ("bitsandbytes__nf4" -> "nf4"), refusing unknown ones."""
     namespace, _, quant_type = tail.partition("__")
@@ -140,7 +126,7 @@ def _parse_blob(raw: bytes, key: str, quant_type: str, fail: Fail) -> dict:
     ``dtype``, ``shape`` (a tuple) and, when double quantized, ``nested_blocksize``,
     ``nested_dtype`` and ``nested_offset`` (np.float32)."""
     try:
-        meta = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        meta = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
     except UnicodeDecodeError as exc:
         raise fail(f"key {key!r}: the quant-state blob is not UTF-8 (byte {exc.start}: "
                    f"{exc.reason})") from None
@@ -162,14 +148,14 @@ def _parse_blob(raw: bytes, key: str, quant_type: str, fail: Fail) -> dict:
                    f"{quant_type!r}")
     for f in ("blocksize", "nested_blocksize") if nested else ("blocksize",):
         try:
-            _check_blocksize(meta[f], f)
+            check_blocksize(meta[f], f)
         except InvalidArgumentError as exc:
             raise fail(f"key {key!r}: {exc}") from None
     if meta["dtype"] not in FLOAT_DTYPES:
         raise fail(f"key {key!r}: dtype must be one of {FLOAT_DTYPES}, got {meta['dtype']!r}")
     shape = meta["shape"]
     if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_NDIM or \
-            not all(_is_int(d) and d > 0 for d in shape):
+            not all(is_int(d) and d > 0 for d in shape):
         raise fail(f"key {key!r}: shape must be a list of 1 to {MAX_NDIM} positive ints, got "
                    f"{shape!r:.100}")
     meta["shape"] = tuple(shape)
@@ -320,7 +306,7 @@ def _build(meta: dict, arrays: dict[str, Any], weight: str, fail: Fail) -> Quant
         absmax2=_owned(arrays[f"{weight}.nested_absmax"], None) if nested else None,
         blocksize2=int(meta["nested_blocksize"]) if nested else 256)
     try:
-        _check_state(state, "quant_state_from_bnb")  # a second line of defence: cannot fail here
+        check_state(state, "quant_state_from_bnb")  # a second line of defence: cannot fail here
     except MiniLoraError as exc:
         raise fail(f"{weight!r}: {exc}") from None
     return state
@@ -337,7 +323,7 @@ def quant_state_to_bnb(state: QuantState, prefix: str = "weight",
     The arrays are backend arrays: the state's own (views, as a state dict's are), the tables and
     the blob fresh. ``dtype`` is what the blob says bitsandbytes should dequantize to.
     """
-    _check_state(state, "quant_state_to_bnb")
+    check_state(state, "quant_state_to_bnb")
     if dtype not in FLOAT_DTYPES:
         raise InvalidArgumentError(f"quant_state_to_bnb: dtype must be one of {FLOAT_DTYPES}, got "
                                    f"{dtype!r}")

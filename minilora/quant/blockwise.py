@@ -26,25 +26,24 @@ bitsandbytes' reference kernel (``backends/default/ops.py``, which its CPU build
 ``quantize_4bit``), so packed bytes and absmax equal bitsandbytes' for every input, midpoints
 included, and its arrays can be read here directly (tests/crosscheck/test_quant_bnb.py compares
 them byte for byte). The one place that differs on purpose is the nested 8-bit step of double
-quantization (see :func:`quantize`). The frozen layer built on this (``QuantLinear``),
-``quantize_model``, merging into a 4-bit base and the memory report live in
-:mod:`minilora.quant_linear` and are re-exported at the end of this file.
+quantization (see :func:`quantize`). The code tables are in :mod:`.codes`; the frozen layer
+built on this (``QuantLinear``) and merging into a 4-bit base in :mod:`.linear`;
+``quantize_model`` and the memory report in :mod:`.model`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
-from . import backend as B
-from .errors import DTypeError, InvalidArgumentError, ShapeError
-from .tensor import Tensor
+from .. import backend as B
+from ..errors import DTypeError, InvalidArgumentError, ShapeError, check_int, is_int
+from ..tensor import Tensor
+from .codes import CODES, byte_table, check_quant_type, device_table, host_tables
 
-QUANT_TYPES = ("nf4", "fp4", "int4")
 NESTED_BLOCKSIZE = 256  # absmax values per block in double quantization (QLoRA, bitsandbytes)
 # The largest blocksize accepted (bitsandbytes uses 32..4096). Nothing is allocated in proportion
 # to the blocksize, but a limit turns a forged one (a corrupt file, 2**40) into a clear error.
@@ -54,130 +53,12 @@ _MAX_TEXT = f"2**{MAX_BLOCKSIZE.bit_length() - 1} = {MAX_BLOCKSIZE}"
 # divided by zero, and a zero SHORT last block stores this value as its absmax
 _TINY = np.float32(1e-38)
 
-# NF4 (QLoRA, section 3): quantiles of N(0, 1) scaled to [-1, 1]; 7 negative values, an exact
-# zero and 8 positive ones, so the grid is denser where Gaussian weights are.
-NF4_CODE = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32)
-
-# FP4 as bitsandbytes lays it out (E2M1, bit 3 = sign): raw magnitudes by code 0..7, then the
-# same magnitudes negated for codes 8..15 (code 8 is -0); divided by 12 to span [-1, 1].
-_FP4_RAW = np.array([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0], dtype=np.float32)
-FP4_CODE = np.concatenate([_FP4_RAW, -_FP4_RAW]) / np.float32(12.0)
-
-# Symmetric INT4: code i stands for (i - 8) / 7, i.e. k / 7 for k in -7..7 around an exact zero at
-# code 8. Code 0 (k = -8) would lie outside [-1, 1]; it is clipped to -1 and never produced, so
-# the grid is symmetric and the step is uniform (1/7).
-INT4_CODE = np.clip((np.arange(16, dtype=np.float32) - np.float32(8)) / np.float32(7), -1, 1)
-
-
-def dynamic_map_8bit() -> np.ndarray:
-    """bitsandbytes' signed 8-bit "dynamic" map (256 sorted values in [-1, 1]), rebuilt exactly.
-
-    Dynamic-exponent floats (Dettmers 2016): for exponent e = 0..6 the 2^e + 1 evenly spaced
-    boundaries in [0.1, 1] give 2^e bin centres, scaled by 10^(e - 6), with both signs; plus 0
-    and 1. Every step is rounded to float32 the way ``torch.linspace`` and float32 products do,
-    so the table equals ``bitsandbytes.functional.create_dynamic_map()`` bit for bit. Its largest
-    gap is 0.0140625 (near 1); values near zero are far denser.
-    """
-    start, end = np.float32(0.1), np.float32(1.0)
-    parts = [np.array([0.0, 1.0], dtype=np.float32)]
-    for e in range(7):
-        k = 2 ** e + 1
-        step = np.float64(np.float32((end - start) / np.float32(k - 1)))
-        i = np.arange(k)
-        # linspace fills the first half from the start and the second from the end, with one
-        # rounding per value (a fused multiply-add)
-        bounds = np.where(i < k // 2, np.float64(start) + step * i,
-                          np.float64(end) - step * (k - 1 - i)).astype(np.float32)
-        centres = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
-        scale = np.float32(10 ** (e - 6))
-        parts += [scale * centres, -scale * centres]
-    return np.sort(np.concatenate(parts))
-
-
-DYNAMIC_CODE = dynamic_map_8bit()
-
-
-def normal_float_code(offset: float = 0.9677083) -> np.ndarray:
-    """Rebuild the NF4 table from normal quantiles (QLoRA's construction), float32 (16,).
-
-    Positive side: the N(0, 1) quantiles at 8 evenly spaced probabilities from ``offset`` down to
-    0.5 (exclusive); negative side: the negated quantiles at 7 such probabilities; plus an exact
-    zero. Dividing by the largest value maps the grid to [-1, 1]. ``offset = 0.9677083`` is the
-    midpoint between the extreme quantiles of 32 and 30 equal bins, so +-1 are not infinite.
-    """
-    inv = NormalDist().inv_cdf
-    pos = [inv(p) for p in np.linspace(offset, 0.5, 9)[:-1]]
-    neg = [-inv(p) for p in np.linspace(offset, 0.5, 8)[:-1]]
-    values = np.sort(np.array(pos + [0.0] + neg))
-    return (values / values.max()).astype(np.float32)
-
-
-_CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE, "dynamic8": DYNAMIC_CODE}
-# codes that quantization may emit; INT4 code 0 is a clipped duplicate of -1
-_EMITTED = {"nf4": np.arange(16), "fp4": np.arange(16), "int4": np.arange(1, 16),
-            "dynamic8": np.arange(256)}
-
-
-def _host_tables(kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(code values, sorted emitted code indices, midpoints between neighbours), host arrays."""
-    code = _CODES[kind]
-    emitted = _EMITTED[kind]
-    # a stable sort keeps FP4's two zeros in code order (+0 then -0), as bitsandbytes' CPU path
-    order = emitted[np.argsort(code[emitted], kind="stable")]
-    sorted_values = code[order]
-    midpoints = (sorted_values[:-1] + sorted_values[1:]) / np.float32(2.0)
-    return code, order, midpoints
-
-
-def _byte_table(kind: str) -> np.ndarray:
-    """(256, 2) float32: the two code values a packed byte holds, high nibble first."""
-    code = _CODES[kind]
-    byte = np.arange(256)
-    return np.stack([code[byte >> 4], code[byte & 15]], axis=1)
-
-
-_device_cache: dict = {}
-
-
-def _device(name: str, make: Any) -> Any:
-    """A host table copied once to the active backend (cached per backend)."""
-    key = (name, B.get_backend())
-    if key not in _device_cache:
-        _device_cache[key] = B.asarray(make())
-    return _device_cache[key]
-
-
-def code_values(quant_type: str) -> Any:
-    """The 16 code values of ``quant_type`` (index = 4-bit code), float32 on the active backend."""
-    _check_quant_type(quant_type)
-    return _device(f"code/{quant_type}", lambda: _CODES[quant_type])
-
-
-def max_half_gap(quant_type: str) -> float:
-    """Half the largest gap between adjacent code values: the worst rounding error per unit absmax.
-
-    NF4: 0.1519 (between -1 and -0.6962), FP4: 0.1667 (between 2/3 and 1), INT4: 1/14,
-    8-bit dynamic map: 0.00703 (between 0.9930 and 1).
-    """
-    kind = "dynamic8" if quant_type == "dynamic8" else _check_quant_type(quant_type)
-    values = np.unique(_CODES[kind].astype(np.float64))
-    return float(np.diff(values).max() / 2)
-
-
 # ----------------------------------------------------------------------------------- validation
 
-def _check_quant_type(quant_type: Any) -> str:
-    if quant_type not in QUANT_TYPES:
-        raise InvalidArgumentError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    return quant_type
-
-
-def _check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
-    ok = isinstance(blocksize, (int, np.integer)) and not isinstance(blocksize, bool)
+def check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
+    """``blocksize`` as an int, a power of two in [16, MAX_BLOCKSIZE], or InvalidArgumentError
+    naming it."""
+    ok = is_int(blocksize)
     if ok and blocksize > MAX_BLOCKSIZE:
         raise InvalidArgumentError(f"{name} must be at most MAX_BLOCKSIZE = {_MAX_TEXT} "
                                    f"(bitsandbytes uses 32..4096), got {blocksize!r}")
@@ -263,7 +144,7 @@ class QuantState:
 
     def dequantized_absmax(self) -> Any:
         """The per-block scales as float32 (n_blocks,), undoing double quantization if used."""
-        _check_state(self, "dequantized_absmax")
+        check_state(self, "dequantized_absmax")
         if not self.nested:
             return self.absmax
         scales = _dequantize_blocks(self.absmax, self.absmax2, self.blocksize2, "dynamic8",
@@ -344,15 +225,16 @@ def _quantize_blocks(x: Any, blocksize: int, kind: str) -> tuple[Any, Any]:
         absmax[k] = B.xp.maximum(B.xp.abs(rest).max(), _TINY)
         B.xp.divide(rest, absmax[k], out=scaled[full:])
     B.xp.clip(scaled, -1, 1, out=scaled)
-    _, order, midpoints = _host_tables(kind)
-    position = B.xp.searchsorted(_device(f"mid/{kind}", lambda: midpoints), scaled, side="left")
-    codes = _device(f"order/{kind}", lambda: order.astype(np.uint8))[position]
+    _, order, midpoints = host_tables(kind)
+    mids = device_table(f"mid/{kind}", lambda: midpoints)
+    position = B.xp.searchsorted(mids, scaled, side="left")
+    codes = device_table(f"order/{kind}", lambda: order.astype(np.uint8))[position]
     return codes, absmax
 
 
 def _dequantize_blocks(codes: Any, absmax: Any, blocksize: int, kind: str, n: int) -> Any:
     """Flat float32 (n,): ``code_value[codes_i] * absmax_b`` for 8-bit codes (one per byte)."""
-    values = B.xp.take(_device(f"code/{kind}", lambda: _CODES[kind]), codes)
+    values = B.xp.take(device_table(f"code/{kind}", lambda: CODES[kind]), codes)
     return _scale_blocks(values, absmax, blocksize, n)
 
 
@@ -395,8 +277,8 @@ def quantize(array: Any, blocksize: int = 64, quant_type: str = "nf4",
     differ by one step (both stay within the 8-bit error bound). Float16/32/64 input is
     quantized from its float32 values.
     """
-    _check_quant_type(quant_type)
-    blocksize = _check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    blocksize = check_blocksize(blocksize)
     arr = _as_float32(array, "quantize")
     codes, absmax = _quantize_blocks(arr.reshape(-1), blocksize, quant_type)
     if codes.size % 2:  # pad with the code of zero, as bitsandbytes does
@@ -407,7 +289,7 @@ def quantize(array: Any, blocksize: int = 64, quant_type: str = "nf4",
 
 
 def _zero_code(quant_type: str) -> int:
-    _, order, midpoints = _host_tables(quant_type)
+    _, order, midpoints = host_tables(quant_type)
     return int(order[np.searchsorted(midpoints, np.float32(0.0), side="left")])
 
 
@@ -421,19 +303,15 @@ def _double_quantize(state: QuantState) -> QuantState:
                    blocksize2=NESTED_BLOCKSIZE)
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
-
-
-def _check_state(state: Any, fn: str = "dequantize") -> None:
+def check_state(state: Any, fn: str = "dequantize") -> None:
     """Refuse a QuantState whose arrays do not fit its shape and blocksizes (a forged or corrupt
     one), from metadata alone: nothing is allocated before every size has been checked."""
     if not isinstance(state, QuantState):
         raise InvalidArgumentError(f"{fn}: expected a QuantState, got {type(state).__name__}")
-    _check_quant_type(state.quant_type)
-    _check_blocksize(state.blocksize, "state.blocksize")
+    check_quant_type(state.quant_type)
+    check_blocksize(state.blocksize, "state.blocksize")
     shape = state.shape
-    if not isinstance(shape, (tuple, list)) or not all(_is_count(d) for d in shape) \
+    if not isinstance(shape, (tuple, list)) or not all(is_int(d) and d >= 0 for d in shape) \
             or math.prod(shape) < 1:
         raise ShapeError(f"{fn}: state.shape must be a tuple of positive ints, got {shape!r}")
     for name in ("packed", "absmax"):
@@ -451,7 +329,7 @@ def _check_state(state: Any, fn: str = "dequantize") -> None:
                          f"{state.absmax.dtype} of {state.absmax.size}")
     if not state.nested:
         return
-    _check_blocksize(state.blocksize2, "state.blocksize2")
+    check_blocksize(state.blocksize2, "state.blocksize2")
     n2 = -(-state.n_blocks // state.blocksize2)
     a2 = state.absmax2
     if not B.is_array(a2) or a2.dtype != np.float32 or a2.size != n2:
@@ -472,9 +350,9 @@ def dequantize(state: QuantState) -> Any:
     for the short last block (nothing is padded to ``blocksize``). The state's sizes are checked
     against its shape and blocksizes first, so a forged state is refused before any allocation.
     """
-    _check_state(state)
-    pairs = _device(f"bytes/{state.quant_type}", lambda: _byte_table(state.quant_type))
-    # take, not fancy indexing: NumPy's take with uint8 indices is ~30x faster here
+    check_state(state)
+    pairs = device_table(f"bytes/{state.quant_type}", lambda: byte_table(state.quant_type))
+    # take, not fancy indexing: NumPy's take with uint8 indices is far faster here
     values = B.xp.take(pairs, state.packed.reshape(-1), axis=0).reshape(-1)  # (2 * n_bytes,)
     flat = _scale_blocks(values, state.dequantized_absmax(), state.blocksize, state.numel)
     return flat.reshape(state.shape)
@@ -489,10 +367,10 @@ def bits_per_parameter(blocksize: int = 64, double_quant: bool = False,
 
     At blocksize 64: exactly 4.5, and 4.126953125 with double quantization (QLoRA's 4.127).
     """
-    blocksize = _check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     if not double_quant:
         return 4 + 32 / blocksize
-    nested_blocksize = _check_blocksize(nested_blocksize, "nested_blocksize")
+    nested_blocksize = check_blocksize(nested_blocksize, "nested_blocksize")
     return 4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)
 
 
@@ -502,9 +380,8 @@ def storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = False) -
     ``ceil(n/2)`` packed bytes + 4 bytes per block, or with double quantization 1 byte per block
     + 4 bytes per 256 blocks + a 4-byte offset.
     """
-    blocksize = _check_blocksize(blocksize)
-    if not isinstance(numel, (int, np.integer)) or numel <= 0:
-        raise InvalidArgumentError(f"storage_bytes: numel must be a positive int, got {numel!r}")
+    blocksize = check_blocksize(blocksize)
+    numel = check_int(numel, "storage_bytes: numel")
     n_blocks = -(-numel // blocksize)
     if not double_quant:
         return (numel + 1) // 2 + 4 * n_blocks
@@ -529,26 +406,6 @@ def error_stats(original: Any, approx: Any) -> dict:
             "max_abs_error": float(err.max())}
 
 
-# The layer, model surgery, merging and the memory report build on the functions above and live in
-# quant_linear.py; they are served from here on first use (PEP 562), so either file may be
-# imported first without an import cycle.
-_FROM_QUANT_LINEAR = ("QuantLinear", "quantize_model", "merge_into_quantized", "merge_into_float",
-                      "memory_report", "format_memory_report", "quant_linear_from_bnb_state",
-                      "bnb_state_from_quant_linear", "load_quantized_layers")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_QUANT_LINEAR:
-        from . import quant_linear
-
-        return getattr(quant_linear, name)
-    raise AttributeError(f"module 'minilora.quant' has no attribute {name!r}")
-
-
-__all__ = [
-    "QUANT_TYPES", "MAX_BLOCKSIZE", "NF4_CODE", "FP4_CODE", "INT4_CODE", "DYNAMIC_CODE",
-    "QuantState", "quantize", "dequantize", "pack_nibbles", "unpack_nibbles", "code_values",
-    "max_half_gap", "normal_float_code", "dynamic_map_8bit", "bits_per_parameter",
-    "storage_bytes", "error_stats",
-    *_FROM_QUANT_LINEAR,
-]
+__all__ = ["MAX_BLOCKSIZE", "NESTED_BLOCKSIZE", "QuantState", "quantize", "dequantize",
+           "pack_nibbles", "unpack_nibbles", "bits_per_parameter", "storage_bytes", "error_stats",
+           "check_blocksize", "check_state"]

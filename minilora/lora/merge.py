@@ -21,12 +21,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import backend as B
-from .errors import ConfigError, InvalidArgumentError
-from .lora_config import LoraConfig
-from .lora_inject import check_adapter_name, lora_configs, unload
-from .lora_layer import LoRALinear, lora_layers
-from .nn import Module
+from .. import backend as B
+from ..errors import ConfigError, InvalidArgumentError, check_int
+from ..nn import Module
+from .config import LoraConfig
+from .inject import check_adapter_name, lora_configs, unload
+from .layer import LoRALinear, lora_layers
 
 
 def merge(model: Module, adapter_names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -102,9 +102,8 @@ def _check_weighted(model: Module, adapters: Sequence[str], weights: Sequence[fl
     if combination_type not in COMBINATION_TYPES:
         raise InvalidArgumentError(f"add_weighted_adapter: combination_type must be one of "
                                    f"{COMBINATION_TYPES}, got {combination_type!r}")
-    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
-        raise InvalidArgumentError(f"add_weighted_adapter: svd_rank must be a positive int, "
-                                   f"got {svd_rank!r}")
+    if svd_rank is not None:
+        check_int(svd_rank, "add_weighted_adapter: svd_rank")
     dora = [a for a in adapters if configs[a].use_dora]
     if dora:
         raise ConfigError(f"add_weighted_adapter: DoRA adapters {dora} are not linear in B A and "

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InvalidArgumentError
-from .lora_config import LoraConfig
-from .lora_inject import lora_configs
-from .lora_layer import lora_layers
-from .nn import Linear, Module
+from ..errors import InvalidArgumentError, check_int
+from ..nn import Linear, Module
+from .config import LoraConfig
+from .inject import lora_configs
+from .layer import lora_layers
 
 # the Linear layers of minilora's GPT, per block: name -> (out, in) in units of n_embd
 GPT_LINEARS = {"attn.q_proj": (1, 1), "attn.k_proj": (1, 1), "attn.v_proj": (1, 1),
@@ -89,12 +89,11 @@ def format_parameter_table(rows: list[dict]) -> str:
 def lora_param_count(d_model: int, n_layers: int, r: int, n_targets: int = 2) -> int:
     """Trainable LoRA parameters when ``n_targets`` square d x d projections per layer are
     adapted: n_layers * n_targets * r * (d + d). (The LoRA paper's tables use q and v.)"""
-    for name, v in (("d_model", d_model), ("n_layers", n_layers), ("r", r),
-                    ("n_targets", n_targets)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise InvalidArgumentError(f"lora_param_count: {name} must be a positive int, "
-                                       f"got {v!r}")
-    return n_layers * n_targets * r * (d_model + d_model)
+    d = check_int(d_model, "lora_param_count: d_model")
+    n_layers = check_int(n_layers, "lora_param_count: n_layers")
+    r = check_int(r, "lora_param_count: r")
+    n_targets = check_int(n_targets, "lora_param_count: n_targets")
+    return n_layers * n_targets * r * (d + d)
 
 
 def gpt_lora_param_count(gpt_config: Any, lora_config: LoraConfig) -> int:

@@ -2,19 +2,16 @@
 
 For an input x (..., k) and a base layer ``y = x W^T + b`` with W (n, k) frozen, adapter i adds
 
-    y += s_i * (dropout(x) A_i^T) B_i^T,     A_i (r_i, k), B_i (n, r_i),  s_i = alpha_i / r_i
+    y + s_i * (dropout(x) A_i^T) B_i^T,     A_i (r_i, k), B_i (n, r_i),  s_i = alpha_i / r_i
 
 as two skinny matmuls (:func:`add_lora_update`, one graph node that keeps only the (N, r)
-intermediate): B_i A_i (n, k) is never formed while training, and W gets no gradient.
-With DoRA (Liu et al. 2024) adapter i instead rescales each output row of the updated weight to
-a learned length m_i (n,):
+intermediate): B_i A_i (n, k) is never formed while training, and W gets no gradient. The
+variants (rsLoRA's scaling, DoRA's magnitude, PiSSA's init) are in :mod:`.variants`; this file
+is the plain layer, which calls them.
 
-    y = (m_i / ||W + s_i B_i A_i||_row) * (x W^T + s_i (x A_i^T) B_i^T) + b
-
-where ||.||_row is the L2 norm of each row (over the input axis) and is treated as a constant
-in the backward pass (DoRA, section 4.3). m_i starts at ||W + s_i B_i A_i||_row, so the output
-does not change at init. Its state key is "<path>.lora_magnitude_vector.<adapter>.weight" (n,),
-as in PEFT.
+An adapter's rank is its A's number of rows, and it is a DoRA adapter when it has a magnitude
+vector: ``r``, ``use_dora`` and ``scaling`` are read off the adapter, and only what its weights
+do not say (alpha, the input dropout, rsLoRA) is kept beside them, in one table.
 
 The base may be an ``nn.Linear`` or any module with ``in_features``, ``out_features``, ``bias``,
 ``forward``, ``dequantized_weight()`` and ``add_to_weight(delta)`` (the 4-bit QuantLinear):
@@ -23,16 +20,26 @@ everything here reads W through :func:`base_weight`.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import weakref
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
 
-import numpy as np
-
-from . import backend as B
-from . import functional as F
-from .errors import ConfigError, InvalidArgumentError
-from .lora_config import INITS, lora_scaling
-from .nn import Linear, Module, Parameter
-from .tensor import Tensor
+from .. import backend as B
+from .. import fast
+from .. import functional as F
+from ..errors import ConfigError, GraphError, InvalidArgumentError
+from ..nn import Linear, Module, ModuleDict, Parameter
+from ..tensor import Tensor
+from .config import INITS
+from .variants import (
+    DoraMagnitude,
+    dora_merge_factor,
+    dora_merged_delta,
+    dora_term,
+    lora_scaling,
+    pissa_init,
+)
 
 
 def is_linear_like(module: Any) -> bool:
@@ -47,25 +54,54 @@ def base_weight(base: Module) -> Any:
     return B.asarray(base.dequantized_weight())
 
 
-def row_norm(w: Any) -> Any:
-    """L2 norm of each row of w (n, k) -> (n,): the DoRA norm ||.||_row, over the input axis."""
-    return B.xp.sqrt((w * w).sum(axis=1))
+# Outputs whose array add_lora_update was allowed to write into (y_is_fresh=True), by id: their
+# caller said nothing reads them again, and the readers in this file hold it to that. Keyed by
+# id with a weak reference (an entry goes when its tensor does), not by the tensor's equality.
+_handed_over: dict[int, weakref.ref] = {}
 
 
-def add_lora_update(y: Tensor, x: Tensor, A: Tensor, Bm: Tensor, s: float) -> Tensor:
+def _hand_over(y: Tensor) -> None:
+    key = id(y)
+    _handed_over[key] = weakref.ref(y, lambda _, key=key: _handed_over.pop(key, None))
+
+
+def was_handed_over(y: Tensor) -> bool:
+    """True when ``y`` went to :func:`add_lora_update` with ``y_is_fresh=True``: its array may
+    hold the sum since, so nothing may read it."""
+    ref = _handed_over.get(id(y))
+    return ref is not None and ref() is y
+
+
+def add_lora_update(y: Tensor, x: Tensor, A: Tensor, Bm: Tensor, s: float, *,
+                    y_is_fresh: bool = False) -> Tensor:
     """``y + s (x A^T) B^T`` as one graph node; y (..., out), x (..., in), A (r, in), B (out, r).
 
     Two skinny matmuls, never B @ A. The backward pass keeps only h = s x A^T (N, r):
     dy = g,  dB = g^T h,  dA = s (g B)^T x,  dx = s (g B) A; frozen inputs get no work.
-    y must be a linear layer's fresh output: the update is added into y's own array (a linear
-    layer's backward never reads its output), so no second (N, out) array stays in the graph.
+
+    The sum is a new array. ``y_is_fresh=True`` is the caller's word that y is its own fresh
+    output (a linear layer's, whose backward never reads it) and that nothing reads y after this
+    call, not even the backward of an op built before: then the fast form
+    (:func:`minilora.fast.lora.add_lora_update_into`) may write the sum into y's array, which
+    saves an (N, out) array per layer. A y handed over so is refused if it comes back here, or to
+    a DoRA term, in both forms (GraphError).
     """
     k, n = A.shape[1], Bm.shape[0]
     x2 = x.data.reshape(-1, k)  # (N, in)
-    h = x2 @ A.data.T  # (N, r)
-    h *= s
-    out = y.data.reshape(-1, n)  # (N, out), a view of y's array when it is contiguous
-    out += h @ Bm.data.T
+    y2 = y.data.reshape(-1, n)  # (N, out), a view of y's array when it is contiguous
+    if was_handed_over(y):
+        raise GraphError("add_lora_update: y was already handed over (y_is_fresh=True) to an "
+                         "earlier update, which may have written into its array; pass that "
+                         "update's output instead")
+    into = fast.kernel("lora_update") if y_is_fresh else None
+    if y_is_fresh:
+        _hand_over(y)
+    if into is not None:
+        out, h = into(y2, x2, A.data, Bm.data, s, y_is_fresh=True)
+    else:
+        h = x2 @ A.data.T  # (N, r)
+        h *= s
+        out = y2 + h @ Bm.data.T  # (N, out), a new array
 
     def backward(g: Any) -> tuple:
         g2 = g.reshape(-1, n)  # (N, out)
@@ -77,47 +113,26 @@ def add_lora_update(y: Tensor, x: Tensor, A: Tensor, Bm: Tensor, s: float) -> Te
     return Tensor._make(out.reshape(y.shape), (y, x, A, Bm), backward, "lora")
 
 
-class AdapterDict(Module):
-    """Sub-modules keyed by adapter name, so that state keys read "<layer>.lora_A.<name>.weight".
+@dataclass(frozen=True)
+class AdapterSettings:
+    """What an adapter's weights do not say: its ``alpha``, the ``dropout`` on its input and
+    whether its scaling is rsLoRA's (``use_rslora``)."""
 
-    Entries live only in ``_modules`` (not as attributes), so any adapter name is safe.
-    """
-
-    def __getitem__(self, name: str) -> Module:
-        return self._modules[name]
-
-    def __setitem__(self, name: str, module: Module) -> None:
-        self._modules[name] = module
-
-    def __delitem__(self, name: str) -> None:
-        del self._modules[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._modules
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self._modules))
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-
-class DoraMagnitude(Module):
-    """DoRA's magnitude vector m (out,), held as ``weight`` (PEFT's layout)."""
-
-    def __init__(self, magnitude: Any) -> None:
-        super().__init__()
-        self.weight = Parameter(magnitude)
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
 
 
 class LoRALinear(Module):
     """A frozen linear-like ``base_layer`` with LoRA adapters ``lora_A[name]``, ``lora_B[name]``.
 
     ``forward(x)``: x (..., in) -> (..., out) = base(x) + the update of every active adapter that
-    is not merged into the base (module docstring). Per adapter, ``r``, ``lora_alpha``,
-    ``scaling``, ``lora_dropout`` and ``use_dora`` are dicts keyed by adapter name, as in
-    loralib and PEFT. ``merged_adapters`` lists the adapters folded into W; ``merged`` is True
-    when any is, and a second ``merge`` is refused until ``unmerge``.
+    is not merged into the base (module docstring). ``r``, ``scaling``, ``use_dora``,
+    ``lora_alpha``, ``lora_dropout`` and ``use_rslora`` read ``{adapter name: value}``, as in
+    loralib and PEFT (``layer.r["default"]``); the first three are derived from the adapter's own
+    modules, the others come from ``settings`` ({name: AdapterSettings}), the one table kept by
+    hand. ``merged_adapters`` lists the adapters folded into W; ``merged`` is True when any is,
+    and a second ``merge`` is refused until ``unmerge``.
     """
 
     def __init__(self, base_layer: Module) -> None:
@@ -128,14 +143,10 @@ class LoRALinear(Module):
         self.base_layer = base_layer
         self.in_features = int(base_layer.in_features)
         self.out_features = int(base_layer.out_features)
-        self.lora_A = AdapterDict()
-        self.lora_B = AdapterDict()
-        self.lora_magnitude_vector = AdapterDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.lora_dropout: dict[str, float] = {}
-        self.use_dora: dict[str, bool] = {}
+        self.lora_A = ModuleDict()
+        self.lora_B = ModuleDict()
+        self.lora_magnitude_vector = ModuleDict()
+        self.settings: dict[str, AdapterSettings] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -160,6 +171,43 @@ class LoRALinear(Module):
     def is_quantized(self) -> bool:
         """True for a base that is not a float ``nn.Linear`` (merging into it is lossy)."""
         return not isinstance(self.base_layer, Linear)
+
+    # ------------------------------------------------------------- per-adapter values, read-only
+
+    @property
+    def r(self) -> Mapping[str, int]:
+        """{adapter: rank}: the rows of its A (r, in)."""
+        return MappingProxyType({n: int(a.weight.shape[0]) for n, a in self.lora_A.items()})
+
+    @property
+    def use_dora(self) -> Mapping[str, bool]:
+        """{adapter: True for a DoRA adapter}, one that has a magnitude vector."""
+        return MappingProxyType({n: n in self.lora_magnitude_vector for n in self.lora_A})
+
+    @property
+    def scaling(self) -> Mapping[str, float]:
+        """{adapter: s}, alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return MappingProxyType({n: self._scaling(n) for n in self.lora_A})
+
+    @property
+    def lora_alpha(self) -> Mapping[str, float]:
+        """{adapter: alpha}."""
+        return MappingProxyType({n: v.alpha for n, v in self.settings.items()})
+
+    @property
+    def lora_dropout(self) -> Mapping[str, float]:
+        """{adapter: dropout probability on its input}."""
+        return MappingProxyType({n: v.dropout for n, v in self.settings.items()})
+
+    @property
+    def use_rslora(self) -> Mapping[str, bool]:
+        """{adapter: True when its scaling is rsLoRA's}."""
+        return MappingProxyType({n: v.use_rslora for n, v in self.settings.items()})
+
+    def _scaling(self, name: str) -> float:
+        settings = self.settings[name]
+        return lora_scaling(int(self.lora_A[name].weight.shape[0]), settings.alpha,
+                            settings.use_rslora)
 
     def _dtype(self) -> Any:
         """Adapters take a float base's dtype; on a quantized base, the default float dtype."""
@@ -186,10 +234,7 @@ class LoRALinear(Module):
             A.weight.data = B.asarray((B.host_rng().standard_normal(A.weight.shape) * std)
                                       .astype(dtype))
         self.lora_A[adapter_name], self.lora_B[adapter_name] = A, Bm
-        self.r[adapter_name], self.lora_alpha[adapter_name] = int(r), alpha
-        self.scaling[adapter_name] = lora_scaling(r, alpha, use_rslora)
-        self.lora_dropout[adapter_name] = float(dropout)
-        self.use_dora[adapter_name] = bool(use_dora)
+        self.settings[adapter_name] = AdapterSettings(alpha, float(dropout), bool(use_rslora))
         if init == "pissa":
             try:
                 self._pissa_init(adapter_name)
@@ -197,29 +242,17 @@ class LoRALinear(Module):
                 self.delete_adapter(adapter_name)
                 raise
         if use_dora:
-            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(
-                row_norm(base_weight(self.base_layer) + self.delta_weight(adapter_name)))
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude.from_weight(
+                base_weight(self.base_layer) + self.delta_weight(adapter_name))
 
     def _pissa_init(self, name: str) -> None:
-        """PiSSA: s B A = U_r S_r V_r^T (top-r singular triplets of W), W <- W - s B A.
-
-        B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T; the residual uses the rounded A and B, so
-        base(x) + s B A x equals the old output up to rounding.
-        """
+        """PiSSA: A, B from the top-r singular triplets of W, and W <- W - s B A (variants)."""
         if self.is_quantized:
             raise ConfigError("LoRALinear: init='pissa' rewrites the base weight and is not "
                               "supported on a quantized base; use init='kaiming'")
-        r, s = self.r[name], self.scaling[name]
-        if r > min(self.in_features, self.out_features):
-            raise ConfigError(f"LoRALinear: init='pissa' needs r <= min(in, out) = "
-                              f"{min(self.in_features, self.out_features)}, got r={r}")
-        W = self.base_layer.weight.data
-        U, S, Vh = B.xp.linalg.svd(W.astype(np.float64), full_matrices=False)
-        root = B.xp.sqrt(S[:r] / s)  # (r,)
-        A, Bm = self.lora_A[name].weight, self.lora_B[name].weight
-        A.data[...] = (root[:, None] * Vh[:r]).astype(W.dtype)  # (r, in)
-        Bm.data[...] = (U[:, :r] * root[None, :]).astype(W.dtype)  # (out, r)
-        W -= s * (Bm.data @ A.data)
+        A, Bm = pissa_init(self.base_layer.weight.data, self.r[name], self._scaling(name))
+        self.lora_A[name].weight.data[...] = A
+        self.lora_B[name].weight.data[...] = Bm
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove adapter ``adapter_name`` (refused while it is merged)."""
@@ -229,8 +262,7 @@ class LoRALinear(Module):
         for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
             if adapter_name in table:
                 del table[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_dora):
-            table.pop(adapter_name, None)
+        self.settings.pop(adapter_name, None)
         if adapter_name in self.active_adapters:
             self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
@@ -255,40 +287,47 @@ class LoRALinear(Module):
         if self.disabled:
             return base_out
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
-        inputs = {n: F.dropout(x, self.lora_dropout[n], self.training)
-                  if self.lora_dropout[n] else x for n in names}
-        # DoRA terms read base(x) first: the plain updates below are added into its buffer
-        dora = [self._dora_update(n, x, inputs[n], base_out) for n in names if self.use_dora[n]]
+        inputs = {n: F.dropout(x, self.settings[n].dropout, self.training)
+                  if self.settings[n].dropout else x for n in names}
+        dora = [self._dora_term(n, x, inputs[n], base_out) for n in names
+                if n in self.lora_magnitude_vector]
+        # base_out is the base layer's own fresh output (a linear layer's backward never reads
+        # it), so the plain updates may be written into its array, unless a DoRA term above
+        # holds it: DoRA reads x W^T = base(x) - b, and without a bias keeps base(x) itself for
+        # its backward pass. Each update's output is fresh in turn, for the next one.
+        fresh = not dora
         result = base_out
         for n in names:
-            if not self.use_dora[n]:
+            if n not in self.lora_magnitude_vector:
                 result = add_lora_update(result, inputs[n], self.lora_A[n].weight,
-                                         self.lora_B[n].weight, self.scaling[n])
+                                         self.lora_B[n].weight, self._scaling(n),
+                                         y_is_fresh=fresh)
         for term in dora:
             result = result + term
         return result
 
-    def _dora_update(self, name: str, x: Tensor, dx: Tensor, base_out: Tensor) -> Tensor:
-        """(m/||W + sBA|| - 1) * W dx + (m/||W + sBA||) * s B A dx: added to base(x), this gives
-        DoRA's output; the norm is a constant for the backward pass (no graph through it)."""
-        A, Bm, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    def _dora_term(self, name: str, x: Tensor, dx: Tensor, base_out: Tensor) -> Tensor:
+        """DoRA's term for adapter ``name`` (:func:`.variants.dora_term`), with dx W^T taken
+        from base(x) = x W^T + b when the input has no dropout."""
+        if was_handed_over(base_out):
+            raise GraphError("LoRALinear: DoRA's term reads base(x), which was handed over to a "
+                             "plain update (y_is_fresh=True) that may have written into it; "
+                             "build the DoRA terms first")
         W = base_weight(self.base_layer)
-        norm = row_norm(W + s * (Bm.data @ A.data))  # (out,), detached
-        scale = self.lora_magnitude_vector[name].weight / Tensor(norm)  # (out,)
-        lora_out = F.linear(F.linear(dx, A) * s, Bm)  # (..., out)
         if dx is x:
             bias = self.base_layer.bias
             wx = base_out - bias if bias is not None else base_out  # x W^T, reusing base(x)
         else:  # dropout: DoRA's W-term sees the dropped input too (PEFT does the same)
             wx = F.linear(dx, Tensor(W))
-        return (scale - 1.0) * wx + scale * lora_out
+        return dora_term(self.lora_magnitude_vector[name].weight, W, self.lora_A[name].weight,
+                         self.lora_B[name].weight, self._scaling(name), dx, wx)
 
     # --------------------------------------------------------------------- merging
 
     def delta_weight(self, adapter_name: str) -> Any:
         """``s * B @ A`` (out, in) of one adapter, as an array (no graph)."""
         A, Bm = self.lora_A[adapter_name].weight.data, self.lora_B[adapter_name].weight.data
-        return self.scaling[adapter_name] * (Bm @ A)
+        return self._scaling(adapter_name) * (Bm @ A)
 
     def merged_delta(self, adapter_names: list[str]) -> tuple[Any, dict]:
         """The change to W that reproduces the forward pass of ``adapter_names`` together.
@@ -301,10 +340,10 @@ class LoRALinear(Module):
         factors = {}
         for name in adapter_names:
             d = self.delta_weight(name)
-            if self.use_dora[name]:
-                f = self.lora_magnitude_vector[name].weight.data / row_norm(W + d)  # (out,)
+            if name in self.lora_magnitude_vector:
+                f = dora_merge_factor(self.lora_magnitude_vector[name].weight.data, W, d)
                 factors[name] = f
-                delta += (f[:, None] - 1.0) * W + f[:, None] * d
+                delta += dora_merged_delta(W, d, f)
             else:
                 delta += d
         return delta, factors
@@ -361,8 +400,8 @@ class LoRALinear(Module):
         self._merge_factors = {}
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={self.r[n]}{' dora' if self.use_dora[n] else ''}"
-                          for n in self.lora_A)
+        r, dora = self.r, self.use_dora
+        ranks = ", ".join(f"{n}: r={r[n]}{' dora' if dora[n] else ''}" for n in self.lora_A)
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
                f"adapters={{{ranks}}}, active={self.active_adapters}, merged={self.merged}"
 

@@ -15,31 +15,103 @@ Sizes the config claims (r) are checked against the weights file's shapes before
 allocated. An adapter is r (n + k) numbers per layer: kilobytes to megabytes against the base's
 n k per layer.
 
-A PiSSA adapter belongs with the residual base it was made from (W - s B A): save that base too.
+The reader and writer of such directories here (:func:`adapter_file_bytes`,
+:func:`write_adapter_files`, :func:`read_adapter_files`, :func:`adapter_header`) are the only
+ones: ``interop.export_peft`` / ``import_peft`` (PEFT's GPT-2 names) and the command line's
+fine-tunes use them too.
+
+A PiSSA adapter belongs with the residual base it was made from (W - s B A): save that base too,
+or write it as the plain LoRA of the untouched base (``variants.pissa_as_lora``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from . import backend as B
-from .errors import CheckpointError, ConfigError
-from .fileio import MANIFEST, atomic_directory, open_save, warn_no_manifest
-from .lora_config import LoraConfig
-from .lora_inject import delete_adapter, inject_lora, lora_configs
-from .lora_layer import lora_layers
-from .nn import Module
-from .tensorfile import read_json, read_tensors
+from .. import backend as B
+from ..errors import CheckpointError, ConfigError
+from ..fileio import MANIFEST, open_save, warn_no_manifest, write_files
+from ..nn import Module
+from ..tensorfile import (
+    TensorInfo,
+    json_bytes,
+    read_header,
+    read_json,
+    read_tensors,
+    safetensors_bytes,
+)
+from .config import LoraConfig
+from .inject import delete_adapter, inject_lora, lora_configs
+from .layer import lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 PREFIX = "base_model.model."
 
+Parsed = TypeVar("Parsed")
+
+
+# ------------------------------------------------------------ PEFT's adapter directory, as files
+
+def adapter_file_bytes(config: dict, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """``{CONFIG_NAME: config as JSON, WEIGHTS_NAME: arrays as safetensors}``: the two files of
+    an adapter directory, as PEFT writes them. ``config`` holds adapter_config.json's fields,
+    ``arrays`` the host arrays under their file keys. The one writer of adapter files: saving
+    (:func:`save_adapter`), PEFT's GPT-2 layout (``interop.export_peft``) and the fine-tunes the
+    command line saves all go through it."""
+    return {CONFIG_NAME: json_bytes(config), WEIGHTS_NAME: safetensors_bytes(arrays)}
+
+
+def write_adapter_files(directory: str | os.PathLike, config: dict,
+                        arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write :func:`adapter_file_bytes` into ``directory`` as one save, whole or not at all (a
+    directory already there is replaced only if it is an adapter save). Returns
+    ``{"config": path, "weights": path}``."""
+    paths = write_files(directory, adapter_file_bytes(config, arrays), names=ADAPTER_FILES)
+    return {"config": paths[CONFIG_NAME], "weights": paths[WEIGHTS_NAME]}
+
+
+def read_adapter_files(directory: str | os.PathLike, who: str,
+                       parse: Callable[[dict, str], Parsed],
+                       float_dtype: Any = None) -> tuple[Parsed, dict[str, np.ndarray], Path]:
+    """The one reader of adapter directories: ``(parse(config fields, config path), {key:
+    host array}, the directory read)``.
+
+    A half-done save beside ``directory`` is finished or undone and the manifest verified first
+    (:func:`minilora.fileio.open_save`); both files must be there. ``parse`` checks the config
+    (raising) before any tensor is read. Float tensors become ``float_dtype`` (None: as stored,
+    bfloat16 as float32); integer tensors are refused. A save without a manifest (PEFT's) loads
+    with one :class:`~minilora.fileio.NoManifestWarning`, after every check has passed, so that
+    a refusal is one line, not two. Errors start with ``who``.
+    """
+    found = open_save(directory, who, warn=False)
+    config_path, weights_path = found / CONFIG_NAME, found / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"{who}: {str(path)!r} is missing; an adapter directory "
+                                  f"holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    parsed = parse(read_json(config_path, who), str(config_path))
+    arrays = read_tensors(weights_path, who, float_dtype=float_dtype, floats_only=True)
+    if not (found / MANIFEST).is_file():
+        warn_no_manifest(found, who)
+    return parsed, arrays, found
+
+
+def adapter_header(directory: str | os.PathLike, who: str) -> tuple[dict, dict[str, TensorInfo]]:
+    """``(config fields, {key: TensorInfo})`` of an adapter directory, from adapter_config.json
+    and the weights file's header alone (no tensor data, no manifest check): what ``inspect``
+    shows, and which layout (minilora's module names or PEFT's GPT-2 ones) the keys are in."""
+    infos, _ = read_header(Path(directory) / WEIGHTS_NAME, who)
+    return read_json(Path(directory) / CONFIG_NAME, who), infos
+
+
+# ------------------------------------------------------------------------- minilora's layout
 
 def adapter_state_dict(model: Module, adapter_name: str = "default") -> dict[str, Any]:
     """``{file key: parameter}`` of adapter ``adapter_name``, keys as in the module docstring."""
@@ -66,16 +138,17 @@ def adapter_state_dict(model: Module, adapter_name: str = "default") -> dict[str
     return out
 
 
+def _minilora_adapter(model: Module, adapter_name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(PEFT config fields, {file key: host array}) of an adapter, in minilora's module names."""
+    params = adapter_state_dict(model, adapter_name)
+    arrays = {k: B.to_numpy(p.data) for k, p in params.items()}
+    return lora_configs(model)[adapter_name].to_peft_dict(), arrays
+
+
 def adapter_files(model: Module, adapter_name: str = "default") -> dict[str, bytes]:
     """``{file name: bytes}`` of adapter ``adapter_name``: its config as JSON and its weights as
     safetensors, as :func:`save_adapter` writes them (to put into a larger save)."""
-    from safetensors.numpy import save as st_save
-
-    params = adapter_state_dict(model, adapter_name)
-    arrays = {k: np.ascontiguousarray(B.to_numpy(p.data)) for k, p in params.items()}
-    config = lora_configs(model)[adapter_name].to_peft_dict()
-    return {WEIGHTS_NAME: st_save(arrays, metadata={"format": "pt"}),
-            CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")}
+    return adapter_file_bytes(*_minilora_adapter(model, adapter_name))
 
 
 def save_adapter(model: Module, directory: str, adapter_name: str = "default") -> dict[str, str]:
@@ -84,11 +157,15 @@ def save_adapter(model: Module, directory: str, adapter_name: str = "default") -
     A directory already there is replaced only if it is an adapter save. Returns
     ``{"config": path, "weights": path}`` of the two files written.
     """
-    with atomic_directory(directory, (CONFIG_NAME, WEIGHTS_NAME)) as stage:
-        for name, data in adapter_files(model, adapter_name).items():
-            stage.write_bytes(name, data)
-    return {"config": os.path.join(directory, CONFIG_NAME),
-            "weights": os.path.join(directory, WEIGHTS_NAME)}
+    return write_adapter_files(directory, *_minilora_adapter(model, adapter_name))
+
+
+def _lora_config(raw: dict, path: str) -> LoraConfig:
+    try:
+        return LoraConfig.from_peft_dict(raw)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"load_adapter: {path!r} is not a usable LoRA adapter config: "
+                              f"{exc}") from None
 
 
 def read_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:
@@ -98,22 +175,7 @@ def read_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:
     fields are type-checked; float tensors keep their precision (bfloat16 becomes float32, and
     each is cast to its parameter's dtype on load), integer tensors are refused.
     """
-    found = open_save(directory, "load_adapter", warn=False)
-    config_path, weights_path = found / CONFIG_NAME, found / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise CheckpointError(f"load_adapter: {str(path)!r} is missing; an adapter directory "
-                                  f"holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    raw = read_json(config_path, "load_adapter")
-    try:
-        config = LoraConfig.from_peft_dict(raw)
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"load_adapter: {str(config_path)!r} is not a usable LoRA adapter "
-                              f"config: {exc}") from None
-    # floats keep their precision (bf16 comes as float32); integers are refused before reading
-    arrays = read_tensors(weights_path, "load_adapter", float_dtype=None, floats_only=True)
-    if not (found / MANIFEST).is_file():  # after every check: a refusal is one line, not two
-        warn_no_manifest(found, "load_adapter")
+    config, arrays, _ = read_adapter_files(directory, "load_adapter", _lora_config)
     return config, arrays
 
 

@@ -7,23 +7,21 @@ other than glibc) the functions say so (``False`` / ``None``) and change nothing
 **BLAS threads.** NumPy's Linux and Windows wheels bundle OpenBLAS, which reads
 ``OPENBLAS_NUM_THREADS`` once, when NumPy is imported; its C API can change the count later. The
 matrices here are small (hundreds of rows by 64-1024 columns): on them a second BLAS thread gains
-little, and on a busy machine a BLAS thread that loses its core makes the others spin. Measured on
-a 2-core machine with other jobs running (load average 4-5): a (768, 64) @ (64, 256) matmul took
-7.8 ms with two threads and 0.45 ms with one. So the CLI runs OpenBLAS on one thread, and
-:mod:`minilora.parallel` keeps both cores busy with two Python threads, each running half of a
-batch.
+little, and on a busy machine a BLAS thread that loses its core makes the others spin
+(``benchmarks/RESULTS.md`` has the figures). So the CLI runs OpenBLAS on one thread, and
+:mod:`minilora.step` keeps both cores busy with two Python threads, each running half of a batch.
 
 **Freed memory.** A training step allocates and frees the same large arrays every step. glibc
 hands each block above 128 KiB-32 MiB (its ``mmap`` threshold) back to the kernel when it is freed,
 and the next step gets fresh pages, each one zeroed by the kernel on first touch: a page fault per
-4 KiB, which on this machine made a LayerNorm forward on (1024, 256) take 1.6 ms instead of 0.9.
+4 KiB, which can make a step's elementwise passes (a LayerNorm forward, say) markedly slower.
 ``keep_freed_memory`` raises glibc's thresholds so that freed blocks stay in the process and are
 reused; the resident size then stays near the peak of a step instead of falling between steps.
 
 **Worker threads.** NumPy releases the GIL inside BLAS calls and inside ufunc loops over large
 arrays, so Python threads that each work on their own arrays keep several cores busy.
 ``run_in_threads`` runs a few such tasks on a shared pool, one thread per core;
-:mod:`minilora.parallel` runs batch shards on it and ``optim.AdamW`` its parameter updates.
+:mod:`minilora.step` runs batch shards on it and the threaded AdamW its parameter updates.
 """
 
 from __future__ import annotations

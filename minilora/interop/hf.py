@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 weights into and out of minilora's GPT, and PEFT adapters (no torch needed).
+"""Hugging Face GPT-2 weights into and out of minilora's GPT (no torch needed).
 
 HF's GPT2LMHeadModel and minilora's GPT compute the same function and store it differently:
 
@@ -17,7 +17,7 @@ Decisions: an ``lm_head.weight`` in the file must equal wte (an untied head cann
 represented); a ``bias=False`` model is written with zero biases (the same function, since HF
 GPT-2 always has biases); a model with LoRA layers or 4-bit weights is refused by ``gpt_to_hf``
 (merge_and_unload or dequantize first; ``export_peft`` writes the adapter). HF's three dropout
-rates map to minilora's one. The adapter half (export_peft, import_peft) is in interop_peft.py.
+rates map to minilora's one. The adapter half (export_peft, import_peft) is in peft.py.
 """
 
 from __future__ import annotations
@@ -28,30 +28,34 @@ from typing import Any
 
 import numpy as np
 
-from . import backend as B
-from .errors import CheckpointError, ConfigError, InvalidArgumentError
-from .gpt import GPT, GPTConfig
-from .interop_peft import (
-    MODULES,
-    export_peft,
-    import_peft,
-    is_peft_gpt2,
-    keep_host_rng,
-    peft_adapter_files,
+from .. import backend as B
+from ..errors import CheckpointError, ConfigError, InvalidArgumentError
+from ..fileio import write_files
+from ..gpt import GPT, GPTConfig
+from ..lora.layer import is_linear_like, lora_layers
+from ..nn import Linear, keep_host_rng
+from ..tensorfile import (
+    json_bytes,
+    json_field,
+    read_header,
     read_json,
-    read_safetensors,
-    write_files,
+    read_tensors,
+    safetensors_bytes,
 )
-from .lora_layer import is_linear_like, lora_layers
-from .nn import Linear
-from .tensorfile import json_field, read_header
 
-__all__ = ["gpt_from_hf", "gpt_to_hf", "hf_config", "hf_state_dict", "export_peft",
-           "import_peft", "peft_adapter_files", "is_peft_gpt2"]
+__all__ = ["gpt_from_hf", "gpt_to_hf", "hf_config", "hf_state_dict"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PREFIX = "transformer."
+# HF GPT-2 module (under h.{i}) -> the minilora modules it holds, in the order its out axis
+# stacks them. Every one is a Conv1D in HF: weight (in, out).
+MODULES = {
+    "attn.c_attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "attn.c_proj": ("attn.o_proj",),
+    "mlp.c_fc": ("mlp.fc",),
+    "mlp.c_proj": ("mlp.proj",),
+}
 _BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias")  # HF's causal mask in older files
 _SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 _DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
@@ -140,8 +144,9 @@ def gpt_to_hf(model: GPT, directory: str | Path) -> dict[str, str]:
     ``{"config": path, "weights": path}``.
     """
     _check_exportable(model)
-    return write_files(directory, (CONFIG_NAME, hf_config(model.config)),
-                       (WEIGHTS_NAME, hf_state_dict(model)))
+    paths = write_files(directory, {CONFIG_NAME: json_bytes(hf_config(model.config)),
+                                    WEIGHTS_NAME: safetensors_bytes(hf_state_dict(model))})
+    return {"config": paths[CONFIG_NAME], "weights": paths[WEIGHTS_NAME]}
 
 
 # ------------------------------------------------------------------------------ HF -> minilora
@@ -296,8 +301,7 @@ def gpt_from_hf(source: str | Path | dict, config: Any = None, dtype: Any = None
     if isinstance(data, dict):
         arrays = data
     else:  # only the keys kept (not HF's mask buffers), floats read as the model's dtype
-        arrays = read_safetensors(data, "gpt_from_hf", names=list(keys.values()),
-                                  float_dtype=dtype)
+        arrays = read_tensors(data, "gpt_from_hf", names=list(keys.values()), float_dtype=dtype)
     named = _untie({name: arrays[key] for name, key in keys.items()}, where)
     with keep_host_rng(), B.default_dtype_as(dtype):  # the init is overwritten below
         model = GPT(gpt_config)

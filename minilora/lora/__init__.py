@@ -7,7 +7,7 @@ low rank, so it learns it as a product
 
 and keeps W frozen. A layer then computes ``y = x W^T + b + scaling * (x A^T) B^T``: two skinny
 matmuls, never the n x k product, and no gradient for W. A starts random and B at zero, so the
-adapted model starts out exactly equal to its base. The whole layer is in ``lora_layer.py``.
+adapted model starts out exactly equal to its base. The whole layer is in ``layer.py``.
 
     import minilora as ml
     from minilora import lora
@@ -18,16 +18,17 @@ adapted model starts out exactly equal to its base. The whole layer is in ``lora
     lora.save_adapter(model, "my-adapter")     # adapter_config.json + adapter_model.safetensors
     lora.merge_and_unload(model)               # W <- W + scaling B A; plain Linear layers again
 
-The pieces, one idea per file: ``lora_config`` (LoraConfig), ``lora_layer`` (LoRALinear, DoRA,
-PiSSA), ``lora_inject`` (inject, set/disable/delete adapters), ``lora_merge`` (merge, unmerge,
-merge_and_unload, add_weighted_adapter), ``lora_count`` (parameter accounting), ``lora_io``
-(adapter files). This module gathers their public names.
+The pieces, one idea per file, as PEFT's ``tuners/lora/``: ``config`` (LoraConfig), ``layer``
+(LoRALinear, the plain layer), ``variants`` (rsLoRA's scaling, DoRA's magnitude, PiSSA's init),
+``inject`` (inject, set/disable/delete adapters), ``merge`` (merge, unmerge, merge_and_unload,
+add_weighted_adapter), ``count`` (parameter accounting), ``io`` (adapter files, the one reader
+and writer of PEFT's adapter directories). This module gathers their public names.
 """
 
 from __future__ import annotations
 
-from .lora_config import LoraConfig, lora_scaling, matches_target
-from .lora_count import (
+from .config import LoraConfig, matches_target
+from .count import (
     count_parameters,
     format_parameter_table,
     gpt_lora_param_count,
@@ -37,7 +38,7 @@ from .lora_count import (
     print_trainable_parameters,
     trainable_parameters_summary,
 )
-from .lora_inject import (
+from .inject import (
     active_adapters,
     delete_adapter,
     disable_adapters,
@@ -47,9 +48,20 @@ from .lora_inject import (
     set_adapter,
     unload,
 )
-from .lora_io import adapter_state_dict, load_adapter, read_adapter, save_adapter
-from .lora_layer import LoRALinear, base_weight, is_linear_like, lora_layers
-from .lora_merge import add_weighted_adapter, merge, merge_and_unload, unmerge
+from .io import (
+    adapter_file_bytes,
+    adapter_files,
+    adapter_header,
+    adapter_state_dict,
+    load_adapter,
+    read_adapter,
+    read_adapter_files,
+    save_adapter,
+    write_adapter_files,
+)
+from .layer import LoRALinear, base_weight, is_linear_like, lora_layers
+from .merge import add_weighted_adapter, merge, merge_and_unload, unmerge
+from .variants import lora_scaling
 
 __all__ = [
     "LoraConfig", "LoRALinear", "inject_lora", "set_adapter", "disable_adapters",
@@ -58,5 +70,7 @@ __all__ = [
     "count_parameters", "print_trainable_parameters", "trainable_parameters_summary",
     "lora_parameter_table", "format_parameter_table", "lora_param_count", "gpt_lora_param_count",
     "lora_trainable_count", "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict",
+    "adapter_files", "adapter_file_bytes", "write_adapter_files", "read_adapter_files",
+    "adapter_header",
     "lora_scaling", "matches_target", "is_linear_like", "base_weight",
 ]

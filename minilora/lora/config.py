@@ -4,7 +4,8 @@ A LoRA adapter on a Linear layer with weight W (n, k) = (out, in) adds the updat
 
     delta W = scaling * B @ A,      A (r, k), B (n, r),   scaling = alpha / r
 
-(alpha / sqrt(r) with rsLoRA, which keeps the update's size steady as r grows). ``LoraConfig``
+(alpha / sqrt(r) with rsLoRA, which keeps the update's size steady as r grows: the rule lives
+with the other variants, in ``variants.py``). ``LoraConfig``
 holds r, alpha and the rest, checks them, and answers the per-module questions injection asks:
 is this module a target, and which rank and alpha does it get.
 """
@@ -16,23 +17,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
-from .tensorfile import json_field
+from ..errors import ConfigError, check_int, is_int
+from ..tensorfile import json_field
+from .variants import lora_scaling
 
 INITS = ("kaiming", "gaussian", "pissa")
 BIASES = ("none", "all", "lora_only")
 # The largest rank accepted: LoRA ranks are 1 to a few hundred (the paper uses 1 to 64), and an
 # adapter's A is (r, in), so a forged r of 2^40 must be refused before anything is allocated.
 MAX_RANK = 2**16
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """``alpha / r`` (the LoRA paper), or ``alpha / sqrt(r)`` with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
@@ -53,7 +46,7 @@ class LoraConfig:
     - ``bias``: "none" (all biases frozen), "all" (every bias trains), "lora_only" (the biases of
       the adapted layers train).
     - ``use_rslora``: scaling alpha / sqrt(r) instead of alpha / r.
-    - ``use_dora``: DoRA, a learned magnitude per output row (see ``lora_layer``).
+    - ``use_dora``: DoRA, a learned magnitude per output row (see ``variants``).
     - ``init``: "kaiming" (A as nn.Linear's init, bound 1/sqrt(in); B = 0: the adapted model
       starts equal to its base), "gaussian" (A ~ N(0, 1/r^2), B = 0) or "pissa" (A and B from the
       top-r singular directions of W, and W replaced by the residual, output unchanged).
@@ -74,8 +67,7 @@ class LoraConfig:
     alpha_pattern: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.r) or self.r <= 0:
-            raise ConfigError(f"LoraConfig: r must be a positive int, got {self.r!r}")
+        self.r = check_int(self.r, "LoraConfig: r", error=ConfigError)
         if self.r > MAX_RANK:
             raise ConfigError(f"LoraConfig: r={self.r} is more than MAX_RANK = {MAX_RANK}")
         if not _is_number(self.alpha) or self.alpha <= 0:
@@ -92,7 +84,7 @@ class LoraConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"LoraConfig: {name} must be True or False, got "
                                   f"{getattr(self, name)!r}")
-        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, _is_int, MAX_RANK)
+        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, is_int, MAX_RANK)
         self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, _is_number)
 
     # PEFT's spellings of the same fields

@@ -35,36 +35,26 @@ training mode. Everything is read without pickle (JSON and safetensors).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections import Counter
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from . import backend as B
-from . import tensorfile
-from .errors import CheckpointError, ConfigError, InvalidArgumentError
-from .fileio import atomic_directory, open_save
-from .gpt import GPT
-from .lora_config import LoraConfig, lora_scaling
-from .lora_inject import inject_lora, lora_configs
-from .lora_io import CONFIG_NAME, WEIGHTS_NAME
-from .lora_layer import lora_layers
-from .nn import Module
-from .tensorfile import json_field
+from .. import backend as B
+from ..errors import CheckpointError, ConfigError, InvalidArgumentError
+from ..gpt import GPT
+from ..lora.config import LoraConfig
+from ..lora.inject import inject_lora, lora_configs
+from ..lora.io import WEIGHTS_NAME, adapter_file_bytes, read_adapter_files, write_adapter_files
+from ..lora.layer import lora_layers
+from ..lora.variants import lora_scaling
+from ..nn import Module, keep_host_rng
+from ..tensorfile import json_field
+from .hf import MODULES
 
-# HF GPT-2 module (under h.{i}) -> the minilora modules it holds, in the order its out axis
-# stacks them. Every one is a Conv1D in HF: weight (in, out).
-MODULES = {
-    "attn.c_attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
-    "attn.c_proj": ("attn.o_proj",),
-    "mlp.c_fc": ("mlp.fc",),
-    "mlp.c_proj": ("mlp.proj",),
-}
 KEY_PREFIX = "base_model.model.transformer."
 _KEY = re.compile(r"base_model\.model\.(?:transformer\.)?h\.(\d+)\."
                   r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight")
@@ -79,58 +69,7 @@ _INITS = (True, False, "gaussian", "eva", "orthogonal")  # the others rewrite th
 Adapter = dict  # {"h.{i}.{module}": (A (r, in), B (out, r), alpha)}: r is A.shape[0]
 
 
-# ------------------------------------------------------------------------------ shared helpers
-
-def read_json(path: str, who: str) -> dict:
-    """The JSON object in ``path``; a CheckpointError naming the file if it is missing or bad
-    (:func:`minilora.tensorfile.read_json`: size limit, UTF-8, valid JSON, an object)."""
-    return tensorfile.read_json(path, who)
-
-
-def read_safetensors(path: str, who: str, *, names: Iterable[str] | None = None,
-                     float_dtype: Any = np.float64,
-                     expected_shapes: dict[str, tuple] | None = None) -> dict[str, np.ndarray]:
-    """``{key: host array}`` of a safetensors file, read without pickle and checked before
-    anything is allocated (:func:`minilora.tensorfile.read_tensors`); a pickled .bin file beside
-    it is named in the error. Float tensors (F16, BF16, F32, F64) become ``float_dtype``: float64
-    by default, which holds each of them exactly (the caller casts to its model's dtype);
-    integer and bool tensors are refused."""
-    return tensorfile.read_tensors(path, who, names=names, float_dtype=float_dtype,
-                                   expected_shapes=expected_shapes)
-
-
-def file_bytes(config: tuple[str, dict], weights: tuple[str, dict[str, np.ndarray]]) -> dict:
-    """``{file name: bytes}`` of ``config`` = (file name, fields) as JSON and ``weights`` = (file
-    name, arrays) as safetensors, as transformers and PEFT write them."""
-    from safetensors.numpy import save as st_save
-
-    text = json.dumps(config[1], indent=2, sort_keys=True, allow_nan=False) + "\n"
-    return {weights[0]: st_save(weights[1], metadata={"format": "pt"}),
-            config[0]: text.encode("utf-8")}
-
-
-def write_files(directory: str | os.PathLike, config: tuple[str, dict],
-                weights: tuple[str, dict[str, np.ndarray]]) -> dict[str, str]:
-    """Write ``weights`` = (file name, arrays) as safetensors and ``config`` = (file name,
-    fields) as JSON into ``directory`` as one save, whole or not at all (fileio).
-    Returns ``{"config": path, "weights": path}``."""
-    with atomic_directory(directory, (config[0], weights[0])) as stage:
-        for name, data in file_bytes(config, weights).items():
-            stage.write_bytes(name, data)
-    return {"config": os.path.join(directory, config[0]),
-            "weights": os.path.join(directory, weights[0])}
-
-
-@contextmanager
-def keep_host_rng() -> Iterator[None]:
-    """Restore minilora's host generator afterwards: building layers that a file overwrites
-    draws random numbers, and loading a file should not shift a training run's stream."""
-    state = B.host_rng().bit_generator.state
-    try:
-        yield
-    finally:
-        B.host_rng().bit_generator.state = state
-
+# ------------------------------------------------------------------------------------ helpers
 
 def _check_gpt(model: Any, who: str) -> GPT:
     if not isinstance(model, GPT):
@@ -210,12 +149,12 @@ def export_peft(model: GPT, directory: str | os.PathLike,
     docstring). A merged adapter is written all the same: pair it with the unmerged base.
     Returns ``{"config": path, "weights": path}``.
     """
-    return write_files(directory, *_peft_adapter(model, adapter_name))
+    return write_adapter_files(directory, *_peft_adapter(model, adapter_name))
 
 
 def peft_adapter_files(model: GPT, adapter_name: str = "default") -> dict[str, bytes]:
     """``{file name: bytes}`` of what :func:`export_peft` writes, to put into a larger save."""
-    return file_bytes(*_peft_adapter(model, adapter_name))
+    return adapter_file_bytes(*_peft_adapter(model, adapter_name))
 
 
 def is_peft_gpt2(arrays_or_keys: Any) -> bool:
@@ -223,8 +162,8 @@ def is_peft_gpt2(arrays_or_keys: Any) -> bool:
     return any(_KEY.fullmatch(k) for k in arrays_or_keys)
 
 
-def _peft_adapter(model: GPT, adapter_name: str) -> tuple[tuple, tuple]:
-    """((CONFIG_NAME, PEFT config), (WEIGHTS_NAME, arrays)) of an adapter, q, k, v fused."""
+def _peft_adapter(model: GPT, adapter_name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(PEFT config fields, {file key: host array}) of an adapter, q, k, v fused."""
     _check_gpt(model, "export_peft")
     configs = lora_configs(model)
     if adapter_name not in configs:
@@ -261,7 +200,7 @@ def _peft_adapter(model: GPT, adapter_name: str) -> tuple[tuple, tuple]:
         arrays[f"{KEY_PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(b)
     peft_config = {**config.to_peft_dict(), **config_fields(theirs, model.config.n_layer),
                    "task_type": "CAUSAL_LM", "fan_in_fan_out": True, "init_lora_weights": True}
-    return (CONFIG_NAME, peft_config), (WEIGHTS_NAME, arrays)
+    return peft_config, arrays
 
 
 # ---------------------------------------------------------------------------------- import
@@ -374,12 +313,11 @@ def import_peft(model: GPT, directory: str | os.PathLike, adapter_name: str = "d
     if adapter_name in lora_configs(model):
         raise InvalidArgumentError(f"import_peft: the model already has an adapter "
                                    f"{adapter_name!r}; choose another adapter_name")
-    directory = open_save(directory, "import_peft")  # a half-done swap, then the manifest
-    config_path = os.path.join(directory, CONFIG_NAME)
-    peft = _peft_config(read_json(config_path, "import_peft"), repr(config_path))
-    weights_path = os.path.join(directory, WEIGHTS_NAME)
-    theirs = _collect(read_safetensors(weights_path, "import_peft"), model, peft,
-                      repr(weights_path))
+    # float64 holds every float format exactly; the values are cast to the model's dtype below
+    peft, arrays, found = read_adapter_files(directory, "import_peft",
+                                             lambda raw, path: _peft_config(raw, repr(path)),
+                                             float_dtype=np.float64)
+    theirs = _collect(arrays, model, peft, repr(str(found / WEIGHTS_NAME)))
     mine: Adapter = {}
     for path, (a, b, alpha) in theirs.items():
         i, hf = _split_path(path)

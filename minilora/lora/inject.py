@@ -1,9 +1,10 @@
 """Putting adapters into a model: inject, choose which are active, switch off, delete, unload.
 
 ``inject_lora(model, config)`` walks the module tree, swaps every targeted linear-like module for
-a :class:`LoRALinear` wrapping it (same attribute, same path, so the model code is unchanged), and
-freezes everything that is not LoRA. The adapters' configs are kept on the model as
-``model.lora_configs`` ({adapter name: LoraConfig}), which saving and merging read.
+a :class:`LoRALinear` wrapping it (``model.set_submodule``: same attribute, same path, so the
+model code is unchanged), and freezes everything that is not LoRA. The adapters' configs are kept
+on the model as ``model.lora_configs`` ({adapter name: LoraConfig}), which saving and merging
+read.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
 
-from .errors import ConfigError, InvalidArgumentError
-from .lora_config import LoraConfig
-from .lora_layer import LoRALinear, is_linear_like, lora_layers
-from .nn import Module
+from ..errors import ConfigError, InvalidArgumentError
+from ..nn import Module
+from .config import LoraConfig
+from .layer import LoRALinear, is_linear_like, lora_layers
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -53,11 +54,6 @@ def linear_like_modules(model: Module) -> list[tuple[str, Module]]:
         elif is_linear_like(mod) and path:
             found.append((path, mod))
     return found
-
-
-def _replace(model: Module, path: str, new: Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), child, new)
 
 
 def _no_match_error(config: LoraConfig, candidates: list[tuple[str, Module]]) -> ConfigError:
@@ -99,7 +95,7 @@ def inject_lora(model: Module, config: LoraConfig | None = None,
                            dropout=config.dropout, use_rslora=config.use_rslora,
                            use_dora=config.use_dora, init=config.init)
         if layer is not mod:
-            _replace(model, path, layer)
+            model.set_submodule(path, layer)
     configs = dict(lora_configs(model))
     configs[adapter_name] = replace(config)
     model.lora_configs = configs
@@ -183,7 +179,7 @@ def delete_adapter(model: Module, adapter_name: str) -> None:
     for path, layer in layers:
         layer.delete_adapter(adapter_name)
         if len(layer.lora_A) == 0:
-            _replace(model, path, layer.base_layer)
+            model.set_submodule(path, layer.base_layer)
     rest = {n: c for n, c in configs.items() if n != adapter_name}
     if rest:
         model.lora_configs = rest
@@ -199,7 +195,7 @@ def unload(model: Module) -> Module:
         raise InvalidArgumentError(f"unload: {merged[:3]} hold merged adapters; unmerge first, "
                                    f"or call merge_and_unload to keep them")
     for path, layer in layers:
-        _replace(model, path, layer.base_layer)
+        model.set_submodule(path, layer.base_layer)
     if "lora_configs" in model.__dict__:
         del model.lora_configs
     return model
