@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import BackendError, InvalidArgumentError
+from .errors import BackendError, InvalidArgumentError, check_int
 
 xp: Any = np  # the active array module; read it as `backend.xp`, it changes with use_backend
 _name = "numpy"
@@ -203,22 +203,10 @@ def _index_add_sorted(sorted_idx: Any, order: Any, first: Any, values: Any,
     return out
 
 
-PIECE = 1 << 16  # elements per piece of a chunked elementwise chain: a few such buffers stay in L2
-
-
-def piece_size(n: int) -> int:
-    """Elements per piece for elementwise chains over n elements: cache-sized on the CPU (each
-    piece goes through every step of the chain before the next is touched), the whole array on
-    a GPU (where a kernel launch costs more than a trip to memory)."""
-    return max(1, n if _name == "cupy" else min(n, PIECE))
-
-
 def manual_seed(seed: int) -> None:
     """Seed every random generator minilora uses (host initialisation and device dropout)."""
     global _host_rng, _device_rng, _cupy_rng, _seed
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise InvalidArgumentError(f"manual_seed: seed must be a non-negative int, got {seed!r}")
-    _seed = int(seed)
+    _seed = check_int(seed, "manual_seed: seed", minimum=0)
     _host_rng = np.random.default_rng(_seed)
     _cupy_rng = xp.random.default_rng(_seed) if _name == "cupy" else None
     _device_rng = _cupy_rng if _name == "cupy" else _host_rng

@@ -2,28 +2,31 @@
 
 Each function here could be written from the elementary ops in :mod:`minilora.tensor`, but one node
 with an analytic gradient is faster, uses less memory and is numerically safer (softmax, log-softmax
-and cross-entropy subtract the row maximum). The equations are in each docstring.
+and cross-entropy subtract the row maximum). The equations are in each docstring, and the code is
+the equation. Where :mod:`minilora.fast` has a faster form of the same op (GELU, LayerNorm, the
+bias gradient's column sums), ``fast.kernel(name)`` returns it while the fast forms are on, and
+the op runs it instead; the fast form is chosen when the op is recorded.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from . import backend as B
+from . import fast
 from .errors import DTypeError, InvalidArgumentError, ShapeError, shape_error
-from .tensor import Tensor, unbroadcast
-
-_GELU_C = math.sqrt(2.0 / math.pi)
+from .fast.elementwise import GELU_A, GELU_C
+from .tensor import Tensor, is_grad_enabled, unbroadcast
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y = x W^T + b``; x (..., in), W (out, in), b (out,) -> y (..., out).
 
     The leading axes are folded into one so each pass is a single GEMM; a frozen W (or b) gets no
-    gradient matmul at all.
+    gradient matmul at all. Backward: ``gx = g W``, ``gW = g^T x``, ``gb = sum_i g`` (over the
+    folded rows).
     """
     if x.shape[-1] != weight.shape[1]:
         raise shape_error("linear", x.shape, weight.shape,
@@ -38,6 +41,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if bias is not None:
         y += bias.data
     parents = (x, weight) if bias is None else (x, weight, bias)
+    column_sums = fast.kernel("column_sums") if bias is not None else None
 
     def backward(g: Any):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
@@ -45,21 +49,30 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         gw = g2.T @ x2 if weight.requires_grad else None
         if bias is None:
             return gx, gw
-        return gx, gw, (column_sums(g2) if bias.requires_grad else None)
+        if not bias.requires_grad:
+            return gx, gw, None
+        return gx, gw, (g2.sum(axis=0) if column_sums is None else column_sums(g2))
     return Tensor._make(y.reshape(*lead, weight.shape[0]), parents, backward, "linear")
 
 
 def gelu(x: Tensor) -> Tensor:
-    """GPT-2's GELU, tanh form: ``0.5 x (1 + tanh(c (x + 0.044715 x^3)))``, c = sqrt(2/pi).
+    """GPT-2's GELU, tanh form: ``0.5 x (1 + tanh(c (x + a x^3)))``, c = sqrt(2/pi), a = 0.044715;
+    x any shape -> the same shape.
 
-    d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2), with t the tanh above.
+    d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), with t the tanh above.
+    The fast form (``fast.elementwise.gelu``) computes the same in cache-sized pieces, with
+    d/dx made in the forward pass while x is in cache.
     """
+    fused = fast.kernel("gelu")
+    if fused is not None:
+        y, dydx = fused(x.data, is_grad_enabled() and x.requires_grad)
+        return Tensor._make(y, (x,), lambda g: (g * dydx,), "gelu")
     xd = x.data
-    t = B.xp.tanh(_GELU_C * (xd + 0.044715 * xd * xd * xd))
+    t = B.xp.tanh(GELU_C * (xd + GELU_A * xd * xd * xd))
     out = 0.5 * xd * (1.0 + t)
 
     def backward(g: Any):
-        dt = _GELU_C * (1.0 + 3 * 0.044715 * xd * xd)
+        dt = GELU_C * (1.0 + 3 * GELU_A * xd * xd)
         return (g * (0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * dt),)
     return Tensor._make(out, (x,), backward, "gelu")
 
@@ -132,61 +145,70 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     return Tensor._make(loss, (logits,), backward, "cross_entropy")
 
 
-def _row_dots(a: Any, b: Any) -> Any:
-    """sum_j a[i, j] * b[i, j] for each row i of two (N, C) arrays -> (N,), no (N, C) temporary."""
-    return B.xp.einsum("ij,ij->i", a, b)
-
-
-def column_sums(a: Any) -> Any:
-    """sum_i a[i, j] of an (N, C) array -> (C,), as ``ones(N) @ a``: a matrix-vector product on
-    BLAS, several times faster than NumPy's ``sum(axis=0)`` on the shapes of a batch."""
-    return B.xp.ones(a.shape[0], dtype=a.dtype) @ a
-
-
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5) -> Tensor:
-    """Normalise the last axis: ``y = (x - mean) / sqrt(var + eps) * w + b``; x (..., C), w, b (C,).
+    """Normalise the last axis: ``y = xhat * w + b`` with ``xhat = (x - mean) / sqrt(var + eps)``;
+    x (..., C), w, b (C,) or None; mean and var (biased) over the last axis.
 
-    With xhat the normalised input and r = 1/sqrt(var + eps), the input gradient is
-    ``r * (gh - mean(gh) - xhat * mean(gh * xhat))`` where gh = g * w.
-
-    The rows are (N, C) with N = prod(leading axes). Row means are matrix-vector products with a
-    vector of 1/C, row sums of products are einsums, and the rest is done in place: a LayerNorm
-    is memory-bound, so every pass over (N, C) that is saved shows.
+    With r = 1/sqrt(var + eps) and gh = g * w, the gradients are
+    ``gx = r * (gh - mean(gh) - xhat * mean(gh * xhat))``, ``gw = sum g * xhat``,
+    ``gb = sum g`` (sums over every axis but the last). The fast form (``fast.norm``) computes the
+    same with fewer passes over the rows.
     """
     C = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != (C,):
             raise shape_error("layer_norm", x.shape, p.shape,
                               detail=f"{name} must have shape ({C},)")
-    xd = x.data.reshape(-1, C)  # (N, C)
-    mean_of = B.xp.full(C, 1.0 / C, dtype=xd.dtype)  # x @ mean_of = the row means, (N,)
-    xhat = xd - (xd @ mean_of)[:, None]  # centred, (N, C)
-    rstd = 1.0 / B.xp.sqrt(_row_dots(xhat, xhat) * mean_of[0] + eps)  # (N,)
-    xhat *= rstd[:, None]
-    out = xhat * weight.data if weight is not None else xhat.copy()
-    if bias is not None:
-        out += bias.data
     parents = tuple(p for p in (x, weight, bias) if p is not None)
+    w = weight.data if weight is not None else None
+    b = bias.data if bias is not None else None
+    xd = x.data.reshape(-1, C)  # (N, C)
+    fused = fast.kernel("layer_norm")
+    if fused is not None:
+        out, fused_backward = fused(xd, w, b, eps)
+
+        def backward(g: Any):
+            grads = fused_backward(g.reshape(-1, C), x.requires_grad,
+                                   weight is not None and weight.requires_grad,
+                                   bias is not None and bias.requires_grad)
+            return _layer_norm_grads(grads, x, weight, bias)
+        return Tensor._make(out.reshape(x.shape), parents, backward, "layer_norm")
+
+    mean = xd.mean(axis=1, keepdims=True)  # (N, 1)
+    var = ((xd - mean) ** 2).mean(axis=1, keepdims=True)  # (N, 1)
+    std = B.xp.sqrt(var + eps)  # 1 / r, (N, 1)
+    xhat = (xd - mean) / std  # (N, C)
+    out = xhat * w if w is not None else xhat.copy()  # its own array: backward keeps xhat
+    if b is not None:
+        out = out + b
 
     def backward(g: Any):
         g2 = g.reshape(-1, C)  # (N, C)
-        grads = []
+        gx = gw = gb = None
         if x.requires_grad:
-            gx = g2 * weight.data if weight is not None else g2.copy()  # gh
-            mean_gh_xhat = _row_dots(gx, xhat) * mean_of[0]  # (N,)
-            gx -= (gx @ mean_of)[:, None]
-            gx -= xhat * mean_gh_xhat[:, None]
-            gx *= rstd[:, None]
-            grads.append(gx.reshape(x.shape))
-        else:
-            grads.append(None)
-        if weight is not None:
-            grads.append(B.xp.einsum("ij,ij->j", g2, xhat) if weight.requires_grad else None)
-        if bias is not None:
-            grads.append(column_sums(g2) if bias.requires_grad else None)
-        return tuple(grads)
+            gh = g2 if w is None else g2 * w
+            gx = (gh - gh.mean(axis=1, keepdims=True)
+                  - xhat * (gh * xhat).mean(axis=1, keepdims=True)) / std
+        if weight is not None and weight.requires_grad:
+            gw = (g2 * xhat).sum(axis=0)
+        if bias is not None and bias.requires_grad:
+            gb = g2.sum(axis=0)
+        return _layer_norm_grads((gx, gw, gb), x, weight, bias)
     return Tensor._make(out.reshape(x.shape), parents, backward, "layer_norm")
+
+
+def _layer_norm_grads(grads: tuple, x: Tensor, weight: Tensor | None,
+                      bias: Tensor | None) -> tuple:
+    """(gx (N, C), gw, gb) -> one gradient per parent of the node (x, then weight and bias where
+    given), gx in x's shape."""
+    gx, gw, gb = grads
+    out = [None if gx is None else gx.reshape(x.shape)]
+    if weight is not None:
+        out.append(gw)
+    if bias is not None:
+        out.append(gb)
+    return tuple(out)
 
 
 def embedding(indices: Any, weight: Tensor) -> Tensor:

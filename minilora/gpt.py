@@ -27,9 +27,9 @@ import numpy as np
 from . import backend as B
 from . import functional as F
 from .attention import KVCache, causal_self_attention
-from .errors import ConfigError, DTypeError, InvalidArgumentError, ShapeError
+from .errors import ConfigError, DTypeError, InvalidArgumentError, ShapeError, check_int, is_int
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
-from .tensor import Tensor, is_grad_enabled, no_grad
+from .tensor import Tensor, no_grad
 
 # The largest sizes a GPTConfig accepts: far above GPT-2 XL (vocab 50257, block 1024, 48 layers,
 # 25 heads, 1600 channels) and GPT-3 (96 layers, 96 heads, 12288 channels), yet low enough that a
@@ -61,13 +61,11 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name, (limit_name, limit) in _LIMITS.items():
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"GPTConfig: {name} must be a positive int, got {value!r}")
+            value = check_int(getattr(self, name), f"GPTConfig: {name}", error=ConfigError)
             if value > limit:
                 raise ConfigError(f"GPTConfig: {name}={value} is more than {limit_name} = "
                                   f"{limit}")
-            setattr(self, name, int(value))
+            setattr(self, name, value)
         if self.n_embd % self.n_head:
             raise ConfigError(f"GPTConfig: n_embd={self.n_embd} must be divisible by "
                               f"n_head={self.n_head}")
@@ -155,7 +153,7 @@ class MLP(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, C) -> (B, T, C)."""
-        return self.dropout(self.proj(gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
 class Block(Module):
@@ -172,49 +170,6 @@ class Block(Module):
         """(B, T, C) -> (B, T, C)."""
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
-
-
-_GELU_C = math.sqrt(2.0 / math.pi)
-_GELU_A = 0.044715
-
-
-def gelu(x: Tensor) -> Tensor:
-    """GPT-2's GELU, tanh form, fused and chunked: ``y = x p`` with p = (1 + t) / 2,
-    t = tanh(c (x + a x^3)), c = sqrt(2/pi), a = 0.044715.
-
-    Since 1 - t^2 = 4 p (1 - p), the derivative is ``dy/dx = p (1 + (1 - p) u)`` with
-    u = 2 c x (1 + 3 a x^2). Same values as ``F.gelu``, but each cache-sized piece goes through
-    all its steps before the next is touched (the elementwise chain is memory-bound otherwise),
-    and when a gradient will be needed dy/dx is computed right there, while x, x^2 and p are in
-    cache: the backward pass is then one multiplication.
-    """
-    xf = B.xp.ascontiguousarray(x.data).reshape(-1)  # (N,) flat
-    n, m = xf.shape[0], B.piece_size(xf.shape[0])
-    out = B.xp.empty_like(xf)
-    needs_grad = is_grad_enabled() and x.requires_grad
-    d = B.xp.empty_like(xf) if needs_grad else None
-    x2, t = B.xp.empty(m, dtype=xf.dtype), B.xp.empty(m, dtype=xf.dtype)
-    for i in range(0, n, m):
-        xi, oi = xf[i:i + m], out[i:i + m]
-        x2i, ti = x2[:xi.shape[0]], t[:xi.shape[0]]
-        pi = oi if d is None else d[i:i + m]  # p lands where it is needed last
-        B.xp.multiply(xi, xi, out=x2i)
-        B.xp.multiply(x2i, _GELU_A * _GELU_C, out=ti)
-        ti += _GELU_C
-        ti *= xi
-        B.xp.tanh(ti, out=ti)  # t
-        B.xp.multiply(ti, 0.5, out=pi)
-        pi += 0.5  # p = (1 + t) / 2
-        B.xp.multiply(xi, pi, out=oi)  # y = x p
-        if d is not None:
-            x2i *= 6 * _GELU_A * _GELU_C
-            x2i += 2 * _GELU_C
-            x2i *= xi  # u = 2 c x (1 + 3 a x^2)
-            B.xp.subtract(1.0, pi, out=ti)
-            ti *= x2i
-            ti += 1.0
-            pi *= ti  # dy/dx = p (1 + (1 - p) u)
-    return Tensor._make(out.reshape(x.shape), (x,), lambda g: (g * d.reshape(x.shape),), "gelu")
 
 
 def _normal_(p: Parameter, std: float) -> None:
@@ -318,7 +273,7 @@ class GPT(Module):
         (block_size by default)."""
         c = self.config
         size = c.block_size if size is None else size
-        if not isinstance(size, (int, np.integer)) or not 1 <= size <= c.block_size:
+        if not is_int(size) or not 1 <= size <= c.block_size:
             raise InvalidArgumentError(f"GPT.make_cache: size must be an int in [1, "
                                        f"{c.block_size}] (block_size), got {size!r}")
         return KVCache(c.n_layer, batch_size, c.n_head, int(size), c.n_embd // c.n_head,
@@ -386,18 +341,14 @@ class GPT(Module):
 
     def _check_generate_args(self, max_new_tokens: Any, temperature: Any, top_k: Any,
                              seed: Any) -> None:
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise InvalidArgumentError(f"GPT.generate: max_new_tokens must be an int >= 0, got "
-                                       f"{max_new_tokens!r}")
+        check_int(max_new_tokens, "GPT.generate: max_new_tokens", minimum=0)
         if not isinstance(temperature, (int, float, np.number)) or not temperature >= 0:
             raise InvalidArgumentError(f"GPT.generate: temperature must be >= 0 (0 is greedy), "
                                        f"got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-            raise InvalidArgumentError(f"GPT.generate: top_k must be None or an int >= 1, got "
-                                       f"{top_k!r}")
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise InvalidArgumentError(f"GPT.generate: seed must be None or an int >= 0, got "
-                                       f"{seed!r}")
+        if top_k is not None:
+            check_int(top_k, "GPT.generate: top_k, if given,")
+        if seed is not None:
+            check_int(seed, "GPT.generate: seed, if given,", minimum=0)
 
 
 def _sample(logits: np.ndarray, temperature: float, top_k: int | None,

@@ -2,7 +2,9 @@
 
 Parameters that do not require a gradient are skipped entirely and get no optimiser state: with
 LoRA that is most of the model, and it is where the memory saving of the method comes from.
-Updates run in place, in each parameter's own dtype.
+Updates run in place, in each parameter's own dtype. AdamW's update is written here as its
+equation; its fast form (:mod:`minilora.fast.adamw`: cache-sized pieces, parameters on threads)
+gives the same bits.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import backend as B
-from . import cpu
+from . import fast
 from .errors import InvalidArgumentError, StateDictError
 from .tensor import Tensor
 
@@ -143,10 +145,11 @@ class AdamW(Optimizer):
                                       weight_decay=weight_decay))
 
     def step(self) -> None:
-        """Update every parameter that has a gradient.
+        """Update every parameter that has a gradient, by the equations above.
 
-        On the CPU, a large model's parameters are updated on several threads at once (each
-        parameter's update is its own, so the result does not depend on how they are split).
+        With the fast forms on, ``fast.adamw.adamw_step`` does it in cache-sized pieces and, on the
+        CPU, a large model's parameters on several threads: the same operations on every element
+        in the same order, so the same bits.
         """
         self.step_count += 1
         updates = []
@@ -160,61 +163,18 @@ class AdamW(Optimizer):
             b1, b2 = g["betas"]
             updates.append((p.data, p.grad, s["exp_avg"], s["exp_avg_sq"], g["lr"], b1, b2,
                             g["eps"], g["weight_decay"], self.param_steps[i]))
-        sizes = [u[0].size for u in updates]
-        threads = cpu.available_cpus() if B.get_backend() == "numpy" and \
-            sum(sizes) >= _THREADED_FROM else 1
-        cpu.for_each_in_threads(lambda k: _adamw_update(*updates[k]), sizes, threads)
-
-
-# parameters from which AdamW's update is worth splitting among threads (below, the hand-off to
-# a second thread costs more than it saves)
-_THREADED_FROM = 1 << 18
-
-
-def _flat_pieces(arrays: list) -> tuple[list, list, tuple]:
-    """Flat views of equally shaped arrays, the slices that cut them into cache-sized pieces and
-    the shape of a scratch buffer for one piece. An array that is not contiguous cannot be
-    viewed flat: then the arrays stay as they are, in one piece."""
-    if not all(a.flags.c_contiguous for a in arrays):
-        return arrays, [slice(None)], arrays[0].shape
-    flat = [a.reshape(-1) for a in arrays]
-    n = flat[0].shape[0]
-    m = B.piece_size(n)
-    return flat, [slice(i, i + m) for i in range(0, n, m)], (m,)
-
-
-def _adamw_update(p: Any, grad: Any, m: Any, v: Any, lr: float, b1: float, b2: float,
-                  eps: float, weight_decay: float, t: int) -> None:
-    """AdamW's elementwise update of one parameter, in place (see :class:`AdamW`).
-
-    The arrays go through it piece by piece, each piece through every step before the next is
-    touched, with two scratch buffers: the chain of a dozen elementwise passes then runs in
-    cache instead of streaming the parameter, its moments and its gradient through memory a
-    dozen times. Every element gets the same operations in the same order as unchunked code, so
-    the result is the same to the bit.
-    """
-    (pf, gf, mf, vf), pieces, scratch = _flat_pieces([p, grad.astype(p.dtype, copy=False), m, v])
-    tmp, upd = B.xp.empty(scratch, dtype=p.dtype), B.xp.empty(scratch, dtype=p.dtype)
-    step_size = lr / (1.0 - b1 ** t)
-    bias_root = math.sqrt(1.0 - b2 ** t)
-    for piece in pieces:
-        pi, gi, mi, vi = pf[piece], gf[piece], mf[piece], vf[piece]
-        ti, ui = tmp[:pi.shape[0]], upd[:pi.shape[0]]
-        if weight_decay:
-            pi *= 1.0 - lr * weight_decay  # decoupled decay: p (1 - lr wd)
-        mi *= b1
-        B.xp.multiply(gi, 1.0 - b1, out=ti)
-        mi += ti  # m = b1 m + (1 - b1) g
-        vi *= b2
-        B.xp.multiply(gi, 1.0 - b2, out=ti)
-        ti *= gi
-        vi += ti  # v = b2 v + (1 - b2) g^2
-        B.xp.sqrt(vi, out=ti)
-        ti /= bias_root
-        ti += eps  # sqrt(v) / sqrt(1 - b2^t) + eps
-        B.xp.multiply(mi, step_size, out=ui)
-        ui /= ti
-        pi -= ui  # p -= lr / (1 - b1^t) * m / (...)
+        fused = fast.kernel("adamw")
+        if fused is not None:
+            fused(updates)
+            return
+        # the equations as written, evaluated left to right: the fast form does the same
+        # operations in the same order (and float settings as Python floats keep float32)
+        for p, grad, m, v, lr, b1, b2, eps, weight_decay, t in updates:
+            g = grad.astype(p.dtype, copy=False)  # a float64 gradient must not upcast p
+            p *= 1.0 - lr * weight_decay
+            m[...] = b1 * m + (1.0 - b1) * g
+            v[...] = b2 * v + (1.0 - b2) * g * g
+            p -= lr / (1.0 - b1 ** t) * m / (B.xp.sqrt(v) / math.sqrt(1.0 - b2 ** t) + eps)
 
 
 class SGD(Optimizer):

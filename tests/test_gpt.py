@@ -16,6 +16,7 @@ from minilora import backend as B
 from minilora import functional as F
 from minilora import gpt as G
 from minilora.errors import ConfigError, DTypeError, InvalidArgumentError, ShapeError
+from minilora.fast import attention as fast_attention
 from minilora.gpt import GPT, GPTConfig
 from minilora.nn import Linear, ModuleList
 from tests.helpers import check_grads, host, numeric_grad
@@ -47,6 +48,15 @@ def tokens(shape, vocab=TINY["vocab_size"], seed=0):
 def test_config_rejects_bad_fields_by_name(field, value):
     with pytest.raises(ConfigError, match=field):
         GPTConfig(**{**TINY, field: value})
+
+
+def test_config_errors_say_what_a_size_must_be():
+    with pytest.raises(ConfigError, match=r"GPTConfig: n_layer must be an int >= 1 \(positive\), "
+                                          r"got 1.5"):
+        GPTConfig(**{**TINY, "n_layer": 1.5})
+    with pytest.raises(ConfigError, match="n_embd=65536 is more than MAX_N_EMBD = 32768"):
+        GPTConfig(**{**TINY, "n_embd": 2**16, "n_head": 1})
+    assert type(GPTConfig(**{**TINY, "n_layer": np.int64(2)}).n_layer) is int
 
 
 def test_config_round_trips_through_a_dict_and_rejects_unknown_keys():
@@ -297,8 +307,9 @@ def attention_reference(q, k, v, n_head):
 
 
 def split_queries_from(n):
-    """Make the fused attention split its queries in two blocks from length n on."""
-    return mock.patch.object(A, "_SPLIT_FROM", n)
+    """Make the fused attention (the fast form) split its queries in two blocks from length n
+    on."""
+    return mock.patch.object(fast_attention, "SPLIT_FROM", n)
 
 
 @given(B_=st.integers(1, 3), T=st.integers(1, 7), nh=st.sampled_from([1, 2, 3]),
@@ -369,28 +380,6 @@ def test_causal_mask_is_additive_and_shared():
     assert (m[np.tril_indices(4)] == 0).all()
     big = A.causal_mask(6, np.float64)
     np.testing.assert_array_equal(host(A.causal_mask(3, np.float64)), host(big)[:3, :3])
-
-
-def test_chunked_gelu_matches_the_functional_one_across_piece_boundaries(monkeypatch):
-    monkeypatch.setattr(B, "PIECE", 5)  # 13 elements: pieces of 5, 5 and 3
-    x = np.random.default_rng(0).standard_normal((13,)) * 3
-    check_grads(G.gelu, [x])
-    check_grads(G.gelu, [x.reshape(1, 13)[:, ::-1]])  # a non-contiguous input
-    a, b = ml.Tensor(x, requires_grad=True), ml.Tensor(x, requires_grad=True)
-    w = ml.Tensor(np.random.default_rng(1).standard_normal(13))
-    (G.gelu(a) * w).sum().backward()
-    (F.gelu(b) * w).sum().backward()
-    np.testing.assert_allclose(host(G.gelu(a)), host(F.gelu(b)), rtol=1e-14, atol=1e-15)
-    np.testing.assert_allclose(host(a.grad), host(b.grad), rtol=1e-13, atol=1e-15)
-
-
-def test_chunked_gelu_keeps_float32():
-    x = ml.Tensor(np.linspace(-4, 4, 70001, dtype=np.float32), requires_grad=True)
-    y = G.gelu(x)
-    y.sum().backward()
-    assert y.dtype == np.float32 and x.grad.dtype == np.float32
-    ref = F.gelu(ml.Tensor(x.data.astype(np.float64)))
-    np.testing.assert_allclose(host(y), host(ref), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -529,6 +518,9 @@ def test_generate_accepts_a_tensor_and_zero_new_tokens():
     (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=2.0), "max_new_tokens"),
     (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=0), "top_k"), (dict(seed=-3), "seed"),
+    (dict(max_new_tokens=True), r"max_new_tokens must be an int >= 0, got True"),
+    (dict(top_k=2.0), r"top_k, if given, must be an int >= 1 \(positive\), got 2.0"),
+    (dict(seed=1.5), r"seed, if given, must be an int >= 0, got 1.5"),
 ])
 def test_generate_rejects_bad_arguments(kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):

@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 
 import minilora as ml
 from minilora import backend as B
+from minilora import fast
 from minilora import functional as F
 from minilora.errors import InvalidArgumentError, StateDictError
+from minilora.fast import adamw as fast_adamw
+from minilora.fast import elementwise
 from minilora.nn import Linear, Parameter, Sequential, Tanh
 from minilora.optim import SGD, AdamW, clip_grad_norm, clip_grad_norm_, grad_norm, warmup_cosine
 from tests.helpers import host
@@ -96,11 +99,13 @@ def test_adamw_float32_stays_float32_even_with_numpy_settings():
     np.testing.assert_allclose(got[-1], ref[-1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast_forms", [True, False])
 @pytest.mark.parametrize("shape,transposed", [((700, 300), False), ((300, 700), True),
                                                ((5,), False), ((0, 3), False)])
-def test_adamw_in_pieces_equals_the_whole_array_update_bit_for_bit(shape, transposed):
-    """The chunked update (pieces of backend.PIECE elements) against the same operations on
-    whole float32 arrays; a transposed (non-contiguous) parameter takes the one-piece path."""
+def test_adamw_equals_the_whole_array_update_bit_for_bit(shape, transposed, fast_forms):
+    """Both forms of the update (the fast one in pieces of fast.elementwise.PIECE elements)
+    against the same operations on whole float32 arrays, written out here; a transposed
+    (non-contiguous) parameter takes the fast form's one-piece path."""
     rng = np.random.default_rng(0)
     data = rng.standard_normal(shape).astype(np.float32)
     p = Parameter(B.asarray(data.T if transposed else data))
@@ -110,7 +115,8 @@ def test_adamw_in_pieces_equals_the_whole_array_update_bit_for_bit(shape, transp
     for t in range(1, 4):
         g = rng.standard_normal(ref.shape).astype(np.float32)
         p.grad = B.asarray(g)
-        opt.step()
+        with fast.forms(fast_forms):
+            opt.step()
         ref *= 1.0 - 3e-3 * 0.1
         m *= 0.9
         m += (1.0 - 0.9) * g
@@ -121,7 +127,7 @@ def test_adamw_in_pieces_equals_the_whole_array_update_bit_for_bit(shape, transp
         denom += 1e-8
         ref -= 3e-3 / (1.0 - 0.9**t) * m / denom
         assert np.array_equal(host(p), ref), f"step {t}"
-    assert B.PIECE < 300 * 300  # the large shapes really are cut into pieces
+    assert elementwise.PIECE < 300 * 300  # the large shapes really are cut into pieces
 
 
 def test_frozen_parameters_get_no_state_and_do_not_move():
@@ -462,21 +468,20 @@ def test_load_state_dict_without_param_steps():
 
 
 def test_adamw_on_threads_equals_adamw_on_one_bit_for_bit(monkeypatch):
-    from minilora import optim
-
     rng = np.random.default_rng(0)
     shapes = [(300, 200), (200,), (64, 64), (1000,), (3, 7)]
     data = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
     results = []
     for threshold in (0, 1 << 40):  # every step threaded, then none
-        monkeypatch.setattr(optim, "_THREADED_FROM", threshold)
+        monkeypatch.setattr(fast_adamw, "THREADED_FROM", threshold)
         params = [Parameter(B.asarray(d.copy())) for d in data]
         opt = AdamW(params, lr=1e-2, weight_decay=0.1)
         for step in grads:
             for p, g in zip(params, step):
                 p.grad = B.asarray(g)
-            opt.step()
+            with fast.forms(True):  # the threads are the fast form's
+                opt.step()
         results.append([host(p).copy() for p in params])
     for a, b in zip(*results):
         assert np.array_equal(a, b)

@@ -1,0 +1,79 @@
+"""AdamW's update in cache-sized pieces, its parameters spread over threads.
+
+The update is a chain of a dozen elementwise passes over a parameter, its gradient and its two
+moments. Written plainly (the reference form, :meth:`minilora.optim.AdamW.step`) each pass
+streams all four arrays through memory; here each cache-sized piece goes through every pass
+before the next is touched, with two scratch buffers. Every element gets the same operations in
+the same order as the reference form, so the result is the same to the bit
+(``tests/test_fast_elementwise.py`` checks it). Each parameter's update is its own, so on the
+CPU a large model's parameters are updated on several threads at once (NumPy releases the GIL in
+its loops) and the result does not depend on how they are split.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import backend as B
+from . import cpu
+from .elementwise import piece_size
+
+# parameters (elements in all) from which the update is worth splitting among threads: below,
+# the hand-off to a second thread costs more than it saves
+THREADED_FROM = 1 << 18
+
+
+def adamw_step(updates: list[tuple]) -> None:
+    """Apply :func:`adamw_update` to every ``(p, grad, m, v, lr, b1, b2, eps, weight_decay, t)``
+    in ``updates``, in place: on the CPU on one thread per core once the parameters hold
+    ``THREADED_FROM`` elements in all, else one after another."""
+    sizes = [u[0].size for u in updates]
+    threads = cpu.available_cpus() if B.get_backend() == "numpy" and \
+        sum(sizes) >= THREADED_FROM else 1
+    cpu.for_each_in_threads(lambda k: adamw_update(*updates[k]), sizes, threads)
+
+
+def flat_pieces(arrays: list) -> tuple[list, list, tuple]:
+    """Flat views of equally shaped arrays, the slices that cut them into cache-sized pieces and
+    the shape of a scratch buffer for one piece. An array that is not contiguous cannot be
+    viewed flat: then the arrays stay as they are, in one piece."""
+    if not all(a.flags.c_contiguous for a in arrays):
+        return arrays, [slice(None)], arrays[0].shape
+    flat = [a.reshape(-1) for a in arrays]
+    n = flat[0].shape[0]
+    m = piece_size(n)
+    return flat, [slice(i, i + m) for i in range(0, n, m)], (m,)
+
+
+def adamw_update(p: Any, grad: Any, m: Any, v: Any, lr: float, b1: float, b2: float,
+                 eps: float, weight_decay: float, t: int) -> None:
+    """AdamW's update of one parameter p at step t, in place, piece by piece:
+    ``p <- p (1 - lr wd)``; ``m <- b1 m + (1 - b1) g``; ``v <- b2 v + (1 - b2) g^2``;
+    ``p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``. p, grad, m, v of one
+    shape; the settings Python floats (a NumPy float64 scalar would upcast a float32 update)."""
+    (pf, gf, mf, vf), pieces, scratch = flat_pieces([p, grad.astype(p.dtype, copy=False), m, v])
+    tmp, upd = B.xp.empty(scratch, dtype=p.dtype), B.xp.empty(scratch, dtype=p.dtype)
+    step_size = lr / (1.0 - b1 ** t)
+    bias_root = math.sqrt(1.0 - b2 ** t)
+    for piece in pieces:
+        pi, gi, mi, vi = pf[piece], gf[piece], mf[piece], vf[piece]
+        ti, ui = tmp[:pi.shape[0]], upd[:pi.shape[0]]
+        if weight_decay:
+            pi *= 1.0 - lr * weight_decay  # decoupled decay: p (1 - lr wd)
+        mi *= b1
+        B.xp.multiply(gi, 1.0 - b1, out=ti)
+        mi += ti  # m = b1 m + (1 - b1) g
+        vi *= b2
+        B.xp.multiply(gi, 1.0 - b2, out=ti)
+        ti *= gi
+        vi += ti  # v = b2 v + (1 - b2) g^2
+        B.xp.sqrt(vi, out=ti)
+        ti /= bias_root
+        ti += eps  # sqrt(v) / sqrt(1 - b2^t) + eps
+        B.xp.multiply(mi, step_size, out=ui)
+        ui /= ti
+        pi -= ui  # p -= lr / (1 - b1^t) * m / (...)
+
+
+__all__ = ["THREADED_FROM", "adamw_step", "flat_pieces", "adamw_update"]

@@ -1,0 +1,70 @@
+"""Chunked elementwise chains: GELU forward and its derivative in one pass over cache-sized pieces.
+
+An elementwise chain of a dozen steps over a large array is memory-bound: written plainly, each
+step streams the whole array through memory once. Cut into pieces that fit in the CPU's cache,
+each piece goes through every step before the next is touched, so the array crosses memory once.
+On a GPU the whole array is one piece (a kernel launch costs more there than a trip to memory).
+
+The reference form is :func:`minilora.functional.gelu`; ``tests/test_fast_elementwise.py`` pins
+this one to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import backend as B
+
+# GPT-2's GELU, tanh form: gelu(x) = x (1 + tanh(GELU_C (x + GELU_A x^3))) / 2. Defined here, the
+# lowest layer that needs them; the reference form in functional imports them from here.
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_A = 0.044715
+
+PIECE = 1 << 16  # elements per piece of a chunked elementwise chain: a few such buffers stay in L2
+
+
+def piece_size(n: int) -> int:
+    """Elements per piece for elementwise chains over n elements: cache-sized (``PIECE``) on the
+    CPU, the whole array on a GPU."""
+    return max(1, n if B.get_backend() == "cupy" else min(n, PIECE))
+
+
+def gelu(x: Any, needs_grad: bool) -> tuple[Any, Any]:
+    """GPT-2's GELU, fused and chunked: ``y = x p`` with p = (1 + t) / 2, t = tanh(c (x + a x^3)),
+    c = GELU_C, a = GELU_A; x any shape -> (y, dy/dx), both of x's shape (dy/dx None unless
+    ``needs_grad``).
+
+    Since 1 - t^2 = 4 p (1 - p), ``dy/dx = p (1 + (1 - p) u)`` with u = 2 c x (1 + 3 a x^2). It is
+    computed right where p is, while x, x^2 and p are in cache, so the backward pass is one
+    multiplication ``g * dy/dx``.
+    """
+    xf = B.xp.ascontiguousarray(x).reshape(-1)  # (N,) flat
+    n, m = xf.shape[0], piece_size(xf.shape[0])
+    out = B.xp.empty_like(xf)
+    d = B.xp.empty_like(xf) if needs_grad else None
+    x2, t = B.xp.empty(m, dtype=xf.dtype), B.xp.empty(m, dtype=xf.dtype)
+    for i in range(0, n, m):
+        xi, oi = xf[i:i + m], out[i:i + m]
+        x2i, ti = x2[:xi.shape[0]], t[:xi.shape[0]]
+        pi = oi if d is None else d[i:i + m]  # p lands where it is needed last
+        B.xp.multiply(xi, xi, out=x2i)
+        B.xp.multiply(x2i, GELU_A * GELU_C, out=ti)
+        ti += GELU_C
+        ti *= xi
+        B.xp.tanh(ti, out=ti)  # t
+        B.xp.multiply(ti, 0.5, out=pi)
+        pi += 0.5  # p = (1 + t) / 2
+        B.xp.multiply(xi, pi, out=oi)  # y = x p
+        if d is not None:
+            x2i *= 6 * GELU_A * GELU_C
+            x2i += 2 * GELU_C
+            x2i *= xi  # u = 2 c x (1 + 3 a x^2)
+            B.xp.subtract(1.0, pi, out=ti)
+            ti *= x2i
+            ti += 1.0
+            pi *= ti  # dy/dx = p (1 + (1 - p) u)
+    return out.reshape(x.shape), (None if d is None else d.reshape(x.shape))
+
+
+__all__ = ["GELU_C", "GELU_A", "PIECE", "piece_size", "gelu"]
