@@ -11,9 +11,10 @@ import sys
 from typing import Any, Callable
 
 from . import backend as B
-from . import cpu
+from . import fast
 from .data import TASKS, TaskDataset, get_task
 from .errors import ConfigError, InvalidArgumentError, TrainingInterrupted
+from .fast import cpu
 from .train import TrainConfig, format_eval, train
 
 # the default model for the tasks: small enough to learn 3-digit addition in about a minute
@@ -24,15 +25,19 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "block_size")
 
 
 def setup(args: argparse.Namespace) -> None:
-    """Select the backend and the BLAS thread count for a command."""
+    """Select the backend and, with the fast forms on, the BLAS thread count for a command.
+
+    Setting the BLAS thread count is a fast form: with the fast forms off (``MINILORA_REFERENCE=1``)
+    OpenBLAS keeps the count it started with (``--threads`` is still checked).
+    """
     B.use_backend(args.backend)
     threads = args.threads
+    if threads is not None and threads < 1:
+        raise InvalidArgumentError(f"--threads must be at least 1, got {threads}")
     if threads is None and not any(v in os.environ for v in ("OPENBLAS_NUM_THREADS",
                                                              "OMP_NUM_THREADS")):
         threads = 1
-    if threads is not None:
-        if threads < 1:
-            raise InvalidArgumentError(f"--threads must be at least 1, got {threads}")
+    if threads is not None and fast.enabled():
         cpu.set_blas_threads(threads)
 
 
@@ -151,11 +156,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="BLAS threads (default 1 unless OPENBLAS_NUM_THREADS or "
                    "OMP_NUM_THREADS is set: the models here are small, and extra threads "
-                   "slow them down on a busy machine)")
+                   "slow them down on a busy machine); a fast form, left alone under "
+                   "MINILORA_REFERENCE=1")
     p.add_argument("--debug", action="store_true",
                    help="on an error, show the full traceback instead of one line")
-
-
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:

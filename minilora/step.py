@@ -1,4 +1,7 @@
-"""One training step's forward and backward on a batch cut into shards that run side by side.
+"""The training step's shards: one step's forward and backward on a batch cut into shards.
+
+This is the train layer's own machinery (``train`` calls :func:`forward_backward` every step); the
+model and the autograd below it know nothing of shards.
 
 A batch of B rows is cut into S shards of consecutive rows. With L_s the mean loss over the n_s
 scored targets of shard s (targets equal to ``ignore_index`` are not scored) and n = sum_s n_s,
@@ -14,6 +17,11 @@ one-thread BLAS, keep two cores busy through the matmuls *and* the elementwise w
 only the matmuls, and on matrices this small its threads spend much of their time waiting for
 each other (benchmarks/RESULTS.md has the figures).
 
+Running the shards on threads is a fast form: with the fast forms off (``fast.enabled()`` False,
+``MINILORA_REFERENCE=1``) the batch is cut into the same shards, with the same generators, and
+their gradients are added in the same order, so the numbers are the same, but the shards run one
+after another in the calling thread and the BLAS thread count is left alone.
+
 Same seed, same result: each shard writes its gradients into its own store
 (``tensor.leaf_grads_into``) and the stores are added in shard order once all are done, so the
 result depends on the number of shards, never on the number of threads or on which finished
@@ -27,25 +35,25 @@ from contextlib import nullcontext
 from typing import Any
 
 from . import backend as B
-from . import cpu
-from .errors import GraphError, InvalidArgumentError, ShapeError
+from . import fast
+from .errors import GraphError, ShapeError, check_int
+from .fast import cpu
 from .tensor import is_grad_enabled, leaf_grads_into
 
 
 def default_threads(shards: int) -> int:
     """Threads for ``shards`` shards: one per shard up to the cores there are on the CPU; one on a
-    GPU, where the device already runs each kernel in parallel."""
-    return 1 if B.get_backend() == "cupy" else max(1, min(shards, cpu.available_cpus()))
+    GPU, where the device already runs each kernel in parallel; one with the fast forms off
+    (``fast.enabled()`` False), where the shards run one after another."""
+    if not fast.enabled() or B.get_backend() == "cupy":
+        return 1
+    return max(1, min(shards, cpu.available_cpus()))
 
 
 def _check(idx: Any, targets: Any, shards: Any, threads: Any) -> tuple[Any, Any]:
-    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
-        raise InvalidArgumentError(f"forward_backward: shards must be an int >= 1, got "
-                                   f"{shards!r}")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
-                                or threads < 1):
-        raise InvalidArgumentError(f"forward_backward: threads must be None or an int >= 1, "
-                                   f"got {threads!r}")
+    check_int(shards, "forward_backward: shards")
+    if threads is not None:
+        check_int(threads, "forward_backward: threads")
     if not is_grad_enabled():
         raise GraphError("forward_backward: called under no_grad(), but it exists to compute "
                          "gradients")
@@ -64,8 +72,9 @@ def forward_backward(model: Any, idx: Any, targets: Any, shards: int = 2,
     idx and targets have the same number of rows B (axis 0); at most B shards are used. The loss
     must be a mean over the targets not equal to ``ignore_index`` (as ``F.cross_entropy``'s).
     Gradients are added into each parameter's ``.grad``, as ``loss.backward()`` would. ``threads``
-    (default: one per shard, up to the cores there are; one on a GPU) run the shards; while more
-    than one does, OpenBLAS is held at one thread. Should a shard fail, no gradient is changed.
+    (default :func:`default_threads`) run the shards; while more than one does, OpenBLAS is held
+    at one thread. With the fast forms off the shards run one after another, whatever
+    ``threads`` says. Should a shard fail, no gradient is changed.
     """
     idx, targets = _check(idx, targets, shards, threads)
     rows = idx.shape[0]
@@ -78,7 +87,8 @@ def forward_backward(model: Any, idx: Any, targets: Any, shards: int = 2,
         loss.backward()
         return float(loss.item())
     generators = B.spawn_generators(shards)
-    threads = min(threads or default_threads(shards), shards)
+    # threads are a fast form: with the fast forms off the same shards run one after another
+    threads = min(threads or default_threads(shards), shards) if fast.enabled() else 1
     results: list = [None] * shards
 
     def run(s: int) -> None:

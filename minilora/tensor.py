@@ -5,8 +5,9 @@ The whole idea in four lines:
 * a :class:`Tensor` holds an array ``data`` and, once ``backward`` has run, its gradient ``grad``;
 * every operation makes an output tensor that remembers its inputs (``_parents``) and a small
   closure ``_backward(g) -> (grad for each parent)`` that applies the chain rule locally;
-* ``loss.backward()`` sorts the graph topologically (iteratively: deep graphs are fine) and walks
-  it in reverse, handing each node the sum of the gradients flowing into it;
+* ``loss.backward()`` sorts the graph topologically (``loss.topological_order()``, iteratively:
+  deep graphs are fine) and walks it in reverse, handing each node the sum of the gradients
+  flowing into it;
 * leaves (parameters, inputs) accumulate what reaches them into ``.grad``.
 
 Nothing is recorded inside ``with no_grad():`` or when no input requires a gradient, and a closure
@@ -49,7 +50,7 @@ def leaf_grads_into(store: dict) -> Iterator[dict]:
     but puts each leaf's gradient into ``store[id(leaf)] = (leaf, grad, owned)`` (adding repeats
     up); ``owned`` says that nothing else holds ``grad``, so it may be added into in place.
 
-    :mod:`minilora.parallel` gives each shard of a batch its own store, so shards can run side by
+    :mod:`minilora.step` gives each shard of a batch its own store, so shards can run side by
     side and their gradients be added in a fixed order afterwards.
     """
     previous = getattr(_state, "sink", None)
@@ -85,11 +86,77 @@ def _as_float_array(data: Any, dtype: Any) -> Any:
     return arr
 
 
+# ------------------------------------------------------------- the backward walk's helpers
+#
+# A gradient array may be written into in place (a sum formed in place, or kept by a leaf as its
+# .grad, to be added into later) only if nothing else holds it. Three things hold arrays the walk
+# did not make: the caller (the seed), a second parent (add hands one array to both of its
+# inputs) and a view or its base (reshape, broadcast_to and slicing return views). ``shared``
+# collects the ids of such arrays; everything else the walk received from a closure or formed as
+# a sum itself, and is its own.
+
 def _owned(arr: Any, shared: set) -> bool:
-    """True if the walk may write into ``arr``: not handed to two places, not a view of another
-    array, writeable."""
+    """True if the walk may write into ``arr``: not in ``shared``, not a view of another array,
+    writeable."""
     # CuPy's flags have no "writeable" in some versions: its arrays always are
     return id(arr) not in shared and arr.base is None and getattr(arr.flags, "writeable", True)
+
+
+def _note_aliases(parents: Sequence[Tensor], parent_grads: Sequence[Any], shared: set) -> None:
+    """Add to ``shared`` the gradients one closure returned that are held twice: an array handed
+    to a second parent, and the base of each view (writing into the base would change the view).
+    Only the gradients of parents that take one count, as only those enter the walk."""
+    seen: set = set()
+    for parent, pg in zip(parents, parent_grads):
+        if pg is None or not parent.requires_grad:
+            continue
+        if id(pg) in seen:
+            shared.add(id(pg))
+        if pg.base is not None:
+            shared.add(id(pg.base))
+        seen.add(id(pg))
+
+
+def _accumulate(grads: dict, parent: Tensor, pg: Any, shared: set) -> None:
+    """``grads[parent] += pg``: the first gradient to reach ``parent`` is kept as it is; a
+    later one is added in place into the sum when the walk owns it (same shape and dtype), else
+    into a new array."""
+    previous = grads.get(id(parent))
+    if previous is None:
+        grads[id(parent)] = pg
+    elif _owned(previous, shared) and previous.shape == pg.shape and previous.dtype == pg.dtype:
+        previous += pg  # a sum this walk made (or the sole owner): add in place
+    else:
+        grads[id(parent)] = previous + pg
+
+
+def _deliver(leaf: Tensor, g: Any, shared: set, sink: dict | None) -> None:
+    """Hand the gradient ``g`` that reached ``leaf`` (a node without a closure) to where leaves
+    keep theirs: the per-shard store ``sink`` inside ``leaf_grads_into``, else ``leaf.grad``
+    (added to what is there; a first gradient the walk does not own, or of another dtype, is
+    copied, so ``leaf.grad`` is always the leaf's own writeable array)."""
+    if leaf._op is not None:  # an op's output whose closure an earlier backward released
+        raise GraphError("backward: the graph was freed by an earlier backward; pass "
+                         "retain_graph=True to walk it twice")
+    if sink is not None:
+        _store(sink, leaf, g, shared)
+    elif leaf.grad is not None:
+        leaf.grad = leaf.grad + g
+    elif not _owned(g, shared) or g.dtype != leaf.data.dtype:
+        leaf.grad = g.astype(leaf.data.dtype, copy=True)
+    else:
+        leaf.grad = g
+
+
+def _store(sink: dict, leaf: Tensor, g: Any, shared: set) -> None:
+    """``sink[id(leaf)] = (leaf, sum of the gradients, owned)``: the first gradient as it is,
+    with whether the walk owns it (then whoever adds the stores up may add into it in place);
+    a repeat is added into a new array, which is owned."""
+    held = sink.get(id(leaf))
+    if held is None:
+        sink[id(leaf)] = (leaf, g, _owned(g, shared))
+    else:
+        sink[id(leaf)] = (leaf, held[1] + g, True)
 
 
 class Tensor:
@@ -130,14 +197,17 @@ class Tensor:
         out._backward = backward if needs else None
         return out
 
-    def _topological_order(self) -> list:
-        """Nodes that need a gradient, each after all of its parents (iterative DFS)."""
+    def topological_order(self) -> list[Tensor]:
+        """The nodes of this tensor's graph that need a gradient, each once and each after all of
+        its parents, this tensor last: the order of the forward pass, which ``backward`` walks in
+        reverse. An iterative depth-first search, so a graph deeper than Python's recursion limit
+        is fine."""
         order: list = []
         visited: set = set()
         stack: list = [(self, False)]
         while stack:
             node, expanded = stack.pop()
-            if expanded:
+            if expanded:  # all of its parents are in the order: now it may follow them
                 order.append(node)
                 continue
             if id(node) in visited:
@@ -152,9 +222,34 @@ class Tensor:
     def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
         """Backpropagate from this tensor; leaves accumulate their gradient into ``.grad``.
 
-        ``grad`` defaults to 1 for a single-element tensor. The graph's saved arrays are released
-        as the walk passes them unless ``retain_graph=True``.
+        ``grad`` (the seed dL/dself, of this tensor's shape) defaults to 1 for a single-element
+        tensor. Each node, from the output back to the leaves, hands the sum of the gradients that
+        reached it to its closure, which returns one gradient per parent (the chain rule); a leaf
+        keeps what reaches it. The graph's saved arrays are released as the walk passes them
+        unless ``retain_graph=True``.
         """
+        seed = self._seed(grad)
+        grads = {id(self): seed}  # node -> the sum of the gradients that reached it so far
+        shared = {id(seed)}  # arrays the walk must not write into; the seed may be the caller's
+        sink = getattr(_state, "sink", None)
+        for node in reversed(self.topological_order()):
+            g = grads.pop(id(node), None)
+            if g is None:  # no gradient reached it: every closure on the way gave None
+                continue
+            if node._backward is None:  # a leaf (_deliver refuses a graph already freed)
+                _deliver(node, g, shared, sink)
+                continue
+            parent_grads = node._backward(g)
+            _note_aliases(node._parents, parent_grads, shared)
+            for parent, pg in zip(node._parents, parent_grads):
+                if pg is not None and parent.requires_grad:
+                    _accumulate(grads, parent, pg, shared)
+            if not retain_graph:
+                node._backward, node._parents = None, ()
+
+    def _seed(self, grad: Any) -> Any:
+        """The gradient ``backward`` starts from: ``grad`` as an array of this tensor's shape and
+        dtype, or ones for a single-element tensor when it is None."""
         if not self.requires_grad:
             raise GraphError("backward: this tensor does not require grad (no input had "
                              "requires_grad=True, or it was computed under no_grad)")
@@ -162,60 +257,12 @@ class Tensor:
             if self.data.size != 1:
                 raise GraphError(f"backward: a gradient can only be implied for a single-element "
                                  f"tensor; this one has shape {self.shape}, pass grad=")
-            grad = B.xp.ones_like(self.data)
-        else:
-            grad = B.asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.data.dtype)
-            if grad.shape != self.shape:
-                raise shape_error("backward", self.shape, grad.shape,
-                                  detail="grad must have the tensor's shape")
-        grads = {id(self): grad}
-        sink = getattr(_state, "sink", None)
-        # A leaf may keep the array that reaches it, and a sum of gradients may be formed in
-        # place, only if nobody else holds that array: the seed (it may be the caller's), one
-        # array passed to two parents (add does that), a view (reshape, broadcast_to) or the
-        # base of one would alias, so those are copied instead.
-        shared = {id(grad)}
-        for node in reversed(self._topological_order()):
-            g = grads.pop(id(node), None)
-            if g is None:
-                continue
-            if node._backward is None:
-                if node._op is not None:
-                    raise GraphError("backward: the graph was freed by an earlier backward; "
-                                     "pass retain_graph=True to walk it twice")
-                if sink is not None:
-                    held = sink.get(id(node))
-                    if held is None:  # owned: nothing else holds g, the sink may add into it
-                        sink[id(node)] = (node, g, _owned(g, shared))
-                    else:
-                        sink[id(node)] = (node, held[1] + g, True)
-                elif node.grad is not None:
-                    node.grad = node.grad + g
-                elif not _owned(g, shared) or g.dtype != node.data.dtype:
-                    node.grad = g.astype(node.data.dtype, copy=True)
-                else:
-                    node.grad = g
-                continue
-            seen: set = set()
-            for parent, pg in zip(node._parents, node._backward(g)):
-                if pg is None or not parent.requires_grad:
-                    continue
-                if id(pg) in seen:
-                    shared.add(id(pg))
-                if pg.base is not None:  # a view: its base must not be written in place either
-                    shared.add(id(pg.base))
-                seen.add(id(pg))
-                previous = grads.get(id(parent))
-                if previous is None:
-                    grads[id(parent)] = pg
-                elif _owned(previous, shared) and previous.shape == pg.shape \
-                        and previous.dtype == pg.dtype:
-                    previous += pg  # a sum this walk made (or the sole owner): add in place
-                else:
-                    grads[id(parent)] = previous + pg
-            if not retain_graph:
-                node._backward = None
-                node._parents = ()
+            return B.xp.ones_like(self.data)
+        grad = B.asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.data.dtype)
+        if grad.shape != self.shape:
+            raise shape_error("backward", self.shape, grad.shape,
+                              detail="grad must have the tensor's shape")
+        return grad
 
     # ------------------------------------------------------------------------------ basics
 

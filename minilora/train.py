@@ -7,9 +7,11 @@ One step, for a model whose forward returns ``(logits, loss)`` when given target
     loss = model(x, y)[1];  loss.backward()       # the batch in `shards` shards, side by side
     clip_grad_norm(params, grad_clip);  AdamW step;  zero the gradients
 
-The forward and backward pass go through ``parallel.forward_backward``: the batch is cut into
+The forward and backward pass go through ``step.forward_backward``: the batch is cut into
 ``shards`` row-shards that run on their own threads (one per core) and whose gradients add up to
-the whole batch's. The result depends on ``shards``, not on the number of cores.
+the whole batch's. The result depends on ``shards``, not on the number of cores. With the fast
+forms off (``MINILORA_REFERENCE=1``) the same shards run one after another, and the loop leaves
+the allocator's settings alone.
 
 Only parameters with ``requires_grad`` are optimised, so the same loop fine-tunes a LoRA model
 (whose base is frozen). Weight decay applies to matrices (2-D and up) only, never to biases or
@@ -40,8 +42,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from . import backend as B
+from . import fast
 from .checkpoint import HISTORY_FILE, all_finite, load_checkpoint, restore, save_checkpoint
-from .cpu import keep_freed_memory
 from .data import TaskDataset, TextDataset
 from .errors import (
     CheckpointError,
@@ -49,12 +51,14 @@ from .errors import (
     InvalidArgumentError,
     TrainingDivergedError,
     TrainingInterrupted,
+    check_int,
 )
+from .fast.cpu import keep_freed_memory
 from .jsonl import JsonlDataset
 from .jsonl import exact_match as jsonl_exact_match
 from .nn import Module
 from .optim import AdamW, clip_grad_norm, grad_norm, warmup_cosine
-from .parallel import forward_backward
+from .step import forward_backward
 from .tensor import no_grad
 
 
@@ -66,7 +70,7 @@ class TrainConfig:
     Every ``eval_every`` steps (and at the end) the model is evaluated on ``eval_examples``
     held-out questions; every ``checkpoint_every`` steps (0: only at the end) a checkpoint is
     written when the run has an output directory. ``shards``: each batch is cut into this many
-    row-shards that run side by side on threads (:mod:`minilora.parallel`); 1 runs it whole.
+    row-shards that run side by side on threads (:mod:`minilora.step`); 1 runs it whole.
     """
 
     steps: int = 1000
@@ -89,13 +93,11 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig: betas must be two numbers, got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
         for name in ("steps", "batch_size", "eval_every", "eval_examples", "shards"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"TrainConfig: {name} must be a positive int, got {v!r}")
+            setattr(self, name, check_int(getattr(self, name), f"TrainConfig: {name}", 1,
+                                          ConfigError))
         for name in ("warmup", "checkpoint_every", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"TrainConfig: {name} must be an int >= 0, got {v!r}")
+            setattr(self, name, check_int(getattr(self, name), f"TrainConfig: {name}", 0,
+                                          ConfigError))
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
             if not _is_number(v) or not math.isfinite(v) or v < 0:
@@ -389,7 +391,7 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
     t0 = time.perf_counter()
     tokens = 0
     model.train()
-    if B.get_backend() == "numpy":
+    if fast.enabled() and B.get_backend() == "numpy":  # an allocator setting: a fast form
         keep_freed_memory()  # every step frees and makes the same arrays: reuse, don't re-fault
     done = start
     try:

@@ -355,7 +355,7 @@ def test_float32_stays_float32_forward_and_backward(name):
 
 def node_grads(y: ml.Tensor, captured: list) -> None:
     """Wrap every closure in y's graph to record the dtype of the gradients it returns."""
-    for node in y._topological_order():
+    for node in y.topological_order():
         if node._backward is None:
             continue
 
@@ -451,3 +451,183 @@ def test_gradient_sums_formed_in_place_leave_other_branches_alone(seed):
     seed_grad = np.ones((3, 4))
     fn(t).backward(seed_grad)
     assert np.array_equal(seed_grad, np.ones((3, 4)))
+
+
+# ------------------------------------------------------------------ the walk: order and helpers
+
+@st.composite
+def dags(draw):
+    """A random graph: a few leaves (some frozen), then nodes that each add or multiply two
+    earlier nodes (possibly the same one twice) or apply tanh to one."""
+    n_leaves = draw(st.integers(1, 4))
+    frozen = draw(st.lists(st.booleans(), min_size=n_leaves, max_size=n_leaves))
+    nodes = [leaf([0.5, -1.0], requires_grad=not f) for f in frozen]
+    for _ in range(draw(st.integers(0, 14))):
+        i = draw(st.integers(0, len(nodes) - 1))
+        j = draw(st.integers(0, len(nodes) - 1))
+        op = draw(st.sampled_from(["add", "mul", "tanh"]))
+        a, b = nodes[i], nodes[j]
+        nodes.append(a + b if op == "add" else a * b if op == "mul" else a.tanh())
+    return nodes
+
+
+@given(dags())
+def test_topological_order_lists_each_node_once_after_its_parents(nodes):
+    root = nodes[-1]
+    order = root.topological_order()
+    if not root.requires_grad:
+        assert order == [root]
+        return
+    # what it must hold: every node that needs a gradient and is reachable from the root
+    reachable, stack = {id(root): root}, [root]
+    while stack:
+        for p in stack.pop()._parents:
+            if p.requires_grad and id(p) not in reachable:
+                reachable[id(p)] = p
+                stack.append(p)
+    assert len(order) == len({id(n) for n in order}) == len(reachable)
+    assert {id(n) for n in order} == set(reachable) and order[-1] is root
+    position = {id(n): k for k, n in enumerate(order)}
+    for node in order:
+        for p in node._parents:
+            if p.requires_grad:
+                assert position[id(p)] < position[id(node)]
+
+
+def test_topological_order_of_a_small_graph():
+    a, b = leaf([1.5]), leaf([-2.0])
+    ab, ea = a * b, a.exp()
+    f = ab + ea
+    order = f.topological_order()
+    assert order[-1] is f and len(order) == 5
+    pos = {id(n): k for k, n in enumerate(order)}
+    assert pos[id(a)] < pos[id(ab)] and pos[id(a)] < pos[id(ea)] and pos[id(b)] < pos[id(ab)]
+    assert max(pos[id(ab)], pos[id(ea)]) < pos[id(f)]
+    c = leaf([1.0], requires_grad=False)
+    assert (a * c).topological_order()[0] is a  # a frozen input is not part of the walk
+    assert len((a * c).topological_order()) == 2
+
+
+def test_note_aliases_marks_an_array_handed_twice_and_the_base_of_a_view():
+    from minilora.tensor import _note_aliases
+
+    p, q, frozen = leaf([1.0]), leaf([2.0]), leaf([3.0], requires_grad=False)
+    g, base = B.asarray(np.ones(2)), B.asarray(np.ones((2, 2)))
+    view = base[0]
+    shared = set()
+    _note_aliases((p, q, frozen), (g, g, view), shared)
+    assert shared == {id(g)}  # the view went to a frozen parent: it never enters the walk
+    _note_aliases((p, q), (view, None), shared)
+    assert shared == {id(g), id(base)}
+    alone = B.asarray(np.ones(2))
+    _note_aliases((p, q), (alone, B.asarray(np.ones(2))), shared)
+    assert id(alone) not in shared
+
+
+def test_accumulate_keeps_the_first_adds_into_its_own_sums_and_copies_the_rest():
+    from minilora.tensor import _accumulate
+
+    p = leaf([0.0, 0.0])
+    grads, shared = {}, set()
+    first = B.asarray(np.array([1.0, 2.0]))
+    _accumulate(grads, p, first, shared)
+    assert grads[id(p)] is first
+    _accumulate(grads, p, B.asarray(np.array([10.0, 10.0])), shared)
+    assert grads[id(p)] is first  # owned by the walk: added into in place
+    np.testing.assert_array_equal(host(first), [11.0, 12.0])
+    # an array someone else holds (the seed, one handed to two parents) is never written into
+    held = B.asarray(np.array([1.0, 2.0]))
+    grads = {id(p): held}
+    _accumulate(grads, p, B.asarray(np.array([5.0, 5.0])), {id(held)})
+    assert grads[id(p)] is not held
+    np.testing.assert_array_equal(host(held), [1.0, 2.0])
+    np.testing.assert_array_equal(host(grads[id(p)]), [6.0, 7.0])
+    # nor a view (its base would change), nor an array of another shape or dtype
+    base = B.asarray(np.array([[1.0, 2.0], [3.0, 4.0]]))
+    for previous, pg in ((base[0], np.ones(2)), (B.asarray(np.ones(1)), np.ones(2)),
+                         (B.asarray(np.ones(2, np.float32)), np.ones(2))):
+        grads = {id(p): previous}
+        before = host(previous).copy()
+        _accumulate(grads, p, B.asarray(pg), set())
+        assert grads[id(p)] is not previous
+        np.testing.assert_array_equal(host(previous), before)
+    np.testing.assert_array_equal(host(base), [[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_deliver_gives_a_leaf_its_own_writeable_array():
+    from minilora.tensor import _deliver
+
+    x = leaf([1.0, 2.0])
+    mine = B.asarray(np.array([3.0, 4.0]))
+    _deliver(x, mine, set(), None)
+    assert x.grad is mine  # the walk's own array: kept, no copy
+    _deliver(x, mine, set(), None)
+    assert x.grad is not mine  # a second gradient is added into a new array
+    np.testing.assert_array_equal(host(mine), [3.0, 4.0])
+    np.testing.assert_array_equal(host(x.grad), [6.0, 8.0])
+    for g, shared in ((mine, {id(mine)}),  # held elsewhere (the seed, say)
+                      (B.xp.broadcast_to(B.asarray(np.ones(1)), (2,)), set()),  # a view
+                      (B.asarray(np.ones(2, np.float32)), set())):  # another dtype
+        y = leaf([0.0, 0.0])
+        _deliver(y, g, shared, None)
+        assert y.grad is not g and y.grad.dtype == np.float64
+        y.grad += 1.0  # writeable, and nobody else sees it
+        assert not np.shares_memory(host(y.grad), host(g)) or B.get_backend() == "cupy"
+    freed = leaf([1.0]) * 2.0
+    freed._backward = None  # what an earlier backward leaves behind
+    with pytest.raises(GraphError, match="retain_graph"):
+        _deliver(freed, mine, set(), None)
+
+
+def test_the_seed_stays_the_callers_even_when_it_reaches_a_leaf_unchanged():
+    x = leaf([1.0, 2.0])
+    seed = np.array([1.0, -1.0])
+    (x + 0.0).backward(seed)  # add hands the seed itself on to x
+    assert x.grad is not seed
+    (x + 0.0).backward(seed)
+    x.grad *= 3.0
+    np.testing.assert_array_equal(seed, [1.0, -1.0])
+    x.zero_grad()
+    x.backward(seed)  # the seed is the leaf's own gradient: still copied
+    assert x.grad is not seed
+    x.grad += 1.0
+    np.testing.assert_array_equal(seed, [1.0, -1.0])
+
+
+def test_a_parent_repeated_in_one_op_gets_both_contributions():
+    x = leaf([1.0, -3.0])
+    seed = np.array([2.0, 5.0])
+    (x + x).backward(seed)  # one array handed to x twice
+    np.testing.assert_array_equal(host(x.grad), 2 * seed)
+    np.testing.assert_array_equal(seed, [2.0, 5.0])
+    x.zero_grad()
+    (x * x + x).backward(seed)
+    np.testing.assert_array_equal(host(x.grad), seed * (2 * np.array([1.0, -3.0]) + 1))
+
+
+def test_the_sink_adds_repeats_and_says_who_owns_the_first():
+    from minilora.tensor import _store, leaf_grads_into
+
+    x = leaf([1.0, 2.0])
+    sink = {}
+    g = B.asarray(np.array([1.0, 1.0]))
+    _store(sink, x, g, {id(g)})
+    assert sink[id(x)][0] is x and sink[id(x)][1] is g and sink[id(x)][2] is False
+    _store(sink, x, B.asarray(np.array([2.0, 3.0])), set())
+    leaf_, total, owned = sink[id(x)]
+    assert owned is True and total is not g
+    np.testing.assert_array_equal(host(total), [3.0, 4.0])
+    np.testing.assert_array_equal(host(g), [1.0, 1.0])
+    own = B.asarray(np.array([1.0, 1.0]))
+    _store(sink, leaf([0.0]), own, set())
+    assert list(sink.values())[-1][2] is True
+    # through backward: the caller's seed reaching a leaf is not owned; leaf.grad is untouched
+    seed = np.array([1.0, 1.0])
+    store = {}
+    with leaf_grads_into(store):
+        (x + 0.0).backward(seed)
+        assert store[id(x)][2] is False
+        (x * 2.0).sum().backward()
+    assert x.grad is None
+    np.testing.assert_array_equal(host(store[id(x)][1]), [3.0, 3.0])
+    assert store[id(x)][2] is True

@@ -70,6 +70,60 @@ def test_config_survives_its_json_form(steps, lr, warmup, betas):
         TrainConfig.from_dict({**cfg.to_dict(), "momentum": 0.9})
 
 
+@pytest.mark.parametrize("field,value,words", [
+    ("steps", 0, "TrainConfig: steps must be an int >= 1 (positive), got 0"),
+    ("shards", True, "TrainConfig: shards must be an int >= 1 (positive), got True"),
+    ("seed", -1, "TrainConfig: seed must be an int >= 0, got -1"),
+    ("warmup", 2.0, "TrainConfig: warmup must be an int >= 0, got 2.0")])
+def test_config_messages_name_the_field_the_bound_and_the_value(field, value, words):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**{field: value})
+    assert str(info.value) == words
+
+
+def test_config_takes_numpy_integers_as_python_ints():
+    cfg = TrainConfig(steps=np.int64(7), seed=np.int32(2), min_lr=1e-4)
+    assert type(cfg.steps) is int and type(cfg.seed) is int and cfg.steps == 7
+    json.dumps(cfg.to_dict())  # a NumPy integer would not be JSON
+
+
+def test_the_allocator_setting_is_a_fast_form(monkeypatch):
+    """train() asks glibc to keep freed memory only with the fast forms on."""
+    import minilora.train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    data = tiny_task()
+    with ml.fast.reference():
+        train(tiny_model(data), data, tiny_config(steps=1), progress=False)
+    assert calls == []
+    with ml.fast.forms(True):
+        train(tiny_model(data), data, tiny_config(steps=1), progress=False)
+    assert calls == ([1] if ml.backend.get_backend() == "numpy" else [])
+
+
+@pytest.mark.parametrize("threads", [None, 3])
+def test_the_cli_sets_blas_threads_only_with_the_fast_forms_on(monkeypatch, threads):
+    import argparse
+
+    from minilora import cli_common
+    from minilora.errors import InvalidArgumentError as Invalid
+
+    calls = []
+    monkeypatch.setattr(cli_common.cpu, "set_blas_threads", lambda n: calls.append(n) or True)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args = argparse.Namespace(backend=ml.backend.get_backend(), threads=threads)
+    with ml.fast.reference():
+        cli_common.setup(args)
+        assert calls == []
+        with pytest.raises(Invalid, match="--threads must be at least 1, got 0"):
+            cli_common.setup(argparse.Namespace(backend=args.backend, threads=0))
+    with ml.fast.forms(True):
+        cli_common.setup(args)
+    assert calls == [threads or 1]
+
+
 def test_a_config_saved_before_shards_existed_meant_one_shard():
     saved = TrainConfig().to_dict()
     del saved["shards"]

@@ -36,18 +36,23 @@ ab = a * b
 ea = a.exp()
 f = ab + ea
 
-for node in f._topological_order():
+# %% [markdown]
+# `f.topological_order()` lists the nodes that need a gradient, each after all of its parents
+# (found by an iterative depth-first search, so a graph 10,000 ops deep is fine). It is the order
+# of the forward pass; `backward` walks it in reverse.
+
+# %%
+for node in f.topological_order():
     parents = [p._op or "leaf" for p in node._parents]
     print(f"{(node._op or 'leaf'):5s} value={float(node.data):+.4f}  parents={parents}")
 
 # %% [markdown]
-# The walk lists every node after its parents. Here is the same graph drawn, leaves on the left,
-# the output on the right.
+# Here is the same graph drawn, leaves on the left, the output on the right.
 
 # %%
 def draw_graph(root, labels):
     """Place nodes by their depth from the leaves and draw parent -> child arrows."""
-    order = root._topological_order()
+    order = root.topological_order()
     depth = {}
     for node in order:
         depth[id(node)] = 1 + max((depth[id(p)] for p in node._parents), default=-1)
@@ -83,6 +88,21 @@ draw_graph(f, {id(a): "a = 1.5", id(b): "b = -2", id(ab): "mul", id(ea): "exp", 
 # $g \cdot a$ to $b$; the exp node sends $g \cdot e^{a}$ to $a$. Because $a$ is used twice, its two
 # contributions are summed:
 # $\partial f/\partial a = b + e^{a}$ and $\partial f/\partial b = a$.
+#
+# The walk is short enough to run by hand, as micrograd's is (`Tensor.backward` is this loop; its
+# helpers only decide when a sum may be formed in place, without a copy):
+
+# %%
+grads = {id(f): np.ones_like(f.data)}  # the seed: df/df = 1
+by_walk = {}
+for node in reversed(f.topological_order()):
+    g = grads.pop(id(node))
+    if node._backward is None:  # a leaf keeps what reaches it
+        by_walk[id(node)] = g
+        continue
+    for parent, pg in zip(node._parents, node._backward(g)):  # the chain rule, one op
+        grads[id(parent)] = grads.get(id(parent), 0.0) + pg
+print("by the walk df/da =", float(by_walk[id(a)]), " df/db =", float(by_walk[id(b)]))
 
 # %%
 f.backward()
@@ -192,6 +212,7 @@ plt.show()
 # %%
 assert abs(float(a.grad) - (-2.0 + np.exp(1.5))) < 1e-12
 assert abs(float(b.grad) - 1.5) < 1e-12
+assert float(by_walk[id(a)]) == float(a.grad) and float(by_walk[id(b)]) == float(b.grad)
 assert best64 < 1e-8 < best32, (best64, best32)
 assert col.grad.ravel().tolist() == [4.0, 4.0, 4.0] and row.grad.tolist() == [3.0] * 4
 assert losses[-1] < 0.5 * losses[0] and accuracy > 0.9, (losses[-1], accuracy)

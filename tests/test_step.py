@@ -1,5 +1,6 @@
-"""parallel.forward_backward: a batch in shards gives the whole batch's loss and gradients, the
-same bits whatever the number of threads, and changes nothing when a shard fails."""
+"""step.forward_backward: a batch in shards gives the whole batch's loss and gradients, the same
+bits whatever the number of threads, and changes nothing when a shard fails; with the fast forms
+off the same shards give the same numbers, one after another. Also the CPU helpers it runs on."""
 
 import numpy as np
 import pytest
@@ -7,9 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import GPT, GPTConfig, cpu
+from minilora import GPT, GPTConfig, fast
+from minilora import functional as F
 from minilora.errors import GraphError, InvalidArgumentError, ShapeError
-from minilora.parallel import default_threads, forward_backward
+from minilora.fast import cpu
+from minilora.step import default_threads, forward_backward
 from minilora.tensor import leaf_grads_into
 from tests.helpers import host
 
@@ -157,10 +160,11 @@ def test_leaf_gradients_can_be_collected_instead_of_stored():
 
 
 @pytest.mark.parametrize("kwargs,error,words", [
-    (dict(shards=0), InvalidArgumentError, "shards must be an int >= 1, got 0"),
-    (dict(shards=True), InvalidArgumentError, "shards"),
-    (dict(shards=2.0), InvalidArgumentError, "got 2.0"),
-    (dict(threads=0), InvalidArgumentError, "threads must be None or an int >= 1, got 0"),
+    (dict(shards=0), InvalidArgumentError, r"shards must be an int >= 1 \(positive\), got 0"),
+    (dict(shards=True), InvalidArgumentError, "shards.*got True"),
+    (dict(shards=2.0), InvalidArgumentError, "shards.*got 2.0"),
+    (dict(threads=0), InvalidArgumentError, r"threads must be an int >= 1 \(positive\), got 0"),
+    (dict(threads="2"), InvalidArgumentError, "threads.*got '2'"),
 ])
 def test_bad_arguments_are_named(kwargs, error, words):
     x, y = batch(2)
@@ -177,8 +181,118 @@ def test_mismatched_rows_and_no_grad_are_refused():
 
 
 def test_default_threads_use_the_cores_there_are():
-    assert 1 <= default_threads(2) <= 2
-    assert default_threads(1) == 1
+    with fast.forms(True):
+        assert 1 <= default_threads(2) <= 2
+        assert default_threads(1) == 1
+        if ml.backend.get_backend() == "numpy":
+            assert default_threads(64) == cpu.available_cpus()
+    with fast.reference():
+        assert default_threads(2) == default_threads(64) == 1
+
+
+# ------------------------------------------------------------------ with the fast forms off
+
+class Plain:
+    """A model made of tensor ops alone (no op that has a fast form), with dropout: the fast
+    forms switch changes nothing in it but how the shards are run."""
+
+    def __init__(self, p=0.3):
+        rng = np.random.default_rng(0)
+        self.wte = ml.Tensor(rng.standard_normal((V, 8)), requires_grad=True)
+        self.w = ml.Tensor(rng.standard_normal((8, V)) / 3, requires_grad=True)
+        self.b = ml.Tensor(rng.standard_normal(V) / 3, requires_grad=True)
+        self.p = p
+
+    def __call__(self, idx, targets):
+        h = F.dropout(self.wte[idx].tanh(), self.p)  # (B, T, 8): the dropout masks' generators
+        logits = h @ self.w + self.b  # (B, T, V)
+        return logits, F.cross_entropy(logits, targets)
+
+    def grads(self):
+        return {n: host(t.grad).copy() for n, t in (("wte", self.wte), ("w", self.w),
+                                                      ("b", self.b))}
+
+
+def sharded(model, x, y, forms, threads, shards=2):
+    ml.manual_seed(5)
+    with fast.forms(forms):
+        loss = forward_backward(model, x, y, shards=shards, threads=threads)
+    return loss, model.grads()
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_reference_forms_give_the_same_shards_the_same_bits(shards):
+    """Without ops that have fast forms, the switch changes only how shards run: the same cuts,
+    generators and order of sums give the same bits, threads or not."""
+    x, y = batch(6, ignored=[(1, 0), (5, 3)])
+    ref_loss, ref = sharded(Plain(), x, y, False, None, shards)
+    for threads in (1, 2):
+        loss, got = sharded(Plain(), x, y, True, threads, shards)
+        assert loss == ref_loss
+        for name, g in got.items():
+            assert np.array_equal(g, ref[name]), (threads, name)
+
+
+def test_reference_shards_in_a_gpt_give_the_fast_shards_numbers():
+    """A GPT's ops do have fast forms (fused GELU, LayerNorm, attention), whose sums may run in
+    another order, and a fast form may draw a dropout mask in its own layout (the same
+    distribution, other numbers): so without dropout the reference run equals the fast run at
+    threads=1 within float64 rounding; with dropout, and the kernels taken out of the fast run
+    (what is left of the fast forms is the shards' threads), bit for bit."""
+    ml.set_default_dtype(np.float64)
+    x, y = batch(5, ignored=[(0, 2)])
+
+    def run(forms, threads, kernels=True):
+        model = tiny_gpt(dropout=0.0 if kernels else 0.2)
+        model.double()
+        ml.manual_seed(11)
+        with fast.forms(forms):
+            if kernels:
+                loss = forward_backward(model, x, y, shards=2, threads=threads)
+            else:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(fast, "kernel", lambda name: None)
+                    loss = forward_backward(model, x, y, shards=2, threads=threads)
+        return loss, grads(model)
+
+    ref_loss, ref = run(False, None)
+    loss, got = run(True, 1)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    for name, g in got.items():
+        np.testing.assert_allclose(g, ref[name], rtol=1e-9, atol=1e-12, err_msg=name)
+    ref_loss, ref = run(False, None, kernels=False)
+    for threads in (1, 2):
+        loss, got = run(True, threads, kernels=False)
+        assert loss == ref_loss
+        for name, g in got.items():
+            assert np.array_equal(g, ref[name]), (threads, name)
+
+
+def test_reference_forms_run_the_shards_one_after_another(monkeypatch):
+    """Under fast.reference() every shard runs in the calling thread, even when threads are asked
+    for, and OpenBLAS's thread count is not touched."""
+    import threading
+
+    pools, blas = [], []
+    real_run = cpu.run_in_threads
+    monkeypatch.setattr(cpu, "run_in_threads", lambda tasks: pools.append(len(tasks)) or
+                        real_run(tasks))
+    monkeypatch.setattr(cpu, "set_blas_threads", lambda n: blas.append(n) or True)
+    model, where = Plain(), []
+
+    def spy(idx, targets):
+        where.append(threading.current_thread())
+        return model(idx, targets)
+    x, y = batch(6)
+    with fast.reference():
+        forward_backward(spy, x, y, shards=3, threads=3)
+    assert where == [threading.current_thread()] * 3
+    assert pools and max(pools) == 1 and blas == []
+    if cpu.available_cpus() > 1 and ml.backend.get_backend() == "numpy":  # the spies can fail
+        pools.clear()
+        with fast.forms(True):
+            forward_backward(spy, x, y, shards=3, threads=3)
+        assert max(pools) > 1
 
 
 def test_blas_threads_are_restored_after_a_block():
