@@ -3,10 +3,13 @@
 
     python3 dev.py demo     # make .venv, install minilora, run the demo
     python3 dev.py test     # make .venv, install minilora[dev], run ruff and the tests
+    python3 dev.py test --reference          # the same on the reference forms of the ops
     python3 dev.py run -- finetune --help    # any minilora command, in .venv
 
 Each command creates (or reuses) the virtual environment .venv beside this file. Extra extras for
 the environment can be named with --extras (CI adds "crosscheck" to compare against PyTorch).
+--reference runs the command with MINILORA_REFERENCE=1: every op in its reference form (its
+equation), none of the fast forms of minilora/fast/.
 """
 
 from __future__ import annotations
@@ -48,25 +51,29 @@ def ensure_env(extras: set[str]) -> None:
 def main() -> int:
     """Parse the command line and run ``demo``, ``test``, ``setup`` or ``run`` (any minilora
     command, e.g. ``python3 dev.py run -- train --task add``)."""
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # --r is a LoRA flag
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["demo", "test", "setup", "run"])
     parser.add_argument("--extras", default="", help="extra extras, comma separated")
+    parser.add_argument("--reference", action="store_true",
+                        help="run with the reference forms of the ops (MINILORA_REFERENCE=1)")
     args, rest = parser.parse_known_args()  # the rest goes on to the demo or to pytest
     extras = {e for e in args.extras.split(",") if e}
+    env = {**os.environ, "MINILORA_REFERENCE": "1"} if args.reference else None
     if args.command in ("demo", "run"):
         ensure_env(extras)
         if args.command == "demo":  # runs/demo inside the checkout, wherever it is started from
-            return subprocess.run([str(PY), "-m", "minilora", "demo", *rest], cwd=ROOT).returncode
+            return subprocess.run([str(PY), "-m", "minilora", "demo", *rest], cwd=ROOT,
+                                  env=env).returncode
         argv = rest[1:] if rest[:1] == ["--"] else rest  # paths stay relative to where you are
-        return subprocess.run([str(PY), "-m", "minilora", *argv]).returncode
+        return subprocess.run([str(PY), "-m", "minilora", *argv], env=env).returncode
     ensure_env(extras | {"dev"})
     if args.command == "setup":
         return 0
     lint = subprocess.run([str(PY), "-m", "ruff", "check", "."], cwd=ROOT)
     if lint.returncode:
         return lint.returncode
-    return subprocess.run([str(PY), "-m", "pytest", *rest], cwd=ROOT).returncode
+    return subprocess.run([str(PY), "-m", "pytest", *rest], cwd=ROOT, env=env).returncode
 
 
 if __name__ == "__main__":
