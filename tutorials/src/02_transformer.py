@@ -69,7 +69,8 @@ print(f"{dataset.num_train} training questions, {dataset.n_heldout} held out")
 # $$P = \mathrm{softmax}\Big(\frac{q k^\top}{\sqrt{h_s}} + M\Big), \qquad y = P v,$$
 #
 # where $M$ is the causal mask of the next section. Below we do exactly that by hand with NumPy
-# on the arrays of the model's own layers and check it against the library's fused attention.
+# on the arrays of the model's own layers and check it against the library's attention (its fused
+# fast form, `minilora/fast/attention.py`, unless `MINILORA_REFERENCE=1` selects the plain one).
 
 # %%
 n_embd = 64

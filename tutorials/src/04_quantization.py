@@ -25,7 +25,7 @@ import numpy as np
 
 import minilora as ml
 from minilora import data, lora, quant, train
-from minilora.cpu import set_blas_threads
+from minilora.fast.cpu import set_blas_threads
 
 FAST = os.environ.get("MINILORA_FAST") == "1"  # the test suite runs this notebook small
 set_blas_threads(1)  # these matrices are small: a second BLAS thread only waits for a core

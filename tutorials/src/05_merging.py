@@ -26,8 +26,8 @@ from safetensors.numpy import load_file
 
 import minilora as ml
 from minilora import data, interop, lora, quant, train
-from minilora.cpu import set_blas_threads
 from minilora.errors import InvalidArgumentError
+from minilora.fast.cpu import set_blas_threads
 
 FAST = os.environ.get("MINILORA_FAST") == "1"  # the test suite runs this notebook small
 set_blas_threads(1)  # these matrices are small: a second BLAS thread only waits for a core
@@ -413,8 +413,7 @@ def dequantized(model):
     """``model`` with every 4-bit layer replaced by a float32 Linear of its dequantized weight."""
     for path, module in list(model.named_modules()):
         if isinstance(module, quant.QuantLinear):
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent), name, module.to_linear())
+            model.set_submodule(path, module.to_linear())
     return model
 
 
