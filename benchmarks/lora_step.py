@@ -36,9 +36,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import minilora as ml  # noqa: E402
 from minilora import lora  # noqa: E402
-from minilora.cpu import keep_freed_memory, set_blas_threads  # noqa: E402
+from minilora.fast.cpu import keep_freed_memory, set_blas_threads  # noqa: E402
 from minilora.gpt import GPT, GPTConfig  # noqa: E402
-from minilora.parallel import forward_backward  # noqa: E402
+from minilora.step import forward_backward  # noqa: E402
 from minilora.train import TrainConfig  # noqa: E402
 
 REFERENCE = dict(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=256)

@@ -34,8 +34,8 @@ import minilora as ml  # noqa: E402
 from minilora import lora  # noqa: E402
 from minilora.checkpoint import load_model  # noqa: E402
 from minilora.cli import MODEL_DEFAULTS  # noqa: E402
-from minilora.cpu import set_blas_threads  # noqa: E402
 from minilora.data import TaskDataset, get_task  # noqa: E402
+from minilora.fast.cpu import set_blas_threads  # noqa: E402
 from minilora.gpt import GPT, GPTConfig  # noqa: E402
 from minilora.train import TrainConfig, exact_match, train  # noqa: E402
 

@@ -33,7 +33,7 @@ from minilora import quant as Q
 from minilora import train as T
 from minilora.gpt import GPT, GPTConfig
 from minilora.optim import AdamW
-from minilora.parallel import forward_backward
+from minilora.step import forward_backward
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj")
 REFERENCE = dict(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=256)

@@ -5,8 +5,8 @@
 
 Both frameworks train the same model (same weights: PyTorch's are copied from minilora's) on the
 same batch. minilora's step is the training loop's: the batch in ``--shards`` shards (default 2)
-on as many threads, each with a one-thread OpenBLAS (``minilora.parallel``), freed memory kept
-for reuse (``cpu.keep_freed_memory``). Steps are timed in alternating rounds (a few minilora
+on as many threads, each with a one-thread OpenBLAS (``minilora.step``), freed memory kept
+for reuse (``fast.cpu.keep_freed_memory``). Steps are timed in alternating rounds (a few minilora
 steps, then a few PyTorch steps, and again, with a short untimed pause at each switch), so load
 from other processes hits both alike; the report quotes medians and their ratio. On a loaded
 machine compare one thread each (``OPENBLAS_NUM_THREADS=1 python benchmarks/train_step.py
@@ -24,6 +24,12 @@ Memory is measured in separate child processes, one framework each:
   minilora it matches tracemalloc to within 0.1 MiB).
 
 Also measured: KV-cache generation against recomputing the whole context for every new token.
+
+Two minilora sources side by side (no PyTorch): ``--against DIR`` times this checkout's training
+step against the one of another checkout DIR (say ``git worktree add ../before HEAD~3``), and
+``--reference`` against this checkout's own reference forms (``MINILORA_REFERENCE=1``). Each side
+runs in its own child process that builds the same model and batch and times the steps it is
+told to; the rounds alternate between the two, as above.
 """
 
 from __future__ import annotations
@@ -44,9 +50,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minilora as ml  # noqa: E402
-from minilora.cpu import keep_freed_memory  # noqa: E402
+from minilora.fast.cpu import keep_freed_memory  # noqa: E402
 from minilora.gpt import GPT, GPTConfig  # noqa: E402
-from minilora.parallel import default_threads, forward_backward  # noqa: E402
+from minilora.step import default_threads, forward_backward  # noqa: E402
 from minilora.train import TrainConfig  # noqa: E402
 
 REFERENCE = dict(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=256)
@@ -198,6 +204,93 @@ def generation_speed(cfg: GPTConfig, prompt_len: int, new_tokens: int, batch: in
             "batch": batch}
 
 
+# ------------------------------------------------------------------ two minilora sources
+
+# A child process's program: build the reference model and batch from whatever minilora its
+# PYTHONPATH holds, then time ``n`` training steps each time a line "n" arrives on stdin. It
+# imports the step from either layout (minilora.step today, minilora.parallel before).
+WORKER = r"""
+import json, sys, time
+import numpy as np
+import minilora as ml
+try:
+    from minilora.step import forward_backward
+except ImportError:
+    from minilora.parallel import forward_backward
+try:
+    from minilora.fast.cpu import keep_freed_memory
+except ImportError:
+    from minilora.cpu import keep_freed_memory
+cfg, batch, shards = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+keep_freed_memory()
+ml.manual_seed(0)
+model = ml.GPT(ml.GPTConfig(**cfg))
+opt = ml.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+rng = np.random.default_rng(0)
+x = rng.integers(0, cfg["vocab_size"], (batch, cfg["block_size"]))
+y = rng.integers(0, cfg["vocab_size"], (batch, cfg["block_size"]))
+def step():
+    loss = forward_backward(model, x, y, shards)
+    opt.step()
+    opt.zero_grad()
+    return loss
+print(json.dumps({"first_loss": step()}), flush=True)
+for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps(times), flush=True)
+"""
+
+
+def _worker(root: str, env: dict, cfg: GPTConfig, batch: int, shards: int):
+    env = dict(os.environ, PYTHONPATH=root, **env)
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(cfg.to_dict()),
+                             str(batch), str(shards)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+    first = json.loads(proc.stdout.readline())
+    return proc, first["first_loss"]
+
+
+def _ask(proc, n: int) -> list[float]:
+    proc.stdin.write(f"{n}\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())
+
+
+def sources_speed(cfg: GPTConfig, batch: int, rounds: int, per_round: int, shards: int,
+                  sides: list[tuple[str, str, dict]]) -> dict:
+    """Median step time of each (label, source root, environment) side, rounds alternating."""
+    procs = [(label, *_worker(root, env, cfg, batch, shards)) for label, root, env in sides]
+    times: dict[str, list[float]] = {label: [] for label, _, _ in procs}
+    try:
+        for r in range(rounds):
+            order = procs if r % 2 == 0 else procs[::-1]  # who goes first alternates too
+            for label, proc, _ in order:
+                time.sleep(PAUSE_S)
+                times[label] += _ask(proc, per_round)
+    finally:
+        for _, proc, _ in procs:
+            proc.stdin.close()
+            proc.wait()
+    return {label: {"median_ms": 1e3 * statistics.median(times[label]), "first_loss": loss,
+                    "steps": len(times[label])} for label, _, loss in procs}
+
+
+def print_sources(cfg: GPTConfig, batch: int, rounds: int, per_round: int, shards: int,
+                  sides: list[tuple[str, str, dict]]) -> dict:
+    res = sources_speed(cfg, batch, rounds, per_round, shards, sides)
+    first = sides[0][0]
+    print("| source | median ms/step | relative to " + first + " | first loss |")
+    print("|---|---:|---:|---:|")
+    for label, r in res.items():
+        print(f"| {label} | {r['median_ms']:.1f} | {r['median_ms'] / res[first]['median_ms']:.3f}"
+              f" | {r['first_loss']:.6f} |")
+    return res
+
+
 # ---------------------------------------------------------------------------------- memory
 
 def _rss_kib(field: str) -> int:
@@ -277,6 +370,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (numpy: set OPENBLAS_NUM_THREADS yourself)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
+    ap.add_argument("--against", default=None, metavar="DIR",
+                    help="time this checkout's step against another checkout's (no PyTorch)")
+    ap.add_argument("--reference", action="store_true",
+                    help="time the fast forms against the reference forms (no PyTorch)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -284,14 +381,31 @@ def main() -> None:
         print(json.dumps(memory_child(args.memory_child, args.config, args.batch, args.shards)))
         return
 
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = GPTConfig(**REFERENCE)
     rounds = args.rounds or (2 if args.quick else 10)
     per_round = 1 if args.quick else args.per_round
     batch = 4 if args.quick else args.batch
+    if args.against or args.reference:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sides = [("this checkout", here, {"MINILORA_REFERENCE": "0"})]
+        if args.against:
+            sides.append((f"--against {args.against}", os.path.abspath(args.against), {}))
+        if args.reference:
+            sides.append(("reference forms", here, {"MINILORA_REFERENCE": "1"}))
+        print(f"minilora train_step, sources side by side: {os.cpu_count()} cpus, numpy "
+              f"{np.__version__}, config {cfg.to_dict()}, batch {batch}, {args.shards} shards, "
+              f"{rounds} rounds x {per_round} steps, alternating; load average "
+              f"{os.getloadavg()[0]:.2f}")
+        res = print_sources(cfg, batch, rounds, per_round, args.shards, sides)
+        print(f"load average at the end {os.getloadavg()[0]:.2f}")
+        if args.json:
+            print(json.dumps(res))
+        return
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"minilora train_step benchmark: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cpus, numpy {np.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), OPENBLAS_NUM_THREADS="
