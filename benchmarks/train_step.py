@@ -389,6 +389,9 @@ def main() -> None:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         sides = [("this checkout", here, {"MINILORA_REFERENCE": "0"})]
         if args.against:
+            if not os.path.isdir(os.path.join(args.against, "minilora")):
+                ap.error(f"--against {args.against}: no minilora/ package in that directory "
+                         f"(a checkout of this repository, e.g. from git worktree add)")
             sides.append((f"--against {args.against}", os.path.abspath(args.against), {}))
         if args.reference:
             sides.append(("reference forms", here, {"MINILORA_REFERENCE": "1"}))

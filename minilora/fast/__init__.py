@@ -54,6 +54,7 @@ def _from_environment() -> bool:
 
 
 _enabled = _from_environment()
+_modules: dict[str, Any] = {}  # the kernel modules imported so far, by name
 
 
 def enabled() -> bool:
@@ -94,8 +95,10 @@ def kernel(name: str) -> Callable[..., Any] | None:
     if not _enabled:
         return None
     module, function = KERNELS[name]
-    # looked up each time (a dict lookup in sys.modules): a test may replace the function
-    return getattr(importlib.import_module(f"{__name__}.{module}"), function)
+    found = _modules.get(module)
+    if found is None:  # imported on first use: a reference run never loads the fast forms
+        found = _modules[module] = importlib.import_module(f"{__name__}.{module}")
+    return getattr(found, function)  # read each time: a test may replace the function
 
 
 __all__ = ["KERNELS", "enabled", "set_enabled", "reference", "forms", "kernel"]
