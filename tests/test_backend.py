@@ -1,5 +1,6 @@
 """minilora.backend: choosing NumPy or CuPy, transfers, and the few calls that differ."""
 
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,39 @@ def _run_with_env(value: str) -> subprocess.CompletedProcess:
     code = "import minilora as ml; print(ml.get_backend())"
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
+
+
+def test_strict_backend_by_name(restore_backend):
+    from minilora import strict
+
+    ml.use_backend("strict")
+    assert ml.get_backend() == "strict" and B.xp is strict and B.on_device()
+    t = ml.Tensor([1.0, 2.0])
+    assert isinstance(t.data, strict.ndarray) and B.is_array(t.data)
+    assert B.device_extras() is strict.cupyx
+    np.testing.assert_array_equal(t.numpy(), [1.0, 2.0])
+    ml.use_backend("numpy")
+    assert not B.on_device() and B.xp is np and B.device_extras() is None
+
+
+def test_on_device_names_the_device_backends(restore_backend):
+    for name, device in (("numpy", False), ("strict", True)):
+        with B.backend(name):
+            assert B.on_device() is device
+    if _cupy_usable():
+        with B.backend("cupy"):
+            assert B.on_device()
+
+
+def test_env_var_selects_strict():
+    done = _run_with_env("strict")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "strict"
+    env = {**os.environ, "MINILORA_BACKEND": "Strict", "PYTHONPATH": str(ROOT)}
+    code = ("import numpy as np, minilora as ml; t = ml.Tensor([1.0]); np.asarray(t.data)")
+    refused = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "Implicit conversion" in refused.stderr
 
 
 def test_env_var_is_honoured():
@@ -208,7 +242,7 @@ def test_memory_stats_is_a_dict():
     assert isinstance(stats, dict)
     assert set(stats) == {"backend", "used_bytes", "total_bytes"}
     assert stats["backend"] == B.get_backend()
-    if stats["backend"] == "cupy":
+    if B.on_device():
         assert 0 <= stats["used_bytes"] <= stats["total_bytes"]
 
 
@@ -244,3 +278,59 @@ def test_transfers_round_trip():
     assert B.asarray([1, 2], dtype=np.float64).dtype == np.float64
     assert not B.is_array([1, 2]) and not B.is_array(3.0)
     B.synchronize()  # a no-op on NumPy, a device sync on CuPy: must not fail either way
+
+
+# ------------------------------------------------------------------- the device generator
+
+def test_device_generator_state_round_trips_through_json(restore_backend):
+    for name in ("numpy", "strict"):
+        with B.backend(name):
+            ml.manual_seed(3)
+            B.random_uniform((5,), np.float32)
+            state = json.loads(json.dumps(B.generator_state()))
+            first = host(B.random_uniform((4, 3), np.float32))
+            B.random_uniform((7,), np.float64)  # move on, then go back
+            assert B.set_generator_state(state) is True
+            again = host(B.random_uniform((4, 3), np.float32))
+            assert first.tobytes() == again.tobytes()
+
+
+def test_generator_state_of_another_backend_is_left_unapplied(restore_backend):
+    with B.backend("numpy"):
+        host_state = B.generator_state()
+    with B.backend("strict"):
+        device_state = B.generator_state()
+        assert device_state["bit_generator"] == "minilora.counter"
+        assert B.set_generator_state(host_state) is False
+        assert B.generator_state() == device_state
+    with B.backend("numpy"):
+        assert B.set_generator_state(device_state) is False
+    with pytest.raises(InvalidArgumentError, match="bit_generator"):
+        B.set_generator_state({"seed": 1})
+    with B.backend("strict"), pytest.raises(InvalidArgumentError, match="counter"):
+        B.set_generator_state({"bit_generator": "minilora.counter", "seed": 1, "counter": -1})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_counter_generator_is_uniform_and_continues_its_stream(restore_backend, dtype):
+    with B.backend("strict"):
+        g = B.CounterGenerator(11)
+        whole = host(g.random((1000,), dtype))
+        h = B.CounterGenerator(11)
+        parts = np.concatenate([host(h.random((300,), dtype)), host(h.random((700,), dtype))])
+    assert whole.dtype == dtype and whole.tobytes() == parts.tobytes()
+    assert whole.min() >= 0.0 and whole.max() < 1.0
+    assert abs(whole.mean() - 0.5) < 0.03 and abs(whole.var() - 1 / 12) < 0.01
+    # neighbouring samples are not correlated (a counter hash, not a bad LCG)
+    assert abs(np.corrcoef(whole[:-1], whole[1:])[0, 1]) < 0.1
+    assert h.state == {"bit_generator": "minilora.counter", "seed": 11, "counter": 1000}
+
+
+def test_spawned_device_generators_follow_the_host_seed(restore_backend):
+    with B.backend("strict"):
+        ml.manual_seed(4)
+        a = [host(g.random((6,), np.float32)) for g in B.spawn_generators(2)]
+        ml.manual_seed(4)
+        b = [host(g.random((6,), np.float32)) for g in B.spawn_generators(2)]
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(a, b))
+    assert a[0].tobytes() != a[1].tobytes()
