@@ -17,6 +17,7 @@ import numpy as np
 from . import backend as B
 from . import fast
 from .errors import DTypeError, InvalidArgumentError, ShapeError, shape_error
+from .fast import checks
 from .fast.elementwise import GELU_A, GELU_C
 from .tensor import Tensor, is_grad_enabled, unbroadcast
 
@@ -101,10 +102,30 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 
 def _int_array(targets: Any, name: str) -> Any:
-    arr = targets.data if isinstance(targets, Tensor) else B.asarray(targets)
+    """Integer indices as an array where they are: host data stays on the host (checked there,
+    for free, before it is uploaded), device data on the device."""
+    arr = targets.data if isinstance(targets, Tensor) else targets
+    if not B.is_array(arr):
+        arr = np.asarray(arr)
     if arr.dtype.kind not in "iu":
         raise DTypeError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
     return arr
+
+
+def _mean_over(total: Any, n: Any, dtype: Any) -> Any:
+    """``total / n``, NaN when n is 0 (nothing scored, as PyTorch); n a Python int (host
+    targets) or a 0-d int array (device targets: no sync to learn it)."""
+    if isinstance(n, int):
+        return total / n if n else B.xp.asarray(np.nan, dtype=dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / n.astype(dtype)  # 0 / 0 = NaN
+
+
+def _divide(g: Any, n: Any) -> Any:
+    """``g / max(n, 1)``, in g's dtype, for n a Python int or a 0-d int array."""
+    if isinstance(n, int):
+        return g / max(n, 1)
+    return g / B.xp.maximum(n, 1).astype(g.dtype)
 
 
 def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
@@ -123,24 +144,29 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     t = t.reshape(-1)  # (N,)
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= C))
-    if bool(bad.any()):
-        raise InvalidArgumentError(f"cross_entropy: targets must lie in [0, {C}) or equal "
-                                   f"ignore_index={ignore_index}; found "
-                                   f"{B.to_numpy(t[bad])[:5].tolist()}")
+
+    def out_of_range() -> InvalidArgumentError:
+        found = B.to_numpy(t)[B.to_numpy(bad)]
+        return InvalidArgumentError(f"cross_entropy: targets must lie in [0, {C}) or equal "
+                                    f"ignore_index={ignore_index}; found {found[:5].tolist()}")
+    waits = checks.require(bad.any(), out_of_range)  # on the host: now; on a device: maybe later
+    # n_valid, the mean's divisor: a Python int from host targets, a 0-d array on the device
+    n_valid = int(valid.sum()) if checks.is_host(valid) else valid.sum()
+    t, valid = B.asarray(t), B.asarray(valid)
     safe_t = B.xp.where(valid, t, 0)
+    if waits:  # a bad target raises once the step settles; until then stay in bounds
+        safe_t = B.xp.clip(safe_t, 0, C - 1)
     rows = B.xp.arange(z.shape[0])
     zmax = z.max(axis=1, keepdims=True)
     lse = B.xp.log(B.xp.exp(z - zmax).sum(axis=1)) + zmax[:, 0]  # (N,)
-    n_valid = int(valid.sum())
     picked = z[rows, safe_t]
     losses = (lse - picked) * valid
-    loss = losses.sum() / n_valid if n_valid else B.xp.asarray(np.nan, dtype=z.dtype)
-    loss = B.xp.asarray(loss, dtype=z.dtype)
+    loss = B.xp.asarray(_mean_over(losses.sum(), n_valid, z.dtype), dtype=z.dtype)
 
     def backward(g: Any):
         p = B.xp.exp(z - lse[:, None])  # softmax, (N, C)
         p[rows, safe_t] -= 1
-        p *= (valid * (g / max(n_valid, 1)))[:, None].astype(z.dtype)
+        p *= (valid * _divide(g, n_valid))[:, None].astype(z.dtype)
         return (p.reshape(logits.shape),)
     return Tensor._make(loss, (logits,), backward, "cross_entropy")
 
@@ -216,11 +242,14 @@ def embedding(indices: Any, weight: Tensor) -> Tensor:
 
     Backward adds each output row's gradient into the row it came from (repeats add up).
     """
-    idx = _int_array(indices, "embedding: indices")
     V = weight.shape[0]
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
-        raise InvalidArgumentError(f"embedding: indices must lie in [0, {V}), got values from "
-                                   f"{int(idx.min())} to {int(idx.max())}")
+
+    def out_of_range(host: np.ndarray) -> InvalidArgumentError:
+        return InvalidArgumentError(f"embedding: indices must lie in [0, {V}), got values from "
+                                    f"{int(host.min())} to {int(host.max())}")
+    # host indices are checked there, then uploaded; device ones are checked without a sync
+    idx = B.asarray(checks.check_range(_int_array(indices, "embedding: indices"), 0, V,
+                                       out_of_range))
     out = weight.data[idx]
 
     def backward(g: Any):

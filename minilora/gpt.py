@@ -28,6 +28,7 @@ from . import backend as B
 from . import functional as F
 from .attention import KVCache, causal_self_attention
 from .errors import ConfigError, DTypeError, InvalidArgumentError, ShapeError, check_int, is_int
+from .fast import checks
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
 from .tensor import Tensor, no_grad
 
@@ -217,8 +218,12 @@ class GPT(Module):
     # -------------------------------------------------------------------------------- forward
 
     def _check_idx(self, idx: Any, start: int = 0) -> Any:
-        """idx as an integer array (B, T) that fits the context window and the vocabulary."""
-        arr = idx.data if isinstance(idx, Tensor) else B.asarray(idx)
+        """idx as an integer array (B, T) that fits the context window and the vocabulary, left
+        where it is: host ids (a batch, a prompt) are checked on the host and uploaded by the
+        embedding, device ids are checked without a sync (:mod:`minilora.fast.checks`)."""
+        arr = idx.data if isinstance(idx, Tensor) else idx
+        if not B.is_array(arr):
+            arr = np.asarray(arr)
         if arr.dtype.kind not in "iu":
             raise DTypeError(f"GPT: idx must hold integer token ids, got dtype {arr.dtype}")
         if arr.ndim != 2 or arr.shape[1] == 0:
@@ -229,16 +234,17 @@ class GPT(Module):
             raise ShapeError(f"GPT: sequence of length {T}{where} exceeds block_size="
                              f"{self.config.block_size}; crop idx to the last "
                              f"{self.config.block_size - start} tokens")
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise InvalidArgumentError(f"GPT: token ids must lie in [0, {self.config.vocab_size})"
-                                       f" (vocab_size), got values from {lo} to {hi}")
-        return arr
+        V = self.config.vocab_size
+
+        def out_of_range(host: np.ndarray) -> InvalidArgumentError:
+            return InvalidArgumentError(f"GPT: token ids must lie in [0, {V}) (vocab_size), got "
+                                        f"values from {int(host.min())} to {int(host.max())}")
+        return checks.check_range(arr, 0, V, out_of_range)  # host ids: checked there, no sync
 
     def _logits(self, idx: Any, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
         start = cache.length if cache is not None else 0
         T = idx.shape[1]
-        pos = B.xp.arange(start, start + T)  # (T,)
+        pos = np.arange(start, start + T)  # (T,), on the host: checked there, not on the device
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C)
         for i, block in enumerate(self.h):
             x = block(x, cache, i)
@@ -296,9 +302,14 @@ class GPT(Module):
         window is full the positions shift, so each further step recomputes the cropped window
         (as the uncached path always does). With ``return_logits`` the logits each token was
         sampled from come back too, as (B, n, V): the cache is checked against them.
+
+        Sampling runs on the host, so on a device each token costs one device-to-host transfer
+        (its last logits) and nothing else waits for the device: the tokens are checked on the
+        host and uploaded, not checked on the device. A prompt already on the device comes to
+        the host once, first.
         """
         self._check_generate_args(max_new_tokens, temperature, top_k, seed)
-        tokens = B.to_numpy(self._check_idx_any_length(idx)).astype(np.int64)  # (B, T) host
+        tokens = self._check_idx_any_length(idx).astype(np.int64)  # (B, T) host
         rng = np.random.default_rng(seed) if seed is not None else B.host_rng()
         block = self.config.block_size
         steps = []
@@ -310,14 +321,15 @@ class GPT(Module):
                 size = min(block, tokens.shape[1] + max_new_tokens)
                 cache = self.make_cache(tokens.shape[0], size) if use_cache else None
                 for step in range(max_new_tokens):
+                    # host tokens: the embedding checks them there and uploads them
                     if cache is None:
-                        logits = self._logits(B.asarray(tokens[:, -block:]), None, True)
+                        logits = self._logits(tokens[:, -block:], None, True)
                     elif step == 0 or cache.length == cache.size:  # (re)fill, cropped window
                         cache.reset()
-                        logits = self._logits(B.asarray(tokens[:, -block:]), cache, True)
+                        logits = self._logits(tokens[:, -block:], cache, True)
                     else:
-                        logits = self._logits(B.asarray(tokens[:, -1:]), cache, True)
-                    last = B.to_numpy(logits.data[:, -1])  # (B, V)
+                        logits = self._logits(tokens[:, -1:], cache, True)
+                    last = B.to_numpy(logits.data[:, -1])  # (B, V): the token's one sync
                     nxt = _sample(last, temperature, top_k, rng)  # (B,)
                     tokens = np.concatenate([tokens, nxt[:, None]], axis=1)  # (B, T + 1)
                     if return_logits:
@@ -332,8 +344,9 @@ class GPT(Module):
         logits_all = np.stack(steps, axis=1) if steps else np.zeros((len(tokens), 0, V), dtype)
         return out, B.asarray(logits_all)  # (B, n, V)
 
-    def _check_idx_any_length(self, idx: Any) -> Any:
-        arr = idx.data if isinstance(idx, Tensor) else B.asarray(idx)
+    def _check_idx_any_length(self, idx: Any) -> np.ndarray:
+        """The prompt idx (B, T), any T, on the host (sampling happens there), checked there."""
+        arr = B.to_numpy(idx.data if isinstance(idx, Tensor) else idx)
         if arr.ndim != 2:
             raise ShapeError(f"GPT.generate: idx must have shape (B, T), got {arr.shape}")
         self._check_idx(arr[:, -self.config.block_size:])

@@ -2,6 +2,8 @@
 
 Parameters that do not require a gradient are skipped entirely and get no optimiser state: with
 LoRA that is most of the model, and it is where the memory saving of the method comes from.
+Clipping can be done in place (:func:`clip_grad_norm`) or folded into the update
+(``step(grad_scale=clip_coefficient(norm, max_norm))``, what the training loop does).
 Updates run in place, in each parameter's own dtype. AdamW's update is written here as its
 equation; its fast form (:mod:`minilora.fast.adamw`: cache-sized pieces, parameters on threads)
 gives the same bits.
@@ -144,13 +146,18 @@ class AdamW(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
 
-    def step(self) -> None:
-        """Update every parameter that has a gradient, by the equations above.
+    def step(self, grad_scale: float = 1.0) -> None:
+        """Update every parameter that has a gradient, by the equations above, with g the
+        gradient times ``grad_scale`` (the clipping coefficient of :func:`clip_coefficient`,
+        folded into the update: ``p.grad`` itself is left as it is).
 
-        With the fast forms on, ``fast.adamw.adamw_step`` does it in cache-sized pieces and, on the
-        CPU, a large model's parameters on several threads: the same operations on every element
-        in the same order, so the same bits.
+        With the fast forms on, ``fast.adamw.adamw_step`` does it: in cache-sized pieces and, on
+        the CPU, a large model's parameters on several threads; on a device as one fused kernel a
+        parameter. The same operations on every element in the same order, so the same bits
+        (on a GPU the kernel is compiled without fused multiply-adds, and its square root and
+        division round correctly, so it should agree there too).
         """
+        scale = float(grad_scale)
         self.step_count += 1
         updates = []
         for g, p, s, i in self._each():
@@ -162,15 +169,17 @@ class AdamW(Optimizer):
                 s["exp_avg_sq"] = B.xp.zeros_like(p.data)
             b1, b2 = g["betas"]
             updates.append((p.data, p.grad, s["exp_avg"], s["exp_avg_sq"], g["lr"], b1, b2,
-                            g["eps"], g["weight_decay"], self.param_steps[i]))
+                            g["eps"], g["weight_decay"], self.param_steps[i], scale))
         fused = fast.kernel("adamw")
         if fused is not None:
             fused(updates)
             return
         # the equations as written, evaluated left to right: the fast form does the same
         # operations in the same order (and float settings as Python floats keep float32)
-        for p, grad, m, v, lr, b1, b2, eps, weight_decay, t in updates:
+        for p, grad, m, v, lr, b1, b2, eps, weight_decay, t, scale in updates:
             g = grad.astype(p.dtype, copy=False)  # a float64 gradient must not upcast p
+            if scale != 1.0:
+                g = g * scale  # clipping: g * coef, as clip_grad_norm would scale p.grad
             p *= 1.0 - lr * weight_decay
             m[...] = b1 * m + (1.0 - b1) * g
             v[...] = b2 * v + (1.0 - b2) * g * g
@@ -190,14 +199,17 @@ class SGD(Optimizer):
                                        f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
-    def step(self) -> None:
-        """Update every parameter that has a gradient."""
+    def step(self, grad_scale: float = 1.0) -> None:
+        """Update every parameter that has a gradient, with g the gradient times ``grad_scale``
+        (a clipping coefficient folded into the update; ``p.grad`` is left as it is)."""
+        scale = float(grad_scale)
         self.step_count += 1
         for g, p, s, i in self._each():
             if p.grad is None:
                 continue
             self.param_steps[i] += 1
-            grad = p.grad + g["weight_decay"] * p.data if g["weight_decay"] else p.grad
+            grad = p.grad * scale if scale != 1.0 else p.grad
+            grad = grad + g["weight_decay"] * p.data if g["weight_decay"] else grad
             if g["momentum"]:
                 if "momentum_buffer" not in s:
                     s["momentum_buffer"] = B.xp.array(grad, copy=True)
@@ -215,29 +227,51 @@ def _grads(params: Iterable[Tensor] | Tensor) -> list[Any]:
     return [p.grad for p in params if p.grad is not None]
 
 
-def _norm_of(grads: list[Any]) -> float:
-    """sqrt(sum_k ||g_k||^2) in float64: each sum of squares stays on the device (a 0-d array),
-    they are added there in order, and one ``float()`` brings the total to the host."""
-    if not grads:
-        return 0.0
-    squares = []
+# gradients concatenated for the norm at a time, at most (float64 elements: 128 MiB)
+NORM_PIECE = 1 << 24
+
+
+def _norm_squared(grads: list[Any]) -> Any:
+    """``sum_k sum_i g_{k,i}^2`` in float64 as a 0-d array on the device (no sync): the
+    gradients are laid end to end in float64 (in pieces of at most ``NORM_PIECE`` elements),
+    squared in place and summed; the pieces' sums are added in order. A handful of kernels
+    however many parameters, where one reduction per parameter would launch hundreds."""
+    pieces: list[list[Any]] = [[]]
+    size = 0
     for g in grads:
-        g64 = g.astype(np.float64)  # a fresh copy, squared in place
-        squares.append(B.xp.square(g64, out=g64).sum())  # 0-d, on the device
-    total = squares[0]
-    for sq in squares[1:]:  # in order, as a running sum: the same rounding as a host loop
-        total = total + sq
-    return math.sqrt(float(total))  # the one device-to-host transfer
+        if pieces[-1] and size + g.size > NORM_PIECE:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(g.reshape(-1))
+        size += g.size
+    total = None
+    for piece in pieces:
+        flat = B.xp.concatenate(piece).astype(np.float64, copy=False) if len(piece) > 1 \
+            else piece[0].astype(np.float64)  # a fresh float64 copy either way
+        part = B.xp.square(flat, out=flat).sum()
+        total = part if total is None else total + part
+    return total
+
+
+def norm_array(params: Iterable[Tensor] | Tensor) -> Any:
+    """:func:`grad_norm` as a 0-d float64 array on the active device, with no device-to-host
+    sync: the training loop brings it back together with the loss, in one transfer."""
+    grads = _grads(params)
+    if not grads:
+        return B.xp.zeros((), dtype=np.float64)
+    return B.xp.sqrt(_norm_squared(grads))
 
 
 def grad_norm(params: Iterable[Tensor] | Tensor) -> float:
     """The global L2 norm of the gradients: ``sqrt(sum_k sum_i g_{k,i}^2)`` over every parameter
     k that has a gradient (of any shape), accumulated in float64; 0.0 when none has one.
 
-    NaN if any gradient holds a NaN, inf if one holds an inf (and no NaN). One device-to-host
-    synchronisation in all, however many parameters, so it is cheap to call every step.
+    NaN if any gradient holds a NaN, inf if one holds an inf (and no NaN). The gradients are
+    summed laid end to end (:func:`norm_array`), with one device-to-host synchronisation in all,
+    however many parameters, so it is cheap to call every step.
     """
-    return _norm_of(_grads(params))
+    grads = _grads(params)
+    return math.sqrt(float(_norm_squared(grads))) if grads else 0.0
 
 
 def clip_grad_norm(params: Iterable[Tensor] | Tensor, max_norm: float) -> float:
@@ -255,13 +289,24 @@ def clip_grad_norm(params: Iterable[Tensor] | Tensor, max_norm: float) -> float:
     if not max_norm >= 0:
         raise InvalidArgumentError(f"clip_grad_norm: max_norm must be >= 0, got {max_norm}")
     grads = _grads(params)
-    total = _norm_of(grads)
-    coef = max_norm / (total + 1e-6)  # NaN for a NaN norm, 0.0 for an inf one
-    if not coef >= 1.0:  # coef < 1, or NaN (min(NaN, 1) is NaN, as torch.clamp)
+    total = math.sqrt(float(_norm_squared(grads))) if grads else 0.0
+    coef = clip_coefficient(total, max_norm)
+    if coef != 1.0:
         with np.errstate(invalid="ignore"):  # inf * 0 = NaN is the documented result
             for g in grads:
                 g *= coef
     return total
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """The factor :func:`clip_grad_norm` scales the gradients by: ``min(max_norm / (norm +
+    1e-6), 1)``, NaN for a NaN norm (min(NaN, 1) is NaN, as torch.clamp), 0.0 for an inf one.
+
+    The training loop reads the norm with the loss in one transfer and hands this factor to
+    ``AdamW.step(grad_scale=...)``, which is the same update as clipping ``p.grad`` first.
+    """
+    coef = float(max_norm) / (norm + 1e-6)
+    return coef if not coef >= 1.0 else 1.0
 
 
 clip_grad_norm_ = clip_grad_norm

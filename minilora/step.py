@@ -34,6 +34,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
+
 from . import backend as B
 from . import fast
 from .errors import GraphError, ShapeError, check_int
@@ -41,13 +43,26 @@ from .fast import cpu
 from .tensor import is_grad_enabled, leaf_grads_into
 
 
+def default_shards() -> int:
+    """Shards for a step when none are asked for: two on the CPU (two threads keep two cores
+    busy), one on a device (which runs each kernel in parallel already, and whose shards would
+    only run one after another)."""
+    return 1 if B.on_device() else 2
+
+
 def default_threads(shards: int) -> int:
     """Threads for ``shards`` shards: one per shard up to the cores there are on the CPU; one on a
-    GPU, where the device already runs each kernel in parallel; one with the fast forms off
+    device, where the device already runs each kernel in parallel; one with the fast forms off
     (``fast.enabled()`` False), where the shards run one after another."""
-    if not fast.enabled() or B.get_backend() == "cupy":
+    if not fast.enabled() or B.on_device():
         return 1
     return max(1, min(shards, cpu.available_cpus()))
+
+
+def _rows(data: Any) -> Any:
+    """``data`` as an array where it is: host data stays on the host (the model checks and
+    uploads it), device data on the device."""
+    return data if B.is_array(data) else np.asarray(data)
 
 
 def _check(idx: Any, targets: Any, shards: Any, threads: Any) -> tuple[Any, Any]:
@@ -57,35 +72,60 @@ def _check(idx: Any, targets: Any, shards: Any, threads: Any) -> tuple[Any, Any]
     if not is_grad_enabled():
         raise GraphError("forward_backward: called under no_grad(), but it exists to compute "
                          "gradients")
-    idx, targets = B.asarray(idx), B.asarray(targets)
+    idx, targets = _rows(idx), _rows(targets)
     if idx.ndim < 1 or targets.shape[:1] != idx.shape[:1]:
         raise ShapeError(f"forward_backward: idx {tuple(idx.shape)} and targets "
                          f"{tuple(targets.shape)} must have the same number of rows (axis 0)")
     return idx, targets
 
 
-def forward_backward(model: Any, idx: Any, targets: Any, shards: int = 2,
-                     threads: int | None = None, ignore_index: int = -100) -> float:
-    """Run ``model(idx, targets) -> (logits, loss)`` and its backward pass, the batch cut into
-    ``shards`` row-shards; returns the batch's mean loss as a float.
+def _scored(targets: Any, bounds: list[int], ignore_index: int) -> list[int]:
+    """The scored targets (not ``ignore_index``) of each shard: counted on the host for host
+    targets, for device ones on the device and brought back in one transfer."""
+    counts = [(targets[a:b] != ignore_index).sum() for a, b in zip(bounds, bounds[1:])]
+    if isinstance(targets, np.ndarray):
+        return [int(c) for c in counts]
+    return [int(c) for c in B.to_numpy(B.xp.stack(counts))]
 
-    idx and targets have the same number of rows B (axis 0); at most B shards are used. The loss
-    must be a mean over the targets not equal to ``ignore_index`` (as ``F.cross_entropy``'s).
-    Gradients are added into each parameter's ``.grad``, as ``loss.backward()`` would. ``threads``
-    (default :func:`default_threads`) run the shards; while more than one does, OpenBLAS is held
-    at one thread. With the fast forms off the shards run one after another, whatever
-    ``threads`` says. Should a shard fail, no gradient is changed.
+
+def forward_backward(model: Any, idx: Any, targets: Any, shards: int | None = None,
+                     threads: int | None = None, ignore_index: int = -100, *,
+                     sync: bool = True) -> Any:
+    """Run ``model(idx, targets) -> (logits, loss)`` and its backward pass, the batch cut into
+    ``shards`` row-shards (default :func:`default_shards`); returns the batch's mean loss as a
+    float, or with ``sync=False`` as a 0-d float64 array on the active device, so that the caller
+    can bring it to the host together with what else it needs (one transfer, not two).
+
+    idx and targets have the same number of rows B (axis 0); at most B shards are used. They are
+    handed to the model where they are (host data stays on the host, where the model checks it
+    for free). The loss must be a mean over the targets not equal to ``ignore_index`` (as
+    ``F.cross_entropy``'s). Gradients are added into each parameter's ``.grad``, as
+    ``loss.backward()`` would. ``threads`` (default :func:`default_threads`) run the shards; while
+    more than one does, OpenBLAS is held at one thread. With the fast forms off the shards run one
+    after another, whatever ``threads`` says. Should a shard fail, no gradient is changed.
     """
+    shards = default_shards() if shards is None else shards
     idx, targets = _check(idx, targets, shards, threads)
+    loss = _loss_and_grads(model, idx, targets, shards, threads, ignore_index)
+    return float(loss) if sync else loss
+
+
+def _loss_and_grads(model: Any, idx: Any, targets: Any, shards: int, threads: int | None,
+                    ignore_index: int) -> Any:
+    """:func:`forward_backward`'s work; the loss as a 0-d float64 device array (no sync)."""
     rows = idx.shape[0]
     shards = min(shards, rows)
-    bounds = [rows * s // shards for s in range(shards + 1)]
-    counts = [int((targets[a:b] != ignore_index).sum()) for a, b in zip(bounds, bounds[1:])]
-    total = sum(counts)
-    if shards == 1 or total == 0:  # one shard, or nothing scored: the plain step, unchanged
+    if shards == 1:  # the plain step, unchanged
         _, loss = model(idx, targets)
         loss.backward()
-        return float(loss.item())
+        return loss.data.astype(np.float64, copy=False).reshape(())
+    bounds = [rows * s // shards for s in range(shards + 1)]
+    counts = _scored(targets, bounds, ignore_index)
+    total = sum(counts)
+    if total == 0:  # nothing scored: the plain step, its loss NaN
+        _, loss = model(idx, targets)
+        loss.backward()
+        return loss.data.astype(np.float64, copy=False).reshape(())
     generators = B.spawn_generators(shards)
     # threads are a fast form: with the fast forms off the same shards run one after another
     threads = min(threads or default_threads(shards), shards) if fast.enabled() else 1
@@ -93,7 +133,7 @@ def forward_backward(model: Any, idx: Any, targets: Any, shards: int = 2,
 
     def run(s: int) -> None:
         if counts[s] == 0:  # its loss is NaN and its weight 0: it adds nothing
-            results[s] = (0.0, {})
+            results[s] = (None, {})
             return
         a, b = bounds[s], bounds[s + 1]
         weight = counts[s] / total
@@ -101,14 +141,19 @@ def forward_backward(model: Any, idx: Any, targets: Any, shards: int = 2,
         with leaf_grads_into(store), B.generator_as(generators[s]):
             _, loss = model(idx[a:b], targets[a:b])
             loss.backward(B.xp.asarray(weight, dtype=loss.dtype))
-        results[s] = (weight * float(loss.item()), store)
+        # (n_s / n) L_s in float64, on the device: the host would need a sync per shard
+        results[s] = (loss.data.astype(np.float64, copy=False).reshape(()) * weight, store)
 
     rows_per_shard = [b - a for a, b in zip(bounds, bounds[1:])]
     with cpu.blas_threads_as(1) if threads > 1 else nullcontext():
         # re-raises a shard's failure before any gradient is touched
         cpu.for_each_in_threads(run, rows_per_shard, threads)
     _add_in_order([store for _, store in results], threads)
-    return sum(part for part, _ in results)
+    parts = [part for part, _ in results if part is not None]
+    loss_sum = parts[0]
+    for part in parts[1:]:  # in shard order, as a running sum
+        loss_sum = loss_sum + part
+    return loss_sum
 
 
 def _add_in_order(stores: list[dict], threads: int) -> None:
@@ -133,4 +178,4 @@ def _add_in_order(stores: list[dict], threads: int) -> None:
     cpu.for_each_in_threads(add, [gs[0].size for _, gs, _ in work], threads)
 
 
-__all__ = ["forward_backward", "default_threads"]
+__all__ = ["forward_backward", "default_shards", "default_threads"]

@@ -92,17 +92,18 @@ def _as_float_array(data: Any, dtype: Any) -> Any:
 # .grad, to be added into later) only if nothing else holds it. Three things hold arrays the walk
 # did not make: the caller (the seed), a second parent (add hands one array to both of its
 # inputs) and a view or its base (reshape, broadcast_to and slicing return views). ``shared``
-# collects the ids of such arrays; everything else the walk received from a closure or formed as
-# a sum itself, and is its own.
+# maps the ids of such arrays to the arrays, which it holds on to: an id is only unique while its
+# object lives, and a freed array's id handed to a new one would make the new one look shared;
+# everything else the walk received from a closure or formed as a sum itself, and is its own.
 
-def _owned(arr: Any, shared: set) -> bool:
+def _owned(arr: Any, shared: dict) -> bool:
     """True if the walk may write into ``arr``: not in ``shared``, not a view of another array,
     writeable."""
     # CuPy's flags have no "writeable" in some versions: its arrays always are
     return id(arr) not in shared and arr.base is None and getattr(arr.flags, "writeable", True)
 
 
-def _note_aliases(parents: Sequence[Tensor], parent_grads: Sequence[Any], shared: set) -> None:
+def _note_aliases(parents: Sequence[Tensor], parent_grads: Sequence[Any], shared: dict) -> None:
     """Add to ``shared`` the gradients one closure returned that are held twice: an array handed
     to a second parent, and the base of each view (writing into the base would change the view).
     Only the gradients of parents that take one count, as only those enter the walk."""
@@ -111,13 +112,13 @@ def _note_aliases(parents: Sequence[Tensor], parent_grads: Sequence[Any], shared
         if pg is None or not parent.requires_grad:
             continue
         if id(pg) in seen:
-            shared.add(id(pg))
+            shared[id(pg)] = pg
         if pg.base is not None:
-            shared.add(id(pg.base))
+            shared[id(pg.base)] = pg.base
         seen.add(id(pg))
 
 
-def _accumulate(grads: dict, parent: Tensor, pg: Any, shared: set) -> None:
+def _accumulate(grads: dict, parent: Tensor, pg: Any, shared: dict) -> None:
     """``grads[parent] += pg``: the first gradient to reach ``parent`` is kept as it is; a
     later one is added in place into the sum when the walk owns it (same shape and dtype), else
     into a new array."""
@@ -130,7 +131,7 @@ def _accumulate(grads: dict, parent: Tensor, pg: Any, shared: set) -> None:
         grads[id(parent)] = previous + pg
 
 
-def _deliver(leaf: Tensor, g: Any, shared: set, sink: dict | None) -> None:
+def _deliver(leaf: Tensor, g: Any, shared: dict, sink: dict | None) -> None:
     """Hand the gradient ``g`` that reached ``leaf`` (a node without a closure) to where leaves
     keep theirs: the per-shard store ``sink`` inside ``leaf_grads_into``, else ``leaf.grad``
     (added to what is there; a first gradient the walk does not own, or of another dtype, is
@@ -148,7 +149,7 @@ def _deliver(leaf: Tensor, g: Any, shared: set, sink: dict | None) -> None:
         leaf.grad = g
 
 
-def _store(sink: dict, leaf: Tensor, g: Any, shared: set) -> None:
+def _store(sink: dict, leaf: Tensor, g: Any, shared: dict) -> None:
     """``sink[id(leaf)] = (leaf, sum of the gradients, owned)``: the first gradient as it is,
     with whether the walk owns it (then whoever adds the stores up may add into it in place);
     a repeat is added into a new array, which is owned."""
@@ -230,7 +231,7 @@ class Tensor:
         """
         seed = self._seed(grad)
         grads = {id(self): seed}  # node -> the sum of the gradients that reached it so far
-        shared = {id(seed)}  # arrays the walk must not write into; the seed may be the caller's
+        shared = {id(seed): seed}  # arrays the walk must not write into (the seed: the caller's)
         sink = getattr(_state, "sink", None)
         for node in reversed(self.topological_order()):
             g = grads.pop(id(node), None)

@@ -5,13 +5,19 @@ One step, for a model whose forward returns ``(logits, loss)`` when given target
     x, y = data.get_batch(B, rng)                  # (B, T) token ids, y = -100 where not scored
     lr   = warmup_cosine(step, lr_max, warmup, steps, min_lr)
     loss = model(x, y)[1];  loss.backward()       # the batch in `shards` shards, side by side
-    clip_grad_norm(params, grad_clip);  AdamW step;  zero the gradients
+    norm = grad_norm(params)                       # loss and norm: one transfer to the host
+    AdamW step with g * min(grad_clip / norm, 1);  zero the gradients
 
 The forward and backward pass go through ``step.forward_backward``: the batch is cut into
 ``shards`` row-shards that run on their own threads (one per core) and whose gradients add up to
-the whole batch's. The result depends on ``shards``, not on the number of cores. With the fast
-forms off (``MINILORA_REFERENCE=1``) the same shards run one after another, and the loop leaves
-the allocator's settings alone.
+the whole batch's. The result depends on ``shards``, not on the number of cores; by default it is
+two on the CPU and one on a device (``step.default_shards``), and a resumed run keeps the number
+its checkpoint records. With the fast forms off (``MINILORA_REFERENCE=1``) the same shards run
+one after another, and the loop leaves the allocator's settings alone.
+
+On a device a step waits for the device once: the loss, the gradient norm and the flags of the
+index checks (:mod:`minilora.fast.checks`) come back in one transfer, and then the checks raise
+their errors or the update runs, with clipping folded into AdamW (``grad_scale``).
 
 Only parameters with ``requires_grad`` are optimised, so the same loop fine-tunes a LoRA model
 (whose base is frozen). Weight decay applies to matrices (2-D and up) only, never to biases or
@@ -53,12 +59,13 @@ from .errors import (
     TrainingInterrupted,
     check_int,
 )
+from .fast import checks
 from .fast.cpu import keep_freed_memory
 from .jsonl import JsonlDataset
 from .jsonl import exact_match as jsonl_exact_match
 from .nn import Module
-from .optim import AdamW, clip_grad_norm, grad_norm, warmup_cosine
-from .step import forward_backward
+from .optim import AdamW, clip_coefficient, norm_array, warmup_cosine
+from .step import default_shards, forward_backward
 from .tensor import no_grad
 
 
@@ -70,7 +77,9 @@ class TrainConfig:
     Every ``eval_every`` steps (and at the end) the model is evaluated on ``eval_examples``
     held-out questions; every ``checkpoint_every`` steps (0: only at the end) a checkpoint is
     written when the run has an output directory. ``shards``: each batch is cut into this many
-    row-shards that run side by side on threads (:mod:`minilora.step`); 1 runs it whole.
+    row-shards that run side by side on threads (:mod:`minilora.step`); 1 runs it whole; None
+    (the default) takes the number a resumed checkpoint records, else ``step.default_shards()``
+    (2 on the CPU, 1 on a device), and :func:`train` records the number it used.
     """
 
     steps: int = 1000
@@ -85,7 +94,7 @@ class TrainConfig:
     eval_examples: int = 1000
     checkpoint_every: int = 0
     seed: int = 0
-    shards: int = 2
+    shards: int | None = None
     phases: tuple = ()
 
     def __post_init__(self) -> None:
@@ -93,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig: betas must be two numbers, got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
         for name in ("steps", "batch_size", "eval_every", "eval_examples", "shards"):
+            if name == "shards" and self.shards is None:
+                continue  # chosen by train(): the checkpoint's number, or the backend's default
             setattr(self, name, check_int(getattr(self, name), f"TrainConfig: {name}", 1,
                                           ConfigError))
         for name in ("warmup", "checkpoint_every", "seed"):
@@ -275,6 +286,8 @@ def _check_resumable(saved: dict | None, config: TrainConfig, where: Path) -> No
         raise CheckpointError(f"checkpoint at {str(where)!r} has no train_config to resume")
     now = config.to_dict()
     saved = {**_OLD_DEFAULTS, **saved}
+    if now["shards"] is None:  # not chosen: the run goes on with the shards it was cut into
+        now["shards"] = saved["shards"]
     diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in _SCHEDULE_FIELDS
             if saved.get(k) != now[k]]
     old_phases = [list(p) for p in saved["phases"]]
@@ -361,10 +374,15 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
     if resume is not None:
         ckpt = load_checkpoint(resume)
         _check_resumable(ckpt.train_config, config, Path(resume))
+        if config.shards is None:  # the shards the run was cut into, on whatever backend
+            config = dataclasses.replace(
+                config, shards={**_OLD_DEFAULTS, **ckpt.train_config}["shards"])
         start = restore(ckpt, model, optimizer, data_rng=rng)
         if start > stop:
             raise InvalidArgumentError(f"train: the checkpoint at {str(resume)!r} is at step "
                                        f"{start}, beyond the requested stop at {stop}")
+    if config.shards is None:
+        config = dataclasses.replace(config, shards=default_shards())
     if not all_finite(model):
         raise TrainingDivergedError("train: the model's weights hold NaN or inf before the first "
                                     "step; training them would only spread it")
@@ -391,7 +409,7 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
     t0 = time.perf_counter()
     tokens = 0
     model.train()
-    if fast.enabled() and B.get_backend() == "numpy":  # an allocator setting: a fast form
+    if fast.enabled() and not B.on_device():  # an allocator setting: a fast form
         keep_freed_memory()  # every step frees and makes the same arrays: reuse, don't re-fault
     done = start
     try:
@@ -406,14 +424,13 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
                 lr = config.lr_at(step)
                 optimizer.set_lr(lr)
                 x, y = data.get_batch(config.batch_size, rng)
-                loss = forward_backward(model, x, y, config.shards)
-                norm = clip_grad_norm(params, config.grad_clip) if config.grad_clip > 0 \
-                    else grad_norm(params)
+                loss, norm = _loss_and_norm(model, x, y, config.shards, params, optimizer)
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     optimizer.zero_grad()
                     raise TrainingDivergedError(_diverged(step + 1, loss, norm, lr, config,
                                                           out_dir))
-                optimizer.step()
+                scale = clip_coefficient(norm, config.grad_clip) if config.grad_clip > 0 else 1.0
+                optimizer.step(grad_scale=scale)  # clipping folded into the update
                 optimizer.zero_grad()
                 done = step + 1
                 record = {"loss": loss, "lr": lr, "grad_norm": norm}
@@ -450,6 +467,21 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
     if out_dir is not None:
         save(stop)
     return history
+
+
+def _loss_and_norm(model: Module, x: Any, y: Any, shards: int, params: list,
+                   optimizer: AdamW) -> tuple[float, float]:
+    """One step's forward and backward pass; its loss and global gradient norm as floats, read
+    with the flags of the step's index checks in one device-to-host transfer. A failed check
+    raises its error then, with the gradients it left behind zeroed: no update is applied."""
+    with checks.deferred() as pending:
+        try:
+            loss = forward_backward(model, x, y, shards, sync=False)
+            loss, norm = pending.settle(loss, norm_array(params))
+        except BaseException:
+            optimizer.zero_grad()
+            raise
+    return loss, norm
 
 
 def _diverged(step: int, loss: float, norm: float, lr: float, config: TrainConfig,

@@ -106,7 +106,9 @@ def test_reference_really_switches_the_kernels_off(monkeypatch):
 def test_the_form_is_chosen_when_the_op_is_recorded(monkeypatch):
     """A graph recorded with the fast forms on runs their backward even if the switch is off by
     then (and the other way round): the backward needs what the forward of its form saved."""
-    calls = spy(monkeypatch, norm, "layer_norm_backward")
+    # the device form of the backward on a device, the host one elsewhere
+    name = "layer_norm_backward_device" if B.on_device() else "layer_norm_backward"
+    calls = spy(monkeypatch, norm, name)
     for record, run in ((True, False), (False, True)):
         x = ml.Tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
         with fast.forms(record):
@@ -114,7 +116,7 @@ def test_the_form_is_chosen_when_the_op_is_recorded(monkeypatch):
         with fast.forms(run):
             (y * y).sum().backward()
         assert x.grad is not None
-    assert calls == ["layer_norm_backward"]
+    assert calls == [name]
 
 
 # ---------------------------------------------------------------------------------- AdamW
@@ -192,7 +194,8 @@ def test_adamw_fast_form_uses_threads_from_the_threshold(monkeypatch):
     for threshold in (10, 11):
         monkeypatch.setattr(fast_adamw, "THREADED_FROM", threshold)
         adamw_in_both_forms([(4,), (6,)], np.float32, 0.0, steps=1)
-    assert groups == [2, 1]
+    # threads are the CPU's way; a device updates each parameter in one kernel
+    assert groups == ([] if B.on_device() else [2, 1])
 
 
 # ----------------------------------------------------------------------------------- GELU
@@ -337,3 +340,105 @@ def test_linear_bias_gradient_in_both_forms(dtype):
     np.testing.assert_array_equal(host(g_fast[0]), host(g_ref[0]))
     assert_close(g_fast[2], g_ref[2], COLUMN_SUMS_ULPS, "bias gradient",
                  scale=np.abs(weights.astype(np.float64)).reshape(-1, 6).sum(axis=0))
+
+
+# --------------------------------------------------- the device forms against the host forms
+#
+# On a device the fast forms fuse their elementwise chains into single kernels
+# (minilora.fast.device). Each kernel does its host form's operations in the same order and
+# type, so on the strict stand-in the two give the same bits; on a GPU its exp/tanh/sqrt round
+# on their own, and the kernels are held to the reference's tolerances instead. These tests run
+# the device forms on the run's device, or on the strict stand-in when the run is on NumPy.
+
+DEVICE = B.get_backend() if B.on_device() else "strict"
+
+
+def on_host_and_device(fn, *arrays):
+    """``fn(*arrays)`` with the fast forms on, on NumPy and on the device, as host arrays (None
+    stays None): ``(host results, device results)``."""
+    out = []
+    for name in ("numpy", DEVICE):
+        with B.backend(name), fast.forms(True):
+            result = fn(*[None if a is None else B.asarray(a.copy()) for a in arrays])
+            out.append([None if r is None else B.to_numpy(r) for r in result])
+    return out
+
+
+def assert_device_matches(host_values, device_values, ulps: int, what: str) -> None:
+    """Bit for bit on the strict stand-in; within ``ulps`` of the values' scale on a GPU."""
+    for i, (h, d) in enumerate(zip(host_values, device_values)):
+        if h is None:
+            assert d is None, f"{what} {i}"
+        elif DEVICE == "strict":
+            same = h.dtype == d.dtype and np.array_equal(h, d, equal_nan=True)
+            assert same, f"{what} {i}: not the same bits"
+        else:
+            assert_close(d, h, ulps, f"{what} {i}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("needs_grad", [True, False])
+def test_gelu_device_kernel_is_the_host_form(dtype, needs_grad):
+    x = np.clip(np.random.default_rng(0).standard_normal((7, 33)) * 3, -8, 8).astype(dtype)
+    host_values, device_values = on_host_and_device(
+        lambda x: elementwise.gelu(x, needs_grad), x)
+    assert (device_values[1] is None) == (not needs_grad)
+    assert_device_matches(host_values, device_values, GELU_ULPS, "gelu")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_layer_norm_device_kernels_are_the_host_form(dtype, affine):
+    rng = np.random.default_rng(1)
+    x = rows_with_mean(rng, (9, 24), 3.0, 2.0).astype(dtype)
+    w = rng.standard_normal(24).astype(dtype) if affine in ("both", "weight") else None
+    b = rng.standard_normal(24).astype(dtype) if affine in ("both", "bias") else None
+    g = rng.standard_normal((9, 24)).astype(dtype)
+
+    def forward_backward(x, w, b, g):
+        y, backward = norm.layer_norm(x, w, b, 1e-5)
+        return (y, *backward(g, True, True, True))
+    host_values, device_values = on_host_and_device(forward_backward, x, w, b, g)
+    # the bias gradient is a column sum: ones @ g on the CPU, the reduction itself on a device
+    column = host_values.pop(), device_values.pop()
+    assert_device_matches(host_values, device_values, LAYER_NORM_ULPS, "layer_norm")
+    assert_close(column[1], g.sum(axis=0), COLUMN_SUMS_ULPS, "bias gradient",
+                 scale=np.abs(g.astype(np.float64)).sum(axis=0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight_decay,grad_scale", [(0.0, 1.0), (0.1, 0.37), (0.1, np.nan)])
+def test_adamw_device_kernel_is_the_host_form(dtype, weight_decay, grad_scale):
+    """One kernel per parameter on the device, the host form's bits; a NaN scale (a NaN
+    gradient norm's clipping coefficient) makes NaN in both."""
+    rng = np.random.default_rng(2)
+    p, m, v = (rng.standard_normal((5, 7)).astype(dtype) for _ in range(3))
+    v = np.abs(v)
+    grad = rng.standard_normal((5, 7)).astype(np.float64)  # a wider gradient is cast first
+
+    def update(p, grad, m, v):
+        fast_adamw.adamw_step([(p, grad, m, v, 3e-3, 0.9, 0.99, 1e-8, weight_decay, 4,
+                                grad_scale)])
+        return p, m, v
+    host_values, device_values = on_host_and_device(update, p, grad, m, v)
+    assert_device_matches(host_values, device_values, 4, "adamw")
+    assert np.isnan(host_values[0]).all() == np.isnan(grad_scale)
+
+
+def test_adamw_reference_form_with_a_gradient_scale_is_clipping_first():
+    """step(grad_scale=c) is clip-then-step: the update of the gradients multiplied by c, with
+    p.grad left as it was."""
+    rng = np.random.default_rng(3)
+    start, grad = rng.standard_normal((4, 3)).astype(np.float32), \
+        rng.standard_normal((4, 3)).astype(np.float32)
+    results = []
+    for scaled in (True, False):
+        for flag in (True, False):
+            p = Parameter(B.asarray(start.copy()))
+            p.grad = B.asarray(grad.copy() if scaled else grad * np.float32(0.25))
+            with fast.forms(flag):
+                AdamW([p], lr=1e-2).step(grad_scale=0.25 if scaled else 1.0)
+            if scaled:
+                np.testing.assert_array_equal(host(p.grad), grad)  # left as it was
+            results.append(host(p.data).copy())
+    assert all(np.array_equal(r, results[0]) for r in results)

@@ -274,3 +274,38 @@ def test_mse_relu_tanh():
     assert F.mse_loss(t(a), t(b)).item() == pytest.approx(((a - b) ** 2).mean(), 1e-15)
     np.testing.assert_array_equal(host(F.relu(t(a))), [1.0, 0.0, 3.0])
     np.testing.assert_allclose(host(F.tanh(t(a))), np.tanh(a), rtol=1e-15)
+
+
+# ------------------------------------------------ index checks of device data, without a sync
+
+DEVICE = B.get_backend() if B.on_device() else "strict"
+
+
+def test_device_index_checks_raise_their_errors_now_or_when_the_scope_settles():
+    """Out-of-range device indices give the host's errors: at once outside a deferred scope, at
+    settle() inside one (the kernels in between stay in bounds), and a scope left unsettled reads
+    its flags on the way out."""
+    from minilora.fast import checks
+
+    w = ml.Tensor(np.random.default_rng(0).standard_normal((5, 3)), requires_grad=True)
+    logits = ml.Tensor(np.zeros((2, 4)), requires_grad=True)
+    with B.backend(DEVICE):
+        w_dev, z_dev = ml.Tensor(B.asarray(w.data)), ml.Tensor(B.asarray(logits.data))
+        bad_idx, bad_t = B.asarray(np.array([[0, 7]])), B.asarray(np.array([1, 9]))
+        with pytest.raises(InvalidArgumentError, match=r"embedding: .* from 0 to 7"):
+            F.embedding(bad_idx, w_dev)
+        with pytest.raises(InvalidArgumentError, match=r"found \[9\]"):
+            F.cross_entropy(z_dev, bad_t)
+        with pytest.raises(InvalidArgumentError, match=r"embedding: .* from 0 to 7"):
+            with checks.deferred() as pending:
+                out = F.embedding(bad_idx, w_dev)  # waits: no error yet, gathers in bounds
+                loss = F.cross_entropy(z_dev, bad_t)
+                assert out.shape == (1, 2, 3) and loss.shape == ()
+                pending.settle(loss.data)
+        with pytest.raises(InvalidArgumentError, match=r"found \[9\]"):
+            with checks.deferred():
+                F.cross_entropy(z_dev, bad_t)
+        with checks.deferred() as pending:  # good data: the values come back as floats
+            loss = F.cross_entropy(z_dev, B.asarray(np.array([1, -100])))
+            (value,) = pending.settle(loss.data)
+        assert value == pytest.approx(math.log(4))

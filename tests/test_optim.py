@@ -3,6 +3,7 @@ frozen and gradient-less parameters, clipping, the schedule, and optimizer state
 
 import json
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -187,8 +188,10 @@ def test_optimizer_zero_grad():
     p = param(np.ones(2))
     p.grad = B.asarray(np.ones(2))
     opt = SGD([p], lr=0.1)
+    opt.step()
     opt.zero_grad()
     assert p.grad is None
+    np.testing.assert_allclose(host(p.data), 0.9)  # stepped with the gradient it had
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -307,15 +310,41 @@ def test_grad_norm_is_the_global_l2_norm_in_float64(shapes, scale, seed, dtype):
     params = _with_grads(grads, dtype) + [param(np.ones(2))]  # one without a gradient
     norm = grad_norm(params)
     assert isinstance(norm, float)
-    # the same float as a host loop over float64 sums of squares (what clip_grad_norm returned)
-    assert norm == math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
+    # the same float as the gradients laid end to end in float64, squared and summed
     flat = np.concatenate([g.reshape(-1) for g in grads] + [np.zeros(0)]).astype(np.float64)
+    assert norm == math.sqrt(float(np.square(flat).sum()))
     assert norm == pytest.approx(float(np.linalg.norm(flat)), rel=1e-12)
     for p, g in zip(params, grads):  # read only
         np.testing.assert_array_equal(host(p.grad), g)
     assert grad_norm(iter(params)) == norm  # a generator works too
     if params[:-1]:
         assert clip_grad_norm(params, norm * 2 + 1.0) == norm  # and clipping returns it
+
+
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8), piece=st.integers(1, 64),
+       seed=st.integers(0, 2**16))
+def test_grad_norm_in_pieces_adds_the_pieces_sums_in_order(sizes, piece, seed):
+    """Laid end to end at most NORM_PIECE elements at a time (a gradient never split), each
+    piece summed on its own and the sums added in order; the array form is the same number."""
+    from minilora import optim
+
+    rng = np.random.default_rng(seed)
+    grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    params = _with_grads(grads, np.float32)
+    pieces, size = [[]], 0
+    for g in grads:
+        if pieces[-1] and size + g.size > piece:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(g.astype(np.float64))
+        size += g.size
+    total = None
+    for p in pieces:
+        part = np.square(np.concatenate(p)).sum()
+        total = part if total is None else total + part
+    with mock.patch.object(optim, "NORM_PIECE", piece):
+        assert grad_norm(params) == math.sqrt(float(total))
+        assert float(B.to_numpy(optim.norm_array(params))) == math.sqrt(float(total))
 
 
 def test_grad_norm_of_a_single_tensor_and_of_none():

@@ -184,7 +184,7 @@ def test_default_threads_use_the_cores_there_are():
     with fast.forms(True):
         assert 1 <= default_threads(2) <= 2
         assert default_threads(1) == 1
-        if ml.backend.get_backend() == "numpy":
+        if not ml.backend.on_device():
             assert default_threads(64) == cpu.available_cpus()
     with fast.reference():
         assert default_threads(2) == default_threads(64) == 1
@@ -288,7 +288,7 @@ def test_reference_forms_run_the_shards_one_after_another(monkeypatch):
         forward_backward(spy, x, y, shards=3, threads=3)
     assert where == [threading.current_thread()] * 3
     assert pools and max(pools) == 1 and blas == []
-    if cpu.available_cpus() > 1 and ml.backend.get_backend() == "numpy":  # the spies can fail
+    if cpu.available_cpus() > 1 and not ml.backend.on_device():  # the spies can fail
         pools.clear()
         with fast.forms(True):
             forward_backward(spy, x, y, shards=3, threads=3)
@@ -399,3 +399,38 @@ def test_for_each_in_threads_calls_every_index_once(sizes, threads):
             seen.append(i)
     cpu.for_each_in_threads(fn, sizes, threads)
     assert sorted(seen) == list(range(len(sizes)))
+
+
+# ----------------------------------------------------------- the loss left on the device
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+@pytest.mark.parametrize("on_device", [False, True])
+def test_the_loss_can_stay_on_the_device_as_the_same_float64(shards, on_device):
+    """sync=False gives a 0-d float64 array holding exactly the float forward_backward returns,
+    for batches from the host or already on the device."""
+    x, y = batch(5, ignored=[(0, 1), (3, 2)])
+    if on_device:
+        x, y = ml.backend.asarray(x), ml.backend.asarray(y)
+    values = []
+    for sync in (True, False):
+        model = tiny_gpt()
+        values.append(forward_backward(model, x, y, shards=shards, sync=sync))
+        values.append(grads(model))
+    loss, g_loss, arr, g_arr = values
+    assert isinstance(loss, float) and arr.shape == () and arr.dtype == np.float64
+    assert float(host(arr)) == loss
+    for name, g in g_loss.items():
+        assert np.array_equal(g, g_arr[name]), name
+
+
+def test_unchosen_shards_are_two_on_the_cpu_and_one_on_a_device(monkeypatch):
+    from minilora import step
+
+    assert step.default_shards() == (1 if ml.backend.on_device() else 2)
+    cuts = []
+    real = step._scored
+    monkeypatch.setattr(step, "_scored", lambda t, bounds, i: cuts.append(bounds) or
+                        real(t, bounds, i))
+    x, y = batch(4)
+    forward_backward(tiny_gpt(), x, y)
+    assert cuts == ([] if ml.backend.on_device() else [[0, 2, 4]])  # one shard needs no counts

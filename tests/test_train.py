@@ -16,6 +16,7 @@ from minilora.data import CharTokenizer, TaskDataset, TextDataset, get_task, tas
 from minilora.errors import CheckpointError, ConfigError, InvalidArgumentError
 from minilora.gpt import GPT, GPTConfig
 from minilora.optim import warmup_cosine
+from minilora.step import default_shards
 from minilora.train import (
     HISTORY_FILE,
     TrainConfig,
@@ -99,7 +100,7 @@ def test_the_allocator_setting_is_a_fast_form(monkeypatch):
     assert calls == []
     with ml.fast.forms(True):
         train(tiny_model(data), data, tiny_config(steps=1), progress=False)
-    assert calls == ([1] if ml.backend.get_backend() == "numpy" else [])
+    assert calls == ([1] if not ml.backend.on_device() else [])
 
 
 @pytest.mark.parametrize("threads", [None, 3])
@@ -128,7 +129,37 @@ def test_a_config_saved_before_shards_existed_meant_one_shard():
     saved = TrainConfig().to_dict()
     del saved["shards"]
     assert TrainConfig.from_dict(saved).shards == 1
-    assert TrainConfig().shards == 2
+    assert TrainConfig().shards is None  # not chosen: train() picks it
+
+
+def test_unchosen_shards_are_the_backends_default_and_a_resume_keeps_the_saved_number(
+        tmp_path, monkeypatch):
+    """shards=None: 2 on the CPU, 1 on a device (step.default_shards), recorded in the checkpoint;
+    resuming with shards=None goes on with the checkpoint's number, whatever this backend's
+    default is."""
+    import minilora.train as train_mod
+
+    seen = []
+    real = train_mod.forward_backward
+    monkeypatch.setattr(train_mod, "forward_backward",
+                        lambda m, x, y, shards, **kw: seen.append(shards) or real(m, x, y, shards,
+                                                                                  **kw))
+    data = tiny_task()
+    train(tiny_model(data), data, tiny_config(steps=4), out_dir=tmp_path, until=2,
+          progress=False)
+    assert seen == [default_shards()] * 2 and default_shards() == (1 if ml.backend.on_device()
+                                                                   else 2)
+    assert load_checkpoint(tmp_path).train_config["shards"] == default_shards()
+    # a run saved with 3 shards, resumed with the number left open: 3, not this default
+    train(tiny_model(data), data, tiny_config(steps=4, shards=3), out_dir=tmp_path / "three",
+          until=2, progress=False)
+    seen.clear()
+    train(tiny_model(data), data, tiny_config(steps=4), resume=tmp_path / "three",
+          progress=False)
+    assert seen == [3, 3]
+    with pytest.raises(ConfigError, match="shards: saved 3, now 2"):
+        train(tiny_model(data), data, tiny_config(steps=4, shards=2), resume=tmp_path / "three",
+              progress=False)
 
 
 def test_weight_decay_goes_to_trainable_matrices_only():
@@ -233,6 +264,7 @@ class AnswerKey:
         return np.array(rows)
 
 
+@pytest.mark.host_only("a stand-in model that answers on the host; the answers are scored there")
 @given(st.sets(st.integers(0, 49), max_size=50), st.integers(1, 50))
 def test_exact_match_counts_whole_answers(wrong, batch_size):
     data = TaskDataset(get_task("rev", 2), n_heldout=50)
@@ -322,7 +354,9 @@ def test_checkpoints_record_the_task_and_tokenizer(tmp_path):
     ck = load_checkpoint(tmp_path)
     assert ck.step == 4 and ck.tokenizer == task_tokenizer()
     assert ck.extra["task"] == {"name": "max", "digits": 1} and ck.extra["n_heldout"] == 20
-    assert ck.train_config == tiny_config(steps=4, checkpoint_every=2).to_dict()
+    # the shards the run used, chosen by train() since the config left them open
+    assert ck.train_config == {**tiny_config(steps=4, checkpoint_every=2).to_dict(),
+                               "shards": default_shards()}
 
 
 def test_the_same_loop_fine_tunes_a_lora_model_and_resumes_it(tmp_path):

@@ -1,4 +1,4 @@
-"""AdamW's update in cache-sized pieces, its parameters spread over threads.
+"""AdamW's update in cache-sized pieces, its parameters spread over threads; one kernel on a device.
 
 The update is a chain of a dozen elementwise passes over a parameter, its gradient and its two
 moments. Written plainly (the reference form, :meth:`minilora.optim.AdamW.step`) each pass
@@ -8,6 +8,10 @@ the same order as the reference form, so the result is the same to the bit
 (``tests/test_fast_elementwise.py`` checks it). Each parameter's update is its own, so on the
 CPU a large model's parameters are updated on several threads at once (NumPy releases the GIL in
 its loops) and the result does not depend on how they are split.
+
+On a device the whole chain is one fused kernel per parameter (:func:`adamw_update_device`),
+its settings passed in the parameter's type: one launch where the passes were a dozen, the same
+operations in the same order.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from .. import backend as B
 from . import cpu
+from .device import elementwise
 from .elementwise import piece_size
 
 # parameters (elements in all) from which the update is worth splitting among threads: below,
@@ -25,12 +30,16 @@ THREADED_FROM = 1 << 18
 
 
 def adamw_step(updates: list[tuple]) -> None:
-    """Apply :func:`adamw_update` to every ``(p, grad, m, v, lr, b1, b2, eps, weight_decay, t)``
-    in ``updates``, in place: on the CPU on one thread per core once the parameters hold
-    ``THREADED_FROM`` elements in all, else one after another."""
+    """Apply :func:`adamw_update` to every ``(p, grad, m, v, lr, b1, b2, eps, weight_decay, t,
+    grad_scale)`` in ``updates``, in place: on the CPU on one thread per core once the parameters
+    hold ``THREADED_FROM`` elements in all, else one after another; on a device one fused kernel
+    per parameter (:func:`adamw_update_device`)."""
+    if B.on_device():
+        for u in updates:
+            adamw_update_device(*u)
+        return
     sizes = [u[0].size for u in updates]
-    threads = cpu.available_cpus() if B.get_backend() == "numpy" and \
-        sum(sizes) >= THREADED_FROM else 1
+    threads = cpu.available_cpus() if sum(sizes) >= THREADED_FROM else 1
     cpu.for_each_in_threads(lambda k: adamw_update(*updates[k]), sizes, threads)
 
 
@@ -47,18 +56,22 @@ def flat_pieces(arrays: list) -> tuple[list, list, tuple]:
 
 
 def adamw_update(p: Any, grad: Any, m: Any, v: Any, lr: float, b1: float, b2: float,
-                 eps: float, weight_decay: float, t: int) -> None:
-    """AdamW's update of one parameter p at step t, in place, piece by piece:
-    ``p <- p (1 - lr wd)``; ``m <- b1 m + (1 - b1) g``; ``v <- b2 v + (1 - b2) g^2``;
-    ``p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``. p, grad, m, v of one
-    shape; the settings Python floats (a NumPy float64 scalar would upcast a float32 update)."""
+                 eps: float, weight_decay: float, t: int, grad_scale: float = 1.0) -> None:
+    """AdamW's update of one parameter p at step t, in place, piece by piece, with
+    g = grad * grad_scale: ``p <- p (1 - lr wd)``; ``m <- b1 m + (1 - b1) g``;
+    ``v <- b2 v + (1 - b2) g^2``; ``p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) +
+    eps)``. p, grad, m, v of one shape; the settings Python floats (a NumPy float64 scalar would
+    upcast a float32 update)."""
     (pf, gf, mf, vf), pieces, scratch = flat_pieces([p, grad.astype(p.dtype, copy=False), m, v])
     tmp, upd = B.xp.empty(scratch, dtype=p.dtype), B.xp.empty(scratch, dtype=p.dtype)
+    scaled = B.xp.empty(scratch, dtype=p.dtype) if grad_scale != 1.0 else None
     step_size = lr / (1.0 - b1 ** t)
     bias_root = math.sqrt(1.0 - b2 ** t)
     for piece in pieces:
         pi, gi, mi, vi = pf[piece], gf[piece], mf[piece], vf[piece]
         ti, ui = tmp[:pi.shape[0]], upd[:pi.shape[0]]
+        if scaled is not None:  # clipping folded in: g * coef, p.grad left as it is
+            gi = B.xp.multiply(gi, grad_scale, out=scaled[:pi.shape[0]])
         if weight_decay:
             pi *= 1.0 - lr * weight_decay  # decoupled decay: p (1 - lr wd)
         mi *= b1
@@ -76,4 +89,20 @@ def adamw_update(p: Any, grad: Any, m: Any, v: Any, lr: float, b1: float, b2: fl
         pi -= ui  # p -= lr / (1 - b1^t) * m / (...)
 
 
-__all__ = ["THREADED_FROM", "adamw_step", "flat_pieces", "adamw_update"]
+# AdamW's chain as one kernel: g, then the decay, the two moments and the step, each operation
+# the host form's, in its order (``(p - a) * b`` here is ``p -= a; p *= b`` there)
+_ADAMW = ("{C} g = (({C})grad) * scale; p = p * decay; m = b1 * m + c1 * g; "
+          "v = b2 * v + c2 * g * g; p = p - step * m / (sqrt(v) / root + eps);")
+
+
+def adamw_update_device(p: Any, grad: Any, m: Any, v: Any, lr: float, b1: float, b2: float,
+                        eps: float, weight_decay: float, t: int, grad_scale: float = 1.0) -> None:
+    """:func:`adamw_update` as one fused kernel on a device, in place on p, m and v; every setting
+    is passed in p's type, as the host form's Python floats meet a float32 array."""
+    kernel = elementwise("adamw", p.dtype, "G grad, {P} decay, {P} b1, {P} c1, {P} b2, {P} c2, "
+                         "{P} step, {P} root, {P} eps, {P} scale", "{P} p, {P} m, {P} v", _ADAMW)
+    kernel(grad, 1.0 - lr * weight_decay, b1, 1.0 - b1, b2, 1.0 - b2, lr / (1.0 - b1 ** t),
+           math.sqrt(1.0 - b2 ** t), eps, grad_scale, p, m, v)
+
+
+__all__ = ["THREADED_FROM", "adamw_step", "flat_pieces", "adamw_update", "adamw_update_device"]

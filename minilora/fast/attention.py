@@ -20,7 +20,9 @@ dS^T with its axes swapped, which BLAS does for free.
 From T = ``SPLIT_FROM`` on, the queries go in two halves: the second half sees every key, the
 first half only the first half of the keys, so the top-right quarter of S (all masked) is never
 computed. That is a quarter of the attention's work saved, the idea of FlashAttention's causal
-tiling at its coarsest.
+tiling at its coarsest. On a device the queries stay in one block (there a second block's
+launches cost more than the quarter saves) and the softmax's and its backward's elementwise
+chains are fused kernels (:mod:`.device`), the same operations in the same order.
 
 :func:`cached_attention` is the same forward for generation, where T new queries at positions
 start .. start + T - 1 meet every key cached so far; it holds its scores transposed too.
@@ -36,6 +38,7 @@ import math
 from typing import Any, Callable
 
 from .. import backend as B
+from .device import elementwise
 
 SPLIT_FROM = 64  # sequence length from which the queries go in two blocks
 
@@ -71,10 +74,26 @@ def merge_heads(x: Any) -> Any:
 
 def _softmax_columns(st: Any) -> Any:
     """Softmax over axis -2 (the keys of S^T), in place on ``st`` (which is returned)."""
+    if B.on_device():  # the same steps, the elementwise ones as two fused kernels
+        elementwise("softmax_exp", st.dtype, "{P} m", "{P} s", "s = exp(s - m);")(
+            st.max(axis=-2, keepdims=True), st)
+        elementwise("softmax_scale", st.dtype, "{P} total", "{P} s", "s = s * (1 / total);")(
+            st.sum(axis=-2, keepdims=True), st)
+        return st
     st -= st.max(axis=-2, keepdims=True)
     B.xp.exp(st, out=st)
     st *= 1.0 / st.sum(axis=-2, keepdims=True)  # one division per column, then multiplications
     return st
+
+
+def _softmax_backward_into(dst: Any, pt: Any) -> None:
+    """``dS^T = P^T * (dP^T - colsum(dP^T * P^T))``, in place on ``dst`` (holding dP^T)."""
+    if B.on_device():
+        elementwise("softmax_backward", dst.dtype, "{P} c, {P} p", "{P} ds",
+                    "ds = (ds - c) * p;")(_column_dot(dst, pt), pt, dst)
+        return
+    dst -= _column_dot(dst, pt)
+    dst *= pt
 
 
 def _column_dot(a: Any, b: Any) -> Any:
@@ -83,8 +102,9 @@ def _column_dot(a: Any, b: Any) -> Any:
 
 
 def _query_blocks(T: int) -> list[tuple[int, int]]:
-    """Query ranges [a, b) done together; the one that sees all T keys comes first."""
-    if T < SPLIT_FROM:
+    """Query ranges [a, b) done together; the one that sees all T keys comes first (one block
+    on a device)."""
+    if T < SPLIT_FROM or B.on_device():
         return [(0, T)]
     return [(T // 2, T), (0, T // 2)]
 
@@ -146,8 +166,7 @@ def causal_attention(q: Any, k: Any, v: Any, n_head: int, dropout_p: float,
             dSt = vh[:, :, :b] @ gh[:, :, a:b].swapaxes(-1, -2)  # (B, nh, b, b - a): dP^T
             if keep is not None:
                 dSt *= keep
-            dSt -= _column_dot(dSt, Pt)
-            dSt *= Pt  # dS^T
+            _softmax_backward_into(dSt, Pt)  # dS^T
             if gq is not None:
                 B.xp.matmul(dSt.swapaxes(-1, -2), kh[:, :, :b],
                             out=split_heads(gq, n_head)[:, :, a:b])

@@ -3,7 +3,8 @@
 An elementwise chain of a dozen steps over a large array is memory-bound: written plainly, each
 step streams the whole array through memory once. Cut into pieces that fit in the CPU's cache,
 each piece goes through every step before the next is touched, so the array crosses memory once.
-On a GPU the whole array is one piece (a kernel launch costs more there than a trip to memory).
+On a device the chain is one fused kernel instead (:func:`gelu_device`): there a launch costs
+more than a trip to memory, and one launch does every step for every element.
 
 The reference form is :func:`minilora.functional.gelu`; ``tests/test_fast_elementwise.py`` pins
 this one to it.
@@ -15,6 +16,7 @@ import math
 from typing import Any
 
 from .. import backend as B
+from .device import elementwise, literal
 
 # GPT-2's GELU, tanh form: gelu(x) = x (1 + tanh(GELU_C (x + GELU_A x^3))) / 2. Defined here, the
 # lowest layer that needs them; the reference form in functional imports them from here.
@@ -27,7 +29,7 @@ PIECE = 1 << 16  # elements per piece of a chunked elementwise chain: a few such
 def piece_size(n: int) -> int:
     """Elements per piece for elementwise chains over n elements: cache-sized (``PIECE``) on the
     CPU, the whole array on a GPU."""
-    return max(1, n if B.get_backend() == "cupy" else min(n, PIECE))
+    return max(1, n if B.on_device() else min(n, PIECE))
 
 
 def gelu(x: Any, needs_grad: bool) -> tuple[Any, Any]:
@@ -39,6 +41,8 @@ def gelu(x: Any, needs_grad: bool) -> tuple[Any, Any]:
     computed right where p is, while x, x^2 and p are in cache, so the backward pass is one
     multiplication ``g * dy/dx``.
     """
+    if B.on_device():
+        return gelu_device(x, needs_grad)
     xf = B.xp.ascontiguousarray(x).reshape(-1)  # (N,) flat
     n, m = xf.shape[0], piece_size(xf.shape[0])
     out = B.xp.empty_like(xf)
@@ -67,4 +71,17 @@ def gelu(x: Any, needs_grad: bool) -> tuple[Any, Any]:
     return out.reshape(x.shape), (None if d is None else d.reshape(x.shape))
 
 
-__all__ = ["GELU_C", "GELU_A", "PIECE", "piece_size", "gelu"]
+def gelu_device(x: Any, needs_grad: bool) -> tuple[Any, Any]:
+    """:func:`gelu` as one fused kernel on a device: the same steps for each element, in the same
+    order and type (so the same bits on the strict stand-in); x any shape -> (y, dy/dx or None)."""
+    lit = lambda v: literal(v, x.dtype)  # noqa: E731
+    forward = (f"{{C}} x2 = x * x; {{C}} t = tanh((x2 * {lit(GELU_A * GELU_C)} + "
+               f"{lit(GELU_C)}) * x); {{C}} p = t * {lit(0.5)} + {lit(0.5)}; y = x * p;")
+    if not needs_grad:
+        return elementwise("gelu", x.dtype, "{P} x", "{P} y", forward)(x), None
+    derivative = (f" {{C}} u = (x2 * {lit(6 * GELU_A * GELU_C)} + {lit(2 * GELU_C)}) * x;"
+                  f" d = p * ((1 - p) * u + 1);")  # p (1 + (1 - p) u), as in gelu
+    return elementwise("gelu_grad", x.dtype, "{P} x", "{P} y, {P} d", forward + derivative)(x)
+
+
+__all__ = ["GELU_C", "GELU_A", "PIECE", "piece_size", "gelu", "gelu_device"]
