@@ -4,12 +4,16 @@
     python3 dev.py demo     # make .venv, install minilora, run the demo
     python3 dev.py test     # make .venv, install minilora[dev], run ruff and the tests
     python3 dev.py test --reference          # the same on the reference forms of the ops
+    python3 dev.py test --strict             # the same on the strict stand-in for CuPy
     python3 dev.py run -- finetune --help    # any minilora command, in .venv
 
 Each command creates (or reuses) the virtual environment .venv beside this file. Extra extras for
 the environment can be named with --extras (CI adds "crosscheck" to compare against PyTorch).
 --reference runs the command with MINILORA_REFERENCE=1: every op in its reference form (its
-equation), none of the fast forms of minilora/fast/.
+equation), none of the fast forms of minilora/fast/. --strict runs it with MINILORA_BACKEND=strict:
+on minilora.strict, the NumPy stand-in for CuPy that runs the GPU code path on the CPU, refuses
+host arrays in device kernels and counts launches and syncs (the test run then also fails when
+fewer than 95% of its tests did device work).
 """
 
 from __future__ import annotations
@@ -57,9 +61,15 @@ def main() -> int:
     parser.add_argument("--extras", default="", help="extra extras, comma separated")
     parser.add_argument("--reference", action="store_true",
                         help="run with the reference forms of the ops (MINILORA_REFERENCE=1)")
+    parser.add_argument("--strict", action="store_true",
+                        help="run on the strict stand-in for CuPy (MINILORA_BACKEND=strict)")
     args, rest = parser.parse_known_args()  # the rest goes on to the demo or to pytest
     extras = {e for e in args.extras.split(",") if e}
-    env = {**os.environ, "MINILORA_REFERENCE": "1"} if args.reference else None
+    env = dict(os.environ)
+    if args.reference:
+        env["MINILORA_REFERENCE"] = "1"
+    if args.strict:
+        env["MINILORA_BACKEND"] = "strict"
     if args.command in ("demo", "run"):
         ensure_env(extras)
         if args.command == "demo":  # runs/demo inside the checkout, wherever it is started from

@@ -1,8 +1,15 @@
 """The same minilora code on NumPy (CPU) and CuPy (GPU): ops, GPT training steps, quantization.
 
-    python benchmarks/backends.py                        # full run, a few minutes on 2 CPU cores
-    python benchmarks/backends.py --quick                # small sizes, well under a minute
+    python benchmarks/backends.py                        # full run
+    python benchmarks/backends.py --quick                # small sizes
     python benchmarks/backends.py --out runs/backends    # where the table, JSON and plot go
+    python benchmarks/backends.py --quick --backends numpy,strict   # the GPU path, on the CPU
+
+``--backends`` takes ``strict`` where it takes ``cupy``: minilora.strict, the NumPy stand-in for
+CuPy, runs the device code path on the CPU. Its times are NumPy's plus the stand-in's bookkeeping,
+not a GPU's, and the table says so: for strict it gives the time ratio to NumPy (the stand-in's
+overhead, not a speed-up) and what the stand-in counts per call, kernel launches and
+device-to-host syncs, which are what a GPU's time depends on besides the arithmetic.
 
 What is timed, on each backend that is present (CuPy needs an NVIDIA GPU; without one the script
 says so and measures the NumPy side alone):
@@ -12,11 +19,12 @@ says so and measures the NumPy side alone):
 * ``quant.quantize`` (blockwise NF4, blocksize 64) and ``quant.dequantize`` of (rows, 1024);
 * one full training step (forward, backward, AdamW) of a GPT: the reference config (n_layer 4,
   n_head 4, n_embd 256, block 128, batch 16, vocab 64) and a GPT-2-small-sized one (n_layer 12,
-  n_head 12, n_embd 768, vocab 50257). GPT-2 small at batch 8 x 1024 tokens would take minutes
-  per step on 2 CPU cores, so both backends run it at batch 2 x 256 tokens, and the GPU also at
-  batch 8 x 1024; the headline figure compares tokens per second (GPU at 8 x 1024 against the CPU
-  at 2 x 256). That comparison flatters the CPU a little: a token at T = 256 attends to a quarter
-  as many keys as at T = 1024, so it costs 11 % fewer FLOP (770 against 855 M).
+  n_head 12, n_embd 768, vocab 50257). GPT-2 small at batch 8 x 1024 tokens is more than a small
+  CPU can step through in a benchmark's time, so both backends run it at batch 2 x 256 tokens,
+  and the GPU also at batch 8 x 1024; the headline figure compares tokens per second (GPU at
+  8 x 1024 against the CPU at 2 x 256). That comparison flatters the CPU a little: a token at
+  T = 256 attends to a quarter as many keys as at T = 1024, so it costs 11 % fewer FLOP (770
+  against 855 M).
 
 How it is timed: every case is built on each backend from the same host data (models from the
 same seed, built on the host and moved with ``module.to_backend()``), run once to check that the
@@ -59,7 +67,8 @@ from minilora import quant  # noqa: E402
 from minilora.errors import BackendError  # noqa: E402
 from minilora.fileio import atomic_directory  # noqa: E402
 
-BACKENDS = ("numpy", "cupy")
+BACKENDS = ("numpy", "cupy", "strict")
+DEVICES = ("cupy", "strict")  # measured against numpy; strict's times are not a GPU's
 WIDTH = 1024  # row length of the elementwise, softmax and quantization inputs
 REFERENCE = dict(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=256)
 GPT2_SMALL = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
@@ -97,7 +106,7 @@ class Case:
     build: Callable
     compare: str = "close"  # "close": max |a - b| / max |b|; "codes": fraction of bytes that differ
     tol: float = 1e-4
-    backends: tuple = BACKENDS
+    backends: tuple = BACKENDS  # ("cupy",): a GPU-sized case, minutes on a CPU (strict too)
     rounds: int | None = None  # None: --rounds
     max_number: int = 100_000
     x: float = 0.0  # where the case sits on its plot's size axis
@@ -225,8 +234,18 @@ def _per_call(fn: Callable, number: int) -> float:
 
 def _free_device_memory() -> None:
     gc.collect()
-    if B.get_backend() == "cupy":
+    if B.on_device():
         B.xp.get_default_memory_pool().free_all_blocks()
+
+
+def _strict_counts(run: Callable) -> dict:
+    """Kernel launches, device-to-host syncs and host-to-device copies of one ``run()`` on the
+    strict stand-in: the counts a GPU's time depends on besides the arithmetic."""
+    from minilora import strict
+
+    with strict.counting() as c:
+        run()
+    return {"launches": c.launches, "syncs": c.syncs, "uploads": c.uploads}
 
 
 def _disagreement(case: Case, a: np.ndarray, ref: np.ndarray) -> float:
@@ -250,6 +269,8 @@ def run_case(case: Case, backends: list[str], rounds: int, target: float) -> dic
             with B.backend(name):
                 run, checks[name] = case.build()
                 once = _per_call(run, 1)  # a second warm-up, and the calibration
+                if name == "strict":
+                    row["strict_counts"] = _strict_counts(run)
                 numbers[name] = max(1, min(case.max_number, int(target / max(once, 1e-7))))
                 fns[name] = run
                 samples[name] = []
@@ -272,12 +293,15 @@ def run_case(case: Case, backends: list[str], rounds: int, target: float) -> dic
             row[f"{name}_calls"] = numbers[name] * len(samples[name])
         with B.backend(name):
             _free_device_memory()
-    if "numpy" in checks and "cupy" in checks:
-        row["disagreement"] = _disagreement(case, checks["cupy"], checks["numpy"])
-        row["agree"] = bool(row["disagreement"] <= case.tol)
-        row["tolerance"] = case.tol
+    for device in DEVICES:
+        if "numpy" in checks and device in checks:
+            row["disagreement"] = _disagreement(case, checks[device], checks["numpy"])
+            row["agree"] = bool(row["disagreement"] <= case.tol)
+            row["tolerance"] = case.tol
     if "numpy_s" in row and "cupy_s" in row:
         row["speedup"] = row["numpy_s"] / row["cupy_s"]
+    if "numpy_s" in row and "strict_s" in row:
+        row["strict_overhead"] = row["strict_s"] / row["numpy_s"]  # a ratio, not a speed-up
     if errors:
         row["errors"] = errors
     return row
@@ -340,13 +364,34 @@ def _ms(seconds: float | None) -> str:
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:,.0f}"
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| op | size | numpy ms | cupy ms | speed-up | numpy rate | cupy rate | agree |",
-             "|---|---|---:|---:|---:|---:|---:|:---:|"]
+STRICT_NOTE = ("strict: minilora.strict, the NumPy stand-in for CuPy, on the CPU. Its times are "
+               "NumPy's plus the stand-in's bookkeeping, not a GPU's (\"strict / numpy\" is that "
+               "overhead, not a speed-up); what it measures is the launches and device-to-host "
+               "syncs of one call.")
+
+
+def table(rows: list[dict], device: str = "cupy") -> str:
+    """The markdown table: NumPy against ``device`` ("cupy": times, speed-ups and rates;
+    "strict": the stand-in's time ratio to NumPy and its launches and syncs per call)."""
+    if device == "strict":
+        lines = ["| op | size | numpy ms | strict ms (not a speed) | strict / numpy (not a "
+                 "speed-up) | launches / call | syncs / call | numpy rate | agree |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    else:
+        lines = ["| op | size | numpy ms | cupy ms | speed-up | numpy rate | cupy rate | agree |",
+                 "|---|---|---:|---:|---:|---:|---:|:---:|"]
     for r in rows:
-        sp = f"{r['speedup']:.1f}x" if "speedup" in r else "-"
         agree = "-" if "agree" not in r else ("yes" if r["agree"] else
                                               f"NO ({r['disagreement']:.1e})")
+        if device == "strict":
+            ratio = f"{r['strict_overhead']:.2f}" if "strict_overhead" in r else "-"
+            counts = r.get("strict_counts", {})
+            lines.append(f"| {r['op']} | {r['size']} | {_ms(r.get('numpy_s'))} "
+                         f"| {_ms(r.get('strict_s'))} | {ratio} "
+                         f"| {counts.get('launches', '-')} | {counts.get('syncs', '-')} "
+                         f"| {_rate(r['work'], r.get('numpy_s'), r['unit'])} | {agree} |")
+            continue
+        sp = f"{r['speedup']:.1f}x" if "speedup" in r else "-"
         lines.append(f"| {r['op']} | {r['size']} | {_ms(r.get('numpy_s'))} "
                      f"| {_ms(r.get('cupy_s'))} | {sp} "
                      f"| {_rate(r['work'], r.get('numpy_s'), r['unit'])} "
@@ -434,13 +479,16 @@ def plot(rows: list[dict], title: str) -> bytes:
     gpt = [r for r in rows if r["op"].startswith("GPT")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
     style = {"numpy": dict(color="tab:blue", marker="o"),
-             "cupy": dict(color="tab:green", marker="s")}
+             "cupy": dict(color="tab:green", marker="s"),
+             "strict": dict(color="tab:orange", marker="^")}
+    label = {"numpy": "numpy", "cupy": "cupy",
+             "strict": "strict (NumPy stand-in for CuPy: not a GPU's speed)"}
     for ax, op in zip(axes.flat, ops[:6 - bool(gpt)]):
         rs = [r for r in rows if r["op"] == op]
         for name in BACKENDS:
             pts = [(r["x"], 1e3 * r[f"{name}_s"]) for r in rs if f"{name}_s" in r]
             if pts:
-                ax.loglog(*zip(*pts), label=name, **style[name])
+                ax.loglog(*zip(*pts), label=label[name], **style[name])
         xs = [r["x"] for r in rs]
         ax.set_xticks(xs, [_human(x) if op != "matmul" else str(x) for x in xs])
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -449,19 +497,18 @@ def plot(rows: list[dict], title: str) -> bytes:
         ax.set_xlabel("n, for (n, n) @ (n, n)" if op == "matmul" else f"elements (rows x {WIDTH})")
         ax.set_ylabel("ms per call (log)")
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     used = min(len(ops), 6 - bool(gpt))
     if gpt:
         ax = axes.flat[used]
         labels = [f"{r['op'][len('GPT step, '):]}\n{r['size']}" for r in gpt]
         xs = np.arange(len(gpt))
         values = []
-        for k, name in enumerate(BACKENDS):
+        present = [b for b in BACKENDS if any(f"{b}_s" in r for r in gpt)]
+        for k, name in enumerate(present):
             vals = [r["work"] / r[f"{name}_s"] if f"{name}_s" in r else 0.0 for r in gpt]
-            if not any(vals):
-                continue  # a backend that is absent gets no bars and no legend entry
             values += [v for v in vals if v]
-            bars = ax.bar(xs + (k - 0.5) * 0.38, vals, 0.38, label=name,
+            bars = ax.bar(xs + (k - 0.5) * 0.38, vals, 0.38, label=label[name],
                           color=style[name]["color"])
             for bar, v in zip(bars, vals):
                 if v:
@@ -473,7 +520,7 @@ def plot(rows: list[dict], title: str) -> bytes:
         ax.set_xticks(xs, labels, fontsize=8)
         ax.set_ylabel("tokens / s, training (log)")
         ax.set_title("GPT training step (fwd, bwd, AdamW)")
-        ax.legend()
+        ax.legend(fontsize=7)
         used += 1
     for extra in list(axes.flat)[used:]:
         extra.axis("off")
@@ -494,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=None,
                         help="seconds each measurement should last (calls are repeated)")
     parser.add_argument("--backends", default="numpy,cupy",
-                        help="comma-separated subset of numpy,cupy (cupy is skipped if absent)")
+                        help="comma-separated: numpy and one device, cupy (skipped if absent) or "
+                        "strict (the NumPy stand-in for CuPy: counts, not speeds)")
     parser.add_argument("--only", default=None,
                         help="comma-separated words: run only the cases whose op contains one")
     parser.add_argument("--cpu-reference", default=None,
@@ -506,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(wanted) - set(BACKENDS))
     if unknown:
         parser.error(f"--backends: unknown {unknown}; choose from {list(BACKENDS)}")
+    if all(d in wanted for d in DEVICES):
+        parser.error("--backends: cupy or strict, not both (strict stands in for a GPU)")
+    device = "strict" if "strict" in wanted else "cupy"
 
     has_cupy, gpu = detect_cupy() if "cupy" in wanted else (False, "not requested")
     backends = [b for b in wanted if b != "cupy" or has_cupy]
@@ -521,11 +572,15 @@ def main(argv: list[str] | None = None) -> int:
                              "measured": args.cpu_reference}
 
     info = machine(gpu if has_cupy else None)
-    print(f"# minilora on NumPy and CuPy: float32, medians of {rounds} alternating rounds")
+    info["device_backend"] = device if device in backends else None
+    against = "the strict stand-in for CuPy" if device == "strict" else "CuPy"
+    print(f"# minilora on NumPy and {against}: float32, medians of {rounds} alternating rounds")
     print(f"# {info['date']}, {info['platform']}, {info['cpu_count']} CPU cores, python "
           f"{info['python']}, numpy {info['numpy']}, OPENBLAS_NUM_THREADS="
           f"{info['openblas_threads']}, load average at start {info['load_average_start']}")
-    if has_cupy:
+    if device == "strict":
+        print(f"# {STRICT_NOTE}")
+    elif has_cupy:
         print(f"# GPU: {gpu}")
     else:
         print(f"# no GPU: the CuPy column stays empty and only the CPU side is measured ({gpu})")
@@ -533,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     rows = []
-    print("\n".join(table([]).splitlines()[:2]), flush=True)
+    print("\n".join(table([], device).splitlines()[:2]), flush=True)
     info["interrupted"] = False
     try:
         only = [w.strip() for w in args.only.split(",")] if args.only else None
@@ -544,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row = run_case(case, backends, rounds, target)
             rows.append(row)
-            print(table([row]).splitlines()[-1], flush=True)
+            print(table([row], device).splitlines()[-1], flush=True)
             if "errors" in row:
                 print(f"  errors: {row['errors']}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:  # a time limit (SIGINT): keep and write what was measured
@@ -554,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_end"] = _load()
 
     summary = gpt2_summary(rows, cpu_reference)
-    text = table(rows)
+    text = table(rows, device)
+    if device == "strict":
+        text += f"\n\n{STRICT_NOTE}"
     print()
     if summary:
         print(format_summary(summary, cpu_reference))
@@ -562,11 +619,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['load_average_end']})")
 
     result = {"machine": info, "backends": backends, "cupy_available": has_cupy,
+              "speeds": device != "strict" or backends == ["numpy"],
+              "note": STRICT_NOTE if device == "strict" else None,
               "cupy_note": None if has_cupy else gpu, "rounds": rounds, "target_s": target,
               "quick": args.quick, "rows": rows, "gpt2_small": summary,
               "cpu_reference": cpu_reference}
-    where = gpu.split(",")[0] if has_cupy else "no GPU here: NumPy only"
-    title = f"minilora on NumPy ({info['cpu_count']} CPU cores) and CuPy ({where}), {info['date']}"
+    if device == "strict":
+        title = (f"minilora on NumPy and the strict stand-in for CuPy ({info['cpu_count']} CPU "
+                 f"cores; strict's times are not a GPU's), {info['date']}")
+    else:
+        where = gpu.split(",")[0] if has_cupy else "no GPU here: NumPy only"
+        title = (f"minilora on NumPy ({info['cpu_count']} CPU cores) and CuPy ({where}), "
+                 f"{info['date']}")
     # one report, whole or not at all (with a manifest), like every directory minilora writes
     with atomic_directory(args.out, ("backends.json", "backends.md", "backends.png")) as report:
         report.write_json("backends.json", result, allow_nan=True)

@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"])
     args = parser.parse_args()
     ml.use_backend(args.backend)
     print(format_table(run(args.size, args.repeats), args.size))

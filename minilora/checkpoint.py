@@ -5,9 +5,9 @@ A checkpoint is a directory holding
 * ``model.safetensors``      the model's state dict (every key, tied ones included);
 * ``optimizer.safetensors``  the optimiser's per-parameter arrays, keyed ``<param>.<name>``
   (for AdamW ``exp_avg`` and ``exp_avg_sq``), when an optimiser is saved;
-* ``checkpoint.json``        the model config, tokenizer, step, training config, the optimiser's
-  step count and learning rates, the random generators' states, and a SHA-256 of each
-  safetensors file;
+* ``checkpoint.json``        the model config, tokenizer, step, training config, the number of
+  shards the run cut each batch into, the backend it ran on, the optimiser's step count and
+  learning rates, the random generators' states, and a SHA-256 of each safetensors file;
 * ``history.json``           (written by the training loop) the loss curve so far;
 * ``manifest.json``          every file's size and SHA-256, written last.
 
@@ -17,8 +17,17 @@ or the new one, never a mix. Loading finishes or undoes a half-done swap, verifi
 and checks every size the files claim against each other before the model is built.
 
 Resuming restores the weights, the optimiser, the data sampler's generator and minilora's global
-generator (``backend.host_rng``, which also drives dropout on the NumPy backend), so a resumed run
-continues exactly as an uninterrupted one would, bit for bit on the CPU.
+generator (``backend.host_rng``, which also drives dropout on the NumPy backend) and, for a run on
+a device (CuPy, or the strict stand-in for it), the device generator that draws its dropout masks
+(``backend.generator_state``), so a resumed run continues exactly as an uninterrupted one would,
+bit for bit on the CPU. The shard count is part of the run (a step's sums depend on it): the
+checkpoint records it, and a resumed run keeps it on whatever backend it continues.
+
+Across backends the weights, the optimiser and the host generators carry over exactly, but a
+device run's dropout masks come from the device generator and a CPU run's from the host one, so a
+run with dropout that moves between the host and a device continues as a valid run, not as the
+same one; without dropout the two differ only by the rounding of their kernels (which on a GPU is
+not NumPy's: bits are promised on one backend, not across them).
 """
 
 from __future__ import annotations
@@ -34,7 +43,14 @@ import numpy as np
 
 from . import backend as B
 from .data import Tokenizer, tokenizer_from_dict
-from .errors import CheckpointError, ConfigError, InvalidArgumentError, StateDictError, is_int
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    InvalidArgumentError,
+    MiniLoraError,
+    StateDictError,
+    is_int,
+)
 from .fileio import (
     MANIFEST,
     atomic_directory,
@@ -79,6 +95,16 @@ def _optimizer_param_names(model: Module, optimizer: Optimizer) -> list[str]:
     return [names[id(p)] for p in params]
 
 
+def _shards_to_save(shards: Any, train_config: Any) -> int | None:
+    """The shard count a checkpoint records: ``shards``, else the training config's."""
+    if shards is None and train_config is not None:
+        shards = (_as_dict(train_config) or {}).get("shards")
+    if shards is not None and not (is_int(shards) and shards >= 1):
+        raise CheckpointError(f"save_checkpoint: shards must be an integer >= 1, got "
+                              f"{shards!r:.40}")
+    return None if shards is None else int(shards)
+
+
 HISTORY_FILE = "history.json"
 # what a checkpoint directory may hold; one holding only these (older saves had no manifest) is
 # a checkpoint that a new save may replace
@@ -98,20 +124,23 @@ def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any =
                     step: int = 0, train_config: Any = None,
                     data_rng: np.random.Generator | None = None,
                     extra: dict | None = None, files: dict[str, bytes] | None = None,
-                    weights: str = "all") -> Path:
+                    weights: str = "all", shards: int | None = None) -> Path:
     """Write a checkpoint of ``model`` (and optionally its optimiser) to ``directory``, whole.
 
     ``model_config`` and ``train_config`` are dataclasses or dicts (stored as JSON), ``extra`` any
     JSON-able dict (the CLI keeps the task there). ``data_rng`` is the generator the training loop
-    samples batches with; its state and minilora's global generator state are saved so that
-    training can resume exactly. ``files``: more files to put in the same save (the training
-    loop's ``history.json``, a fine-tune's adapter files). ``weights="trainable"`` stores only the
-    parameters with ``requires_grad`` (a LoRA fine-tune: its base lives elsewhere); :func:`restore`
-    then fills exactly those. A directory already at ``directory`` is replaced as a whole, and
-    only if it is a save. Weights holding NaN or inf are refused: they would replace a good save
-    with a useless one. Returns the directory.
+    samples batches with; its state, minilora's global generator state and, on a device, the
+    device generator's state are saved so that training can resume exactly. ``shards``: the
+    number of shards the run cut each batch into (default: ``train_config``'s ``shards``, when
+    it has one), recorded so that a resumed run keeps it. ``files``: more files to put in the
+    same save (the training loop's ``history.json``, a fine-tune's adapter files).
+    ``weights="trainable"`` stores only the parameters with ``requires_grad`` (a LoRA fine-tune:
+    its base lives elsewhere); :func:`restore` then fills exactly those. A directory already at
+    ``directory`` is replaced as a whole, and only if it is a save. Weights holding NaN or inf are
+    refused: they would replace a good save with a useless one. Returns the directory.
     """
     directory = Path(directory)
+    shards = _shards_to_save(shards, train_config)
     if not all_finite(model):
         raise CheckpointError(f"save_checkpoint: the model holds NaN or inf weights; not writing "
                               f"them to {str(directory)!r}")
@@ -120,8 +149,11 @@ def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any =
         "model_config": _as_dict(model_config), "train_config": _as_dict(train_config),
         "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
         "optimizer": None, "sha256": {}, "extra": extra or {},
+        "shards": shards, "backend": B.get_backend(),
         "rng": {"host": B.host_rng().bit_generator.state,
-                "data": data_rng.bit_generator.state if data_rng is not None else None},
+                "data": data_rng.bit_generator.state if data_rng is not None else None,
+                # on NumPy the host generator above draws the dropout masks too
+                "device": B.generator_state() if B.on_device() else None},
     }
     if weights not in ("all", "trainable"):
         raise CheckpointError(f"save_checkpoint: weights must be 'all' or 'trainable', got "
@@ -165,15 +197,17 @@ class Checkpoint:
     train_config: dict | None
     tokenizer: Tokenizer | None
     optimizer: dict | None  # "type", "step", "lr", "params", "state_keys" and "arrays"
-    rng: dict
+    rng: dict  # "host", "data" and "device" (None when saved on NumPy) generator states
     extra: dict = field(default_factory=dict)
     partial: bool = False  # True: ``weights`` holds only the trainable parameters
+    shards: int | None = None  # the shards the run cut each batch into (None: not recorded)
+    backend: str | None = None  # the backend it was saved on (None: an older save)
 
 
 # checkpoint.json: field -> the JSON types it may hold (None: may be null)
 _META_TYPES = {"step": (int,), "model_config": (dict, None), "train_config": (dict, None),
                "tokenizer": (dict, None), "optimizer": (dict, None), "sha256": (dict,),
-               "extra": (dict,), "rng": (dict,)}
+               "extra": (dict,), "rng": (dict,), "shards": (int, None), "backend": (str, None)}
 _OPT_TYPES = {"step": (int,), "lr": (list,), "params": (list,), "state_keys": (list,)}
 
 
@@ -185,7 +219,8 @@ def _check_fields(obj: dict, types: dict, where: str, prefix: str = "") -> None:
             for k in kinds)
         if not ok:
             names = " or ".join("null" if k is None else {dict: "an object", list: "a list",
-                                                           int: "an integer"}[k] for k in kinds)
+                                                           int: "an integer", str: "a string"}[k]
+                                for k in kinds)
             raise CheckpointError(f"{where}: field {prefix}{key!r} must be {names}, got "
                                   f"{value!r:.80}")
 
@@ -200,6 +235,8 @@ def _check_meta(meta: Any, where: str) -> None:
     _check_fields(meta, _META_TYPES, where)
     if meta["step"] < 0:
         raise CheckpointError(f"{where}: field 'step' must be >= 0, got {meta['step']}")
+    if meta.get("shards") is not None and meta["shards"] < 1:
+        raise CheckpointError(f"{where}: field 'shards' must be >= 1, got {meta['shards']}")
     if meta["optimizer"] is not None:
         _check_fields(meta["optimizer"], _OPT_TYPES, where, "optimizer.")
 
@@ -305,20 +342,30 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     for key in ("host", "data"):
         if rng.get(key) is not None:
             _host_state(rng[key], where, key)
+    if not isinstance(rng.get("device"), (dict, type(None))):  # checked in full when restored
+        raise CheckpointError(f"{where}: field 'rng.device' must be an object or null, got "
+                              f"{rng.get('device')!r:.80}")
     if not has_manifest:  # after every check: a refused checkpoint is one line, not two
         warn_no_manifest(directory, "load_checkpoint", f"by the digests in {META_FILE}")
+    shards = meta.get("shards")
+    if shards is None and is_int((meta["train_config"] or {}).get("shards")):
+        shards = meta["train_config"]["shards"]  # saved before checkpoints recorded it
     return Checkpoint(directory=directory, step=meta["step"], weights=weights,
                       model_config=config, train_config=meta["train_config"],
                       tokenizer=tokenizer, optimizer=opt, rng=rng, extra=meta["extra"],
-                      partial=meta.get("weights", "all") == "trainable")
+                      partial=meta.get("weights", "all") == "trainable", shards=shards,
+                      backend=meta.get("backend"))
 
 
 def restore(checkpoint: Checkpoint, model: Module, optimizer: Optimizer | None = None,
             data_rng: np.random.Generator | None = None, restore_global_rng: bool = True) -> int:
     """Load a checkpoint's state into ``model`` (and ``optimizer``, ``data_rng``, minilora's global
-    generator) in place; returns the step to continue from.
+    generators) in place; returns the step to continue from.
 
-    The optimiser must update the same parameters, by name, as the one that was saved.
+    The optimiser must update the same parameters, by name, as the one that was saved. On a
+    device the device generator is restored too, when the checkpoint was saved on a device (CuPy
+    and the strict stand-in share one generator); a run that moves between the host and a device
+    draws its dropout masks from another stream from then on.
     """
     where = str(checkpoint.directory)
     try:
@@ -360,6 +407,12 @@ def restore(checkpoint: Checkpoint, model: Module, optimizer: Optimizer | None =
         data_rng.bit_generator.state = rng["data"]
     if restore_global_rng and rng.get("host") is not None:
         B.host_rng().bit_generator.state = rng["host"]
+    if restore_global_rng and rng.get("device") is not None and B.on_device():
+        try:  # a state of another kind of generator is left unapplied (the backend says so)
+            B.set_generator_state(rng["device"])
+        except (MiniLoraError, TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint at {where!r}: field 'rng.device' is not a valid "
+                                  f"{B.get_backend()} generator state ({exc!r:.100})") from None
     return checkpoint.step
 
 

@@ -2,7 +2,7 @@
 
 Train a small GPT on the base task (3-digit addition), ask it questions, measure it:
 
-    minilora train --task add --out runs/base       # about a minute or two on a laptop CPU
+    minilora train --task add --out runs/base
     minilora sample --checkpoint runs/base --prompt "183+459="
     minilora eval --checkpoint runs/base --task add
     minilora demo                                   # the whole LoRA story, with a report and plots
@@ -260,7 +260,7 @@ def _show_examples(model: GPT, data: TaskDataset, n: int) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .demo_report import checks, format_table
+    from .demo_report import checks, format_table, memory_note
 
     setup(args)
     check_writable(args.out, what="demo --out")
@@ -272,6 +272,7 @@ def _demo(args: argparse.Namespace) -> int:
     results = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
     print()
     print(format_table(results))
+    print(f"({memory_note(results)})")
     print()
     for ok, text in checks(results):
         print(f"  [{'x' if ok else ' '}] {text}")
@@ -403,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Writes OUT/report/report.md with plots and prints a summary table.\n\n"
                        "  minilora demo                  # about 2-3 minutes on 2 CPU cores\n"
                        "  minilora demo --quick          # a smoke run in seconds\n"
-                       "  minilora demo --backend cupy   # on an NVIDIA GPU")
+                       "  minilora demo --backend cupy   # on an NVIDIA GPU\n"
+                       "  MINILORA_BACKEND=cupy minilora demo   # the same")
     d.add_argument("--quick", action="store_true",
                    help="tiny step counts: checks the pipeline, not the accuracies")
     d.add_argument("--out", metavar="DIR", default="runs/demo",
@@ -437,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``minilora`` console script; returns the exit status.
 
     Every failure is one line on stderr, ``minilora COMMAND: error: ...`` (the traceback with
-    ``--debug``); notes (a save without a manifest, a cropped prompt) are one line too.
+    ``--debug``); notes (a save without a manifest, a cropped prompt) are one line too. The
+    command runs on ``--backend`` (default: ``MINILORA_BACKEND``, else numpy); called in-process,
+    the caller's backend is active again when it returns.
     """
     args = build_parser().parse_args(argv)
 
@@ -445,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
              line: Any = None) -> None:
         print(f"minilora {args.command}: note: {message}", file=sys.stderr, flush=True)
 
-    with warnings.catch_warnings():
+    previous = B.get_backend()  # a caller in this process (a test, a notebook) keeps its own
+    with warnings.catch_warnings(), B.backend(previous):
         warnings.simplefilter("always", NoManifestWarning)
         warnings.showwarning = note
         try:

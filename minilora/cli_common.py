@@ -149,10 +149,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+BACKENDS = ("numpy", "cupy", "strict")
+
+
+def environment_backend() -> str:
+    """The backend ``MINILORA_BACKEND`` names, else ``"numpy"``: what ``--backend`` defaults to,
+    so that ``MINILORA_BACKEND=cupy minilora demo`` runs on the GPU."""
+    return os.environ.get("MINILORA_BACKEND", "").strip().lower() or "numpy"
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     """The flags every command takes: --backend, --threads, --debug."""
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                   help="array backend: numpy (CPU, default) or cupy (NVIDIA GPU)")
+    p.add_argument("--backend", choices=BACKENDS, default=environment_backend(),
+                   help="array backend: numpy (CPU), cupy (NVIDIA GPU) or strict (the NumPy "
+                   "stand-in for CuPy, which runs the GPU code path on the CPU and counts its "
+                   "kernel launches and syncs); default: the MINILORA_BACKEND environment "
+                   f"variable, else numpy (here: {environment_backend()})")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="BLAS threads (default 1 unless OPENBLAS_NUM_THREADS or "
                    "OMP_NUM_THREADS is set: the models here are small, and extra threads "
@@ -186,9 +198,12 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
             ("shards", positive_int, "cut each batch into this many shards that run side by "
              "side on threads, one per core; the result depends on this number, not on the "
              "cores")):
+        default = getattr(defaults, name)
+        if name == "shards" and default is None:  # chosen by the backend at run time
+            default = "2 on the CPU, 1 on a device; a resume keeps the checkpoint's"
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        metavar="X" if typ is nonnegative_float else "N",
-                       help=f"{text} (default {getattr(defaults, name)})")
+                       help=f"{text} (default {default})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -1,4 +1,4 @@
-"""``minilora demo``: the whole LoRA story, end to end, on the CPU in a few minutes.
+"""``minilora demo``: the whole LoRA story, end to end, on the CPU or a GPU.
 
 1. Pretrain a small GPT on task A (addition), or reuse the base checkpoint a previous run left.
 2. Fine-tune copies of it on task B (the sum with its carries dropped) three ways: full fine-tuning,
@@ -11,9 +11,11 @@
    table.
 
 The numbers it prints are measured in the run: accuracy is exact match on held-out questions; peak
-memory is the model's resident arrays plus the peak that tracemalloc sees over two training steps
-with a fresh optimizer (gradients, optimizer state, activations); step time is the median of timed
-steps; adapter size is the size of the files ``save_adapter`` writes.
+memory is the model's resident arrays plus the peak of what two training steps with a fresh
+optimizer allocate on top (gradients, optimizer state, activations), seen by tracemalloc on the
+CPU and by the device memory pool on a GPU (``backend.memory_stats``: tracemalloc cannot see
+device memory), and the demo says which; step time is the median of timed steps; adapter size is
+the size of the files ``save_adapter`` writes.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .train import HISTORY_FILE, TrainConfig, exact_match, greedy_answers, param
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo; ``quick()`` shrinks them to a smoke run of a few seconds."""
+    """Sizes of the demo; ``quick()`` shrinks them to a smoke run."""
 
     digits: int = 2
     n_layer: int = 2
@@ -61,7 +63,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """A few-second run: the same pipeline with tiny step counts (accuracies are low)."""
+        """A smoke run: the same pipeline with tiny step counts (accuracies are low)."""
         return cls(n_embd=64, base_steps=150, finetune_steps=40, eval_examples=200,
                    batch_size=32)
 
@@ -89,12 +91,16 @@ def _copy_of(model: GPT) -> GPT:
 
 
 def measure_step(model: Any, data: TaskDataset, batch_size: int, timed: int = 5,
-                 shards: int = TrainConfig.shards) -> dict:
+                 shards: int | None = TrainConfig.shards) -> dict:
     """Median seconds of a training step (the training loop's: the batch in ``shards`` shards),
-    and its peak memory in bytes.
+    its peak memory in bytes, and what measured that memory.
 
-    Peak memory = resident arrays of the model + what tracemalloc sees at its peak over two steps
-    with a fresh AdamW (gradients, optimizer state, activations, temporaries).
+    Peak memory = resident arrays of the model + the peak of what two steps with a fresh AdamW
+    allocate on top (gradients, optimizer state, activations). On the CPU tracemalloc sees every
+    allocation, temporaries included (``memory_source`` "tracemalloc"); on a device, the memory
+    pool's bytes in use (``backend.memory_stats``) are read after each forward pass, backward pass
+    and optimizer step, so a temporary that lives only inside one of them is not seen
+    (``memory_source`` "device pool").
     """
     rng = np.random.default_rng(0)
 
@@ -112,14 +118,42 @@ def measure_step(model: Any, data: TaskDataset, batch_size: int, timed: int = 5,
 
     model.train()
     times = steps(timed + 1, AdamW(param_groups(model, 0.0), lr=0.0))[1:]  # lr 0: no change
-    tracemalloc.start()
-    try:
-        steps(2, AdamW(param_groups(model, 0.0), lr=0.0))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
     held = quant.memory_report(model)["held_bytes"]  # every array the model holds, 4-bit ones too
-    return {"step_seconds": float(np.median(times)), "peak_bytes": held + peak}
+    if B.on_device():
+        peak, source = _device_peak(model, data, batch_size, rng), "device pool"
+    else:
+        tracemalloc.start()
+        try:
+            steps(2, AdamW(param_groups(model, 0.0), lr=0.0))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        source = "tracemalloc"
+    return {"step_seconds": float(np.median(times)), "peak_bytes": held + peak,
+            "memory_source": source}
+
+
+def _device_peak(model: Any, data: TaskDataset, batch_size: int, rng: np.random.Generator) -> int:
+    """The most device bytes two training steps with a fresh AdamW hold on top of what was held
+    before them: ``max_t used(t) - used(0)``, ``used`` the pool's bytes in use read after each
+    forward pass, backward pass and optimizer step (one shard: a device runs the batch whole)."""
+    def used() -> int:
+        return int(B.memory_stats()["used_bytes"])
+
+    opt = AdamW(param_groups(model, 0.0), lr=0.0)
+    start, most = used(), 0
+    for _ in range(2):
+        x, y = data.get_batch(batch_size, rng)
+        _, loss = model(B.asarray(x), B.asarray(y))
+        most = max(most, used())  # the activations, all alive until the backward pass
+        loss.backward()
+        most = max(most, used())
+        del loss
+        opt.step()
+        most = max(most, used())  # the optimizer's moments
+        opt.zero_grad()
+    del opt
+    return max(0, most - start)
 
 
 def _answers(model: Any, data: TaskDataset, n: int) -> tuple[np.ndarray, np.ndarray]:

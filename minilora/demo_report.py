@@ -42,8 +42,20 @@ def summary_rows(results: dict) -> list[dict]:
         rows.append({"method": LABELS[method], "trainable": r["trainable"],
                      "fraction": r["trainable"] / r["total"], "accuracy": r["accuracy"],
                      "task_a": r["task_a_accuracy"], "peak_mib": r["peak_bytes"] / MIB,
-                     "step_ms": 1e3 * r["step_seconds"], "file_bytes": files[method]})
+                     "step_ms": 1e3 * r["step_seconds"], "file_bytes": files[method],
+                     "memory_source": r.get("memory_source", "tracemalloc")})
     return rows
+
+
+MEMORY_SOURCES = {"tracemalloc": "tracemalloc (host allocations: the model runs on the CPU)",
+                  "device pool": "the device memory pool (backend.memory_stats: the model runs "
+                                 "on a device, whose memory tracemalloc cannot see)"}
+
+
+def memory_note(results: dict) -> str:
+    """What measured the peak-memory column: tracemalloc on the CPU, the device pool on a GPU."""
+    sources = sorted({r["memory_source"] for r in summary_rows(results)})
+    return "peak mem measured by " + " and ".join(MEMORY_SOURCES.get(s, s) for s in sources)
 
 
 def format_table(results: dict) -> str:
@@ -163,7 +175,10 @@ def _plot_memory(results: dict, plt: Any, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     ax1.bar([LABELS[m] for m in methods], peak, color=["C0", "C1", "C2"])
     ax1.set_ylabel("MiB")
-    ax1.set_title("peak memory of a training step")
+    source = {"tracemalloc": "tracemalloc, host", "device pool": "device memory pool"}
+    sources = sorted({results["methods"][m].get("memory_source", "tracemalloc") for m in methods})
+    seen_by = ", ".join(source.get(s, s) for s in sources)
+    ax1.set_title(f"peak memory of a training step\n({seen_by})")
     ax2.bar([LABELS[m] for m in methods], step, color=["C0", "C1", "C2"])
     ax2.set_ylabel("ms")
     ax2.set_title("time of a training step (median)")
@@ -242,9 +257,10 @@ def _write_report(results: dict, base: Any, stage: Staging) -> None:
         f"adapters on an NF4 base with double quantization. Accuracy is exact match on "
         f"{s['eval_examples']} held-out questions. Run time {results['seconds']:.0f} s.", "",
         "```", format_table(results), "```", "",
-        "Peak memory = the model's resident arrays + the tracemalloc peak of two training steps "
-        "(gradients, optimizer state, activations). \"file\" is what must be shipped: the whole "
-        "model for full fine-tuning, the adapter files for LoRA and QLoRA.", "",
+        f"Peak memory = the model's resident arrays + the peak of what two training steps "
+        f"allocate on top (gradients, optimizer state, activations); {memory_note(results)}. "
+        "\"file\" is what must be shipped: the whole model for full fine-tuning, the adapter "
+        "files for LoRA and QLoRA.", "",
         "## Checks", "",
         *[f"- [{'x' if ok else ' '}] {text}" for ok, text in checks(results)], "",
         "## Plots", "",

@@ -1,5 +1,6 @@
 """Checkpoints: exact round trips, atomic writes, and clear errors for missing or damaged files."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -224,3 +225,165 @@ def test_load_model_explains_a_missing_or_bad_model_config(tmp_path):
     save_checkpoint(tmp_path / "bad", GPT(CFG), model_config={**CFG.to_dict(), "n_experts": 4})
     with pytest.raises(CheckpointError, match="n_experts"):
         load_model(tmp_path / "bad")
+
+
+# ------------------------------------------------- shards and generators, across backends
+
+def _other_backend():
+    """A backend other than the run's: the strict stand-in for CuPy from NumPy, NumPy from a
+    device backend."""
+    return "numpy" if B.on_device() else "strict"
+
+
+def _device_backend():
+    """The run's backend when it is a device one, else the strict stand-in for CuPy."""
+    return B.get_backend() if B.on_device() else "strict"
+
+
+def _task_run(dropout=0.0):
+    from minilora.data import TaskDataset, get_task
+    from minilora.train import TrainConfig
+
+    data = TaskDataset(get_task("add", 1), n_heldout=10)
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup=1, min_lr=1e-3, eval_every=100,
+                      eval_examples=10, seed=4, shards=3)
+
+    def model():
+        ml.manual_seed(0)  # the same initial weights on every backend (drawn on the host)
+        return GPT(GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=data.block_size,
+                             n_layer=1, n_head=2, n_embd=8, dropout=dropout))
+    return data, cfg, model
+
+
+def _spy_shards(monkeypatch):
+    """The shard counts the training loop hands its steps, as a list that fills as it runs."""
+    import minilora.train as train_mod
+
+    seen, real = [], train_mod.forward_backward
+
+    def spy(model, idx, targets, shards=2, *args, **kwargs):
+        seen.append(shards)
+        return real(model, idx, targets, shards, *args, **kwargs)
+    monkeypatch.setattr(train_mod, "forward_backward", spy)
+    return seen
+
+
+def test_a_checkpoint_records_its_shards_and_a_resume_on_another_backend_keeps_them(
+        tmp_path, monkeypatch):
+    """Half a run on this backend, the rest on another: the checkpoint says how many shards the
+    run used, the resumed half uses as many, and the result is the straight run's up to the
+    rounding of the two backends' kernels (their bits are not promised to agree: a GPU's sums
+    round in another order; one backend's resume is bit for bit, see test_train.py)."""
+    from minilora.train import TrainConfig, train
+
+    data, cfg, make = _task_run()
+    seen = _spy_shards(monkeypatch)
+    straight = make()
+    train(straight, data, cfg, progress=False)
+    train(make(), data, cfg, out_dir=tmp_path / "half", until=3, progress=False)
+    ck = load_checkpoint(tmp_path / "half")
+    assert ck.shards == 3 == cfg.shards and ck.backend == B.get_backend()
+    assert set(seen) == {3}
+    seen.clear()
+    with B.backend(_other_backend()):
+        resumed = make()
+        train(resumed, data, TrainConfig.from_dict(ck.train_config), resume=tmp_path / "half",
+              out_dir=tmp_path / "rest", progress=False)
+        assert load_checkpoint(tmp_path / "rest").backend == B.get_backend()
+    assert seen == [3] * (cfg.steps - 3)  # the steps after the resume kept the recorded count
+    assert load_checkpoint(tmp_path / "rest").shards == 3
+    want = _weights(straight)
+    for name, value in _weights(resumed).items():
+        np.testing.assert_allclose(value, want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_checkpoint_saved_before_shards_were_recorded_takes_them_from_its_config(tmp_path):
+    save_checkpoint(tmp_path, GPT(CFG), train_config={"shards": 4})
+    assert load_checkpoint(tmp_path).shards == 4
+    meta_path = tmp_path / META_FILE
+    meta = json.loads(meta_path.read_text())
+    assert meta["shards"] == 4 and meta["backend"] == B.get_backend()
+    for key in ("shards", "backend"):
+        del meta[key]
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / "manifest.json").unlink()  # an older save: no manifest either
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = load_checkpoint(tmp_path)
+    assert old.shards == 4 and old.backend is None
+    save_checkpoint(tmp_path / "given", GPT(CFG), train_config={"shards": 4}, shards=1)
+    assert load_checkpoint(tmp_path / "given").shards == 1  # the count the run used wins
+    save_checkpoint(tmp_path / "none", GPT(CFG))
+    assert load_checkpoint(tmp_path / "none").shards is None
+    with pytest.raises(CheckpointError, match="shards must be an integer >= 1, got 0"):
+        save_checkpoint(tmp_path / "bad", GPT(CFG), shards=0)
+
+
+def test_the_device_generator_comes_back_with_a_checkpoint(tmp_path):
+    """On a device, dropout masks come from the device generator: its state is saved, and
+    restoring it draws the same masks again. On NumPy the host generator is the one, and the
+    checkpoint saves no other."""
+    with B.backend("numpy"):
+        save_checkpoint(tmp_path / "host", GPT(CFG))
+    assert load_checkpoint(tmp_path / "host").rng["device"] is None
+    with B.backend(_device_backend()):
+        model = GPT(CFG)
+        B.random_uniform((3, 4), np.float32)  # the generator has moved on from its seed
+        save_checkpoint(tmp_path / "dev", model)
+        ck = load_checkpoint(tmp_path / "dev")
+        assert ck.rng["device"] is not None and ck.backend == B.get_backend()
+        json.dumps(ck.rng["device"])  # JSON through and through
+        expected = host(B.random_uniform((5, 7), np.float32))
+        B.random_uniform((9,), np.float32)  # and moves on again
+        restore(ck, model)
+        np.testing.assert_array_equal(host(B.random_uniform((5, 7), np.float32)), expected)
+        bad = {**ck.rng["device"], "counter": -1}
+        with pytest.raises(CheckpointError, match="'rng.device' is not a valid"):
+            restore(dataclasses.replace(ck, rng={**ck.rng, "device": bad}), model)
+
+
+def test_training_with_dropout_on_a_device_resumes_bit_for_bit(tmp_path):
+    """The device generator draws the dropout masks: saved and restored, a resumed run on the
+    same device backend equals the straight one exactly."""
+    from minilora.train import train
+
+    data, cfg, make = _task_run(dropout=0.2)
+    with B.backend(_device_backend()):
+        straight = make()
+        train(straight, data, cfg, progress=False)
+        train(make(), data, cfg, out_dir=tmp_path, until=2, progress=False)
+        ml.manual_seed(99)  # another global state: the checkpoint must bring its own
+        resumed = make()
+        ml.manual_seed(99)
+        train(resumed, data, cfg, resume=tmp_path, progress=False)
+        want = _weights(straight)
+        for name, value in _weights(resumed).items():
+            np.testing.assert_array_equal(value, want[name], err_msg=name)
+
+
+def test_a_run_with_the_backend_s_default_shards_keeps_them_when_resumed_elsewhere(
+        tmp_path, monkeypatch):
+    """Left to choose, a run takes its backend's number of shards (one on a device, two on the
+    CPU); the checkpoint records it, and the run resumed on the other backend keeps it instead
+    of taking that backend's default."""
+    import dataclasses as dc
+
+    from minilora.step import default_shards
+    from minilora.train import train
+
+    data, cfg, make = _task_run()
+    cfg = dc.replace(cfg, shards=None)  # the default: the backend chooses
+    seen = _spy_shards(monkeypatch)
+    train(make(), data, cfg, out_dir=tmp_path / "half", until=3, progress=False)
+    first = default_shards()
+    ck = load_checkpoint(tmp_path / "half")
+    assert ck.shards == first and set(seen) == {first}
+    seen.clear()
+    with B.backend(_other_backend()):
+        assert default_shards() != first  # the other backend would choose another number
+        train(make(), data, cfg, resume=tmp_path / "half", out_dir=tmp_path / "rest",
+              progress=False)
+    assert seen == [first] * (cfg.steps - 3)
+    assert load_checkpoint(tmp_path / "rest").shards == first

@@ -69,6 +69,7 @@ def ck(trained, tmp_path):
 
 # -------------------------------------------------------------- B. destinations, up front
 
+@pytest.mark.host_only("the destination is refused before any work")
 @pytest.mark.parametrize("where,needles", [
     ("file.txt", ["is a file, not a directory"]),
     ("file.txt/run", ["cannot be made", "is a file"]),
@@ -120,6 +121,7 @@ def test_resume_into_another_existing_checkpoint_needs_overwrite(tmp_path, capsy
     assert load_checkpoint(b).step == 4
 
 
+@pytest.mark.host_only("the destination is refused before any work")
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_a_directory_of_other_files_is_never_replaced(tmp_path, capsys, overwrite):
     out = tmp_path / "mine"
@@ -135,6 +137,7 @@ def test_a_directory_of_other_files_is_never_replaced(tmp_path, capsys, overwrit
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+@pytest.mark.host_only("the destination is refused before any work")
 @pytest.mark.parametrize("argv", [
     ["train", *TINY, "--steps", "2", "--out", "{tmp}/new/run"],
     ["demo", "--quick", "--no-progress", "--out", "{tmp}/new/demo"],
@@ -172,6 +175,7 @@ def test_the_default_out_is_runs_task_in_the_current_directory(tmp_path, monkeyp
 
 # --------------------------------------------------------------- F. one line per failure
 
+@pytest.mark.host_only("argument parsing")
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--checkpoint", "x", "--examples", "0"], "--examples"),
     (["eval", "--checkpoint", "x", "--examples", "-5"], "--examples"),
@@ -197,6 +201,7 @@ def test_eval_show_zero_prints_only_the_accuracy(trained, capsys):
     assert captured.err == ""
 
 
+@pytest.mark.host_only("the text file is refused as it is read")
 def test_a_text_file_that_is_not_utf8_is_named(tmp_path, capsys):
     text = tmp_path / "latin1.txt"
     text.write_bytes("caf\u00e9 au lait, s'il vous pla\u00eet. ".encode("latin-1") * 20)
@@ -221,6 +226,9 @@ MALFORMED = {
     "step a string": (lambda m: m.update(step="3"), ["'step'", "an integer", "'3'"]),
     "step a bool": (lambda m: m.update(step=True), ["'step'", "an integer", "True"]),
     "step negative": (lambda m: m.update(step=-1), ["'step'", ">= 0"]),
+    "shards zero": (lambda m: m.update(shards=0), ["'shards'", ">= 1"]),
+    "shards a string": (lambda m: m.update(shards="2"), ["'shards'", "an integer", "'2'"]),
+    "backend a number": (lambda m: m.update(backend=1), ["'backend'", "a string"]),
     "rng garbage": (lambda m: m["rng"].update(host="garbage"),
                     ["'rng.host'", "not a valid random generator state"]),
     "tokenizer kind": (lambda m: m.update(tokenizer={"kind": "words"}),
@@ -232,6 +240,7 @@ MALFORMED = {
 }
 
 
+@pytest.mark.host_only("checkpoint.json is refused as it is parsed")
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_a_malformed_checkpoint_json_is_one_line_naming_the_field(ck, capsys, case):
     edit, needles = MALFORMED[case]
@@ -244,6 +253,7 @@ def test_a_malformed_checkpoint_json_is_one_line_naming_the_field(ck, capsys, ca
         assert needle in line, line
 
 
+@pytest.mark.host_only("checkpoint.json is refused as it is parsed")
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_a_malformed_checkpoint_json_without_a_manifest_is_refused(ck, case):
     edit, needles = MALFORMED[case]
@@ -258,6 +268,7 @@ def test_a_malformed_checkpoint_json_without_a_manifest_is_refused(ck, case):
         assert needle in str(info.value)
 
 
+@pytest.mark.host_only("the manifest is checked before anything is loaded")
 def test_an_edited_checkpoint_json_is_caught_by_the_manifest(ck, capsys):
     _edit_meta(ck, lambda m: m.update(step=3))  # plausible, and still wrong
     assert main(["eval", "--checkpoint", str(ck), "--examples", "5"]) == 1
@@ -276,6 +287,7 @@ def test_a_long_prompt_is_cropped_with_a_one_line_note(trained, capsys):
     assert captured.out.startswith(prompt)
 
 
+@pytest.mark.host_only("a missing checkpoint: no model is built")
 def test_debug_shows_the_traceback_instead_of_one_line(tmp_path):
     missing = tmp_path / "missing"
     plain = run_cli("eval", "--checkpoint", missing)
@@ -288,6 +300,7 @@ def test_debug_shows_the_traceback_instead_of_one_line(tmp_path):
     assert "minilora.errors.CheckpointError" in debug.stderr and str(missing) in debug.stderr
 
 
+@pytest.mark.host_only("a missing checkpoint: no model is built")
 def test_debug_in_process_raises_the_error(capsys):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         main(["eval", "--checkpoint", "no/such/run", "--debug"])
@@ -295,6 +308,7 @@ def test_debug_in_process_raises_the_error(capsys):
 
 # --------------------------------------------------------------------------- G. manifests
 
+@pytest.mark.host_only("the manifest is checked before anything is loaded")
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "history.json"])
 def test_one_changed_byte_is_named(ck, capsys, name):
     flip_byte(ck / name)
@@ -307,6 +321,7 @@ def test_one_changed_byte_is_named(ck, capsys, name):
     assert str(ck / name) in line
 
 
+@pytest.mark.host_only("the manifest is checked before anything is loaded")
 @pytest.mark.parametrize("name", ["optimizer.safetensors", "history.json"])
 def test_a_listed_file_that_is_missing_is_named(ck, capsys, name):
     (ck / name).unlink()
@@ -316,6 +331,7 @@ def test_a_listed_file_that_is_missing_is_named(ck, capsys, name):
     assert f"{name} is missing" in one_line(capsys.readouterr().err, "eval")
 
 
+@pytest.mark.host_only("files read into host arrays")
 def test_a_checkpoint_without_a_manifest_loads_with_one_warning(ck):
     (ck / MANIFEST).unlink()
     with warnings.catch_warnings(record=True) as caught:

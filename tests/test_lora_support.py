@@ -91,7 +91,7 @@ def forward(model: nn.Module, x: ml.Tensor) -> np.ndarray:
 
 def assert_close(actual, expected, rtol: float) -> None:
     """Relative agreement, with the absolute slack scaled to the size of ``expected``."""
-    expected = np.asarray(expected)
+    actual, expected = host(actual), host(expected)
     scale = float(np.abs(expected).max()) if expected.size else 1.0
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-30))
 

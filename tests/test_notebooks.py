@@ -1,6 +1,8 @@
 """Every tutorial notebook runs top to bottom (in fast mode) and matches its source.
 
-The notebooks end in assertions, so a notebook whose story stops being true fails here too.
+The notebooks end in assertions, so a notebook whose story stops being true fails here too. Their
+kernels inherit MINILORA_BACKEND, so they run on the run's backend; their device work is the
+kernel's, which this process does not count.
 """
 
 import copy
@@ -19,12 +21,14 @@ import build  # noqa: E402  (tutorials/build.py)
 NOTEBOOKS = sorted(TUTORIALS.glob("[0-9][0-9]_*.ipynb"))
 
 
+@pytest.mark.host_only("compares file names")
 def test_every_source_has_a_committed_notebook():
     sources = {p.stem for p in (TUTORIALS / "src").glob("[0-9][0-9]_*.py")}
     assert sources, "no tutorial sources found"
     assert sources == {p.stem for p in NOTEBOOKS}
 
 
+@pytest.mark.host_only("compares a notebook's cells with its source")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_matches_its_source(path):
     committed = nbformat.read(path, as_version=4)

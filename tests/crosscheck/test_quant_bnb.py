@@ -24,6 +24,7 @@ import pytest
 torch = pytest.importorskip("torch")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
+from minilora import backend as B  # noqa: E402
 from minilora import quant as Q  # noqa: E402
 from tests.helpers import host  # noqa: E402
 
@@ -67,8 +68,8 @@ def test_packed_bytes_and_absmax_equal_bitsandbytes(shape, blocksize, quant_type
     theirs = bnb_functional.dequantize_4bit(packed, state).numpy().reshape(shape)
     np.testing.assert_array_equal(host(Q.dequantize(ours)), theirs)
     # bitsandbytes' arrays read directly as a QuantState
-    read = Q.QuantState(packed.numpy().reshape(-1), state.absmax.numpy(), shape, blocksize,
-                        quant_type)
+    read = Q.QuantState(B.asarray(packed.numpy().reshape(-1)), B.asarray(state.absmax.numpy()),
+                        shape, blocksize, quant_type)
     np.testing.assert_array_equal(host(Q.dequantize(read)), theirs)
 
 

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora as ml
+from minilora import backend as B
 from minilora import data, train
 from minilora.attention import causal_mask
 
@@ -133,7 +134,7 @@ print(f"\nmax |attention by hand - library| = {attn_gap:.2e}")
 # after the softmax those weights are exactly zero. Rows are queries, columns keys.
 
 # %%
-M = causal_mask(T, np.float32)
+M = B.to_numpy(causal_mask(T, np.float32))  # a host copy: matplotlib draws host arrays
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
 ax1.imshow(np.isfinite(M), cmap="Greens", vmin=0, vmax=1.3)
 for i in range(T):
@@ -269,7 +270,7 @@ plt.show()
 # %%
 prompts, answers = dataset.heldout(8)
 greedy = model.generate(prompts, task.answer_len, temperature=0.0)
-for row, truth in zip(np.asarray(greedy), answers):
+for row, truth in zip(B.to_numpy(greedy), answers):
     text = tok.decode(row)
     mark = "ok" if text[task.prompt_len:] == tok.decode(truth) else "WRONG"
     print(f"{text[:task.prompt_len]} {text[task.prompt_len:]}   {mark}")
@@ -278,11 +279,11 @@ one = np.repeat(prompts[:1], 400 if FAST else 2000, axis=0)  # one question, man
 temperatures = [0.0, 0.5, 1.0, 1.5, 2.5]
 right = []
 for temp in temperatures:
-    sampled = np.asarray(model.generate(one, task.answer_len, temperature=temp, seed=0))
+    sampled = B.to_numpy(model.generate(one, task.answer_len, temperature=temp, seed=0))
     right.append(float((sampled[:, task.prompt_len:] == answers[:1]).all(axis=1).mean()))
-again = np.asarray(model.generate(one[:16], task.answer_len, temperature=1.0, seed=7))
+again = B.to_numpy(model.generate(one[:16], task.answer_len, temperature=1.0, seed=7))
 same_seed = bool(np.array_equal(again,
-                                np.asarray(model.generate(one[:16], task.answer_len,
+                                B.to_numpy(model.generate(one[:16], task.answer_len,
                                                           temperature=1.0, seed=7))))
 print("\nsamples at temperature 1.0, seed 7:",
       sorted({tok.decode(r[task.prompt_len:]) for r in again}))
@@ -312,8 +313,8 @@ cached, logits_c = model.generate(prompts_all, task.answer_len, temperature=0.0,
                                   return_logits=True)
 plain, logits_p = model.generate(prompts_all, task.answer_len, temperature=0.0, use_cache=False,
                                  return_logits=True)
-cache_same_tokens = bool(np.array_equal(np.asarray(cached), np.asarray(plain)))
-cache_logit_gap = float(np.abs(np.asarray(logits_c) - np.asarray(logits_p)).max())
+cache_same_tokens = bool(np.array_equal(B.to_numpy(cached), B.to_numpy(plain)))
+cache_logit_gap = float(np.abs(B.to_numpy(logits_c) - B.to_numpy(logits_p)).max())
 print(f"{len(prompts_all)} prompts: identical tokens {cache_same_tokens}, "
       f"max logit difference {cache_logit_gap:.1e}")
 

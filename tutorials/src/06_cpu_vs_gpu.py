@@ -282,6 +282,39 @@ plt.show()
 # library.
 
 # %% [markdown]
+# ## 6. Measured on an H200: the GPU check
+#
+# On a machine with an NVIDIA GPU, `bash benchmarks/gpu_check.sh` runs `benchmarks/backends.py`
+# (the full table, GPT-2 small included) and then the whole test suite on CuPy, in one call of at
+# most five minutes, and says how many tests ran on the GPU. Its table and plot, copied to
+# `benchmarks/gpu/`, are what `benchmarks/RESULTS.md` quotes; this cell shows them once they
+# exist, and says so when they do not yet.
+
+# %%
+import json
+from pathlib import Path
+
+RECORDED = Path.cwd().parent / "benchmarks" / "gpu"  # the notebook runs in tutorials/
+recorded = None
+if (RECORDED / "backends.json").is_file():
+    recorded = json.loads((RECORDED / "backends.json").read_text(encoding="utf-8"))
+if recorded is not None and recorded.get("cupy_available"):
+    print(f"GPU check of {recorded['machine']['date']}: {recorded['machine']['gpu']}\n")
+    print((RECORDED / "backends.md").read_text(encoding="utf-8"))
+    small = recorded.get("gpt2_small") or {}
+    if "speedup_vs_reference_cpu" in small:
+        print(f"GPT-2 small training step: {small['cupy_tokens_per_s']:,.0f} tokens/s on the GPU, "
+              f"{small['speedup_vs_reference_cpu']:,.0f}x the reference 2-core CPU "
+              f"(target {small['target']:.0f}x)")
+    fig, ax = plt.subplots(figsize=(13, 7.5))
+    ax.imshow(plt.imread(RECORDED / "backends.png"))
+    ax.axis("off")
+    plt.show()
+else:
+    print("The GPU figures are still to come: run `bash benchmarks/gpu_check.sh` on a machine "
+          "with an NVIDIA GPU and copy its backends/ folder to benchmarks/gpu/.")
+
+# %% [markdown]
 # ## What must stay true
 #
 # These checks hold on a machine with or without a GPU; the CuPy ones run only where CuPy does.
