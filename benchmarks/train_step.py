@@ -52,8 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import minilora as ml  # noqa: E402
 from minilora.fast.cpu import keep_freed_memory  # noqa: E402
 from minilora.gpt import GPT, GPTConfig  # noqa: E402
-from minilora.step import default_threads, forward_backward  # noqa: E402
-from minilora.train import TrainConfig  # noqa: E402
+from minilora.step import default_shards, default_threads, forward_backward  # noqa: E402
 
 REFERENCE = dict(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=256)
 # OpenBLAS's and PyTorch's worker threads spin for a while after their last job before they sleep;
@@ -364,7 +363,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds")
     ap.add_argument("--per-round", type=int, default=3, help="steps per framework per round")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--shards", type=int, default=TrainConfig().shards,
+    ap.add_argument("--shards", type=int, default=default_shards(),
                     help="minilora: batch shards run side by side, as the training loop does "
                     "(default: the loop's default)")
     ap.add_argument("--threads", type=int, default=None,
