@@ -246,8 +246,9 @@ def _norm_squared(grads: list[Any]) -> Any:
         size += g.size
     total = None
     for piece in pieces:
-        flat = B.xp.concatenate(piece).astype(np.float64, copy=False) if len(piece) > 1 \
-            else piece[0].astype(np.float64)  # a fresh float64 copy either way
+        # a fresh float64 array either way, made in one pass (no float32 concatenation first)
+        flat = B.xp.concatenate(piece, dtype=np.float64) if len(piece) > 1 \
+            else piece[0].astype(np.float64)
         part = B.xp.square(flat, out=flat).sum()
         total = part if total is None else total + part
     return total
@@ -270,7 +271,11 @@ def grad_norm(params: Iterable[Tensor] | Tensor) -> float:
     summed laid end to end (:func:`norm_array`), with one device-to-host synchronisation in all,
     however many parameters, so it is cheap to call every step.
     """
-    grads = _grads(params)
+    return _host_norm(_grads(params))
+
+
+def _host_norm(grads: list[Any]) -> float:
+    """sqrt of :func:`_norm_squared` as a float: the one device-to-host sync (0.0 for none)."""
     return math.sqrt(float(_norm_squared(grads))) if grads else 0.0
 
 
@@ -289,7 +294,7 @@ def clip_grad_norm(params: Iterable[Tensor] | Tensor, max_norm: float) -> float:
     if not max_norm >= 0:
         raise InvalidArgumentError(f"clip_grad_norm: max_norm must be >= 0, got {max_norm}")
     grads = _grads(params)
-    total = math.sqrt(float(_norm_squared(grads))) if grads else 0.0
+    total = _host_norm(grads)
     coef = clip_coefficient(total, max_norm)
     if coef != 1.0:
         with np.errstate(invalid="ignore"):  # inf * 0 = NaN is the documented result
