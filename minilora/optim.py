@@ -19,6 +19,7 @@ import numpy as np
 from . import backend as B
 from . import fast
 from .errors import InvalidArgumentError, StateDictError
+from .fast.adamw import FlatSet
 from .tensor import Tensor
 
 
@@ -145,6 +146,7 @@ class AdamW(Optimizer):
             raise InvalidArgumentError(f"AdamW: betas must be two numbers in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
+        self._flat: list[tuple[list[int], FlatSet]] | None = None  # made at the first device step
 
     def step(self, grad_scale: float = 1.0) -> None:
         """Update every parameter that has a gradient, by the equations above, with g the
@@ -153,13 +155,13 @@ class AdamW(Optimizer):
 
         With the fast forms on, ``fast.adamw.adamw_step`` does it: in cache-sized pieces and, on
         the CPU, a large model's parameters on several threads; on a device as one fused kernel a
-        parameter. The same operations on every element in the same order, so the same bits
-        (on a GPU the kernel is compiled without fused multiply-adds, and its square root and
-        division round correctly, so it should agree there too).
+        parameter set (:meth:`_flat_updates`). The same operations on every element in the same
+        order, so the same bits (on a GPU the kernel is compiled without fused multiply-adds, and
+        its square root and division round correctly, so it should agree there too).
         """
         scale = float(grad_scale)
         self.step_count += 1
-        updates = []
+        updates, owners = [], []
         for g, p, s, i in self._each():
             if p.grad is None:
                 continue
@@ -170,9 +172,10 @@ class AdamW(Optimizer):
             b1, b2 = g["betas"]
             updates.append((p.data, p.grad, s["exp_avg"], s["exp_avg_sq"], g["lr"], b1, b2,
                             g["eps"], g["weight_decay"], self.param_steps[i], scale))
+            owners.append(i)
         fused = fast.kernel("adamw")
         if fused is not None:
-            fused(updates)
+            fused(self._flat_updates(updates, owners) if B.on_device() else updates)
             return
         # the equations as written, evaluated left to right: the fast form does the same
         # operations in the same order (and float settings as Python floats keep float32)
@@ -184,6 +187,45 @@ class AdamW(Optimizer):
             m[...] = b1 * m + (1.0 - b1) * g
             v[...] = b2 * v + (1.0 - b2) * g * g
             p -= lr / (1.0 - b1 ** t) * m / (B.xp.sqrt(v) / math.sqrt(1.0 - b2 ** t) + eps)
+
+
+    def _flat_updates(self, updates: list[tuple], owners: list[int]) -> list[tuple]:
+        """``updates`` with those of each complete set replaced by one update of its buffers.
+
+        A set is a group's parameters of one dtype (:class:`~minilora.fast.adamw.FlatSet`, made
+        at the first step here, moving every parameter's and moment's array into it). It is
+        complete when all its parameters have a gradient and the same step count: the usual
+        case, where AdamW over the model is then a gradient gather and one kernel per set.
+        Otherwise its parameters are updated one by one, on their views. Used on a device, where
+        each launch costs microseconds; on the CPU gathering the gradients would cost a pass and
+        a buffer the size of the model, and threads already share out the parameters.
+        """
+        params = self._params()
+        if self._flat is None:
+            buckets: dict[tuple[int, str], list[int]] = {}
+            i = 0
+            for gi, g in enumerate(self.param_groups):
+                for p in g["params"]:
+                    buckets.setdefault((gi, p.data.dtype.str), []).append(i)
+                    i += 1
+            self._flat = [(members, FlatSet([params[i].data for i in members],
+                                            params[members[0]].data.dtype))
+                          for members in buckets.values() if len(members) > 1]
+        by_owner = dict(zip(owners, updates))
+        flat_updates, done = [], set()
+        for members, flat in self._flat:
+            ups = [by_owner.get(i) for i in members]
+            if any(u is None for u in ups) or len({u[9] for u in ups}) != 1:
+                continue  # not every parameter has a gradient, or they are at different steps
+            for k, i in enumerate(members):
+                p, s = params[i], self.state[i]
+                p.data = flat.adopt("params", k, p.data)
+                s["exp_avg"] = flat.adopt("exp_avg", k, s["exp_avg"])
+                s["exp_avg_sq"] = flat.adopt("exp_avg_sq", k, s["exp_avg_sq"])
+            flat_updates.append((flat.params, flat.gather([u[1] for u in ups]), flat.exp_avg,
+                                 flat.exp_avg_sq, *ups[0][4:]))
+            done.update(members)
+        return flat_updates + [u for i, u in zip(owners, updates) if i not in done]
 
 
 class SGD(Optimizer):

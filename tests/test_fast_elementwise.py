@@ -442,3 +442,38 @@ def test_adamw_reference_form_with_a_gradient_scale_is_clipping_first():
                 np.testing.assert_array_equal(host(p.grad), grad)  # left as it was
             results.append(host(p.data).copy())
     assert all(np.array_equal(r, results[0]) for r in results)
+
+
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=5),
+       wide_grad=st.booleans(), weight_decay=st.sampled_from([0.0, 0.1]),
+       missing=st.integers(-1, 4), seed=st.integers(0, 2**16))
+def test_adamw_over_flat_buffers_on_the_device_is_the_per_parameter_update(
+        sizes, wide_grad, weight_decay, missing, seed):
+    """On a device a group's parameters of one dtype are updated as one flat buffer
+    (fast.adamw.FlatSet): the same bits as the host's per-parameter form, over steps where every
+    parameter has a gradient, where one lacks it (those steps fall back to one update each),
+    after a state_dict round trip (new moment arrays, copied back in) and after a parameter's
+    array was replaced."""
+    rng = np.random.default_rng(seed)
+    shapes = [(n,) if i % 2 else (n, 3) for i, n in enumerate(sizes)]
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float64 if wide_grad else np.float32)
+              for s in shapes] for _ in range(5)]
+    replaced = rng.standard_normal(shapes[-1]).astype(np.float32)
+    results = []
+    for name in ("numpy", DEVICE):
+        with B.backend(name), fast.forms(True):
+            params = [Parameter(B.asarray(a.copy())) for a in start]
+            groups = [{"params": params[::2], "weight_decay": weight_decay},
+                      {"params": params[1::2], "weight_decay": 0.0}]
+            opt = AdamW(groups, lr=3e-3, betas=(0.9, 0.99))
+            for step, step_grads in enumerate(grads):
+                for i, (p, g) in enumerate(zip(params, step_grads)):
+                    p.grad = None if step == 2 and i == missing else B.asarray(g)
+                if step == 3:
+                    opt.load_state_dict(opt.state_dict())
+                    params[-1].data = B.asarray(replaced.copy())
+                opt.step(grad_scale=0.5 if step == 1 else 1.0)
+            results.append([host(p.data).copy() for p in params]
+                           + [host(s[k]).copy() for s in opt.state for k in sorted(s)])
+    assert_bit_for_bit(results)

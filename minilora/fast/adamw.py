@@ -9,9 +9,12 @@ the same order as the reference form, so the result is the same to the bit
 CPU a large model's parameters are updated on several threads at once (NumPy releases the GIL in
 its loops) and the result does not depend on how they are split.
 
-On a device the whole chain is one fused kernel per parameter (:func:`adamw_update_device`),
-its settings passed in the parameter's type: one launch where the passes were a dozen, the same
-operations in the same order.
+On a device the whole chain is one fused kernel (:func:`adamw_update_device`), its settings
+passed in the parameter's type: one launch where the passes were a dozen, the same operations in
+the same order. And it is one kernel for many parameters at once: :class:`FlatSet` lays a group's
+parameters of one dtype end to end in one flat buffer (each parameter's array becomes a view of
+it), with their two moments beside them, and gathers their gradients into one more, so that
+AdamW's step over the whole model is a couple of launches, not two per parameter.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def adamw_step(updates: list[tuple]) -> None:
     """Apply :func:`adamw_update` to every ``(p, grad, m, v, lr, b1, b2, eps, weight_decay, t,
     grad_scale)`` in ``updates``, in place: on the CPU on one thread per core once the parameters
     hold ``THREADED_FROM`` elements in all, else one after another; on a device one fused kernel
-    per parameter (:func:`adamw_update_device`)."""
+    per entry (:func:`adamw_update_device`), an entry being a parameter or a :class:`FlatSet`'s
+    buffers."""
     if B.on_device():
         for u in updates:
             adamw_update_device(*u)
@@ -105,4 +109,52 @@ def adamw_update_device(p: Any, grad: Any, m: Any, v: Any, lr: float, b1: float,
            math.sqrt(1.0 - b2 ** t), eps, grad_scale, p, m, v)
 
 
-__all__ = ["THREADED_FROM", "adamw_step", "flat_pieces", "adamw_update", "adamw_update_device"]
+class FlatSet:
+    """Arrays of one dtype laid end to end: ``params``, ``exp_avg``, ``exp_avg_sq`` and ``grad``,
+    flat buffers of ``sum(sizes)`` elements, and each member's view of the first three.
+
+    Member k owns elements ``offsets[k] : offsets[k] + sizes[k]`` of every buffer, viewed in its
+    own shape. AdamW's update is the same on every element whatever array it sits in, so one
+    update of the flat buffers is the update of every member, to the bit. The parameters are
+    copied in when the set is made; a member's array that has since been replaced (a loaded
+    optimizer state, say) is copied in by :meth:`adopt`, which hands back its view.
+    """
+
+    def __init__(self, arrays: list, dtype: Any) -> None:
+        self.shapes = [tuple(a.shape) for a in arrays]
+        self.sizes = [int(a.size) for a in arrays]
+        self.offsets = [sum(self.sizes[:k]) for k in range(len(arrays))]
+        total = sum(self.sizes)
+        self.params = self._gather(arrays, B.xp.empty(total, dtype=dtype))
+        self.exp_avg = B.xp.zeros(total, dtype=dtype)
+        self.exp_avg_sq = B.xp.zeros(total, dtype=dtype)
+        self.grad = B.xp.empty(total, dtype=dtype)
+        self.views = {name: [self._view(getattr(self, name), k) for k in range(len(arrays))]
+                      for name in ("params", "exp_avg", "exp_avg_sq")}
+
+    def _view(self, flat: Any, k: int) -> Any:
+        return flat[self.offsets[k]:self.offsets[k] + self.sizes[k]].reshape(self.shapes[k])
+
+    @staticmethod
+    def _gather(arrays: list, out: Any) -> Any:
+        """``arrays`` end to end in ``out``, cast to its dtype (one launch)."""
+        if arrays:
+            B.xp.concatenate([a.reshape(-1) for a in arrays], out=out)
+        return out
+
+    def adopt(self, name: str, k: int, array: Any) -> Any:
+        """Member k's view in buffer ``name``, holding ``array``'s values (copied in unless
+        ``array`` is that view already)."""
+        view = self.views[name][k]
+        if array is not view:
+            view[...] = array
+        return view
+
+    def gather(self, grads: list) -> Any:
+        """The members' gradients end to end in ``grad`` (cast to the set's dtype, as the
+        per-parameter form casts a wider gradient)."""
+        return self._gather(grads, self.grad)
+
+
+__all__ = ["THREADED_FROM", "adamw_step", "flat_pieces", "adamw_update", "adamw_update_device",
+           "FlatSet"]
