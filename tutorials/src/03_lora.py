@@ -16,8 +16,9 @@
 # 1. counts what that saves: $r(n + k)$ numbers instead of $n k$, for one layer and for the
 #    paper's models, from their configurations alone;
 # 2. shows why the adapted model starts out *exactly* equal to its base;
-# 3. adapts a small GPT trained on addition (task A) to write its sums backwards (task B), with
-#    LoRA on $W_q$ and $W_v$ as in the paper, and compares it with full fine-tuning.
+# 3. adapts a small GPT trained on addition (task A, `add`) to add without carrying (task B,
+#    `nocarry`), with LoRA on $W_q$ and $W_v$ as in the paper, and compares it with full
+#    fine-tuning. These are the tasks and names of `minilora finetune` and the demo.
 
 # %%
 import os
@@ -33,6 +34,9 @@ import minilora as ml
 from minilora import data, lora, train
 
 FAST = os.environ.get("MINILORA_FAST") == "1"  # the test suite runs this notebook small
+# the adapters' seed: 0 here; benchmarks/notebook_seeds.py reruns the notebook with others
+SEED = int(os.environ.get("MINILORA_SEED", "0"))
+host = ml.backend.to_numpy  # library arrays (NumPy or CuPy) -> NumPy, for printing and checks
 ml.manual_seed(0)
 
 # %% [markdown]
@@ -121,13 +125,21 @@ for name, cfg, r, printed in paper:
 # ## 2. The base model: task A
 #
 # We need a pretrained model to adapt. A 2-layer GPT learns two-digit addition (task A,
-# `47+85=132.`) in a few hundred steps, as in notebook 02. Task B asks the same question but
-# wants the sum written backwards (`47+85=231.`): the same knowledge, a different output.
+# `47+85=132.`) in a few hundred steps, as in notebook 02. Task B, `nocarry`, asks the same
+# question but wants each place added on its own, every carry forgotten (`47+85=022.`: 4+8 = 12
+# and 7+5 = 12, each written as its last digit): the same digits to read, a different rule.
+#
+# The CLI's default is 3-digit operands; we use 2 so that the base trains in seconds on a laptop
+# (3 digits need several times the steps for the same accuracy). The base already gets task B
+# right on every question whose sum has no carry, about $0.55^2 \approx 30\%$ of them (each place
+# carries unless its digits sum to 9 or less: 55 of the 100 digit pairs don't); the rest is what
+# fine-tuning must learn.
 
 # %%
 add = data.TaskDataset(data.get_task("add", digits=2), n_heldout=500)
-rev = data.TaskDataset(data.get_task("rev", digits=2), n_heldout=500)  # same held-out pairs
-print("task A:", "".join(add.task.example(47, 85)), "   task B:", "".join(rev.task.example(47, 85)))
+nocarry = data.TaskDataset(data.get_task("nocarry", digits=2), n_heldout=500)  # same held out
+print("task A:", "".join(add.task.example(47, 85)), "   task B:",
+      "".join(nocarry.task.example(47, 85)))
 
 config = ml.GPTConfig(vocab_size=data.task_tokenizer().vocab_size, block_size=add.block_size,
                       n_layer=2, n_head=4, n_embd=64)
@@ -138,12 +150,14 @@ n_eval = 200 if FAST else 500
 base_history = train.train(base_model, add, train.TrainConfig(
     steps=base_steps, batch_size=64, lr=3e-3, warmup=20, min_lr=3e-4, eval_every=base_steps,
     eval_examples=n_eval), progress=False)
-base_state = {name: np.array(a) for name, a in base_model.state_dict().items()}  # host copies
+base_state = {name: host(a).copy() for name, a in base_model.state_dict().items()}  # host copies
 base_on_a = train.exact_match(base_model, add, n_eval)
-base_on_b = train.exact_match(base_model, rev, n_eval)
-base_loss_b = train.validation_loss(base_model, rev, batch_size=64)  # held-out questions
+base_on_b = train.exact_match(base_model, nocarry, n_eval)
+base_loss_b = train.validation_loss(base_model, nocarry, batch_size=64)  # held-out questions
+no_carry_share = float(np.mean([all(int(x) + int(y) <= 9 for x, y in zip(f"{a:02d}", f"{b:02d}"))
+                                for a in range(100) for b in range(100)]))
 print(f"base model: task A {base_on_a:.1%} exact match, task B {base_on_b:.1%} "
-      f"(held-out loss on B {base_loss_b:.2f})")
+      f"(held-out loss on B {base_loss_b:.2f}); sums with no carry: {no_carry_share:.1%}")
 
 # %% [markdown]
 # ## 3. Injecting adapters, and why nothing changes yet
@@ -157,13 +171,13 @@ print(f"base model: task A {base_on_a:.1%} exact match, task B {base_on_b:.1%} "
 # both zero, neither would ever get a gradient.)
 
 # %%
-probe, _ = rev.heldout(64)
+probe, _ = nocarry.heldout(64)
 with ml.no_grad():
     logits_base = base_model(probe).numpy()
 
 model = base_model  # adapted in place
 lora_config = lora.LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
-ml.manual_seed(0)  # the adapters' random A matrices come from this generator
+ml.manual_seed(SEED)  # the adapters' random A matrices come from this generator
 lora.inject_lora(model, lora_config)
 with ml.no_grad():
     logits_init = model(probe).numpy()
@@ -184,18 +198,20 @@ print(lora.format_parameter_table(lora.lora_parameter_table(model)))
 # both do.
 
 # %%
-xb, yb = rev.get_batch(64, np.random.default_rng(0))
+xb, yb = nocarry.get_batch(64, np.random.default_rng(0))
 _, loss = model(xb, yb)
 loss.backward()
 params = dict(model.named_parameters())
 with_grad = [name for name, p in params.items() if p.grad is not None]
 frozen_with_grad = [name for name, p in params.items() if not p.requires_grad and p.grad is not None]
 for name in with_grad:
-    grad = np.asarray(params[name].grad)
+    grad = host(params[name].grad)
     print(f"{name:<38s} {str(grad.shape):>9s}  |grad| = {np.linalg.norm(grad):.2e}")
 print(f"{len(with_grad)} of {len(params)} parameter tensors got a gradient")
-a_grad_zero_at_first_step = all(not np.asarray(params[n].grad).any() for n in with_grad if ".lora_A." in n)
-b_grad_nonzero_at_first_step = all(np.asarray(params[n].grad).any() for n in with_grad if ".lora_B." in n)
+a_grad_zero_at_first_step = all(not host(params[n].grad).any()
+                                for n in with_grad if ".lora_A." in n)
+b_grad_nonzero_at_first_step = all(host(params[n].grad).any()
+                                   for n in with_grad if ".lora_B." in n)
 model.zero_grad()
 
 # %% [markdown]
@@ -208,30 +224,30 @@ model.zero_grad()
 #
 # Two things about scale. This model is only 64 wide, so $r = 8$ is an eighth of $d$ and the
 # adapters are a few percent of the model; at the paper's widths the same rank is a hundredth of
-# a percent (the table above). And in steps, full fine-tuning gets there sooner on a model this
-# small: LoRA trades steps for a far smaller set of trained numbers and optimizer states.
+# a percent (the table above). Both runs get the same budget, 600 steps of 64 examples.
 #
-# On a model this small, LoRA's path also depends on its random $A$: with four different seeds
-# for the adapters we measured 95% to 99% held-out exact match after these 1500 steps, but
-# after 1000 steps anywhere from 43% to 99%. A single run is one draw.
+# On a model this small one run is one draw of the adapters' random $A$ and of the batches.
+# `python benchmarks/notebook_seeds.py 03 --seeds 0 1 2 3 4 5 --show lora_on_b full_on_b` reruns
+# this notebook with six seeds: LoRA reached 99.4% to 100% held-out exact match on task B, full
+# fine-tuning 100% every time (held-out loss 0.024 to 0.040 for LoRA, about 0.0014 for full).
 
 # %%
-lora_steps = 200 if FAST else 1500
-lora_history = train.train(model, rev, train.TrainConfig(
+lora_steps = 200 if FAST else 600
+lora_history = train.train(model, nocarry, train.TrainConfig(
     steps=lora_steps, batch_size=64, lr=1e-2, warmup=20, min_lr=1e-3, weight_decay=0.0,
-    eval_every=max(lora_steps // 6, 1), eval_examples=n_eval, seed=1), progress=False)
-lora_on_b = train.exact_match(model, rev, n_eval)
-lora_loss_b = train.validation_loss(model, rev, batch_size=64)
+    eval_every=max(lora_steps // 6, 1), eval_examples=n_eval, seed=1 + SEED), progress=False)
+lora_on_b = train.exact_match(model, nocarry, n_eval)
+lora_loss_b = train.validation_loss(model, nocarry, batch_size=64)
 lora_trainable, lora_total = lora.count_parameters(model)
 
 full_model = ml.GPT(config)
 full_model.load_state_dict(base_state)
 full_steps = 100 if FAST else 600
-full_history = train.train(full_model, rev, train.TrainConfig(
+full_history = train.train(full_model, nocarry, train.TrainConfig(
     steps=full_steps, batch_size=64, lr=3e-3, warmup=20, min_lr=3e-4,
-    eval_every=max(full_steps // 6, 1), eval_examples=n_eval, seed=1), progress=False)
-full_on_b = train.exact_match(full_model, rev, n_eval)
-full_loss_b = train.validation_loss(full_model, rev, batch_size=64)
+    eval_every=max(full_steps // 6, 1), eval_examples=n_eval, seed=1 + SEED), progress=False)
+full_on_b = train.exact_match(full_model, nocarry, n_eval)
+full_loss_b = train.validation_loss(full_model, nocarry, batch_size=64)
 full_trainable, full_total = lora.count_parameters(full_model)
 
 for name, hist, acc, loss_b, trainable, total in (
@@ -249,7 +265,7 @@ for name, hist, color in (("LoRA r=8 on q, v", lora_history, "#4c72b0"),
                           ("full fine-tuning", full_history, "#dd8452")):
     ax1.plot([0] + [e["step"] for e in hist["eval"]],
              [base_on_b] + [e["accuracy"] for e in hist["eval"]], "o-", color=color, label=name)
-ax1.axhline(base_on_b, color="gray", ls=":", label="base model, no tuning")
+ax1.axhline(base_on_b, color="gray", ls=":", label="base model: right only where no digit carries")
 ax1.set_ylim(0, 1.02)
 ax1.set_xlabel("fine-tuning step")
 ax1.set_ylabel("exact match on task B")
@@ -273,8 +289,9 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Per step the two cost about the same here: at width 64 a step's time goes to Python and
-# small-array overhead, not to the weight-gradient matmuls that LoRA skips
+# LoRA's step is somewhat cheaper here (the ms/step printed above), though not by the factor
+# its trained fraction suggests: at width 64 much of a step's time goes to Python and small-array
+# overhead, not to the weight-gradient matmuls and optimizer updates LoRA skips
 # (`benchmarks/lora_step.py` measures the saving, in time and memory, at a size where it shows).
 #
 # The frozen base is untouched: every weight that is not an adapter's is bit-identical to the
@@ -287,7 +304,7 @@ for name, p in model.named_parameters():
     if "lora_" in name:
         continue
     original = name.replace(".base_layer.", ".")  # the path the weight had before injection
-    if not np.array_equal(np.asarray(p.data), base_state[original]):
+    if not np.array_equal(host(p.data), base_state[original]):
         changed.append(name)
 lora_names = [name for name, _ in model.named_parameters() if "lora_" in name]
 print(f"{len(list(model.named_parameters())) - len(lora_names)} frozen tensors, changed: "
@@ -296,9 +313,11 @@ print(f"{len(list(model.named_parameters())) - len(lora_names)} frozen tensors, 
 # %% [markdown]
 # ## What must stay true
 #
-# These checks fail if the story above stops being true. The thresholds were measured (base on
-# task A: 80% fast, 99% full; LoRA on task B: 97% full) and set with a wide margin. In the test suite's fast mode the runs are too short for LoRA's exact match
-# on task B to rise (it needs several hundred steps), so there only its held-out loss is checked.
+# These checks fail if the story above stops being true. The thresholds were measured over the
+# six seeds above (base on task A: 99.8% full size, 80% fast; LoRA on task B: 99.4% at worst;
+# full fine-tuning: 100%) and set with a margin. In the test suite's fast mode the runs are too
+# short for LoRA's exact match on task B to rise (it needs a few hundred steps), so there only
+# its held-out loss is checked.
 
 # %%
 for name, r, counted, closed, printed in table:
@@ -313,5 +332,7 @@ assert full_trainable == full_total and lora_trainable / lora_total < 0.05
 assert base_on_a > (0.5 if FAST else 0.9), base_on_a
 assert lora_loss_b < 0.5 * base_loss_b, (lora_loss_b, base_loss_b)
 if not FAST:
-    assert lora_on_b > 0.85 and full_on_b > 0.9, (lora_on_b, full_on_b)
+    assert lora_on_b > 0.95 and full_on_b > 0.95, (lora_on_b, full_on_b)
+    # a perfect adder gets task B right exactly on the sums without a carry
+    assert abs(base_on_b - no_carry_share) < 0.08, (base_on_b, no_carry_share)
 print("all checks passed")
