@@ -40,6 +40,34 @@ runpy.run_module("minilora", run_name="__main__", alter_sys=True)
 _subprocess_work = [0]  # device work counted in the subprocesses of run_cli so far
 
 
+# a notebook's last cell when its kernel's device work is to be counted: it prints the count
+KERNEL_WORK_CELL = f"""import sys
+sys.path.append({str(ROOT)!r})
+from tests.helpers import process_work
+print("MINILORA_TEST_WORK", process_work())"""
+
+
+def process_work() -> int:
+    """The device work this whole process has done, whichever backend is active now: strict's
+    launches since it started, plus 1 if CuPy's memory pool holds any memory (every kernel that
+    makes an array allocates)."""
+    work = 0
+    if "minilora.strict" in sys.modules:
+        work += sys.modules["minilora.strict"].counts().launches
+    if "cupy" in sys.modules:
+        work += int(sys.modules["cupy"].get_default_memory_pool().total_bytes() > 0)
+    return work
+
+
+def add_kernel_work(outputs: list) -> None:
+    """Count the device work a notebook's kernel printed in its last cell (``outputs``)
+    towards the test that ran it."""
+    for out in outputs:
+        for line in out.get("text", "").splitlines():
+            if line.startswith("MINILORA_TEST_WORK "):
+                _subprocess_work[0] += int(line.split()[1])
+
+
 def run_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
     """``python -m minilora ARGS`` in a fresh interpreter (on the backend MINILORA_BACKEND names,
     which it inherits); its device work counts towards the test's."""

@@ -1,8 +1,9 @@
 """Every tutorial notebook runs top to bottom (in fast mode) and matches its source.
 
 The notebooks end in assertions, so a notebook whose story stops being true fails here too. Their
-kernels inherit MINILORA_BACKEND, so they run on the run's backend; their device work is the
-kernel's, which this process does not count.
+kernels inherit MINILORA_BACKEND, so they run on the run's backend (under strict, a notebook that
+hands a device array to NumPy or matplotlib fails); the kernel reports its device work in a last
+cell added here, and it counts towards the test's.
 """
 
 import copy
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import KERNEL_WORK_CELL, add_kernel_work
 
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("nbclient")
@@ -49,4 +52,6 @@ def test_notebook_executes(path, monkeypatch):
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = []
+    nb.cells.append(nbformat.v4.new_code_cell(KERNEL_WORK_CELL))
     build.execute(nb, timeout=600)  # raises CellExecutionError on the first failing cell
+    add_kernel_work(nb.cells[-1].outputs)
