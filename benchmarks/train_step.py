@@ -1,40 +1,79 @@
-"""One training step (forward, backward, AdamW) of the reference GPT: minilora against PyTorch.
+"""One training step of a GPT, minilora against PyTorch: full fine-tuning, LoRA and QLoRA.
 
-    python benchmarks/train_step.py            # about a minute
-    python benchmarks/train_step.py --quick    # a few seconds: smaller, no memory part
+    python benchmarks/train_step.py --quick --mode lora    # seconds: a tiny model, two rounds
+    python benchmarks/train_step.py                         # --mode full --size reference
+    python benchmarks/train_step.py --mode all              # full, lora and qlora in turn
+    python benchmarks/train_step.py --mode qlora --size gpt2-small --batch 4 --rounds 3
 
-Both frameworks train the same model (same weights: PyTorch's are copied from minilora's) on the
-same batch. minilora's step is the training loop's: the batch in ``--shards`` shards (default 2)
-on as many threads, each with a one-thread OpenBLAS (``minilora.step``), freed memory kept
-for reuse (``fast.cpu.keep_freed_memory``). Steps are timed in alternating rounds (a few minilora
-steps, then a few PyTorch steps, and again, with a short untimed pause at each switch), so load
-from other processes hits both alike; the report quotes medians and their ratio. On a loaded
-machine compare one thread each (``OPENBLAS_NUM_THREADS=1 python benchmarks/train_step.py
---threads 1 --shards 1``): thread pools that wait on each other fall apart once other processes
-take the cores.
+Modes: each one run builds both frameworks from the same weights (PyTorch's are copied from
+minilora's; LoRA's A too, B starts at zero on both sides) and trains them on the same batch.
 
-Memory is measured in separate child processes, one framework each:
+* ``full``: every parameter trains. minilora's GPT against the same GPT in PyTorch eager (SDPA
+  attention, tanh GELU, tied head), AdamW on both.
+* ``lora``: LoRA r=8, alpha=16 on q_proj and v_proj (``ml.lora.inject_lora``), AdamW over the
+  adapters, against PyTorch + PEFT (``peft.get_peft_model``, the same LoraConfig, no dropout).
+* ``qlora``: the same adapters on a 4-bit base, NF4 with blocksize 64 and double quantization
+  (``ml.quant.quantize_model``; the tied head stays float32), against bitsandbytes'
+  ``Linear4bit`` (nf4, compress_statistics=True) on the CPU + PEFT. Should bitsandbytes fail to
+  quantize or to run a training step on the CPU, a note says why and only minilora is timed.
 
-* minilora: tracemalloc's peak during one steady-state step (NumPy reports its array buffers to
-  tracemalloc), above what was allocated when the step began;
-* both: the rise of the process's peak resident set size (VmHWM, reset through
-  /proc/self/clear_refs) during one steady-state step. The children run with a fixed glibc mmap
-  threshold (MALLOC_MMAP_THRESHOLD_=65536), so every large buffer is mapped when allocated and
-  returned when freed, and the resident set follows the live arrays of either framework (for
-  minilora it matches tracemalloc to within 0.1 MiB).
+Sizes: ``reference`` (4 layers, 4 heads, n_embd 256, block 128, vocab 64, batch 16; the default)
+and ``gpt2-small`` (12 layers, 12 heads, n_embd 768, block 256, vocab 50257, tied head, batch 4;
+slow on 2 cores: few rounds). ``--quick``: a tiny model (2 layers, n_embd 128, block 64, batch 4),
+2 rounds of 1 step, no memory part (``--memory`` adds it).
 
-Also measured: KV-cache generation against recomputing the whole context for every new token.
+Two steps, each timed for both frameworks:
+
+* ``loop``: what ``minilora.train.train`` runs each step: ``step.forward_backward`` with the
+  batch in ``--shards`` shards (default: the loop's, 2 on the CPU) on as many threads with a
+  one-thread OpenBLAS each, the loss and the global gradient norm read together, clipping to
+  norm 1 folded into ``AdamW.step(grad_scale=...)``; AdamW as the loop builds it (weight decay
+  0.1 on matrices only, betas (0.9, 0.99)). PyTorch: forward, ``backward``,
+  ``clip_grad_norm_(1.0)``, ``AdamW.step``, with the same parameter groups.
+* ``plain``: ``loss.backward(); opt.step()``, one shard (minilora's OpenBLAS at its own thread
+  count), no clipping, on both sides.
+
+Timing: the steps run in alternating rounds (a few steps of one framework, then of the other,
+with a short untimed pause at each switch; who goes first alternates too), so load from other
+processes hits both alike. Reported: median ms/step, tokens/s, and the ratio minilora tokens/s /
+PyTorch tokens/s (above 1: minilora is faster). On a loaded machine compare one thread each
+(``OPENBLAS_NUM_THREADS=1 python benchmarks/train_step.py --threads 1 --shards 1``).
+
+Know the limit (``step_profile.step_matmuls``, whose docstring has the formula): the step's
+FLOPs, counted from the shapes (every matmul of forward and backward; weight-gradient matmuls
+only for trainable weights; attention's q k^T and P v and their backward, dense), and its
+matmul-only time: every distinct matmul shape of one shard timed with ``np.matmul`` on a
+one-thread OpenBLAS, times its count, times shards / threads (the loop's thread setup). "x
+floor" is step time / matmul-only time: how far each side is from doing nothing but its
+matmuls at the rate NumPy's BLAS reaches here.
+
+Memory: each framework in its own child process: one step of a tiny model of the same mode first
+(so that code pages and thread pools are in place), then the model and optimizer are built, the
+peak resident set size is reset (VmHWM, through /proc/self/clear_refs), and the peak during
+three steps is read above the resident size right after the build: activations, gradients and
+the optimizer's moments (made at the first step). The children run with a fixed glibc mmap
+threshold (MALLOC_MMAP_THRESHOLD_=65536), so every large buffer is mapped when allocated and
+returned when freed, and the resident set follows either framework's live arrays.
+
+Breakdown (``step_profile.breakdown``): minilora's loop step on one shard and one thread, timed
+by op family (matmul, LoRA adapters, 4-bit dequantize, attention, LayerNorm, GELU,
+softmax/cross-entropy, embedding, residual adds, optimizer), each family's forward calls and
+backward closures wrapped by a timer; the rest is graph overhead, which includes the timers'
+own cost (the table says how many calls were wrapped and what the step takes unwrapped).
+
+Mode full also times KV-cache generation against recomputing the whole context for each token.
 
 Two minilora sources side by side (no PyTorch): ``--against DIR`` times this checkout's training
 step against the one of another checkout DIR (say ``git worktree add ../before HEAD~3``), and
 ``--reference`` against this checkout's own reference forms (``MINILORA_REFERENCE=1``). Each side
-runs in its own child process that builds the same model and batch and times the steps it is
-told to; the rounds alternate between the two, as above.
+runs in its own child process that builds the reference model and batch and times the steps it
+is told to; the rounds alternate between the two, as above.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -43,34 +82,100 @@ import statistics
 import subprocess
 import sys
 import time
-import tracemalloc
+from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+import step_profile as sp  # noqa: E402
 
 import minilora as ml  # noqa: E402
-from minilora.fast.cpu import keep_freed_memory  # noqa: E402
+from minilora.fast import checks  # noqa: E402
+from minilora.fast.cpu import get_blas_threads, keep_freed_memory  # noqa: E402
 from minilora.gpt import GPT, GPTConfig  # noqa: E402
+from minilora.optim import AdamW, clip_coefficient  # noqa: E402
 from minilora.step import default_shards, default_threads, forward_backward  # noqa: E402
+from minilora.train import TrainConfig, param_groups  # noqa: E402
 
 REFERENCE = dict(vocab_size=64, block_size=128, n_layer=4, n_head=4, n_embd=256)
+SIZES = {"reference": REFERENCE,
+         "gpt2-small": dict(vocab_size=50257, block_size=256, n_layer=12, n_head=12, n_embd=768)}
+QUICK = dict(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_embd=128)
+# per size: batch, rounds, steps per framework per round (gpt2-small takes seconds a step)
+DEFAULTS = {"reference": (16, 10, 3), "gpt2-small": (4, 3, 1), "quick": (4, 2, 1)}
+MODES = ("full", "lora", "qlora")
+STEPS = ("loop", "plain")
+LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ("q_proj", "v_proj")
+QUANT = dict(blocksize=64, quant_type="nf4", double_quant=True)
+LOOP = TrainConfig()  # the loop's AdamW settings and clipping: betas, weight decay, grad_clip
+LR = 3e-4  # the learning rate does not change a step's cost; a small one keeps losses sane
 # OpenBLAS's and PyTorch's worker threads spin for a while after their last job before they sleep;
 # a pause between the two frameworks' rounds keeps one's idle pool from slowing the other's start
 PAUSE_S = 0.3
 
 
-# ---------------------------------------------------------------------------------- models
+# ---------------------------------------------------------------------------------- minilora
 
-def build_minilora(cfg: GPTConfig, seed: int = 0):
+def build_minilora(cfg: GPTConfig, mode: str = "full", seed: int = 0) -> tuple[GPT, dict]:
+    """minilora's GPT for ``mode`` and its float weights as built (before quantizing or adding
+    adapters), which the PyTorch side loads: NF4 + double quant base for qlora (quantize first,
+    as QLoRA does), then LoRA r=8 on q_proj and v_proj for lora and qlora."""
     ml.manual_seed(seed)
     model = GPT(cfg)
-    opt = ml.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
-    return model, opt
+    weights = {k: np.array(v, copy=True) for k, v in model.state_dict().items()}
+    if mode == "qlora":
+        ml.quant.quantize_model(model, **QUANT)
+    if mode in ("lora", "qlora"):
+        ml.lora.inject_lora(model, ml.lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA,
+                                                      target_modules=LORA_TARGETS))
+    return model, weights
 
+
+def minilora_optimizer(model: GPT) -> AdamW:
+    """AdamW over the trainable parameters as the training loop builds it (decay on matrices)."""
+    return AdamW(param_groups(model, LOOP.weight_decay), lr=LR, betas=LOOP.betas,
+                 weight_decay=LOOP.weight_decay)
+
+
+def minilora_loop_step(model: GPT, opt: AdamW, params: list, x: Any, y: Any,
+                       shards: int) -> float:
+    """The training loop's step (train.py: ``_loss_and_norm``, then the update): forward and
+    backward with the batch in ``shards`` shards, the loss and gradient norm read in one go,
+    clipping folded into AdamW."""
+    opt.set_lr(LR)
+    with checks.deferred() as pending:
+        loss = forward_backward(model, x, y, shards, sync=False)
+        # looked up on the module each call, so that the breakdown's timer can stand in for it
+        loss, norm = pending.settle(loss, ml.optim.norm_array(params))
+    scale = clip_coefficient(norm, LOOP.grad_clip) if LOOP.grad_clip > 0 else 1.0
+    opt.step(grad_scale=scale)
+    opt.zero_grad()
+    return loss
+
+
+def minilora_plain_step(model: GPT, opt: AdamW, x: Any, y: Any) -> float:
+    """``loss.backward(); opt.step()`` on the whole batch: one shard, no clipping."""
+    _, loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return float(loss.item())
+
+
+def minilora_steps(model: GPT, opt: AdamW, x: Any, y: Any, shards: int) -> dict:
+    """{"loop": step, "plain": step}, each a function of no arguments returning the loss."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {"loop": lambda: minilora_loop_step(model, opt, params, x, y, shards),
+            "plain": lambda: minilora_plain_step(model, opt, x, y)}
+
+
+# ----------------------------------------------------------------------------------- PyTorch
 
 def build_torch(cfg: GPTConfig, weights: dict | None = None):
-    """The same GPT in plain PyTorch eager: SDPA attention, tanh GELU, tied head, AdamW."""
+    """The same GPT in plain PyTorch eager: SDPA attention, tanh GELU, tied head."""
     import torch
     import torch.nn as tnn
     import torch.nn.functional as TF
@@ -122,29 +227,139 @@ def build_torch(cfg: GPTConfig, weights: dict | None = None):
     model = TorchGPT()
     if weights is not None:
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
-    return model, opt
+    return model
 
 
-def minilora_step(model, opt, x, y, shards: int = 2):
-    """The training loop's step: forward and backward in ``shards`` shards side by side."""
-    loss = forward_backward(model, x, y, shards)
-    opt.step()
-    opt.zero_grad()
-    return loss
+def quantize_torch(model) -> None:
+    """Every ``nn.Linear`` of ``model`` to bitsandbytes' ``Linear4bit`` in place (NF4, blocksize
+    64, double quant: compress_statistics), quantized on the CPU from the float weights; the tied
+    head is no Linear and stays float, as on minilora's side."""
+    import bitsandbytes as bnb
+    import torch
+    import torch.nn as tnn
+
+    for _, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not tnn.Linear:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                      bias=child.bias is not None, compute_dtype=torch.float32,
+                                      compress_statistics=True, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4",
+                                             blocksize=QUANT["blocksize"])
+            if child.bias is not None:
+                layer.bias = tnn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(parent, name, layer.to("cpu"))  # .to() on the CPU is what quantizes
+    # what a transformers model loaded in 4 bits says of itself; PEFT reads it to wrap the
+    # layers in its bitsandbytes LoRA class, as in a real QLoRA setup
+    model.is_loaded_in_4bit = True
 
 
-def torch_step(model, opt, x, y):
+def bnb_report(model) -> dict:
+    """What bitsandbytes made of the base: its Linear4bit layers, their settings, and where
+    their packed weights live (to show it really ran on the CPU)."""
+    import bitsandbytes as bnb
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    states = [m.weight.quant_state for m in layers]
+    return {"bitsandbytes": bnb.__version__, "layers": len(layers),
+            "quantized": all(getattr(m.weight, "bnb_quantized", False) for m in layers),
+            "devices": sorted({str(m.weight.device) for m in layers}),
+            "weight_dtypes": sorted({str(m.weight.dtype) for m in layers}),
+            "quant_types": sorted({s.quant_type for s in states}),
+            "blocksizes": sorted({s.blocksize for s in states}),
+            "double_quant": all(s.nested for s in states),
+            "cuda_available": torch.cuda.is_available()}
+
+
+def add_peft(model, adapters: dict):
+    """PEFT's LoRA (r=8, alpha=16, q_proj and v_proj, no dropout) on ``model``, its A and B set
+    to minilora's ``adapters`` ({minilora parameter name: array}) so both start the same."""
+    import peft
+    import torch
+
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0))
+    copied = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = name.removeprefix("base_model.model.")
+            if key in adapters:
+                p.copy_(torch.from_numpy(np.array(adapters[key])))
+                copied += 1
+    if copied != len(adapters):
+        raise RuntimeError(f"PEFT's adapters do not match minilora's: copied {copied} of "
+                           f"{len(adapters)}")
+    return model
+
+
+def torch_model(cfg: GPTConfig, mode: str, weights: dict, adapters: dict):
+    """The PyTorch side of ``mode``: the GPT with minilora's float weights, bitsandbytes' 4-bit
+    base for qlora, PEFT's adapters for lora and qlora. Returns (model, notes)."""
+    model = build_torch(cfg, weights)
+    notes: dict = {}
+    if mode == "qlora":
+        quantize_torch(model)
+        notes["bnb"] = bnb_report(model)
+    if mode in ("lora", "qlora"):
+        import peft
+
+        model = add_peft(model, adapters)
+        layer = model.base_model.model.h[0].attn.q_proj
+        notes["peft"] = f"peft {peft.__version__}, {type(layer).__module__}.{type(layer).__name__}"
+    return model, notes
+
+
+def torch_optimizer(model):
+    """torch.optim.AdamW over the trainable parameters, in the training loop's groups."""
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2],
+               "weight_decay": LOOP.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=LR, betas=LOOP.betas,
+                             weight_decay=LOOP.weight_decay)
+
+
+def torch_step(model, opt, x, y, clip: float | None = None) -> float:
+    """One PyTorch step: forward, backward, ``clip_grad_norm_`` when ``clip`` is given, AdamW."""
+    import torch
+
     loss = model(x, y)
     loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
+    return loss.item()
 
 
-# --------------------------------------------------------------------------------- timings
+def torch_steps(model, opt, x, y) -> dict:
+    """{"loop": step with clipping as the loop's, "plain": step without}."""
+    return {"loop": lambda: torch_step(model, opt, x, y, LOOP.grad_clip),
+            "plain": lambda: torch_step(model, opt, x, y)}
 
-def time_steps(step, n: int) -> list[float]:
+
+def torch_label(mode: str) -> str:
+    """The PyTorch side's name in the tables."""
+    return {"full": "PyTorch eager (SDPA)", "lora": "PyTorch + PEFT",
+            "qlora": "PyTorch + bitsandbytes 4-bit + PEFT"}[mode]
+
+
+# ------------------------------------------------------------------------------------ timing
+
+def make_batch(cfg: GPTConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The one batch every step trains on: (batch, T) token ids and targets."""
+    rng = np.random.default_rng(0)
+    return (rng.integers(0, cfg.vocab_size, (batch, cfg.block_size)),
+            rng.integers(0, cfg.vocab_size, (batch, cfg.block_size)))
+
+
+def time_steps(step: Callable[[], Any], n: int) -> list[float]:
+    """Wall seconds of each of ``n`` calls of ``step``."""
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -153,35 +368,59 @@ def time_steps(step, n: int) -> list[float]:
     return times
 
 
-def train_speed(cfg: GPTConfig, batch: int, rounds: int, per_round: int, shards: int) -> dict:
+def setup(cfg: GPTConfig, mode: str, batch: int, shards: int) -> dict:
+    """Both frameworks of ``mode`` built from the same weights, with their steps, first losses
+    (no update yet: the two must agree) and one warm-up step of each kind. The PyTorch side is
+    None, with a note, when it cannot be built or cannot train (bitsandbytes on this CPU)."""
     import torch
 
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size))
-    y = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size))
-    model, opt = build_minilora(cfg)
-    tmodel, topt = build_torch(cfg, model.state_dict())
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    with torch.no_grad():  # same weights, same batch: the first losses agree
-        loss_t = float(tmodel(tx, ty))
-    loss_m = minilora_step(model, opt, x, y, shards)
-    torch_step(tmodel, topt, tx, ty)
-    ml_times, pt_times = [], []
-    for _ in range(rounds):
-        time.sleep(PAUSE_S)
-        ml_times += time_steps(lambda: minilora_step(model, opt, x, y, shards), per_round)
-        time.sleep(PAUSE_S)
-        pt_times += time_steps(lambda: torch_step(tmodel, topt, tx, ty), per_round)
-    tokens = batch * cfg.block_size
-    ml_med, pt_med = statistics.median(ml_times), statistics.median(pt_times)
-    return {"tokens_per_step": tokens, "minilora_ms": 1e3 * ml_med, "torch_ms": 1e3 * pt_med,
-            "minilora_tok_s": tokens / ml_med, "torch_tok_s": tokens / pt_med,
-            "ratio": pt_med / ml_med, "first_loss_minilora": loss_m, "first_loss_torch": loss_t,
-            "steps_each": len(ml_times)}
+    x, y = make_batch(cfg, batch)
+    model, weights = build_minilora(cfg, mode)
+    opt = minilora_optimizer(model)
+    with ml.no_grad():
+        first = {"minilora": float(model(x, y)[1].item())}
+    out = {"model": model, "opt": opt, "x": x, "y": y, "notes": {},
+           "sides": {"minilora": minilora_steps(model, opt, x, y, shards)},
+           "trainable": {"minilora": ml.lora.count_parameters(model)[0]}}
+    adapters = {n: p.data for n, p in model.named_parameters() if "lora_" in n}
+    try:
+        tmodel, out["notes"] = torch_model(cfg, mode, weights, adapters)
+        topt = torch_optimizer(tmodel)
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+        with torch.no_grad():
+            first["torch"] = float(tmodel(tx, ty))
+        tsteps = torch_steps(tmodel, topt, tx, ty)
+        for step in tsteps.values():
+            step()  # the warm-up, and the proof that this side can train at all
+        out["sides"]["torch"] = tsteps
+        out["trainable"]["torch"] = sum(p.numel() for p in tmodel.parameters() if p.requires_grad)
+        out["torch_model"] = tmodel
+    except Exception as exc:  # any failure of the PyTorch side is reported, not raised
+        out["notes"]["torch_skipped"] = f"{type(exc).__name__}: {exc}"
+    for step in out["sides"]["minilora"].values():
+        step()
+    out["first_loss"] = first
+    return out
+
+
+def train_speed(sides: dict, rounds: int, per_round: int) -> dict:
+    """Median seconds per step of every (framework, step) of ``sides``, timed in alternating
+    rounds: each round runs ``per_round`` steps of each, the frameworks' order flipping from
+    one round to the next, with an untimed pause at each switch."""
+    names = list(sides)
+    times: dict = {(fw, kind): [] for fw in names for kind in STEPS}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for kind in STEPS:
+            for fw in order:
+                time.sleep(PAUSE_S)
+                times[(fw, kind)] += time_steps(sides[fw][kind], per_round)
+    return {f"{fw}/{kind}": statistics.median(t) for (fw, kind), t in times.items()}
 
 
 def generation_speed(cfg: GPTConfig, prompt_len: int, new_tokens: int, batch: int,
                      rounds: int) -> dict:
+    """KV-cache generation against recomputing the context for each token (greedy, minilora)."""
     model, _ = build_minilora(cfg)
     model.eval()
     prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, prompt_len))
@@ -280,6 +519,7 @@ def sources_speed(cfg: GPTConfig, batch: int, rounds: int, per_round: int, shard
 
 def print_sources(cfg: GPTConfig, batch: int, rounds: int, per_round: int, shards: int,
                   sides: list[tuple[str, str, dict]]) -> dict:
+    """:func:`sources_speed`'s medians as a table, relative to the first side."""
     res = sources_speed(cfg, batch, rounds, per_round, shards, sides)
     first = sides[0][0]
     print("| source | median ms/step | relative to " + first + " | first loss |")
@@ -309,65 +549,254 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def memory_child(framework: str, cfg_json: str, batch: int, shards: int) -> dict:
-    """Run in a fresh process: two warm steps, then measure one."""
-    cfg = GPTConfig(**json.loads(cfg_json))
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size))
-    y = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size))
+def _child_step(framework: str, cfg: GPTConfig, mode: str, kind: str, batch: int,
+                shards: int) -> Callable[[], Any]:
+    """A fresh model and optimizer of ``framework`` for ``mode`` and its ``kind`` step."""
+    x, y = make_batch(cfg, batch)
+    model, weights = build_minilora(cfg, mode)
     if framework == "minilora":
-        model, opt = build_minilora(cfg)
-        step = lambda: minilora_step(model, opt, x, y, shards)
-    else:
-        import torch
+        return minilora_steps(model, minilora_optimizer(model), x, y, shards)[kind]
+    import torch
 
-        model, opt = build_torch(cfg)
-        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-        step = lambda: torch_step(model, opt, tx, ty)
-    step()
-    step()
-    out = {"framework": framework}
-    if framework == "minilora":
-        tracemalloc.start()
-        base, _ = tracemalloc.get_traced_memory()
-        step()
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        out["tracemalloc_peak_mib"] = (peak - base) / 2**20
+    adapters = {n: p.data for n, p in model.named_parameters() if "lora_" in n}
+    del model
+    tmodel, _ = torch_model(cfg, mode, weights, adapters)
+    del weights
+    steps = torch_steps(tmodel, torch_optimizer(tmodel), torch.from_numpy(x), torch.from_numpy(y))
+    return steps[kind]
+
+
+def memory_child(framework: str, cfg_json: str, mode: str, kind: str, batch: int,
+                 shards: int) -> dict:
+    """Run in a fresh process: the peak RSS during three ``kind`` steps above the RSS once the
+    model and optimizer are built (after one step of a tiny model, so that code is paged in)."""
+    cfg = GPTConfig(**json.loads(cfg_json))
+    _child_step(framework, GPTConfig(**QUICK), mode, kind, 2, shards)()
+    gc.collect()
+    step = _child_step(framework, cfg, mode, kind, batch, shards)
+    gc.collect()
     ok = _reset_peak_rss()
     rss0 = _rss_kib("VmRSS")
-    step()
-    out["rss_peak_rise_mib"] = (_rss_kib("VmHWM") - rss0) / 1024 if ok else None
-    return out
+    for _ in range(3):
+        step()
+    rise = (_rss_kib("VmHWM") - rss0) / 1024 if ok else None
+    return {"framework": framework, "step": kind, "built_rss_mib": rss0 / 1024,
+            "rss_peak_rise_mib": rise}
 
 
-def memory(cfg: GPTConfig, batch: int, shards: int) -> dict:
+def memory(cfg: GPTConfig, mode: str, batch: int, shards: int, frameworks: list[str]) -> dict:
+    """{"<framework>/<step>": memory_child's result, or {"error": ...}} for every step kind."""
     results = {}
-    for fw in ("minilora", "torch"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", fw,
-               "--config", json.dumps(cfg.to_dict()), "--batch", str(batch),
-               "--shards", str(shards)]
-        # a fixed mmap threshold stops glibc from keeping freed large buffers in its heap, so
-        # the resident set follows the live arrays of either framework
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        results[fw] = json.loads(res.stdout.strip().splitlines()[-1])
+    for kind in STEPS:
+        for fw in frameworks:
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", fw,
+                   "--config", json.dumps(cfg.to_dict()), "--mode", mode, "--step", kind,
+                   "--batch", str(batch), "--shards", str(shards)]
+            # a fixed mmap threshold stops glibc from keeping freed large buffers in its heap,
+            # so the resident set follows the live arrays of either framework
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = res.stdout.strip().splitlines()
+            if res.returncode != 0 or not lines:
+                err = (res.stderr.strip().splitlines() or ["no output"])[-1]
+                results[f"{fw}/{kind}"] = {"error": f"exit {res.returncode}: {err}"}
+            else:
+                results[f"{fw}/{kind}"] = json.loads(lines[-1])
     return results
 
 
-# ------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------ report
 
-def main() -> None:
+def _fmt(v: float | None, spec: str = ".1f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def print_speed(mode: str, times: dict, tokens: int, floor_s: float, shards: int) -> dict:
+    """The speed table (one row per step and framework) and the minilora / PyTorch ratios."""
+    threads = min(shards, default_threads(shards))
+    label = {"minilora/loop": f"minilora ({shards} shards on {threads} threads, 1-thread BLAS "
+                              f"each)",
+             "minilora/plain": f"minilora (1 shard, {get_blas_threads() or '?'}-thread BLAS)",
+             "torch/loop": f"{torch_label(mode)} (torch threads: {_torch_threads()})",
+             "torch/plain": f"{torch_label(mode)} (torch threads: {_torch_threads()})"}
+    print("| step | framework | median ms/step | tokens/s | x floor |\n|---|---|---:|---:|---:|")
+    for kind in STEPS:
+        for fw in ("minilora", "torch"):
+            t = times.get(f"{fw}/{kind}")
+            if t is not None:
+                print(f"| {kind} | {label[f'{fw}/{kind}']} | {1e3 * t:.1f} | {tokens / t:,.0f} | "
+                      f"{t / floor_s:.2f} |")
+    ratios = {kind: _ratio(times.get(f"torch/{kind}"), times.get(f"minilora/{kind}"))
+              for kind in STEPS}
+    shown = {k: "n/a" if r is None else f"{r:.2f}x" for k, r in ratios.items()}
+    print(f"minilora / PyTorch tokens/s: loop {shown['loop']}, plain {shown['plain']} (medians "
+          f"of alternating rounds; x floor = step time / matmul-only time, the loop's thread "
+          f"setup for both steps)")
+    return ratios
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def print_limit(flops: dict, floor: dict) -> None:
+    """The step's FLOPs and its matmul-only time (``step_profile``)."""
+    fam = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in sorted(flops["by_family"].items(),
+                                                               key=lambda kv: -kv[1]))
+    print(f"the limit: {flops['total'] / 1e9:.3g} GFLOP per step in {flops['matmuls']} matmuls "
+          f"(forward {flops['forward'] / 1e9:.3g}, backward {flops['backward'] / 1e9:.3g}; "
+          f"{fam}); matmul-only time {1e3 * floor['seconds']:.1f} ms: np.matmul on the "
+          f"{floor['shapes']} distinct shapes of a shard, 1-thread OpenBLAS, x {floor['shards']} "
+          f"shards / {floor['threads']} threads = {floor['gflop_s']:.1f} GFLOP/s")
+
+
+def print_memory(mem: dict) -> dict:
+    """The memory table: peak RSS rise during three steps, each framework in its own process."""
+    print("peak RSS rise over three steps above the built model and optimizer (MiB; one child "
+          "process per cell):")
+    print("| step | minilora | PyTorch | minilora / PyTorch |\n|---|---:|---:|---:|")
+    ratios = {}
+    for kind in STEPS:
+        m, p = mem.get(f"minilora/{kind}", {}), mem.get(f"torch/{kind}", {})
+        a, b = m.get("rss_peak_rise_mib"), p.get("rss_peak_rise_mib")
+        ratios[kind] = _ratio(a, b)
+        print(f"| {kind} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratios[kind], '.2f')} |")
+    for key, r in mem.items():
+        if "error" in r:
+            print(f"memory {key}: failed ({r['error']})")
+    return ratios
+
+
+def print_notes(mode: str, notes: dict, first: dict, trainable: dict, cfg: GPTConfig) -> None:
+    """What the PyTorch side is (PEFT's layer class, bitsandbytes' settings) and the losses."""
+    if "peft" in notes:
+        print(f"PEFT: {notes['peft']} (LoraConfig r={LORA_R}, lora_alpha={LORA_ALPHA}, "
+              f"target_modules={list(LORA_TARGETS)}, lora_dropout=0.0)")
+    b = notes.get("bnb")
+    if b:
+        where = "on the CPU" if b["devices"] == ["cpu"] and b["quantized"] else "NOT as expected"
+        print(f"bitsandbytes {b['bitsandbytes']}: {b['layers']} Linear4bit layers, "
+              f"{'/'.join(b['quant_types'])}, blocksize {b['blocksizes']}, double quant "
+              f"{b['double_quant']}, quantized {b['quantized']}, packed weights "
+              f"{'/'.join(b['weight_dtypes'])} on {'/'.join(b['devices'])} (CUDA available: "
+              f"{b['cuda_available']}): it quantized and trained {where}")
+    if "torch_skipped" in notes:
+        print(f"NOTE: the PyTorch side of mode {mode} is skipped: it could not be built or could "
+              f"not run a training step here ({notes['torch_skipped']}); only minilora is timed")
+    print(f"first loss: minilora {first['minilora']:.5f}, PyTorch "
+          f"{_fmt(first.get('torch'), '.5f')} (ln V = {math.log(cfg.vocab_size):.5f}); trainable "
+          f"parameters: minilora {trainable['minilora']:,}, PyTorch "
+          f"{_fmt(trainable.get('torch'), ',')}")
+
+
+def measure_speed(cfg: GPTConfig, mode: str, batch: int, rounds: int, per_round: int,
+                  shards: int) -> tuple[dict, dict]:
+    """Build both sides, time their steps, count the step's FLOPs and time its matmuls alone;
+    prints the notes, the speed table and the limit. Returns (the setup, the results)."""
+    s = setup(cfg, mode, batch, shards)
+    print_notes(mode, s["notes"], s["first_loss"], s["trainable"], cfg)
+    times = train_speed(s["sides"], rounds, per_round)
+    lora = dict(rank=LORA_R, targets=LORA_TARGETS)
+    flops = sp.flop_summary(sp.step_matmuls(cfg, batch, mode, **lora))
+    time.sleep(PAUSE_S)  # PyTorch's idle worker threads spin for a while: let them settle
+    floor = sp.matmul_time(cfg, batch, mode, shards, default_threads(shards), **lora)
+    tokens = batch * cfg.block_size
+    ratios = print_speed(mode, times, tokens, floor["seconds"], shards)
+    print_limit(flops, floor)
+    return s, {"mode": mode, "config": cfg.to_dict(), "batch": batch, "tokens_per_step": tokens,
+               "median_ms": {k: 1e3 * v for k, v in times.items()}, "ratios": ratios,
+               "first_loss": s["first_loss"], "trainable": s["trainable"], "notes": s["notes"],
+               "flops": flops, "floor": floor,
+               "x_floor": {k: v / floor["seconds"] for k, v in times.items()}}
+
+
+def profile_step(s: dict, steps: int) -> dict:
+    """minilora's loop step of setup ``s`` on one shard and one thread, by op family; printed."""
+    params = [p for g in s["opt"].param_groups for p in g["params"]]
+    b = sp.breakdown(lambda: minilora_loop_step(s["model"], s["opt"], params, s["x"], s["y"], 1),
+                     steps)
+    print(f"minilora's loop step by op family (1 shard, 1 thread, fast forms "
+          f"{'on' if ml.fast.enabled() else 'off'}; mean per step over {steps}):")
+    print(sp.format_breakdown(b))
+    return b
+
+
+def print_generation(cfg: GPTConfig, quick: bool) -> dict:
+    """KV-cache generation against recomputing the context (mode full only); printed."""
+    g = generation_speed(cfg, prompt_len=8 if quick else 16,
+                         new_tokens=24 if quick else min(cfg.block_size - 16, 112),
+                         batch=1, rounds=1 if quick else 3)
+    print(f"generation (batch {g['batch']}, prompt {g['prompt_len']}, {g['new_tokens']} new "
+          f"tokens, greedy): KV cache {g['cached_tok_s']:,.0f} tok/s, uncached "
+          f"{g['uncached_tok_s']:,.0f} tok/s, speedup {g['speedup']:.1f}x, same tokens: "
+          f"{g['same_tokens']}")
+    return g
+
+
+def run_mode(cfg: GPTConfig, mode: str, batch: int, rounds: int, per_round: int, args: Any,
+             quick: bool) -> dict:
+    """Everything measured for one mode, printed, and returned as a JSON-able dict."""
+    print(f"\n## mode {mode}: config {cfg.to_dict()}, batch {batch}, float32, {rounds} rounds x "
+          f"{per_round} steps each, alternating; load average {os.getloadavg()[0]:.2f}")
+    s, out = measure_speed(cfg, mode, batch, rounds, per_round, args.shards)
+    if args.memory or (not quick and not args.no_memory):
+        out["memory"] = memory(cfg, mode, batch, args.shards, list(s["sides"]))
+        out["memory_ratios"] = print_memory(out["memory"])
+    else:
+        print("memory: skipped (--quick or --no-memory; --memory runs it)")
+    out["breakdown"] = profile_step(s, steps=max(1, min(per_round, 3)))
+    if mode == "full":
+        out["generate"] = print_generation(cfg, quick)
+    return out
+
+
+def run_sources(cfg: GPTConfig, batch: int, rounds: int, per_round: int, args: Any,
+                ap: argparse.ArgumentParser) -> dict:
+    """``--against DIR`` / ``--reference``: minilora sources side by side, no PyTorch."""
+    here = os.path.dirname(HERE)
+    sides = [("this checkout", here, {"MINILORA_REFERENCE": "0"})]
+    if args.against:
+        if not os.path.isdir(os.path.join(args.against, "minilora")):
+            ap.error(f"--against {args.against}: no minilora/ package in that directory "
+                     f"(a checkout of this repository, e.g. from git worktree add)")
+        sides.append((f"--against {args.against}", os.path.abspath(args.against), {}))
+    if args.reference:
+        sides.append(("reference forms", here, {"MINILORA_REFERENCE": "1"}))
+    print(f"minilora train_step, sources side by side: {os.cpu_count()} cpus, numpy "
+          f"{np.__version__}, config {cfg.to_dict()}, batch {batch}, {args.shards} shards, "
+          f"{rounds} rounds x {per_round} steps, alternating; load average "
+          f"{os.getloadavg()[0]:.2f}")
+    res = print_sources(cfg, batch, rounds, per_round, args.shards, sides)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    return res
+
+
+def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """The command line (the module docstring describes the modes) and its parser."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a few-second run (smaller, fewer)")
+    ap.add_argument("--mode", choices=(*MODES, "all"), default="full",
+                    help="what trains: everything, LoRA adapters, or adapters on a 4-bit base")
+    ap.add_argument("--size", choices=tuple(SIZES), default="reference")
+    ap.add_argument("--quick", action="store_true",
+                    help="a few seconds a mode: a tiny model, 2 rounds of 1 step, no memory")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds")
-    ap.add_argument("--per-round", type=int, default=3, help="steps per framework per round")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--per-round", type=int, default=None,
+                    help="steps per framework per round")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="sequences per step (default: 16 reference, 4 gpt2-small and --quick)")
     ap.add_argument("--shards", type=int, default=default_shards(),
-                    help="minilora: batch shards run side by side, as the training loop does "
-                    "(default: the loop's default)")
+                    help="minilora's loop step: batch shards run side by side, as the training "
+                    "loop does (default: the loop's default)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (numpy: set OPENBLAS_NUM_THREADS yourself)")
+    ap.add_argument("--memory", action="store_true", help="measure memory even with --quick")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory children")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     ap.add_argument("--against", default=None, metavar="DIR",
                     help="time this checkout's step against another checkout's (no PyTorch)")
@@ -375,31 +804,24 @@ def main() -> None:
                     help="time the fast forms against the reference forms (no PyTorch)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.config, args.batch, args.shards)))
-        return
+    ap.add_argument("--step", default="loop", choices=STEPS, help=argparse.SUPPRESS)
+    return ap.parse_args(), ap
 
-    cfg = GPTConfig(**REFERENCE)
-    rounds = args.rounds or (2 if args.quick else 10)
-    per_round = 1 if args.quick else args.per_round
-    batch = 4 if args.quick else args.batch
+
+def main() -> None:
+    """Run the modes asked for (or a memory child, or the sources side by side) and report."""
+    args, ap = parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.config, args.mode, args.step,
+                                      args.batch, args.shards)))
+        return
+    size = "quick" if args.quick else args.size
+    cfg = GPTConfig(**(QUICK if args.quick else SIZES[args.size]))
+    batch, rounds, per_round = DEFAULTS[size]
+    batch, rounds = args.batch or batch, args.rounds or rounds
+    per_round = args.per_round or per_round
     if args.against or args.reference:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        sides = [("this checkout", here, {"MINILORA_REFERENCE": "0"})]
-        if args.against:
-            if not os.path.isdir(os.path.join(args.against, "minilora")):
-                ap.error(f"--against {args.against}: no minilora/ package in that directory "
-                         f"(a checkout of this repository, e.g. from git worktree add)")
-            sides.append((f"--against {args.against}", os.path.abspath(args.against), {}))
-        if args.reference:
-            sides.append(("reference forms", here, {"MINILORA_REFERENCE": "1"}))
-        print(f"minilora train_step, sources side by side: {os.cpu_count()} cpus, numpy "
-              f"{np.__version__}, config {cfg.to_dict()}, batch {batch}, {args.shards} shards, "
-              f"{rounds} rounds x {per_round} steps, alternating; load average "
-              f"{os.getloadavg()[0]:.2f}")
-        res = print_sources(cfg, batch, rounds, per_round, args.shards, sides)
-        print(f"load average at the end {os.getloadavg()[0]:.2f}")
+        res = run_sources(cfg, batch, rounds, per_round, args, ap)
         if args.json:
             print(json.dumps(res))
         return
@@ -411,42 +833,13 @@ def main() -> None:
     print(f"minilora train_step benchmark: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cpus, numpy {np.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), OPENBLAS_NUM_THREADS="
-          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    print(f"config {cfg.to_dict()}, batch {batch}, float32, {rounds} rounds x {per_round} "
-          f"steps each, alternating; load average at start {os.getloadavg()[0]:.2f}")
+          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; size {size}")
     keep_freed_memory()  # as the training loop does on the CPU
-    t = train_speed(cfg, batch, rounds, per_round, args.shards)
-    print(f"first loss: minilora {t['first_loss_minilora']:.5f}, torch "
-          f"{t['first_loss_torch']:.5f} (ln V = {math.log(cfg.vocab_size):.5f})")
-    print("| framework | median ms/step | tokens/s |\n|---|---:|---:|")
-    print(f"| minilora ({args.shards} shards, {min(args.shards, default_threads(args.shards))} "
-          f"threads) | {t['minilora_ms']:.1f} | {t['minilora_tok_s']:,.0f} |")
-    print(f"| PyTorch eager (SDPA) | {t['torch_ms']:.1f} | {t['torch_tok_s']:,.0f} |")
-    print(f"minilora / PyTorch tokens/s: {t['ratio']:.2f}x")
-
-    g = generation_speed(cfg, prompt_len=8 if args.quick else 16,
-                         new_tokens=24 if args.quick else cfg.block_size - 16,
-                         batch=1, rounds=1 if args.quick else 3)
-    print(f"generation (batch {g['batch']}, prompt {g['prompt_len']}, {g['new_tokens']} new "
-          f"tokens, greedy): KV cache {g['cached_tok_s']:,.0f} tok/s, uncached "
-          f"{g['uncached_tok_s']:,.0f} tok/s, speedup {g['speedup']:.1f}x, same tokens: "
-          f"{g['same_tokens']}")
-
-    mem = None
-    if args.quick:
-        print("peak memory: skipped with --quick (it runs two more processes)")
-    else:
-        mem = memory(cfg, batch, args.shards)
-        m, p = mem["minilora"], mem["torch"]
-
-        def fmt(v):
-            return "n/a" if v is None else f"{v:.1f}"
-        print(f"peak memory of one step (MiB): minilora tracemalloc "
-              f"{fmt(m['tracemalloc_peak_mib'])}, RSS rise minilora "
-              f"{fmt(m['rss_peak_rise_mib'])}, torch {fmt(p['rss_peak_rise_mib'])}")
-    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    results = [run_mode(cfg, mode, batch, rounds, per_round, args, args.quick)
+               for mode in (MODES if args.mode == "all" else (args.mode,))]
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
-        print(json.dumps({"train": t, "generate": g, "memory": mem}))
+        print(json.dumps(results if args.mode == "all" else results[0], default=str))
 
 
 if __name__ == "__main__":
