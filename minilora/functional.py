@@ -43,11 +43,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         y += bias.data
     parents = (x, weight) if bias is None else (x, weight, bias)
     column_sums = fast.kernel("column_sums") if bias is not None else None
+    saved_x = x2 if weight.requires_grad else None  # a frozen W needs no input for its backward
 
     def backward(g: Any):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         gx = (g2 @ weight.data).reshape(x.shape) if x.requires_grad else None
-        gw = g2.T @ x2 if weight.requires_grad else None
+        gw = g2.T @ saved_x if saved_x is not None else None
         if bias is None:
             return gx, gw
         if not bias.requires_grad:

@@ -30,7 +30,7 @@ from .attention import KVCache, causal_self_attention
 from .errors import ConfigError, DTypeError, InvalidArgumentError, ShapeError, check_int, is_int
 from .fast import checks
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
-from .tensor import Tensor, no_grad
+from .tensor import Tensor, no_grad, release
 
 # The largest sizes a GPTConfig accepts: far above GPT-2 XL (vocab 50257, block 1024, 48 layers,
 # 25 heads, 1600 channels) and GPT-3 (96 layers, 96 heads, 12288 channels), yet low enough that a
@@ -140,7 +140,9 @@ class CausalSelfAttention(Module):
             y = causal_self_attention(q, k, v, self.n_head, p)
         else:
             y = Tensor(cache.attend(layer, q.data, k.data, v.data, self.n_head))
-        return self.resid_dropout(self.o_proj(y))
+        out = self.o_proj(y)
+        release(y)  # the attention keeps what it needs; a frozen o_proj needs nothing of y
+        return self.resid_dropout(out)
 
 
 class MLP(Module):
@@ -154,7 +156,12 @@ class MLP(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, C) -> (B, T, C)."""
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        h = self.fc(x)
+        a = F.gelu(h)
+        release(h)  # GELU's backward keeps its derivative, not its input
+        out = self.proj(a)
+        release(a)  # needed only by a trainable proj's weight gradient, which keeps it itself
+        return self.dropout(out)
 
 
 class Block(Module):
@@ -169,8 +176,14 @@ class Block(Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """(B, T, C) -> (B, T, C)."""
-        x = x + self.attn(self.ln_1(x), cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        a = self.attn(self.ln_1(x), cache, layer)
+        x = x + a
+        m = self.mlp(self.ln_2(x))
+        out = x + m
+        # a residual add's backward reads no values, and LayerNorm keeps its own: the graph
+        # would hold these (B, T, C) arrays to the end of the forward pass for nothing
+        release(a, m, x)
+        return out
 
 
 def _normal_(p: Parameter, std: float) -> None:
@@ -247,7 +260,8 @@ class GPT(Module):
         pos = np.arange(start, start + T)  # (T,), on the host: checked there, not on the device
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C)
         for i, block in enumerate(self.h):
-            x = block(x, cache, i)
+            x, previous = block(x, cache, i), x
+            release(previous)  # the block's input: its ops kept what they need of it
         if cache is not None:
             cache.length += T
         if last_only:

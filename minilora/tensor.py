@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import backend as B
+from . import fast
 from .errors import DTypeError, GraphError, InvalidArgumentError, ShapeError, shape_error
 
 _state = threading.local()
@@ -42,6 +43,34 @@ def no_grad() -> Iterator[None]:
         yield
     finally:
         _state.enabled = previous
+
+
+def release(*tensors: Tensor) -> None:
+    """Free the values of intermediate tensors that no backward reads, keeping their place in
+    the graph: the model code calls it on its own locals once their last consumer has run.
+
+    The graph links tensors, so every intermediate's values live until the backward walk passes
+    it, needed or not. Each op's closure keeps the arrays its backward needs (a linear layer's
+    input for its weight gradient, GELU's derivative); an op whose backward reads only its
+    input's shape (a residual add) or nothing of it (GELU's) leaves the input's values dead
+    weight. ``release`` swaps such a tensor's ``data`` for a zero-stride array of the same shape
+    and dtype (no memory), so the walk still finds its shape, and the memory goes back once no
+    closure holds the array. Leaves (parameters, inputs) are never touched; nothing happens under
+    ``no_grad`` (no graph keeps anything there) or with the fast forms off (the reference forms
+    keep every value, as the equations do). It changes no number, only the peak memory.
+    """
+    if not (fast.enabled() and is_grad_enabled()):
+        return
+    for t in tensors:
+        if t._op is not None and t.data.ndim and t.data.strides != (0,) * t.data.ndim:
+            key = (B.get_backend(), t.data.dtype.str)
+            zero = _ZEROS.get(key)
+            if zero is None:  # one per backend and dtype: releasing launches nothing
+                zero = _ZEROS[key] = B.xp.zeros((), dtype=t.data.dtype)
+            t.data = B.xp.broadcast_to(zero, t.data.shape)
+
+
+_ZEROS: dict = {}  # (backend, dtype) -> the 0-d zero that released tensors view
 
 
 @contextmanager
