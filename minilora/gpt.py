@@ -138,6 +138,7 @@ class CausalSelfAttention(Module):
         if cache is None:
             p = self.dropout if self.training else 0.0
             y = causal_self_attention(q, k, v, self.n_head, p)
+            release(q)  # the attention keeps its own scaled copy of q (k and v it keeps as views)
         else:
             y = Tensor(cache.attend(layer, q.data, k.data, v.data, self.n_head))
         out = self.o_proj(y)
