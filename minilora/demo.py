@@ -15,7 +15,14 @@ memory is the model's resident arrays plus the peak of what two training steps w
 optimizer allocate on top (gradients, optimizer state, activations), seen by tracemalloc on the
 CPU and by the device memory pool on a GPU (``backend.memory_stats``: tracemalloc cannot see
 device memory), and the demo says which; step time is the median of timed steps; adapter size is
-the size of the files ``save_adapter`` writes.
+the size of the files ``save_adapter`` writes. The run also measures what explains them (the
+share of questions on which two tasks give the same answer, the time one dequantization of the
+4-bit base takes, the spread of repeated measurements), and :mod:`minilora.demo_report` says in
+words what each number means.
+
+The operands have 2 digits where the CLI's default is 3 (``data.DEFAULT_DIGITS``): with 2 the
+whole demo runs in a few minutes on a laptop's CPU; 3 digits need several times the steps
+for the same accuracy.
 """
 
 from __future__ import annotations
@@ -34,11 +41,11 @@ import numpy as np
 from . import backend as B
 from . import lora, quant
 from .checkpoint import MODEL_FILE, load_model
-from .data import TASK_VOCAB, TaskDataset, get_task
+from .data import DEFAULT_DIGITS, TASK_VOCAB, TaskDataset, get_task
 from .errors import CheckpointError
 from .gpt import GPT, GPTConfig
 from .optim import AdamW
-from .step import forward_backward
+from .step import default_shards, forward_backward
 from .train import HISTORY_FILE, TrainConfig, exact_match, greedy_answers, param_groups, train
 
 
@@ -91,18 +98,24 @@ def _copy_of(model: GPT) -> GPT:
 
 
 def measure_step(model: Any, data: TaskDataset, batch_size: int, timed: int = 5,
-                 shards: int | None = TrainConfig.shards) -> dict:
-    """Median seconds of a training step (the training loop's: the batch in ``shards`` shards),
-    its peak memory in bytes, and what measured that memory.
+                 shards: int | None = TrainConfig.shards, repeats: int = 3) -> dict:
+    """Seconds of a training step (the training loop's: the batch in ``shards`` shards), its peak
+    memory in bytes, and what measured that memory.
 
-    Peak memory = resident arrays of the model + the peak of what two steps with a fresh AdamW
-    allocate on top (gradients, optimizer state, activations). On the CPU tracemalloc sees every
-    allocation, temporaries included (``memory_source`` "tracemalloc"); on a device, the memory
-    pool's bytes in use (``backend.memory_stats``) are read after each forward pass, backward pass
-    and optimizer step, so a temporary that lives only inside one of them is not seen
-    (``memory_source`` "device pool").
+    ``step_seconds`` is the median of ``timed`` steps, ``step_seconds_all`` all of them (their
+    spread shows how noisy one step's time is). Peak memory = resident arrays of the model
+    (``held_bytes``) + the peak of what two steps with a fresh AdamW allocate on top (gradients,
+    optimizer state, activations). On the CPU tracemalloc sees every allocation, temporaries
+    included (``memory_source`` "tracemalloc"); on a device, the memory pool's bytes in use
+    (``backend.memory_stats``) are read after each forward pass, backward pass and optimizer step,
+    so a temporary that lives only inside one of them is not seen (``memory_source`` "device
+    pool"). Bytes are counted exactly, but which arrays are alive at the same moment depends on
+    how the shards' threads interleave, so the peak is measured ``repeats`` times:
+    ``peak_bytes`` is the largest, ``peak_bytes_all`` all of them (their spread is the resolution
+    of the memory column).
     """
     rng = np.random.default_rng(0)
+    shards = default_shards() if shards is None else shards
 
     def steps(n: int, opt: AdamW) -> list[float]:
         times = []
@@ -116,21 +129,39 @@ def measure_step(model: Any, data: TaskDataset, batch_size: int, timed: int = 5,
             times.append(time.perf_counter() - t0)
         return times
 
-    model.train()
-    times = steps(timed + 1, AdamW(param_groups(model, 0.0), lr=0.0))[1:]  # lr 0: no change
-    held = quant.memory_report(model)["held_bytes"]  # every array the model holds, 4-bit ones too
-    if B.on_device():
-        peak, source = _device_peak(model, data, batch_size, rng), "device pool"
-    else:
+    def on_top() -> int:  # the peak two fresh steps allocate above what the model holds
+        if B.on_device():
+            return _device_peak(model, data, batch_size, rng)
         tracemalloc.start()
         try:
             steps(2, AdamW(param_groups(model, 0.0), lr=0.0))
-            _, peak = tracemalloc.get_traced_memory()
+            return tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        source = "tracemalloc"
-    return {"step_seconds": float(np.median(times)), "peak_bytes": held + peak,
-            "memory_source": source}
+
+    model.train()
+    times = steps(timed + 1, AdamW(param_groups(model, 0.0), lr=0.0))[1:]  # lr 0: no change
+    held = quant.memory_report(model)["held_bytes"]  # every array the model holds, 4-bit ones too
+    peaks = [held + on_top() for _ in range(repeats)]
+    return {"step_seconds": float(np.median(times)), "step_seconds_all": times,
+            "peak_bytes": max(peaks), "peak_bytes_all": peaks, "held_bytes": held,
+            "shards": shards,
+            "memory_source": "device pool" if B.on_device() else "tracemalloc"}
+
+
+def dequantize_seconds(model: Any, repeats: int = 5) -> float:
+    """Median seconds to dequantize every 4-bit weight of ``model`` once: the work QLoRA adds to a
+    LoRA step, twice per shard (in the forward pass, and again in the backward pass for the input
+    gradient: :class:`~minilora.quant.QuantLinear` keeps no float copy)."""
+    states = [m.quant_state for m in model.modules() if isinstance(m, quant.QuantLinear)]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for state in states:
+            quant.dequantize(state)
+        B.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def _device_peak(model: Any, data: TaskDataset, batch_size: int, rng: np.random.Generator) -> int:
@@ -185,13 +216,28 @@ def _base_model(s: DemoSettings, out: Path, progress: bool, log: Callable[[str],
     config = _gpt_config(s)
     B.manual_seed(s.seed)
     model = GPT(config)
-    log(f"[1/5] pretraining a {model.num_parameters():,}-parameter GPT on task A "
-        f"({s.digits}-digit addition), {s.base_steps} steps")
+    log(f"[1/5] pretraining a {model.num_parameters():,}-parameter GPT on task A ({TASK_A}, "
+        f"{s.digits}-digit addition), {s.base_steps} steps")
+    if s.digits < DEFAULT_DIGITS:
+        log(f"      ({s.digits} digits where the CLI's default is {DEFAULT_DIGITS}: so that the "
+            f"whole demo runs in minutes on a CPU; {DEFAULT_DIGITS} digits need several times "
+            f"the steps)")
     data = TaskDataset(get_task(TASK_A, s.digits))
     history = train(model, data, _train_config(s, s.base_steps, s.base_lr), out_dir=base_dir,
                     progress=progress, extra=wanted, save_on_interrupt=False)
     model.eval()
     return model, history
+
+
+def same_answer_share(a: TaskDataset, b: TaskDataset, n: int) -> float:
+    """The share of the first ``n`` held-out questions on which tasks ``a`` and ``b`` want the
+    same answer (every task holds out the same operand pairs, in the same order). For task A and
+    task B it is the share of sums in which no place carries: there a perfect adder is right on
+    task B, and a model that writes carry-less sums is right on task A (0.55^k of all k-digit
+    pairs: in 55 of the 100 digit pairs the digits sum to 9 or less)."""
+    _, answers_a = a.heldout(n)
+    _, answers_b = b.heldout(n)
+    return float((answers_a == answers_b).all(axis=1).mean())
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, progress: bool = True,
@@ -210,10 +256,17 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, progress: b
     n_eval = s.eval_examples
     results: dict[str, Any] = {"settings": dataclasses.asdict(s), "methods": {},
                                "tasks": {"A": TASK_A, "B": TASK_B, "C": TASK_C},
-                               "base_history": base_history}
+                               "quick": s == DemoSettings.quick(),
+                               "default_digits": DEFAULT_DIGITS, "base_history": base_history}
     results["base"] = {name: exact_match(base, d, n_eval) for name, d in data.items()}
+    # on how many questions two tasks want the same answer: what explains the task-A column
+    # after fine-tuning and the off-diagonal cells of the adapter-switching plot
+    results["same_answer"] = {f"{x}/{y}": same_answer_share(data[x], data[y], n_eval)
+                              for x, y in ((TASK_A, TASK_B), (TASK_A, TASK_C), (TASK_B, TASK_C))}
+    no_carry = results["same_answer"][f"{TASK_A}/{TASK_B}"]
     log(f"      base model: task A {results['base'][TASK_A]:.1%}, task B "
-        f"{results['base'][TASK_B]:.1%} (before fine-tuning)")
+        f"{results['base'][TASK_B]:.1%} before fine-tuning (a model that adds is right on "
+        f"task B where no place carries: {no_carry:.1%} of these questions)")
 
     lora_config = lora.LoraConfig(r=s.r, alpha=s.alpha, target_modules=("q_proj", "v_proj"))
     models = {}
@@ -231,6 +284,8 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False, progress: b
         history = train(model, data[TASK_B], _train_config(s, s.finetune_steps, lr),
                         progress=progress)
         cost = measure_step(model, data[TASK_B], s.batch_size)
+        if method == "qlora":
+            cost["dequantize_seconds"] = dequantize_seconds(model)
         model.eval()
         results["methods"][method] = {
             "trainable": trainable, "total": total, "history": history,
