@@ -39,6 +39,13 @@ def test_notebook_matches_its_source(path):
     assert [(c.cell_type, c.source) for c in committed.cells] == \
            [(c.cell_type, c.source) for c in fresh.cells], \
         f"{path.name} is stale: run `python tutorials/build.py {path.stem[:2]}`"
+    recorded = committed.metadata.get("minilora", {})
+    assert recorded.get("source_sha256") == build.source_digest(
+        TUTORIALS / "src" / (path.stem + ".py")), \
+        f"{path.name}'s outputs are not from its current source: run `python tutorials/build.py " \
+        f"{path.stem[:2]}`"
+    assert recorded.get("full_size") is True, \
+        f"{path.name} was built in fast mode (MINILORA_FAST=1): build it at full size"
     images = sum("image/png" in o.get("data", {}) for c in committed.cells
                  for o in c.get("outputs", []))
     assert images > 0, f"{path.name} was committed without its plots"

@@ -7,14 +7,19 @@ outputs and plots so it reads well on GitHub without running.
 
     python tutorials/build.py            # all notebooks, full size
     python tutorials/build.py 03         # only those whose name starts with 03
-    MINILORA_FAST=1 python tutorials/build.py   # the small sizes the tests use
+    python tutorials/build.py --check    # run every notebook at full size, write nothing
 
-The tests (tests/test_notebooks.py) execute every committed notebook in fast mode and check that its
-cells still match its source.
+Each built notebook records, in its metadata, the SHA-256 of the source it was built from and
+that it ran at full size. The tests (tests/test_notebooks.py) execute every committed notebook in
+fast mode (``MINILORA_FAST=1``, the small sizes) and fail when a committed notebook's recorded
+digest is not its source's (its outputs would not come from the current source) or when it was
+built in fast mode. ``.ci/run`` runs ``--check``: every notebook top to bottom at full size, which
+is what catches a library change that makes a notebook's story untrue.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -44,11 +49,20 @@ def parse_percent(text: str) -> list[tuple[str, str]]:
     return [(kind, "\n".join(lines).strip("\n")) for kind, lines in cells]
 
 
+def source_digest(source: Path) -> str:
+    """The SHA-256 of a tutorial source's bytes: what a built notebook records of its source."""
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
 def build_notebook(source: Path) -> nbformat.NotebookNode:
-    """A new notebook object holding ``source``'s cells (not yet executed)."""
+    """A new notebook object holding ``source``'s cells (not yet executed), its metadata naming
+    the source, its digest and whether it is built at full size (``MINILORA_FAST`` unset)."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
+    nb.metadata["minilora"] = {"source": f"src/{source.name}",
+                               "source_sha256": source_digest(source),
+                               "full_size": os.environ.get("MINILORA_FAST") != "1"}
     for kind, text in parse_percent(source.read_text()):
         maker = nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell
         nb.cells.append(maker(text))
@@ -70,14 +84,22 @@ def write_atomic(nb: nbformat.NotebookNode, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def main(prefixes: list[str]) -> int:
-    """Build and execute the notebooks whose names start with one of ``prefixes`` (all if none)."""
+def main(args: list[str]) -> int:
+    """Build and execute the notebooks whose names start with one of the prefixes in ``args``
+    (all if none); with ``--check`` execute them without writing anything."""
+    check = "--check" in args
+    prefixes = [a for a in args if a != "--check"]
     sources = sorted(SRC.glob("[0-9][0-9]_*.py"))
     chosen = [s for s in sources if not prefixes or any(s.name.startswith(p) for p in prefixes)]
+    if not chosen:
+        print(f"build.py: no tutorial source in tutorials/src starts with {prefixes}")
+        return 2
     for source in chosen:
         target = HERE / (source.stem + ".ipynb")
-        print(f"building {target.name}", flush=True)
-        write_atomic(execute(build_notebook(source)), target)
+        print(f"{'running' if check else 'building'} {target.name}", flush=True)
+        nb = execute(build_notebook(source))
+        if not check:
+            write_atomic(nb, target)
     return 0
 
 

@@ -31,6 +31,8 @@ from minilora import data, train
 from minilora.attention import causal_mask
 
 FAST = os.environ.get("MINILORA_FAST") == "1"  # the test suite runs this notebook small
+# the seed of the training batches: 0 here; benchmarks/notebook_seeds.py reruns with others
+SEED = int(os.environ.get("MINILORA_SEED", "0"))
 ml.manual_seed(0)
 
 # %% [markdown]
@@ -197,7 +199,7 @@ print(f"mean logit of each position's own input token {own:.3f}, of all tokens "
 # %%
 steps = 300 if FAST else 1200
 cfg = train.TrainConfig(steps=steps, batch_size=64, lr=3e-3, warmup=20, min_lr=3e-4,
-                        eval_every=steps // 6, eval_examples=200 if FAST else 500, seed=0)
+                        eval_every=steps // 6, eval_examples=200 if FAST else 500, seed=SEED)
 history = train.train(model, dataset, cfg, progress=False)
 accuracy = train.exact_match(model, dataset)  # all 500 held-out questions
 print(f"{steps} steps in {history['seconds']:.1f} s; final loss {history['loss'][-1]:.4f}")
@@ -322,7 +324,9 @@ print(f"{len(prompts_all)} prompts: identical tokens {cache_same_tokens}, "
 # ## What must stay true
 #
 # These checks fail if the story above stops being true. The accuracy thresholds were measured
-# (fast mode about 80%, full mode 100%) and set with a wide margin.
+# (fast mode about 80%, full mode 100%) and set with a wide margin: with the training batches
+# drawn from seeds 0, 1 and 2 (`python benchmarks/notebook_seeds.py 02 --seeds 0 1 2 --show
+# accuracy`) the full-size run reached 100% held-out exact match every time.
 
 # %%
 assert attn_gap < 1e-5 and trained_gap < 1e-5, (attn_gap, trained_gap)
