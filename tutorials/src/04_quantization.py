@@ -28,6 +28,9 @@ from minilora import data, lora, quant, train
 from minilora.fast.cpu import set_blas_threads
 
 FAST = os.environ.get("MINILORA_FAST") == "1"  # the test suite runs this notebook small
+# the adapters' seed (their init and batch order): 0 here; benchmarks/notebook_seeds.py reruns
+# the notebook with others
+SEED = int(os.environ.get("MINILORA_SEED", "0"))
 set_blas_threads(1)  # these matrices are small: a second BLAS thread only waits for a core
 ml.manual_seed(0)
 host = ml.backend.to_numpy  # library arrays (NumPy or CuPy) -> NumPy, for printing and plots
@@ -187,6 +190,7 @@ for k, name in enumerate(codes):
     ax2.bar(np.arange(16) + (k - 1) * width, usage[name][order], width, color=colors[name],
             label=f"{name} ({stats[name]['entropy']:.2f} bits)")
 ax2.axhline(1 / 16, color="k", ls=":", lw=1)
+ax2.set_ylim(0, 1.25 * max(u.max() for u in usage.values()))  # room for the legend
 ax2.set_xlabel("code, sorted by value (-1 ... +1)")
 ax2.set_ylabel("fraction of weights")
 ax2.set_title("how often each code is used (dotted: uniform)")
@@ -276,15 +280,28 @@ plt.show()
 #
 # $$y = x\,\mathrm{deq}(Q)^{\top} + b + s\,(x A^{\top}) B^{\top}.$$
 #
-# The experiment: train a small GPT on 2-digit addition (task A), make two copies of it, one
-# float32 and one quantized to NF4 with double quantization, give both the same LoRA adapter
-# and train them on task B, the same sums written backwards.
+# The experiment, with the tasks of `minilora finetune` and notebook 03: train a small GPT on
+# addition (task A, `add`: `47+85=132.`), make two copies of it, one float32 and one quantized to
+# NF4 with double quantization, give both the same LoRA adapter and train them on task B,
+# `nocarry`: the same question, each place added on its own and every carry forgotten
+# (`47+85=022.`).
+#
+# The CLI's default is 3-digit operands; we use 2 so that the base trains in seconds on a laptop
+# (3 digits need several times the steps). A base that adds perfectly already gets task B right
+# on every question whose sum has no carry: each place carries unless its two digits sum to 9 or
+# less, which 55 of the 100 digit pairs do, so that is $0.55^2 \approx 30\%$ of the questions.
+# The rest is what the adapter must learn.
 
 # %%
 task_a = data.TaskDataset(data.get_task("add", digits=2), n_heldout=500)
-task_b = data.TaskDataset(data.get_task("rev", digits=2), n_heldout=500)
-print("task A:", "".join(task_a.task.example(37, 48)), "  task B:",
-      "".join(task_b.task.example(37, 48)))
+task_b = data.TaskDataset(data.get_task("nocarry", digits=2), n_heldout=500)  # same held out
+print("task A:", "".join(task_a.task.example(47, 85)), "  task B:",
+      "".join(task_b.task.example(47, 85)))
+no_carry_share = float(np.mean([all(int(x) + int(y) <= 9 for x, y in zip(f"{a:02d}", f"{b:02d}"))
+                                for a in range(100) for b in range(100)]))
+# what a perfect adder scores on task B: the held-out questions (the same 500 for both tasks)
+# whose two answers agree, i.e. whose sum has no carry
+no_carry_heldout = float(np.mean((task_a.heldout()[1] == task_b.heldout()[1]).all(axis=1)))
 
 config = ml.GPTConfig(vocab_size=task_a.tokenizer.vocab_size, block_size=task_a.block_size,
                       n_layer=2, n_head=4, n_embd=64 if FAST else 128)
@@ -298,6 +315,8 @@ acc_base_a = history_base["eval"][-1]["accuracy"]
 acc_base_b = train.exact_match(base, task_b)
 print(f"base after {base_steps} steps: task A {acc_base_a:.1%} held-out exact match, "
       f"task B {acc_base_b:.1%}")
+print(f"sums with no carry: {no_carry_heldout:.1%} of the held-out questions, "
+      f"{no_carry_share:.2%} of all 10,000")
 
 # %% [markdown]
 # Quantize a copy. `quantize_model` replaces every `nn.Linear` by a `QuantLinear` (the head is
@@ -317,6 +336,12 @@ print(f"task A: float base {acc_base_a:.1%}, NF4 base {acc_qbase_a:.1%}")
 # %% [markdown]
 # Now the same adapter on both: rank 8 on every projection of both blocks, the same seed, the
 # same batches, the same schedule.
+#
+# One run is one draw of the adapters' random $A$ and of the batches (`SEED` above; the base is
+# always the same, trained from seed 0). `python benchmarks/notebook_seeds.py 04 --seeds 0 1 2`
+# reran this notebook with seeds 0, 1 and 2: LoRA and QLoRA reached 100% held-out exact match on
+# task B every time, with held-out losses of 0.0048 to 0.0051 (LoRA) and 0.0049 to 0.0051
+# (QLoRA); the base model scored 100% on task A, float or NF4, and 33.2% on task B.
 
 # %%
 lora_config = lora.LoraConfig(r=8, alpha=16, target_modules=(
@@ -324,10 +349,10 @@ lora_config = lora.LoraConfig(r=8, alpha=16, target_modules=(
 lora_steps = 60 if FAST else 600
 lora_train = train.TrainConfig(steps=lora_steps, batch_size=64, lr=5e-3, warmup=10,
                                min_lr=5e-4, weight_decay=0.0, eval_every=lora_steps,
-                               eval_examples=500)
+                               eval_examples=500, seed=SEED)  # the same batches for both
 runs = {}
 for name, model in (("LoRA (float32 base)", base), ("QLoRA (NF4 base)", qbase)):
-    ml.manual_seed(1)  # the same A init for both
+    ml.manual_seed(1 + SEED)  # the same A init for both
     lora.inject_lora(model, lora_config)
     print(f"{name:20s}", lora.trainable_parameters_summary(model))
     history = train.train(model, task_b, lora_train, progress=False)
@@ -350,22 +375,27 @@ accs = [acc_base_b] + [r["accuracy"] for r in runs.values()]
 ax2.bar(labels, accs, color=["0.8", "tab:gray", "tab:blue"])
 for i, a in enumerate(accs):
     ax2.text(i, a + 0.01, f"{a:.1%}", ha="center", va="bottom")
+ax2.axhline(no_carry_heldout, xmin=0.02, xmax=0.31, color="k", ls=":", lw=1.2)
 ax2.set_ylim(0, 1.1)
 ax2.set_ylabel("held-out exact match")
-ax2.set_title("task B accuracy")
+ax2.set_title("task B accuracy (dotted: sums with no carry)", fontsize=10)
 fig.tight_layout()
 plt.show()
 for name, run in runs.items():
     print(f"{name:20s} task B exact match {run['accuracy']:.1%}, val loss {run['val_loss']:.4f}")
 
 # %% [markdown]
-# The adapter learns task B on the 4-bit base nearly as well as on the float one: the small
-# rounding of the frozen weights is something the adapter can absorb. That is QLoRA's claim, at
-# a 7.75x smaller footprint for the frozen linear layers.
+# The adapter learns task B on the 4-bit base as well as on the float one: the small rounding of
+# the frozen weights is something the adapter can absorb. That is QLoRA's claim, at a 7.75x
+# smaller footprint for the frozen linear layers. The base's 33% on task B is no skill of its own:
+# it adds, and an added answer is also the carry-free one exactly when nothing carries, which is
+# true of 33.2% of these 500 held-out questions (30.25% of all 10,000, the $0.55^2$ above).
 #
 # ## What must stay true
 #
-# These checks fail if the story above stops being true.
+# These checks fail if the story above stops being true. The thresholds leave a margin below
+# what seeds 0, 1 and 2 measured (100% for both adapters, 100% for the base on task A); the
+# test suite's fast mode trains too briefly for accuracies, so there only the losses are checked.
 
 # %%
 # the NF4 table is the normal-quantile construction, up to float32 rounding
@@ -396,6 +426,8 @@ assert np.mean(qlora_loss[-10:]) < 0.6 * np.mean(qlora_loss[:5]), qlora_loss[:5]
 assert qlora_val < lora_val + 0.25, (lora_val, qlora_val)
 if not FAST:  # accuracies need the full-length runs
     assert acc_base_a > 0.9 and acc_qbase_a > acc_base_a - 0.05, (acc_base_a, acc_qbase_a)
-    assert lora_acc > 0.85 and qlora_acc > 0.85, (lora_acc, qlora_acc)
-    assert abs(qlora_acc - lora_acc) < 0.1 and qlora_acc > acc_base_b + 0.6
+    # the base adds: it gets task B right on the sums with no carry, and on little else
+    assert abs(acc_base_b - no_carry_heldout) < 0.03, (acc_base_b, no_carry_heldout)
+    assert lora_acc > 0.97 and qlora_acc > 0.97, (lora_acc, qlora_acc)
+    assert abs(qlora_acc - lora_acc) < 0.03, (lora_acc, qlora_acc)
 print("all checks passed")

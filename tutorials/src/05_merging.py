@@ -30,6 +30,9 @@ from minilora.errors import InvalidArgumentError
 from minilora.fast.cpu import set_blas_threads
 
 FAST = os.environ.get("MINILORA_FAST") == "1"  # the test suite runs this notebook small
+# the adapters' seed (their init and batch order): 0 here; benchmarks/notebook_seeds.py reruns
+# the notebook with others
+SEED = int(os.environ.get("MINILORA_SEED", "0"))
 set_blas_threads(1)  # these matrices are small: a second BLAS thread only waits for a core
 ml.manual_seed(0)
 host = ml.backend.to_numpy  # library arrays (NumPy or CuPy) -> NumPy, for printing and plots
@@ -118,15 +121,20 @@ print("LoRA layers left:", len(lora.lora_layers(tiny)), "  q_proj is now",
 # ## 3. One base, two adapters
 #
 # The point of keeping adapters separate: one frozen base serves many tasks, and switching task
-# means switching a few small matrices. We train a small GPT on 2-digit addition (task A), store
-# it in 4 bits as QLoRA does, and train two adapters on it: "rev" writes the sum backwards
-# (task B) and "max" answers the larger operand (task C).
+# means switching a few small matrices. These are the tasks of `minilora finetune` and the demo.
+# We train a small GPT on addition (task A, `add`: `47+85=132.`), store it in 4 bits as QLoRA
+# does, and train two adapters on it: "nocarry" learns task B, each place added on its own with
+# every carry forgotten (`47+85=022.`), and "digitmax" learns task C, the larger digit in each
+# place (`47+85=087.`). All three ask the same question and write a 3-digit answer.
+#
+# The CLI's default is 3-digit operands; we use 2 so that the base trains in seconds on a laptop
+# (3 digits need several times the steps).
 
 # %%
-tasks = {name: data.TaskDataset(data.get_task(name, digits=2), n_heldout=500)
-         for name in ("add", "rev", "max")}
+tasks = {name: data.TaskDataset(data.get_task(name, digits=2), n_heldout=500)  # same held out
+         for name in ("add", "nocarry", "digitmax")}
 for name, ds in tasks.items():
-    print(f"{name:4s} {''.join(ds.task.example(37, 48)):12s} {ds.task.description}")
+    print(f"{name:8s} {''.join(ds.task.example(47, 85)):11s} {ds.task.description}")
 
 config = ml.GPTConfig(vocab_size=tasks["add"].tokenizer.vocab_size,
                       block_size=max(ds.block_size for ds in tasks.values()),
@@ -148,7 +156,7 @@ def quantized_base():
 
 
 base = quantized_base()
-x_probe = tasks["rev"].heldout(8)[0]  # 8 held-out prompts, to compare outputs
+x_probe = tasks["nocarry"].heldout(8)[0]  # 8 held-out prompts, to compare outputs
 y_probe_base = logits(base, x_probe)
 
 # %% [markdown]
@@ -161,15 +169,15 @@ adapter_config = lora.LoraConfig(r=8, alpha=16, target_modules=(
 adapter_steps = 50 if FAST else 500
 adapter_train = train.TrainConfig(steps=adapter_steps, batch_size=64, lr=5e-3, warmup=10,
                                   min_lr=5e-4, weight_decay=0.0, eval_every=adapter_steps,
-                                  eval_examples=500)
-ml.manual_seed(1)
-lora.inject_lora(base, adapter_config, adapter_name="rev")
-lora.inject_lora(base, adapter_config, adapter_name="max")
+                                  eval_examples=500, seed=SEED)
+ml.manual_seed(1 + SEED)  # both adapters' random A matrices
+lora.inject_lora(base, adapter_config, adapter_name="nocarry")
+lora.inject_lora(base, adapter_config, adapter_name="digitmax")
 print("active:", lora.active_adapters(base), " ", lora.trainable_parameters_summary(base))
-history_rev = train.train(base, tasks["rev"], adapter_train, progress=False)
-lora.set_adapter(base, "max")
+train.train(base, tasks["nocarry"], adapter_train, progress=False)
+lora.set_adapter(base, "digitmax")
 print("active:", lora.active_adapters(base), " ", lora.trainable_parameters_summary(base))
-history_max = train.train(base, tasks["max"], adapter_train, progress=False)
+train.train(base, tasks["digitmax"], adapter_train, progress=False)
 
 # %% [markdown]
 # Now every combination: the base with its adapters switched off (`disable_adapters`), and each
@@ -182,7 +190,7 @@ def score(model, task):
     return train.exact_match(model, ds), train.validation_loss(model, ds, batch_size=250)
 
 
-rows = ["adapters off", "rev", "max"]
+rows = ["adapters off", "nocarry", "digitmax"]
 accuracy = np.zeros((3, 3))
 val_loss = np.zeros((3, 3))
 with lora.disable_adapters(base):
@@ -194,27 +202,57 @@ for i, adapter in enumerate(rows[1:], start=1):
     for j, task in enumerate(tasks):
         accuracy[i, j], val_loss[i, j] = score(base, task)
 
-fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
-panels = ((accuracy, "held-out exact match", "{:.0%}", accuracy),
-          (val_loss, "validation loss (darker = lower)", "{:.2f}", -np.log(val_loss)))
+# All three tasks ask the same question, so a model answers its own task whatever it is asked,
+# and is right on another task exactly where the two tasks' answers agree. The share of the 500
+# held-out questions (the same for every task) on which they do:
+does = ["add", "nocarry", "digitmax"]  # what each row's model was trained to answer
+answers = {name: ds.heldout()[1] for name, ds in tasks.items()}  # (500, 4) token ids
+agree = np.array([[np.mean((answers[r] == answers[t]).all(axis=1)) for t in tasks] for r in does])
+print("held-out accuracy, and in brackets the share on which the row's own task agrees:")
+print(f"{'':14s}" + "".join(f"{'task ' + t:>18s}" for t in tasks))
+for i, row in enumerate(rows):
+    print(f"{row:14s}" + "".join(f"{accuracy[i, j]:>10.1%} ({agree[i, j]:5.1%})"
+                                 for j in range(3)))
+
+fig, axes = plt.subplots(1, 2, figsize=(8.8, 4), sharey=True)
+panels = ((accuracy, "held-out exact match\n(grey: share where the answers agree)", "{:.0%}",
+           accuracy),
+          (val_loss, "validation loss (darker = lower)", "{:.3f}", -np.log(val_loss)))
 for ax, (values, title, fmt, shade) in zip(axes, panels):
     ax.imshow(shade, cmap="Blues")
     middle = (shade.min() + shade.max()) / 2
     for i in range(3):
         for j in range(3):
-            ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center",
-                    color="white" if shade[i, j] > middle else "black")
-    ax.set_xticks(range(3), [f"task {t}" for t in tasks])
-    ax.set_yticks(range(3), rows)
-    ax.set_title(title)
-fig.suptitle("one 4-bit base, two adapters: each is good at its own task")
+            dark = shade[i, j] > middle
+            below = values is accuracy and i != j
+            ax.text(j, i - (0.12 if below else 0), fmt.format(values[i, j]), ha="center",
+                    va="center", fontsize=11, color="white" if dark else "black")
+            if below:
+                ax.text(j, i + 0.22, f"agree {agree[i, j]:.0%}", ha="center", va="center",
+                        fontsize=9, color="0.85" if dark else "0.4")
+    ax.set_xticks(range(3), [f"task {c}\n{t}" for c, t in zip("ABC", tasks)])
+    ax.set_title(title, fontsize=10)
+axes[0].set_yticks(range(3), ["adapters off", "adapter\nnocarry", "adapter\ndigitmax"])
+fig.suptitle("one 4-bit base, two adapters: each answers its own task")
 fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Each adapter is far better than the others at its own task, and useless at the others'. Task C
-# is a new operation rather than a new way of writing a sum, and its adapter learns it more
-# slowly. Some answers side by side:
+# Each adapter is right on its own task, and on the others right exactly where their answers
+# agree with its own. With adapters off the model adds: asked task B it is right on every sum
+# without a carry, about $0.55^2 \approx 30\%$ of all questions (each place carries unless its
+# digits sum to 9 or less, which 55 of the 100 digit pairs do), and the "nocarry" adapter, asked
+# task A, is right on the same questions. The larger digit equals the digits' sum, carry-free,
+# only when the other digit is 0 (19 of the 100 pairs), so "digitmax" agrees with the other two
+# on about $0.19^2 \approx 3.6\%$ of questions. The validation losses say the same without the
+# luck of the draw: each task's loss is lowest under its own adapter.
+#
+# The adapters' random $A$ and their batches come from `SEED` (the base is always the same,
+# trained from seed 0). `python benchmarks/notebook_seeds.py 05 --seeds 0 1 2` reran this notebook
+# with seeds 0, 1 and 2: both adapters reached 100% held-out exact match on their own tasks every
+# time, and every other cell equalled the share where the answers agree exactly (largest gap 0).
+#
+# Some answers side by side, one prompt for all three tasks:
 
 # %%
 tok = tasks["add"].tokenizer
@@ -226,16 +264,19 @@ def answer(model, prompt, answer_len):
     return tok.decode(host(out)[0, len(prompt):])
 
 
-for a, b in ((37, 48), (90, 12), (5, 61)):
-    for task in ("add", "max"):  # task B asks the same question as task A: "37+48="
-        prompt, truth = tasks[task].task.example(a, b)
-        n = len(truth)
-        with lora.disable_adapters(base):
-            line = [f"adapters off: {prompt}{answer(base, prompt, n):5s}"]
-        for adapter in ("rev", "max"):
-            lora.set_adapter(base, adapter)
-            line.append(f"{adapter}: {prompt}{answer(base, prompt, n):5s}")
-        print("    ".join(line))
+print(f"{'prompt':8s}  {'wanted: A':>9s} {'B':>5s} {'C':>5s}   {'adapters off':>12s} "
+      f"{'nocarry':>8s} {'digitmax':>8s}")
+for a, b in ((47, 85), (90, 12), (5, 61), (38, 50)):
+    prompt = tasks["add"].task.example(a, b)[0]  # the same prompt for every task
+    wanted = [tasks[t].task.example(a, b)[1] for t in tasks]
+    n = len(wanted[0])
+    with lora.disable_adapters(base):
+        got = [answer(base, prompt, n)]
+    for adapter in rows[1:]:
+        lora.set_adapter(base, adapter)
+        got.append(answer(base, prompt, n))
+    print(f"{prompt:8s}  {wanted[0]:>9s} {wanted[1]:>5s} {wanted[2]:>5s}   {got[0]:>12s} "
+          f"{got[1]:>8s} {got[2]:>8s}")
 
 # %% [markdown]
 # ## 4. Switching off gives back the base, exactly
@@ -264,22 +305,22 @@ print("max |adapters off - base before injection| =", disabled_difference)
 
 # %%
 weights = [1.0, 0.5]
-lora.add_weighted_adapter(base, ["rev", "max"], weights, "rev_max", combination_type="cat")
+lora.add_weighted_adapter(base, ["nocarry", "digitmax"], weights, "both", combination_type="cat")
 layers = lora.lora_layers(base)
-exact = {p: weights[0] * host(m.delta_weight("rev")).astype(np.float64)
-         + weights[1] * host(m.delta_weight("max")).astype(np.float64) for p, m in layers}
-cat_error = max(float(np.abs(host(m.delta_weight("rev_max")) - exact[p]).max()
+exact = {p: weights[0] * host(m.delta_weight("nocarry")).astype(np.float64)
+         + weights[1] * host(m.delta_weight("digitmax")).astype(np.float64) for p, m in layers}
+cat_error = max(float(np.abs(host(m.delta_weight("both")) - exact[p]).max()
                       / np.abs(exact[p]).max()) for p, m in layers)
-print(f"'cat': rank {layers[0][1].r['rev_max']}, largest relative difference from "
-      f"1.0 * delta_rev + 0.5 * delta_max: {cat_error:.1e}")
+print(f"'cat': rank {layers[0][1].r['both']}, largest relative difference from "
+      f"1.0 * delta_nocarry + 0.5 * delta_digitmax: {cat_error:.1e}")
 
 total = np.sqrt(sum((d ** 2).sum() for d in exact.values()))
 singular = {p: np.linalg.svd(d, compute_uv=False) for p, d in exact.items()}
 ranks = list(range(1, 17))
 svd_error, eckart_young = [], []
 for k in ranks:
-    lora.add_weighted_adapter(base, ["rev", "max"], weights, f"svd{k}", combination_type="svd",
-                              svd_rank=k)
+    lora.add_weighted_adapter(base, ["nocarry", "digitmax"], weights, f"svd{k}",
+                              combination_type="svd", svd_rank=k)
     err2 = sum(((host(m.delta_weight(f"svd{k}")) - exact[p]) ** 2).sum() for p, m in layers)
     svd_error.append(float(np.sqrt(err2) / total))
     eckart_young.append(float(np.sqrt(sum((s[k:] ** 2).sum() for s in singular.values()))
@@ -291,10 +332,10 @@ ax.semilogy(ranks, np.maximum(svd_error, 1e-9), "o-", label="'svd' adapter, meas
 ax.semilogy(ranks, np.maximum(eckart_young, 1e-9), "k:", lw=2,
             label="norm of the dropped singular values")
 ax.axvline(8, color="0.7", lw=1)
-ax.text(8.3, 1e-2, "rank of each\ninput adapter", fontsize=9, color="0.4")
+ax.text(8.3, 1e-4, "rank of each\ninput adapter", fontsize=9, color="0.4")
 ax.set_xlabel("rank k of the combined adapter")
 ax.set_ylabel("relative error  ||delta_k - delta|| / ||delta||")
-ax.set_title(f"delta_rev + 0.5 delta_max at rank k ({len(layers)} layers)")
+ax.set_title(f"delta_nocarry + 0.5 delta_digitmax at rank k ({len(layers)} layers)")
 ax.legend(loc="lower left")
 fig.tight_layout()
 plt.show()
@@ -312,17 +353,17 @@ print("relative error by rank:", ", ".join(f"{k}: {e:.2g}" for k, e in zip(ranks
 # copy of the base reproduces the adapted model exactly.
 
 # %%
-lora.set_adapter(base, "rev")
-y_probe_rev = logits(base, x_probe)
-adapter_numbers = sum(p.size for p in lora.adapter_state_dict(base, "rev").values())
+lora.set_adapter(base, "nocarry")
+y_probe_nocarry = logits(base, x_probe)
+adapter_numbers = sum(p.size for p in lora.adapter_state_dict(base, "nocarry").values())
 base_report = quant.memory_report(quantized_base())
 
 workdir = tempfile.TemporaryDirectory()  # its name is machine-specific: never printed
-adapter_dir = os.path.join(workdir.name, "rev")
-paths = lora.save_adapter(base, adapter_dir, adapter_name="rev")
+adapter_dir = os.path.join(workdir.name, "nocarry")
+paths = lora.save_adapter(base, adapter_dir, adapter_name="nocarry")
 sizes = {os.path.basename(p): os.path.getsize(p) for p in paths.values()}
-fresh = lora.load_adapter(quantized_base(), adapter_dir, adapter_name="rev")
-loaded_difference = float(np.abs(logits(fresh, x_probe) - y_probe_rev).max())
+fresh = lora.load_adapter(quantized_base(), adapter_dir, adapter_name="nocarry")
+loaded_difference = float(np.abs(logits(fresh, x_probe) - y_probe_nocarry).max())
 
 for name, size in sizes.items():
     print(f"{name:28s} {size / 1024:7.1f} KiB")
@@ -361,7 +402,7 @@ plt.show()
 # codes (times the block's absmax) leaves the code where it was: **small updates vanish**. If a
 # block's absmax moves, every weight in the block is re-rounded, touched by the update or not.
 #
-# To see it, take the "rev" update of one layer and scale it from far smaller to far larger than
+# To see it, take the "nocarry" update of one layer and scale it from far smaller to far larger than
 # what training produced, merging each into the 4-bit layer and, for comparison, into a float32
 # copy of the dequantized layer. `merge_into_quantized` reports the share of the update that
 # arrived, $\langle W' - W, \Delta\rangle / \|\Delta\|^2$, and the fraction of codes unchanged.
@@ -369,19 +410,20 @@ plt.show()
 # %%
 layer = base.h[0].mlp.fc  # a LoRALinear on a 4-bit QuantLinear base, (4C, C)
 qlinear = layer.base_layer
-delta_rev = layer.delta_weight("rev")
+delta_b = layer.delta_weight("nocarry")
 half_step = float(host(qlinear.quant_state.dequantized_absmax()).mean()) * \
     quant.max_half_gap("nf4")
-print(f"the trained update of h.0.mlp.fc: RMS {float(np.sqrt((host(delta_rev) ** 2).mean())):.4f}"
-      f", largest {float(np.abs(host(delta_rev)).max()):.4f}")
+update_rms = float(np.sqrt((host(delta_b) ** 2).mean()))
+print(f"the trained update of h.0.mlp.fc: RMS {update_rms:.4f}, "
+      f"largest {float(np.abs(host(delta_b)).max()):.4f}")
 print(f"half the widest NF4 gap times the mean block absmax: {half_step:.4f}")
 
 factors = np.logspace(-3, 1.5, 10 if FAST else 28)
 sweep = {"codes unchanged (4-bit)": [], "update retained (4-bit)": [],
          "update retained (float32)": []}
 for c in factors:
-    _, report_q = quant.merge_into_quantized(qlinear, c * delta_rev)
-    _, report_f = quant.merge_into_float(qlinear, c * delta_rev)
+    _, report_q = quant.merge_into_quantized(qlinear, c * delta_b)
+    _, report_f = quant.merge_into_float(qlinear, c * delta_b)
     sweep["codes unchanged (4-bit)"].append(report_q["frac_codes_unchanged"])
     sweep["update retained (4-bit)"].append(report_q["delta_retained"])
     sweep["update retained (float32)"].append(report_f["delta_retained"])
@@ -404,7 +446,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Now the whole model: the "rev" adapter merged into the 4-bit base, against merged into a
+# Now the whole model: the "nocarry" adapter merged into the 4-bit base, against merged into a
 # float32 copy of the dequantized base (exact, but at 32 bits per weight again), against not
 # merged at all (the adapter on top of the 4-bit base, as it was trained).
 
@@ -422,10 +464,10 @@ for kind in ("not merged", "merged into 4-bit", "merged into float32"):
     model = quantized_base()
     if kind == "merged into float32":
         model = dequantized(model)
-    lora.load_adapter(model, adapter_dir, adapter_name="rev")
+    lora.load_adapter(model, adapter_dir, adapter_name="nocarry")
     reports = lora.merge(model) if kind != "not merged" else {}
-    results[kind] = {"accuracy": train.exact_match(model, tasks["rev"]),
-                     "val_loss": train.validation_loss(model, tasks["rev"], batch_size=250),
+    results[kind] = {"accuracy": train.exact_match(model, tasks["nocarry"]),
+                     "val_loss": train.validation_loss(model, tasks["nocarry"], batch_size=250),
                      "logits": logits(model, x_probe), "reports": reports}
 workdir.cleanup()
 
@@ -442,14 +484,14 @@ print(f"4-bit merge, mean over {len(merge_reports)} layers: update retained {ret
       f"codes unchanged {unchanged.mean():.1%}, ||error|| / ||update|| {rel_error.mean():.2f}")
 
 # %% [markdown]
-# Where the trained adapter sits on the curve above decides what a 4-bit merge costs. Here its
-# update is a few times larger than half a grid step (both printed above), so nearly all of it
-# arrives, but most codes move and re-rounding adds an error of roughly a tenth of the update's
-# size: the logits change visibly while the answers barely do. A gentler fine-tune (lower
-# learning rate, fewer steps) would sit further left, where updates start to vanish. Merging into
-# a float32 copy is exact but gives up the memory saving; keeping the adapter unmerged on the
-# 4-bit base is exact too and costs two skinny matmuls per layer. Whichever you choose, measure
-# it, as above.
+# Where the trained adapter sits on the curve above decides what a 4-bit merge costs. Here the
+# RMS of its update is a little under twice half a grid step (both printed above; 1.6 to 1.8
+# times over seeds 0 to 2), so nearly all of it arrives, but most codes move and re-rounding adds
+# an error of roughly a sixth of the update's size: the logits change visibly while the answers
+# do not (task B stayed at 100% for every seed). A gentler fine-tune (lower learning rate, fewer
+# steps) would sit further left, where updates start to vanish. Merging into a float32 copy is
+# exact but gives up the memory saving; keeping the adapter unmerged on the 4-bit base is exact
+# too and costs two skinny matmuls per layer. Whichever you choose, measure it, as above.
 #
 # ## 8. Out to PyTorch and back
 #
@@ -525,7 +567,11 @@ hub_dir.cleanup()
 # %% [markdown]
 # ## What must stay true
 #
-# These checks fail if the story above stops being true.
+# These checks fail if the story above stops being true. The accuracy thresholds leave a margin
+# below what seeds 0, 1 and 2 measured (100% for each model on its own task, no gap at all
+# between the other cells and the shares where the answers agree, no change from the 4-bit
+# merge); the test suite's fast mode trains too briefly for accuracies, so there only the
+# validation losses are compared.
 
 # %%
 # merging is exact up to rounding; a second merge is refused; unmerge restores the outputs
@@ -533,14 +579,18 @@ assert merge_error["float64"] < 1e-12 and merge_error["float32"] < 1e-4, merge_e
 assert double_merge_refused
 assert np.abs(y_unmerged_again - y_unmerged).max() < 1e-12
 assert not lora.lora_layers(tiny) and np.abs(y_unloaded - y_unmerged).max() < 1e-12
-# switching adapters off gives the base bit for bit; each adapter is best at its own task
+# switching adapters off gives the base bit for bit; each adapter is best at its own task and,
+# on the others, right where their answers agree with its own
+add_on_a, nocarry_on_b, digitmax_on_c = np.diag(accuracy)
+off_diagonal_gap = float(np.abs(accuracy - agree)[~np.eye(3, dtype=bool)].max())
+merge_4bit_change = results["merged into 4-bit"]["accuracy"] - results["not merged"]["accuracy"]
 assert disabled_difference == 0.0
 assert val_loss[1, 1] < min(val_loss[0, 1], val_loss[2, 1]) - 0.1, val_loss
 assert val_loss[2, 2] < min(val_loss[0, 2], val_loss[1, 2]) - 0.1, val_loss
 assert val_loss[0, 0] < val_loss[1, 0] and val_loss[0, 0] < val_loss[2, 0], val_loss
 if not FAST:  # accuracies need the full-length runs
-    assert accuracy[0, 0] > 0.9 and accuracy[1, 1] > 0.85 and accuracy[2, 2] > 0.6, accuracy
-    assert accuracy[0, 1] < 0.3 and accuracy[2, 1] < 0.3 and accuracy[1, 2] < 0.3, accuracy
+    assert add_on_a > 0.97 and nocarry_on_b > 0.97 and digitmax_on_c > 0.97, accuracy
+    assert off_diagonal_gap < 0.03, (accuracy, agree)
 # "cat" is the weighted sum exactly; "svd" at rank k loses exactly the dropped singular values
 assert cat_error < 1e-5, cat_error
 assert svd_error[-1] < 1e-5 and svd_error[0] > 0.1, svd_error
@@ -559,7 +609,7 @@ assert results["merged into float32"]["change"] < 1e-3
 assert results["merged into 4-bit"]["change"] > 100 * results["merged into float32"]["change"]
 assert rel_error.mean() > 0.05, rel_error
 if not FAST:
-    assert abs(results["merged into 4-bit"]["accuracy"] - results["not merged"]["accuracy"]) < 0.1
+    assert abs(merge_4bit_change) < 0.02, merge_4bit_change
 # out to HF GPT-2 + PEFT files and back: c_attn holds q and v at rank 8, the outputs are the same
 assert exported["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, 8)
 assert round_trip_difference < 1e-6 and merged_difference < 1e-6
