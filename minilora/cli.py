@@ -260,7 +260,7 @@ def _show_examples(model: GPT, data: TaskDataset, n: int) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .demo_report import checks, format_table, memory_note
+    from .demo_report import checks, format_notes, format_table, memory_note
 
     setup(args)
     check_writable(args.out, what="demo --out")
@@ -273,6 +273,8 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     print(f"({memory_note(results)})")
+    print()
+    print(format_notes(results))
     print()
     for ok, text in checks(results):
         print(f"  [{'x' if ok else ' '}] {text}")

@@ -84,9 +84,8 @@ def memory_note(results: dict) -> str:
     return "peak mem measured by " + " and ".join(MEMORY_SOURCES.get(s, s) for s in sources)
 
 
-def format_table(results: dict, explain: bool = True) -> str:
-    """The summary table as aligned text, then (``explain``) the notes that say what its numbers
-    mean, wrapped to 100 columns: what the CLI prints."""
+def format_table(results: dict) -> str:
+    """The summary table as aligned text."""
     head = (f"{'method':<18}{'trainable':>12}{'share':>8}{'task B':>9}{'task A':>9}"
             f"{'peak mem':>11}{'step':>9}{'file':>11}")
     lines = [head, "-" * len(head)]
@@ -94,11 +93,14 @@ def format_table(results: dict, explain: bool = True) -> str:
         lines.append(f"{r['method']:<18}{r['trainable']:>12,}{r['fraction']:>8.2%}"
                      f"{r['accuracy']:>9.1%}{r['task_a']:>9.1%}{r['peak_mib']:>8.1f} MiB"
                      f"{r['step_ms']:>6.0f} ms{_size(r['file_bytes']):>11}")
-    if explain:
-        lines.append("")
-        for note in notes(results):
-            lines += textwrap.wrap(note, 100, subsequent_indent="  ")
     return "\n".join(lines)
+
+
+def format_notes(results: dict) -> str:
+    """:func:`notes` as text wrapped to 100 columns, one paragraph each: what the CLI prints
+    under the table."""
+    return "\n".join(line for note in notes(results)
+                     for line in textwrap.wrap(note, 100, subsequent_indent="  "))
 
 
 # ------------------------------------------------------------------------------ the notes
@@ -531,7 +533,7 @@ def _write_report(results: dict, base: Any, stage: Staging) -> None:
         f"alpha={s['alpha']:g} on q_proj and v_proj; QLoRA: the same adapters on an NF4 base with "
         f"double quantization. Accuracy is exact match on {s['eval_examples']} held-out "
         f"questions. Run time {results['seconds']:.0f} s.", "",
-        "```", format_table(results, explain=False), "```", "",
+        "```", format_table(results), "```", "",
         f"Peak memory = the model's resident arrays + the peak of what two training steps "
         f"allocate on top (gradients, optimizer state, activations); {memory_note(results)}. "
         "\"file\" is what must be shipped: the whole model for full fine-tuning, the adapter "

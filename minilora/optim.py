@@ -188,7 +188,6 @@ class AdamW(Optimizer):
             v[...] = b2 * v + (1.0 - b2) * g * g
             p -= lr / (1.0 - b1 ** t) * m / (B.xp.sqrt(v) / math.sqrt(1.0 - b2 ** t) + eps)
 
-
     def _flat_updates(self, updates: list[tuple], owners: list[int]) -> list[tuple]:
         """``updates`` with those of each complete set replaced by one update of its buffers.
 
@@ -202,12 +201,9 @@ class AdamW(Optimizer):
         """
         params = self._params()
         if self._flat is None:
-            buckets: dict[tuple[int, str], list[int]] = {}
-            i = 0
-            for gi, g in enumerate(self.param_groups):
-                for p in g["params"]:
-                    buckets.setdefault((gi, p.data.dtype.str), []).append(i)
-                    i += 1
+            buckets: dict[tuple[int, str], list[int]] = {}  # (group, dtype) -> parameter indices
+            for g, p, _, i in self._each():
+                buckets.setdefault((id(g), p.data.dtype.str), []).append(i)
             self._flat = [(members, FlatSet([params[i].data for i in members],
                                             params[members[0]].data.dtype))
                           for members in buckets.values() if len(members) > 1]
