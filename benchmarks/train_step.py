@@ -97,6 +97,7 @@ from minilora.fast import checks  # noqa: E402
 from minilora.fast.cpu import get_blas_threads, keep_freed_memory  # noqa: E402
 from minilora.gpt import GPT, GPTConfig  # noqa: E402
 from minilora.optim import AdamW, clip_coefficient  # noqa: E402
+from minilora.step import default_micro_batches as loop_micro_batches  # noqa: E402
 from minilora.step import default_shards, default_threads, forward_backward  # noqa: E402
 from minilora.train import TrainConfig, param_groups  # noqa: E402
 
@@ -115,6 +116,9 @@ LR = 3e-4  # the learning rate does not change a step's cost; a small one keeps 
 # OpenBLAS's and PyTorch's worker threads spin for a while after their last job before they sleep;
 # a pause between the two frameworks' rounds keeps one's idle pool from slowing the other's start
 PAUSE_S = 0.3
+# --micro-batches N: the loop step's pieces per shard; None takes the training loop's default for
+# the batch's shape (step.default_micro_batches), as ml.train does
+MICRO_BATCHES: int | None = None
 
 
 # ---------------------------------------------------------------------------------- minilora
@@ -143,11 +147,12 @@ def minilora_optimizer(model: GPT) -> AdamW:
 def minilora_loop_step(model: GPT, opt: AdamW, params: list, x: Any, y: Any,
                        shards: int) -> float:
     """The training loop's step (train.py: ``_loss_and_norm``, then the update): forward and
-    backward with the batch in ``shards`` shards, the loss and gradient norm read in one go,
-    clipping folded into AdamW."""
+    backward with the batch in ``shards`` shards of the loop's micro-batches, the loss and
+    gradient norm read in one go, clipping folded into AdamW."""
     opt.set_lr(LR)
+    micro = MICRO_BATCHES or loop_micro_batches(x.shape[0], x.shape[1], shards)
     with checks.deferred() as pending:
-        loss = forward_backward(model, x, y, shards, sync=False)
+        loss = forward_backward(model, x, y, shards, micro_batches=micro, sync=False)
         # looked up on the module each call, so that the breakdown's timer can stand in for it
         loss, norm = pending.settle(loss, ml.optim.norm_array(params))
     scale = clip_coefficient(norm, LOOP.grad_clip) if LOOP.grad_clip > 0 else 1.0
@@ -592,6 +597,8 @@ def memory(cfg: GPTConfig, mode: str, batch: int, shards: int, frameworks: list[
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", fw,
                    "--config", json.dumps(cfg.to_dict()), "--mode", mode, "--step", kind,
                    "--batch", str(batch), "--shards", str(shards)]
+            if MICRO_BATCHES:
+                cmd += ["--micro-batches", str(MICRO_BATCHES)]
             # a fixed mmap threshold stops glibc from keeping freed large buffers in its heap,
             # so the resident set follows the live arrays of either framework
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -615,11 +622,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def print_speed(mode: str, times: dict, tokens: int, floor_s: float, shards: int) -> dict:
+def print_speed(mode: str, times: dict, tokens: int, floor_s: float, shards: int,
+                micro: int = 1) -> dict:
     """The speed table (one row per step and framework) and the minilora / PyTorch ratios."""
     threads = min(shards, default_threads(shards))
-    label = {"minilora/loop": f"minilora ({shards} shards on {threads} threads, 1-thread BLAS "
-                              f"each)",
+    pieces = f", {micro} micro-batches each" if micro > 1 else ""
+    label = {"minilora/loop": f"minilora ({shards} shards{pieces} on {threads} threads, "
+                              f"1-thread BLAS each)",
              "minilora/plain": f"minilora (1 shard, {get_blas_threads() or '?'}-thread BLAS)",
              "torch/loop": f"{torch_label(mode)} (torch threads: {_torch_threads()})",
              "torch/plain": f"{torch_label(mode)} (torch threads: {_torch_threads()})"}
@@ -707,9 +716,11 @@ def measure_speed(cfg: GPTConfig, mode: str, batch: int, rounds: int, per_round:
     time.sleep(PAUSE_S)  # PyTorch's idle worker threads spin for a while: let them settle
     floor = sp.matmul_time(cfg, batch, mode, shards, default_threads(shards), **lora)
     tokens = batch * cfg.block_size
-    ratios = print_speed(mode, times, tokens, floor["seconds"], shards)
+    micro = MICRO_BATCHES or loop_micro_batches(batch, cfg.block_size, shards)
+    ratios = print_speed(mode, times, tokens, floor["seconds"], shards, micro)
     print_limit(flops, floor)
     return s, {"mode": mode, "config": cfg.to_dict(), "batch": batch, "tokens_per_step": tokens,
+               "micro_batches": micro,
                "median_ms": {k: 1e3 * v for k, v in times.items()}, "ratios": ratios,
                "first_loss": s["first_loss"], "trainable": s["trainable"], "notes": s["notes"],
                "flops": flops, "floor": floor,
@@ -793,6 +804,9 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     ap.add_argument("--shards", type=int, default=default_shards(),
                     help="minilora's loop step: batch shards run side by side, as the training "
                     "loop does (default: the loop's default)")
+    ap.add_argument("--micro-batches", type=int, default=None,
+                    help="minilora's loop step: pieces per shard run in turn (default: the "
+                    "loop's, pieces of about 512 tokens on the CPU)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (numpy: set OPENBLAS_NUM_THREADS yourself)")
     ap.add_argument("--memory", action="store_true", help="measure memory even with --quick")
@@ -811,6 +825,8 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
 def main() -> None:
     """Run the modes asked for (or a memory child, or the sources side by side) and report."""
     args, ap = parse_args()
+    global MICRO_BATCHES
+    MICRO_BATCHES = args.micro_batches
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.config, args.mode, args.step,
                                       args.batch, args.shards)))

@@ -20,7 +20,8 @@ from .train import TrainConfig, format_eval, train
 # the default model for the tasks: small enough to learn 3-digit addition in about a minute
 MODEL_DEFAULTS = {"n_layer": 3, "n_head": 4, "n_embd": 128, "dropout": 0.0}
 TRAIN_FIELDS = ("steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay", "grad_clip",
-                "eval_every", "eval_examples", "checkpoint_every", "seed", "shards")
+                "eval_every", "eval_examples", "checkpoint_every", "seed", "shards",
+                "micro_batches")
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "block_size")
 
 
@@ -197,10 +198,15 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
             ("seed", count, "random seed: same seed, same run"),
             ("shards", positive_int, "cut each batch into this many shards that run side by "
              "side on threads, one per core; the result depends on this number, not on the "
-             "cores")):
+             "cores"),
+            ("micro_batches", positive_int, "run each shard's rows as this many pieces in turn "
+             "(gradient accumulation: less memory, the same sum; the result depends on it)")):
         default = getattr(defaults, name)
         if name == "shards" and default is None:  # chosen by the backend at run time
             default = "2 on the CPU, 1 on a device; a resume keeps the checkpoint's"
+        if name == "micro_batches" and default is None:
+            default = "pieces of about 512 tokens on the CPU, 1 on a device; a resume keeps " \
+                      "the checkpoint's"
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        metavar="X" if typ is nonnegative_float else "N",
                        help=f"{text} (default {default})")

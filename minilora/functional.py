@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import backend as B
-from . import fast
+from . import fast, flops
 from .errors import DTypeError, InvalidArgumentError, ShapeError, shape_error
 from .fast import checks
 from .fast.elementwise import GELU_A, GELU_C
@@ -39,6 +39,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     lead = x.shape[:-1]
     x2 = x.data.reshape(-1, x.shape[-1])  # (N, in)
     y = x2 @ weight.data.T  # (N, out)
+    N, k, n = x2.shape[0], x2.shape[1], weight.shape[0]
+    flops.add_matmul("linear", N, k, n)
     if bias is not None:
         y += bias.data
     parents = (x, weight) if bias is None else (x, weight, bias)
@@ -47,6 +49,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     def backward(g: Any):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        flops.add_matmul("linear", N, n, k, bool(x.requires_grad) + (saved_x is not None))
         gx = (g2 @ weight.data).reshape(x.shape) if x.requires_grad else None
         gw = g2.T @ saved_x if saved_x is not None else None
         if bias is None:

@@ -53,7 +53,15 @@ def keep_host_rng() -> Iterator[None]:
 
 
 class Module:
-    """Base class: assign Parameters and Modules as attributes and they are tracked."""
+    """Base class: assign Parameters and Modules as attributes and they are tracked.
+
+    ``keeps_own_inputs`` is a module's word that its backward pass reads no tensor it was given,
+    only arrays its own closures hold (a linear layer keeps its input array for its weight
+    gradient, or nothing when the weight is frozen): a caller may then ``tensor.release`` the
+    input once the module has run. False unless a subclass says otherwise.
+    """
+
+    keeps_own_inputs: bool = False
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", {})
@@ -334,6 +342,8 @@ class Linear(Module):
     Initialised as PyTorch: W and b uniform in [-1/sqrt(in), 1/sqrt(in)]
     (kaiming-uniform with a = sqrt 5).
     """
+
+    keeps_own_inputs = True  # F.linear holds its input array itself, and only when W trains
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = None) -> None:

@@ -11,6 +11,13 @@ the batch's mean loss and its gradient are
 
 so each shard runs its own forward pass and starts its backward pass from n_s / n instead of 1.
 
+Micro-batches: a shard may run its rows as m consecutive pieces, one after another in its thread
+(gradient accumulation): the same sum over pieces instead of shards, each piece's backward
+starting from n_p / n. Only one piece per shard holds its activations at a time, so what a step
+holds for its backward pass shrinks m-fold while the matrix products stay as large as the BLAS
+needs (``default_micro_batches``: pieces of about 512 tokens on the CPU). The pieces of one shard
+add their gradients into the shard's store in piece order.
+
 Why: NumPy releases the GIL inside BLAS calls and ufunc loops, so two Python threads, each with a
 one-thread BLAS, keep two cores busy through the matmuls *and* the elementwise work between them
 (GELU, LayerNorm, softmax, which NumPy runs on one thread). A multi-threaded BLAS parallelises
@@ -24,9 +31,10 @@ after another in the calling thread and the BLAS thread count is left alone.
 
 Same seed, same result: each shard writes its gradients into its own store
 (``tensor.leaf_grads_into``) and the stores are added in shard order once all are done, so the
-result depends on the number of shards, never on the number of threads or on which finished
-first. Each shard draws its dropout masks from its own generator, seeded from the global one
-before the shards start. One shard is exactly ``loss = model(idx, targets)[1]; loss.backward()``.
+result depends on the number of shards and micro-batches, never on the number of threads or on
+which finished first. Each shard draws its dropout masks from its own generator (its pieces in
+turn), seeded from the global one before the shards start. One shard of one piece is exactly
+``loss = model(idx, targets)[1]; loss.backward()``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,25 @@ def default_shards() -> int:
     busy), one on a device (which runs each kernel in parallel already, and whose shards would
     only run one after another)."""
     return 1 if B.on_device() else 2
+
+
+# Tokens per micro-batch the CPU default aims at: OpenBLAS runs the linear layers' products at
+# the same rate from 256 rows up (benchmarks/RESULTS.md), and a piece this size keeps what a
+# forward pass holds for its backward a few MiB per layer.
+PIECE_TOKENS = 512
+
+
+def default_micro_batches(rows: int, tokens_per_row: int, shards: int) -> int:
+    """Micro-batches per shard when none are asked for: on the CPU, pieces of about
+    ``PIECE_TOKENS`` tokens (at least one row each), so a shard runs its rows in turn and only
+    one piece per shard holds activations at a time; one on a device, which has the memory and
+    whose kernels gain from the larger batch."""
+    for name, v in (("rows", rows), ("tokens_per_row", tokens_per_row), ("shards", shards)):
+        check_int(v, f"default_micro_batches: {name}")
+    if B.on_device():
+        return 1
+    per_shard = max(1, rows // shards)
+    return max(1, min(per_shard, per_shard * tokens_per_row // PIECE_TOKENS))
 
 
 def default_threads(shards: int) -> int:
@@ -90,7 +117,7 @@ def _scored(targets: Any, bounds: list[int], ignore_index: int) -> list[int]:
 
 def forward_backward(model: Any, idx: Any, targets: Any, shards: int | None = None,
                      threads: int | None = None, ignore_index: int = -100, *,
-                     sync: bool = True) -> Any:
+                     micro_batches: int = 1, sync: bool = True) -> Any:
     """Run ``model(idx, targets) -> (logits, loss)`` and its backward pass, the batch cut into
     ``shards`` row-shards (default :func:`default_shards`); returns the batch's mean loss as a
     float, or with ``sync=False`` as a 0-d float64 array on the active device, so that the caller
@@ -103,23 +130,28 @@ def forward_backward(model: Any, idx: Any, targets: Any, shards: int | None = No
     ``loss.backward()`` would. ``threads`` (default :func:`default_threads`) run the shards; while
     more than one does, OpenBLAS is held at one thread. With the fast forms off the shards run one
     after another, whatever ``threads`` says. Should a shard fail, no gradient is changed.
+    ``micro_batches`` m: each shard runs its rows as m pieces in turn (at most one row each);
+    1 runs each shard whole, and with one shard that is the plain step.
     """
     shards = default_shards() if shards is None else shards
     idx, targets = _check(idx, targets, shards, threads)
-    loss = _loss_and_grads(model, idx, targets, shards, threads, ignore_index)
+    check_int(micro_batches, "forward_backward: micro_batches")
+    loss = _loss_and_grads(model, idx, targets, shards, threads, ignore_index, micro_batches)
     return float(loss) if sync else loss
 
 
 def _loss_and_grads(model: Any, idx: Any, targets: Any, shards: int, threads: int | None,
-                    ignore_index: int) -> Any:
+                    ignore_index: int, micro: int = 1) -> Any:
     """:func:`forward_backward`'s work; the loss as a 0-d float64 device array (no sync)."""
     rows = idx.shape[0]
     shards = min(shards, rows)
-    if shards == 1:  # the plain step, unchanged
+    micro = max(1, min(micro, rows // shards))
+    if shards * micro == 1:  # the plain step, unchanged
         _, loss = model(idx, targets)
         loss.backward()
         return loss.data.astype(np.float64, copy=False).reshape(())
-    bounds = [rows * s // shards for s in range(shards + 1)]
+    pieces = shards * micro  # shard s runs pieces s * micro .. (s + 1) * micro - 1, in order
+    bounds = [rows * s // pieces for s in range(pieces + 1)]
     counts = _scored(targets, bounds, ignore_index)
     total = sum(counts)
     if total == 0:  # nothing scored: the plain step, its loss NaN
@@ -132,19 +164,23 @@ def _loss_and_grads(model: Any, idx: Any, targets: Any, shards: int, threads: in
     results: list = [None] * shards
 
     def run(s: int) -> None:
-        if counts[s] == 0:  # its loss is NaN and its weight 0: it adds nothing
-            results[s] = (None, {})
-            return
-        a, b = bounds[s], bounds[s + 1]
-        weight = counts[s] / total
         store: dict = {}
+        part = None
         with leaf_grads_into(store), B.generator_as(generators[s]):
-            _, loss = model(idx[a:b], targets[a:b])
-            loss.backward(B.xp.asarray(weight, dtype=loss.dtype))
-        # (n_s / n) L_s in float64, on the device: the host would need a sync per shard
-        results[s] = (loss.data.astype(np.float64, copy=False).reshape(()) * weight, store)
+            for p in range(s * micro, (s + 1) * micro):
+                if counts[p] == 0:  # its loss is NaN and its weight 0: it adds nothing
+                    continue
+                a, b = bounds[p], bounds[p + 1]
+                weight = counts[p] / total
+                loss = model(idx[a:b], targets[a:b])[1]  # the logits go now, not next piece
+                loss.backward(B.xp.asarray(weight, dtype=loss.dtype))
+                # (n_p / n) L_p in float64, on the device: the host would need a sync per piece
+                term = loss.data.astype(np.float64, copy=False).reshape(()) * weight
+                part = term if part is None else part + term
+                del loss  # its graph goes before the next piece's is built
+        results[s] = (part, store)
 
-    rows_per_shard = [b - a for a, b in zip(bounds, bounds[1:])]
+    rows_per_shard = [bounds[(s + 1) * micro] - bounds[s * micro] for s in range(shards)]
     with cpu.blas_threads_as(1) if threads > 1 else nullcontext():
         # re-raises a shard's failure before any gradient is touched
         cpu.for_each_in_threads(run, rows_per_shard, threads)
@@ -178,4 +214,5 @@ def _add_in_order(stores: list[dict], threads: int) -> None:
     cpu.for_each_in_threads(add, [gs[0].size for _, gs, _ in work], threads)
 
 
-__all__ = ["forward_backward", "default_shards", "default_threads"]
+__all__ = ["forward_backward", "default_shards", "default_threads", "default_micro_batches",
+           "PIECE_TOKENS"]

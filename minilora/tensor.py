@@ -16,6 +16,7 @@ only computes the gradients of inputs that ask for one, so frozen weights cost n
 
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import backend as B
-from . import fast
+from . import fast, flops
 from .errors import DTypeError, GraphError, InvalidArgumentError, ShapeError, shape_error
 
 _state = threading.local()
@@ -181,10 +182,15 @@ def _deliver(leaf: Tensor, g: Any, shared: dict, sink: dict | None) -> None:
 def _store(sink: dict, leaf: Tensor, g: Any, shared: dict) -> None:
     """``sink[id(leaf)] = (leaf, sum of the gradients, owned)``: the first gradient as it is,
     with whether the walk owns it (then whoever adds the stores up may add into it in place);
-    a repeat is added into a new array, which is owned."""
+    a repeat is added into the held sum when the walk owns it (no new array: a training step's
+    micro-batches add their gradients into one store), else into a new array, which is owned."""
     held = sink.get(id(leaf))
     if held is None:
         sink[id(leaf)] = (leaf, g, _owned(g, shared))
+    elif held[2] and held[1].dtype == B.xp.result_type(held[1], g) and \
+            held[1].shape == g.shape and id(held[1]) not in shared:
+        total = held[1]
+        total += g  # the same sum, in place
     else:
         sink[id(leaf)] = (leaf, held[1] + g, True)
 
@@ -262,7 +268,13 @@ class Tensor:
         grads = {id(self): seed}  # node -> the sum of the gradients that reached it so far
         shared = {id(seed): seed}  # arrays the walk must not write into (the seed: the caller's)
         sink = getattr(_state, "sink", None)
-        for node in reversed(self.topological_order()):
+        order = self.topological_order()
+        # popped, not iterated: once the walk has passed a node and its children have dropped
+        # their closures, nothing of the walk holds it, so its values go back right then
+        # instead of at the walk's end (the forward pass's outputs would otherwise all live on
+        # beside the gradients)
+        while order:
+            node = order.pop()
             g = grads.pop(id(node), None)
             if g is None:  # no gradient reached it: every closure on the way gave None
                 continue
@@ -492,9 +504,14 @@ class Tensor:
             raise shape_error("matmul", a.shape, b.shape,
                               detail=f"inner dimensions {a.shape[-1]} != {b.shape[-2]}")
         out = a._binary(b, lambda x, y: x @ y, "matmul")
+        n_out = math.prod(out.shape[:-2])  # products in the batch (broadcast already applied)
+        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        flops.add_matmul("matmul", m, k, n, n_out)
 
         def backward(g: Any):
             ga = gb = None
+            flops.add_matmul("matmul", m, n, k, n_out * (bool(a.requires_grad)
+                                                           + bool(b.requires_grad)))
             if a.requires_grad:
                 if a.ndim > 2 and b.ndim == 2:  # (..., n, k) @ (k, m): one GEMM, not a batch
                     ga = (g.reshape(-1, g.shape[-1]) @ b.data.T).reshape(a.shape)

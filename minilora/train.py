@@ -65,7 +65,7 @@ from .jsonl import JsonlDataset
 from .jsonl import exact_match as jsonl_exact_match
 from .nn import Module
 from .optim import AdamW, clip_coefficient, norm_array, warmup_cosine
-from .step import default_shards, forward_backward
+from .step import default_micro_batches, default_shards, forward_backward
 from .tensor import no_grad
 
 
@@ -80,6 +80,10 @@ class TrainConfig:
     row-shards that run side by side on threads (:mod:`minilora.step`); 1 runs it whole; None
     (the default) takes the number a resumed checkpoint records, else ``step.default_shards()``
     (2 on the CPU, 1 on a device), and :func:`train` records the number it used.
+    ``micro_batches``: each shard runs its rows as this many pieces in turn (gradient
+    accumulation: less memory, the same sum); None takes a resumed checkpoint's number, else
+    ``step.default_micro_batches`` for the first batch's shape (pieces of about 512 tokens on
+    the CPU, 1 on a device), recorded like ``shards``.
     """
 
     steps: int = 1000
@@ -96,13 +100,15 @@ class TrainConfig:
     seed: int = 0
     shards: int | None = None
     phases: tuple = ()
+    micro_batches: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.betas, (tuple, list)) or not all(_is_number(b) for b in self.betas):
             raise ConfigError(f"TrainConfig: betas must be two numbers, got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
-        for name in ("steps", "batch_size", "eval_every", "eval_examples", "shards"):
-            if name == "shards" and self.shards is None:
+        for name in ("steps", "batch_size", "eval_every", "eval_examples", "shards",
+                     "micro_batches"):
+            if name in ("shards", "micro_batches") and getattr(self, name) is None:
                 continue  # chosen by train(): the checkpoint's number, or the backend's default
             setattr(self, name, check_int(getattr(self, name), f"TrainConfig: {name}", 1,
                                           ConfigError))
@@ -196,9 +202,9 @@ def _check_phases(phases: Any, steps: int) -> tuple:
 # the fields a resumed run must share with the saved one to continue it exactly (steps and
 # phases may grow: an extended run)
 _SCHEDULE_FIELDS = ("batch_size", "lr", "warmup", "min_lr", "weight_decay", "betas",
-                    "grad_clip", "seed", "shards")
+                    "grad_clip", "seed", "shards", "micro_batches")
 # what a checkpoint saved before a field existed meant by it
-_OLD_DEFAULTS = {"shards": 1, "phases": ()}
+_OLD_DEFAULTS = {"shards": 1, "phases": (), "micro_batches": 1}
 
 
 def param_groups(model: Module, weight_decay: float) -> list[dict]:
@@ -286,8 +292,9 @@ def _check_resumable(saved: dict | None, config: TrainConfig, where: Path) -> No
         raise CheckpointError(f"checkpoint at {str(where)!r} has no train_config to resume")
     now = config.to_dict()
     saved = {**_OLD_DEFAULTS, **saved}
-    if now["shards"] is None:  # not chosen: the run goes on with the shards it was cut into
-        now["shards"] = saved["shards"]
+    for name in ("shards", "micro_batches"):
+        if now[name] is None:  # not chosen: the run goes on with the pieces it was cut into
+            now[name] = saved[name]
     diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in _SCHEDULE_FIELDS
             if saved.get(k) != now[k]]
     old_phases = [list(p) for p in saved["phases"]]
@@ -374,9 +381,10 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
     if resume is not None:
         ckpt = load_checkpoint(resume)
         _check_resumable(ckpt.train_config, config, Path(resume))
-        if config.shards is None:  # the shards the run was cut into, on whatever backend
-            config = dataclasses.replace(
-                config, shards={**_OLD_DEFAULTS, **ckpt.train_config}["shards"])
+        saved = {**_OLD_DEFAULTS, **ckpt.train_config}
+        for name in ("shards", "micro_batches"):  # as the run was cut, on whatever backend
+            if getattr(config, name) is None:
+                config = dataclasses.replace(config, **{name: saved[name]})
         start = restore(ckpt, model, optimizer, data_rng=rng)
         if start > stop:
             raise InvalidArgumentError(f"train: the checkpoint at {str(resume)!r} is at step "
@@ -424,7 +432,11 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
                 lr = config.lr_at(step)
                 optimizer.set_lr(lr)
                 x, y = data.get_batch(config.batch_size, rng)
-                loss, norm = _loss_and_norm(model, x, y, config.shards, params, optimizer)
+                if config.micro_batches is None:  # chosen once, by the first batch's shape
+                    config = dataclasses.replace(config, micro_batches=default_micro_batches(
+                        x.shape[0], x.shape[1] if x.ndim > 1 else 1, config.shards))
+                loss, norm = _loss_and_norm(model, x, y, config.shards, params, optimizer,
+                                            config.micro_batches)
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     optimizer.zero_grad()
                     raise TrainingDivergedError(_diverged(step + 1, loss, norm, lr, config,
@@ -470,13 +482,14 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
 
 
 def _loss_and_norm(model: Module, x: Any, y: Any, shards: int, params: list,
-                   optimizer: AdamW) -> tuple[float, float]:
+                   optimizer: AdamW, micro_batches: int = 1) -> tuple[float, float]:
     """One step's forward and backward pass; its loss and global gradient norm as floats, read
     with the flags of the step's index checks in one device-to-host transfer. A failed check
     raises its error then, with the gradients it left behind zeroed: no update is applied."""
     with checks.deferred() as pending:
         try:
-            loss = forward_backward(model, x, y, shards, sync=False)
+            loss = forward_backward(model, x, y, shards, micro_batches=micro_batches,
+                                    sync=False)
             loss, norm = pending.settle(loss, norm_array(params))
         except BaseException:
             optimizer.zero_grad()

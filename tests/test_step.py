@@ -12,7 +12,7 @@ from minilora import GPT, GPTConfig, fast
 from minilora import functional as F
 from minilora.errors import GraphError, InvalidArgumentError, ShapeError
 from minilora.fast import cpu
-from minilora.step import default_threads, forward_backward
+from minilora.step import PIECE_TOKENS, default_micro_batches, default_threads, forward_backward
 from minilora.tensor import leaf_grads_into
 from tests.helpers import host
 
@@ -46,20 +46,84 @@ def whole_batch(model, x, y):
 
 
 @given(rows=st.integers(1, 7), shards=st.integers(1, 5), threads=st.sampled_from([None, 1, 2]),
-       ignored=st.lists(st.tuples(st.integers(0, 6), st.integers(0, T - 1)), max_size=12))
-def test_shards_give_the_whole_batchs_loss_and_gradients(rows, shards, threads, ignored):
+       ignored=st.lists(st.tuples(st.integers(0, 6), st.integers(0, T - 1)), max_size=12),
+       micro=st.integers(1, 4))
+def test_shards_give_the_whole_batchs_loss_and_gradients(rows, shards, threads, ignored, micro):
+    """Shards, and each shard's micro-batches (gradient accumulation), give the whole batch's
+    loss and gradients (float64)."""
     ml.set_default_dtype(np.float64)
     x, y = batch(rows, ignored=ignored)
     model = tiny_gpt()
     model.double()
     loss, expected = whole_batch(model, x, y)
     model.zero_grad()
-    got_loss = forward_backward(model, x, y, shards=shards, threads=threads)
+    got_loss = forward_backward(model, x, y, shards=shards, threads=threads, micro_batches=micro)
     got = grads(model)
     assert got_loss == pytest.approx(loss, rel=1e-12, abs=1e-12) or (np.isnan(loss) and
                                                                     np.isnan(got_loss))
     for name, g in expected.items():
         np.testing.assert_allclose(got[name], g, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("shards,micro", [(1, 2), (2, 2), (2, 3)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_micro_batches_give_the_same_bits_whatever_the_threads(shards, micro, dropout):
+    x, y = batch(7, ignored=[(0, 1), (4, 2)])
+    results = []
+    for threads in (1, 2):
+        model = tiny_gpt(dropout)
+        ml.manual_seed(7)
+        loss = forward_backward(model, x, y, shards=shards, threads=threads, micro_batches=micro)
+        results.append((loss, grads(model)))
+    (first_loss, first), (loss, got) = results
+    assert loss == first_loss
+    for name, g in got.items():
+        assert np.array_equal(g, first[name]), name
+
+
+def test_a_shard_of_pieces_is_the_pieces_run_in_turn_bit_for_bit():
+    """One shard of two pieces is exactly: backward of piece 1 weighted n_1 / n, then of piece 2
+    weighted n_2 / n, the second gradient added into the first (the store's order)."""
+    x, y = batch(4)
+    model = tiny_gpt()
+    forward_backward(model, x, y, shards=1, micro_batches=2)
+    got = grads(model)
+    model.zero_grad()
+    for a, b in ((0, 2), (2, 4)):
+        _, loss = model(x[a:b], y[a:b])
+        loss.backward(np.asarray(0.5, dtype=np.float32))
+    for name, g in grads(model).items():
+        assert np.array_equal(got[name], g), name
+
+
+def test_only_one_piece_per_shard_holds_its_graph_at_a_time():
+    """What a step holds for its backward shrinks with the pieces: with m pieces per shard only
+    one piece's graph is alive at a time (peak traced memory of a step, 1 piece against 4)."""
+    import tracemalloc
+
+    ml.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=64))
+    x = np.random.default_rng(0).integers(0, V, (16, 32))
+    peaks = {}
+    for micro in (1, 4, 1, 4):  # twice each: the first may page code in
+        model.zero_grad()
+        tracemalloc.start()
+        forward_backward(model, x, x, shards=1, micro_batches=micro)
+        peaks[micro] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[4] < 0.5 * peaks[1], peaks
+
+
+@pytest.mark.host_only("a rule about sizes: it makes no arrays")
+def test_default_micro_batches_aim_at_pieces_of_a_few_hundred_tokens(monkeypatch):
+    monkeypatch.setattr(ml.backend, "on_device", lambda: False)  # the CPU's rule, on any backend
+    assert default_micro_batches(16, 128, 2) == 16 * 128 // 2 // PIECE_TOKENS
+    assert default_micro_batches(64, 12, 2) == 1  # short rows: the shard is one piece already
+    assert default_micro_batches(3, 4096, 2) == 1  # never less than a row a piece
+    monkeypatch.setattr(ml.backend, "on_device", lambda: True)
+    assert default_micro_batches(16, 128, 1) == 1  # a device has the memory, and wants the rows
+    with pytest.raises(InvalidArgumentError, match="tokens_per_row"):
+        default_micro_batches(16, 0, 2)
 
 
 def test_one_shard_is_the_plain_step_bit_for_bit():

@@ -16,7 +16,7 @@ from minilora.data import CharTokenizer, TaskDataset, TextDataset, get_task, tas
 from minilora.errors import CheckpointError, ConfigError, InvalidArgumentError
 from minilora.gpt import GPT, GPTConfig
 from minilora.optim import warmup_cosine
-from minilora.step import default_shards
+from minilora.step import default_micro_batches, default_shards
 from minilora.train import (
     HISTORY_FILE,
     TrainConfig,
@@ -354,9 +354,13 @@ def test_checkpoints_record_the_task_and_tokenizer(tmp_path):
     ck = load_checkpoint(tmp_path)
     assert ck.step == 4 and ck.tokenizer == task_tokenizer()
     assert ck.extra["task"] == {"name": "max", "digits": 1} and ck.extra["n_heldout"] == 20
-    # the shards the run used, chosen by train() since the config left them open
-    assert ck.train_config == {**tiny_config(steps=4, checkpoint_every=2).to_dict(),
-                               "shards": default_shards()}
+    # the shards and micro-batches the run used, chosen by train() since the config left them
+    # open (the micro-batches by the batch's shape)
+    config = tiny_config(steps=4, checkpoint_every=2)
+    x, _ = data.get_batch(config.batch_size, np.random.default_rng(0))
+    micro = default_micro_batches(x.shape[0], x.shape[1], default_shards())
+    assert ck.train_config == {**config.to_dict(), "shards": default_shards(),
+                               "micro_batches": micro}
 
 
 def test_the_same_loop_fine_tunes_a_lora_model_and_resumes_it(tmp_path):

@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .. import backend as B
-from .. import fast
+from .. import fast, flops
 from .. import functional as F
 from ..errors import ConfigError, GraphError, InvalidArgumentError
 from ..nn import Linear, Module, ModuleDict, Parameter
@@ -93,6 +93,9 @@ def add_lora_update(y: Tensor, x: Tensor, A: Tensor, Bm: Tensor, s: float, *,
         raise GraphError("add_lora_update: y was already handed over (y_is_fresh=True) to an "
                          "earlier update, which may have written into its array; pass that "
                          "update's output instead")
+    N, r = x2.shape[0], A.shape[0]
+    flops.add_matmul("lora", N, k, r)  # x A^T
+    flops.add_matmul("lora", N, r, n)  # (s x A^T) B^T
     into = fast.kernel("lora_update") if y_is_fresh else None
     if y_is_fresh:
         _hand_over(y)
@@ -105,7 +108,10 @@ def add_lora_update(y: Tensor, x: Tensor, A: Tensor, Bm: Tensor, s: float, *,
 
     def backward(g: Any) -> tuple:
         g2 = g.reshape(-1, n)  # (N, out)
-        gh = g2 @ Bm.data if (x.requires_grad or A.requires_grad) else None  # (N, r)
+        wants_gh = x.requires_grad or A.requires_grad
+        flops.add_matmul("lora", N, n, r, wants_gh + bool(Bm.requires_grad))  # gh, gB
+        flops.add_matmul("lora", N, r, k, bool(x.requires_grad) + bool(A.requires_grad))  # gx, gA
+        gh = g2 @ Bm.data if wants_gh else None  # (N, r)
         gx = ((gh @ A.data) * s).reshape(x.shape) if x.requires_grad else None
         gA = (gh.T @ x2) * s if A.requires_grad else None
         gB = g2.T @ h if Bm.requires_grad else None
@@ -151,6 +157,11 @@ class LoRALinear(Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._merge_factors: dict[str, Any] = {}  # DoRA's m / ||W + s B A|| at merge time
+
+    @property
+    def keeps_own_inputs(self) -> bool:  # type: ignore[override]
+        """As its base layer: the updates' closures hold x's array (dropout's too), not x."""
+        return bool(getattr(self.base_layer, "keeps_own_inputs", False))
 
     @property
     def weight(self) -> Parameter:

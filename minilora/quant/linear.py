@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import backend as B
-from .. import nn
+from .. import flops, nn
 from ..errors import InvalidArgumentError, StateDictError, shape_error
 from ..tensor import Tensor
 from .blockwise import QuantState, dequantize, quantize
@@ -43,6 +43,8 @@ class QuantLinear(nn.Module):
     float copy of W never outlives one matmul. That costs two dequantizations per training step,
     each O(in * out) elementwise work, small next to the matmuls for batches of a few hundred rows.
     """
+
+    keeps_own_inputs = True  # its backward reads g and the quantized weight, never x
 
     def __init__(self, quant_state: QuantState, bias: Any = None) -> None:
         super().__init__()
@@ -86,6 +88,8 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         w = dequantize(state).astype(x.dtype, copy=False)  # float64 only for gradient checks
         y = x.data.reshape(-1, self.in_features) @ w.T  # (N, out)
+        N = y.shape[0]
+        flops.add_matmul("quant_linear", N, self.in_features, self.out_features)
         del w  # the float weight lives for one matmul only
         if bias is not None:
             y += bias.data
@@ -95,6 +99,7 @@ class QuantLinear(nn.Module):
             g2 = g.reshape(-1, g.shape[-1])  # (N, out)
             gx = None
             if x.requires_grad:
+                flops.add_matmul("quant_linear", N, self.out_features, self.in_features)
                 gx = (g2 @ dequantize(state).astype(g.dtype, copy=False)).reshape(x.shape)
             if bias is None:
                 return (gx,)
