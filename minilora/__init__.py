@@ -6,12 +6,12 @@
     layer(x).sum().backward()      # x.grad, layer.weight.grad, layer.bias.grad
 
 Layers, from the bottom (imports point down; ARCHITECTURE.md draws them): errors -> backend,
-fileio, tensorfile -> fast (the fast forms, one switch) -> tensor (autograd), functional,
-attention -> nn, optim -> data, bpe, gpt, quant, lora, interop, jsonl -> checkpoint, step, train
--> cli, demo and this face. See the README for the tour.
+fileio, tensorfile, flops -> fast (the fast forms, one switch) -> tensor (autograd), functional,
+attention -> nn, optim -> data, bpe, gpt, quant, lora, family, interop, jsonl -> checkpoint,
+step, train -> cli, demo and this face. See the README for the tour.
 """
 
-from . import backend, errors, fast, functional, interop, lora, nn, optim, quant
+from . import backend, errors, family, fast, flops, functional, interop, lora, nn, optim, quant
 from .backend import get_backend, manual_seed, set_default_dtype, use_backend
 from .gpt import GPT, GPTConfig
 from .tensor import Tensor, cat, concatenate, is_grad_enabled, no_grad, split, stack, tensor, where
@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Tensor", "tensor", "no_grad", "is_grad_enabled", "concatenate", "cat", "stack", "split",
     "where", "use_backend", "get_backend", "manual_seed", "set_default_dtype", "backend", "errors",
-    "fast", "functional", "nn", "optim", "lora", "quant", "interop", "GPT", "GPTConfig",
-    "__version__",
+    "fast", "flops", "functional", "nn", "optim", "lora", "family", "quant", "interop", "GPT",
+    "GPTConfig", "__version__",
 ]

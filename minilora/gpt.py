@@ -12,7 +12,10 @@ released weights run on it unchanged (HF stores its c_attn/c_fc/c_proj weights t
 q, k, v fused; the interop module converts them).
 
 Every projection is an ``nn.Linear`` attribute called as ``self.q_proj(x)``: LoRA swaps those
-modules for adapted ones and the model code does not change.
+modules for adapted ones and the model code does not change. Prompt and prefix tuning
+(:mod:`minilora.family`) enter through one hook instead, ``GPT.prompt_encoder``: N virtual
+tokens prepended to the embeddings, or N learned keys and values per layer, in the first N
+positions of the context.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 
 from . import backend as B
 from . import functional as F
-from .attention import KVCache, causal_self_attention
+from .attention import KVCache, causal_self_attention, prefix_self_attention
 from .errors import ConfigError, DTypeError, InvalidArgumentError, ShapeError, check_int, is_int
 from .fast import checks
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
@@ -132,17 +135,26 @@ class CausalSelfAttention(Module):
         self.o_proj = Linear(C, C, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """x (B, T, C) -> (B, T, C); with ``cache`` (no graph) also attend to cached positions."""
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
+                prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (B, T, C) -> (B, T, C); with ``cache`` (no graph) also attend to cached positions.
+
+        ``prefix`` (prefix tuning, :mod:`minilora.family.prefix`): keys and values (B, N, C) of N
+        learned positions before the sequence, which every query attends to as well.
+        """
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, C) each
+        release_input(x, self.q_proj, self.k_proj, self.v_proj)  # ln_1's output: kept by them
         if cache is None:
             p = self.dropout if self.training else 0.0
-            y = causal_self_attention(q, k, v, self.n_head, p)
-            release(q)  # the attention keeps its own scaled copy of q (k and v it keeps as views)
+            if prefix is None:
+                y = causal_self_attention(q, k, v, self.n_head, p)
+                release(q)  # the attention keeps its own scaled copy of q (k and v as views)
+            else:  # [prefix; k], [prefix; v], in the reference ops (the fused form has no prefix)
+                y = prefix_self_attention(q, k, v, prefix[0], prefix[1], self.n_head, p)
         else:
             y = Tensor(cache.attend(layer, q.data, k.data, v.data, self.n_head))
         out = self.o_proj(y)
-        release(y)  # the attention keeps what it needs; a frozen o_proj needs nothing of y
+        release_input(y, self.o_proj)  # the attention keeps what it needs of y itself
         return self.resid_dropout(out)
 
 
@@ -158,10 +170,11 @@ class MLP(Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, C) -> (B, T, C)."""
         h = self.fc(x)
+        release_input(x, self.fc)  # ln_2's output: a trainable fc keeps it, a frozen one needn't
         a = F.gelu(h)
         release(h)  # GELU's backward keeps its derivative, not its input
         out = self.proj(a)
-        release(a)  # needed only by a trainable proj's weight gradient, which keeps it itself
+        release_input(a, self.proj)  # only a trainable proj's weight gradient reads a
         return self.dropout(out)
 
 
@@ -175,9 +188,10 @@ class Block(Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """(B, T, C) -> (B, T, C)."""
-        a = self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
+                prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """(B, T, C) -> (B, T, C); ``prefix``: this layer's learned keys and values, if any."""
+        a = self.attn(self.ln_1(x), cache, layer, prefix)
         x = x + a
         m = self.mlp(self.ln_2(x))
         out = x + m
@@ -185,6 +199,14 @@ class Block(Module):
         # would hold these (B, T, C) arrays to the end of the forward pass for nothing
         release(a, m, x)
         return out
+
+
+def release_input(x: Tensor, *consumers: Module) -> None:
+    """``release(x)`` once ``consumers`` have run, if every one of them keeps its own arrays
+    (``Module.keeps_own_inputs``): a module swapped in whose backward reads x (an adapter of
+    another kind) keeps x's values alive."""
+    if all(m.keeps_own_inputs for m in consumers):
+        release(x)
 
 
 def _normal_(p: Parameter, std: float) -> None:
@@ -200,6 +222,11 @@ class GPT(Module):
     projections (o_proj, mlp.proj) N(0, (0.02 / sqrt(2 n_layer))^2) so the residual stream's
     variance does not grow with depth, biases 0, LayerNorm weights 1.
     """
+
+    # Prompt or prefix tuning (minilora.family.prompt) sets this to its prompt encoder, whose N
+    # virtual tokens take the first N positions of the context: the forward asks it for them
+    # (``prepare_inputs``) at the start of a sequence. None, the base model, skips that.
+    prompt_encoder: Module | None = None
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -229,6 +256,11 @@ class GPT(Module):
             n -= self.wpe.weight.size
         return n
 
+    @property
+    def num_virtual_tokens(self) -> int:
+        """N, the context positions prompt or prefix tuning's virtual tokens take (0: none)."""
+        return 0 if self.prompt_encoder is None else self.prompt_encoder.num_virtual_tokens
+
     # -------------------------------------------------------------------------------- forward
 
     def _check_idx(self, idx: Any, start: int = 0) -> Any:
@@ -243,6 +275,11 @@ class GPT(Module):
         if arr.ndim != 2 or arr.shape[1] == 0:
             raise ShapeError(f"GPT: idx must have shape (B, T) with T >= 1, got {arr.shape}")
         T = arr.shape[1]
+        N = 0 if start else self.num_virtual_tokens  # a sequence's start runs them first
+        if N and N + T > self.config.block_size:
+            raise ShapeError(f"GPT: num_virtual_tokens N={N} and a sequence of length T={T} "
+                             f"exceed block_size={self.config.block_size} (N + T = {N + T}); "
+                             f"crop idx to the last {self.config.block_size - N} tokens")
         if start + T > self.config.block_size:
             where = f" after {start} cached positions" if start else ""
             raise ShapeError(f"GPT: sequence of length {T}{where} exceeds block_size="
@@ -259,14 +296,20 @@ class GPT(Module):
         start = cache.length if cache is not None else 0
         T = idx.shape[1]
         pos = np.arange(start, start + T)  # (T,), on the host: checked there, not on the device
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C)
+        x, prefix = self.wte(idx), None  # (B, T, C)
+        if start == 0 and self.prompt_encoder is not None:  # virtual tokens take 0 .. N first
+            x, pos, prefix = self.prompt_encoder.prepare_inputs(x, cache)
+        x = self.drop(x + self.wpe(pos))  # (B, T, C) + (T, C); N + T rows after prompt tuning
+        n = x.shape[1]  # the positions the blocks run: T, or N + T with virtual tokens in front
         for i, block in enumerate(self.h):
-            x, previous = block(x, cache, i), x
+            x, previous = block(x, cache, i, None if prefix is None else prefix[i]), x
             release(previous)  # the block's input: its ops kept what they need of it
         if cache is not None:
-            cache.length += T
+            cache.length += n
         if last_only:
             x = x[:, -1:]  # (B, 1, C): generation only needs the newest position
+        elif n != T:
+            x = x[:, -T:]  # (B, T, C): the real tokens' positions, the virtual ones left out
         # the head is tied to the token table: logits = ln_f(x) wte^T, both uses share one grad
         return F.linear(self.ln_f(x), self.wte.weight)  # (B, T, V)
 
@@ -312,11 +355,13 @@ class GPT(Module):
         ``seed`` fixes the sampling (else the generator of ``manual_seed`` is used). The model runs
         in eval mode (no dropout) and records no graph; its mode is restored afterwards.
 
-        The context is cropped to the last block_size tokens. With ``use_cache`` the keys and
-        values of earlier positions are kept, so each step runs only the newest token; once the
-        window is full the positions shift, so each further step recomputes the cropped window
-        (as the uncached path always does). With ``return_logits`` the logits each token was
-        sampled from come back too, as (B, n, V): the cache is checked against them.
+        The context is cropped to the last block_size tokens (block_size - N beside the N
+        virtual tokens of prompt or prefix tuning, which fill the first N cache entries). With
+        ``use_cache`` the keys and values of earlier positions are kept, so each step runs only
+        the newest token; once the window is full the positions shift, so each further step
+        recomputes the cropped window (as the uncached path always does). With
+        ``return_logits`` the logits each token was sampled from come back too, as (B, n, V):
+        the cache is checked against them.
 
         Sampling runs on the host, so on a device each token costs one device-to-host transfer
         (its last logits) and nothing else waits for the device: the tokens are checked on the
@@ -326,14 +371,15 @@ class GPT(Module):
         self._check_generate_args(max_new_tokens, temperature, top_k, seed)
         tokens = self._check_idx_any_length(idx).astype(np.int64)  # (B, T) host
         rng = np.random.default_rng(seed) if seed is not None else B.host_rng()
-        block = self.config.block_size
+        N = self.num_virtual_tokens  # the first N positions (and cache entries) are virtual
+        block = self.config.block_size - N  # the window of real tokens
         steps = []
         was_training = self.training
         self.eval()
         try:
             with no_grad():
                 # sized to what this call can fill, so a large batch of short answers is cheap
-                size = min(block, tokens.shape[1] + max_new_tokens)
+                size = N + min(block, tokens.shape[1] + max_new_tokens)
                 cache = self.make_cache(tokens.shape[0], size) if use_cache else None
                 for step in range(max_new_tokens):
                     # host tokens: the embedding checks them there and uploads them
@@ -364,7 +410,7 @@ class GPT(Module):
         arr = B.to_numpy(idx.data if isinstance(idx, Tensor) else idx)
         if arr.ndim != 2:
             raise ShapeError(f"GPT.generate: idx must have shape (B, T), got {arr.shape}")
-        self._check_idx(arr[:, -self.config.block_size:])
+        self._check_idx(arr[:, -(self.config.block_size - self.num_virtual_tokens):])
         return arr
 
     def _check_generate_args(self, max_new_tokens: Any, temperature: Any, top_k: Any,

@@ -186,24 +186,29 @@ def _same_setup(a: LoraConfig, b: LoraConfig) -> list[str]:
             if getattr(a, f) != getattr(b, f)]
 
 
-def _check_fit(expected: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    missing = sorted(set(expected) - set(arrays))
+def check_arrays(expected: dict[str, tuple], arrays: dict[str, np.ndarray], who: str,
+                 source: str = "the model") -> None:
+    """An adapter file's ``arrays`` must hold exactly the keys of ``expected`` ({key: shape},
+    worked out from a config and a model, nothing allocated), each of its shape; else a
+    CheckpointError from ``who`` that names the key and both shapes (``source``: where the
+    expected shapes come from)."""
     unexpected = sorted(set(arrays) - set(expected))
     if unexpected:
         k = unexpected[0]
-        raise CheckpointError(f"load_adapter: the file has key {k!r} with shape "
+        raise CheckpointError(f"{who}: the file has key {k!r} with shape "
                               f"{tuple(arrays[k].shape)}, which this model has no place for "
                               f"({len(unexpected)} such keys); is it for another base model?")
+    missing = sorted(set(expected) - set(arrays))
     if missing:
         k = missing[0]
-        raise CheckpointError(f"load_adapter: the file lacks key {k!r} (shape "
-                              f"{expected[k].shape} in the model; {len(missing)} keys missing); "
-                              f"is it for another base model?")
-    for k, p in expected.items():
-        if tuple(arrays[k].shape) != p.shape:
-            raise CheckpointError(f"load_adapter: key {k!r} has shape {tuple(arrays[k].shape)} "
-                                  f"in the file but {p.shape} in the model; the adapter was "
-                                  f"made for another base model")
+        raise CheckpointError(f"{who}: the file lacks key {k!r} (shape {tuple(expected[k])} in "
+                              f"{source}; {len(missing)} keys missing); is it for another base "
+                              f"model?")
+    for k, shape in expected.items():
+        if tuple(arrays[k].shape) != tuple(shape):
+            raise CheckpointError(f"{who}: key {k!r} has shape {tuple(arrays[k].shape)} in the "
+                                  f"file but {tuple(shape)} in {source}; the adapter was made "
+                                  f"for another base model")
 
 
 def _check_ranks(config: LoraConfig, arrays: dict[str, np.ndarray], directory: str) -> None:
@@ -249,7 +254,7 @@ def load_adapter(model: Module, directory: str, adapter_name: str = "default") -
         model.lora_configs[adapter_name] = config
     expected = adapter_state_dict(model, adapter_name)
     try:
-        _check_fit(expected, arrays)
+        check_arrays({k: p.shape for k, p in expected.items()}, arrays, "load_adapter")
     except CheckpointError:
         if existing is None:
             delete_adapter(model, adapter_name)

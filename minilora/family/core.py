@@ -1,0 +1,39 @@
+"""What every method of the family shares: which one a model carries, and its configuration.
+
+An injection records its config on the model as ``model.family_config`` (one method of the family
+at a time; LoRA's own adapters live apart, in :mod:`minilora.lora`). Saving, loading, merging and
+the command line read it to know what the model holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from ..nn import Module
+
+
+def family_config(model: Module) -> Any:
+    """The config of the family method injected into ``model``, or None."""
+    return getattr(model, "family_config", None)
+
+
+def record(model: Module, config: Any, who: str) -> None:
+    """Mark ``model`` as carrying ``config``'s method; refused (ConfigError) if it already
+    carries one, naming both: two methods' parameters would be saved and merged as one."""
+    if not isinstance(model, Module):
+        raise ConfigError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
+    held = family_config(model)
+    if held is not None:
+        raise ConfigError(f"{who}: the model already carries {type(held).__name__}; inject one "
+                          f"method of the family per model (build a fresh base for another)")
+    model.family_config = config
+
+
+def forget(model: Module) -> None:
+    """Clear the mark (after merge_and_unload has folded the method away)."""
+    if family_config(model) is not None:
+        model.family_config = None
+
+
+__all__ = ["family_config", "record", "forget"]
