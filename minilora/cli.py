@@ -13,7 +13,9 @@ Tasks (one shared vocabulary; operands zero-padded to --digits digits, 3 by defa
     digitmax  task C: in each place the larger digit              183+459=0489.
     rev       extra: the sum written backwards                    183+459=2460.
     max       extra: the larger number                            183,459=459.
-Train task A from scratch; tasks B and C are what LoRA adapters learn on top of it.
+Train task A from scratch; tasks B and C are what LoRA adapters learn on top of it
+(`finetune --method` trains another method of the PEFT family instead: ia3, bitfit, bottleneck,
+prompt or prefix).
 
 Every command takes --help. Training writes a checkpoint directory (model.safetensors,
 optimizer.safetensors, checkpoint.json, history.json, manifest.json) that `sample`, `eval` and
@@ -98,10 +100,14 @@ def _train(args: argparse.Namespace) -> int:
         tokenizer = ByteTokenizer(eot=True) if args.tokenizer == "byte" else None
         data = TextDataset.from_file(args.text, tokenizer=tokenizer, block_size=block)
     else:
-        if "block_size" in given:
-            raise ConfigError("train: --block-size is for --text; a task sets its own length")
         data = TaskDataset(get_task(args.task, args.digits), n_heldout=args.heldout)
-    model_cfg = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=data.block_size,
+        if given.get("block_size", data.block_size) < data.block_size:
+            raise ConfigError(f"train --block-size {given['block_size']}: task {args.task!r} "
+                              f"needs a context of at least {data.block_size} tokens")
+    # a task's context is its own length unless --block-size leaves room beyond it (for the
+    # virtual tokens of prompt and prefix tuning, `finetune --method prompt`)
+    model_cfg = GPTConfig(vocab_size=data.tokenizer.vocab_size,
+                          block_size=given.get("block_size", data.block_size),
                           **{k: given.get(k, MODEL_DEFAULTS[k]) for k in MODEL_DEFAULTS})
     model = GPT(model_cfg)
     what = _describe(data.task) if isinstance(data, TaskDataset) else f"text file {args.text!r}"
@@ -186,7 +192,7 @@ def _sample(args: argparse.Namespace) -> int:
     ids = tok.encode(args.prompt)
     if ids.size == 0:
         raise InvalidArgumentError("--prompt is empty: give the text to continue")
-    block = model.config.block_size
+    block = model.config.block_size - model.num_virtual_tokens  # prompt, prefix tuning take N
     if ids.size > block:
         print(f"minilora sample: note: the prompt has {ids.size} tokens, more than the model's "
               f"context of {block}; it sees only the last {block}", file=sys.stderr, flush=True)
@@ -216,8 +222,9 @@ def _eval(args: argparse.Namespace) -> int:
     setup(args)
     model, ck, tok, trained_on = _model_and_data_record(args)
     start = time.perf_counter()
+    block = model.config.block_size - model.num_virtual_tokens  # prompt, prefix tuning take N
     if args.text is not None:
-        data = TextDataset.from_file(args.text, tokenizer=tok, block_size=model.config.block_size)
+        data = TextDataset.from_file(args.text, tokenizer=tok, block_size=block)
         loss = validation_loss(model, data, batch_size=16, batches=max(1, args.examples // 16))
         print(f"text {args.text!r}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
               f"({time.perf_counter() - start:.1f} s)")
@@ -227,7 +234,7 @@ def _eval(args: argparse.Namespace) -> int:
         from .jsonl import JsonlDataset
         from .jsonl import exact_match as jsonl_exact_match
 
-        data = JsonlDataset.from_file(args.data, tok, block_size=model.config.block_size) \
+        data = JsonlDataset.from_file(args.data, tok, block_size=block) \
             if args.data is not None else dataset_from_record(trained_on, tok, "eval")
         n = min(args.examples, data.n_heldout)
         acc = jsonl_exact_match(model, data, n)
@@ -235,9 +242,11 @@ def _eval(args: argparse.Namespace) -> int:
               f"({time.perf_counter() - start:.1f} s)")
         return 0
     data = task_dataset(trained_on, args.task)
-    if data.block_size > model.config.block_size:
+    if data.block_size > block:
+        beside = f" beside {model.num_virtual_tokens} virtual tokens" \
+            if model.num_virtual_tokens else ""
         raise ConfigError(f"eval: task {data.task.name!r} needs block_size "
-                          f"{data.block_size}, the model has {model.config.block_size}")
+                          f"{data.block_size}, the model has {block}{beside}")
     n = min(args.examples, data.n_heldout)
     acc = exact_match(model, data, n)
     print(f"task {data.task.name!r} ({data.task.digits} digits): held-out exact match "
@@ -351,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="X" if typ is fraction else "N",
                        help=f"model: {text} (default {MODEL_DEFAULTS[name]})")
     t.add_argument("--block-size", dest="block_size", type=positive_int, default=None,
-                   metavar="N", help="model context for --text (default 64; a task sets its own)")
+                   metavar="N", help="model context (default 64 for --text; a task's own length, "
+                   "or more to leave room for prompt or prefix tuning's virtual tokens)")
     add_common(t)
     t.set_defaults(func=_train)
     add_parsers(sub, fmt)

@@ -13,12 +13,15 @@ it (adapter_config.json + adapter_model.safetensors: minilora's module names on 
 PEFT's GPT-2 names such as ``c_attn`` on a Hugging Face base, so ``PeftModel`` loads it) plus what
 resuming needs: the trained weights and optimizer state (model.safetensors holds only the
 adapter), checkpoint.json naming the base (its path and SHA-256), the method, the LoRA and
-quantization settings and the data. ``--full`` writes a whole checkpoint instead.
+quantization settings and the data. ``--full`` writes a whole checkpoint instead. ``--method``
+trains another method of the PEFT family (IA3, BitFit, bottleneck adapters, prompt or prefix
+tuning) into the same kind of directory: :mod:`minilora.cli_family`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import re
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import backend as B
-from . import interop, lora, quant
+from . import cli_family, interop, lora, quant
 from .checkpoint import FILES as CHECKPOINT_FILES
 from .checkpoint import (
     META_FILE,
@@ -108,13 +111,15 @@ def _load_recorded_base(record: dict, who: str) -> tuple[GPT, Any, dict]:
 
 # ------------------------------------------------------------------------------------- data
 
-def _dataset(args: argparse.Namespace, tokenizer: Any, model: GPT, info: dict) -> Any:
-    """The fine-tuning data: --task, --text or --data, tokenized as the base is."""
+def _dataset(args: argparse.Namespace, tokenizer: Any, model: GPT, info: dict,
+             reserve: int = 0) -> Any:
+    """The fine-tuning data: --task, --text or --data, tokenized as the base is; text and JSONL
+    sequences leave ``reserve`` positions of the context free (prompt and prefix tuning's)."""
     given = [f for f in ("task", "text", "data") if getattr(args, f) is not None]
     if len(given) != 1:
         raise ConfigError(f"{args.command}: give the data as exactly one of --task NAME, --text "
                           f"FILE or --data FILE.jsonl (got {len(given)})")
-    block = model.config.block_size
+    block = model.config.block_size - reserve
     if args.task is not None:
         if tokenizer != task_tokenizer():
             raise ConfigError(f"{args.command} --task: the base's tokenizer is not the tasks' "
@@ -133,8 +138,9 @@ def _dataset(args: argparse.Namespace, tokenizer: Any, model: GPT, info: dict) -
 
         data = JsonlDataset.from_file(args.data, tokenizer, block_size=block)
     if data.block_size > block:
+        beside = f" beside {reserve} virtual tokens" if reserve else ""
         raise ConfigError(f"{args.command}: the data needs a context of {data.block_size} "
-                          f"tokens, the base has {block}")
+                          f"tokens, the base has {block}{beside}")
     return data
 
 
@@ -160,14 +166,18 @@ def dataset_from_record(record: dict, tokenizer: Any, who: str) -> Any:
 # ---------------------------------------------------------------------------------- finetune
 
 def _lora_config(args: argparse.Namespace) -> lora.LoraConfig:
-    targets = ALL_LINEAR if args.target == "all-linear" else \
-        tuple(t.strip() for t in args.target.split(",") if t.strip())
+    # the flags default to None (so that another --method can refuse them): LoRA's defaults here
+    target = args.target or "q_proj,v_proj"
+    targets = ALL_LINEAR if target == "all-linear" else \
+        tuple(t.strip() for t in target.split(",") if t.strip())
     if not targets:
         raise ConfigError(f"--target must name modules (e.g. q_proj,v_proj) or be all-linear, "
-                          f"got {args.target!r}")
-    return lora.LoraConfig(r=args.r, alpha=args.alpha if args.alpha is not None else 2 * args.r,
-                           dropout=args.lora_dropout, target_modules=targets,
-                           use_rslora=args.rslora, use_dora=args.dora, init=args.init)
+                          f"got {target!r}")
+    r = args.r or 8
+    return lora.LoraConfig(r=r, alpha=args.alpha if args.alpha is not None else 2 * r,
+                           dropout=args.lora_dropout or 0.0, target_modules=targets,
+                           use_rslora=bool(args.rslora), use_dora=bool(args.dora),
+                           init=args.init or "kaiming")
 
 
 def _prepare(model: GPT, info: dict, method: str, config: lora.LoraConfig | None,
@@ -229,41 +239,67 @@ def _print_trainable(model: GPT, method: str, name: str) -> None:
 def _finetune(args: argparse.Namespace) -> int:
     setup(args)
     if args.resume:
+        cli_family.refuse_method_flags(args, "finetune --resume")
         return _finetune_resume(args)
     if args.source is None:
         raise ConfigError("finetune: name the base with --from DIR (a minilora checkpoint or a "
                           "Hugging Face GPT-2 directory), or continue a run with --resume DIR")
     if args.out is None:
         raise ConfigError("finetune: name the output directory with --out DIR")
-    method = args.method or "lora"
+    chosen = cli_family.check_flags(args)  # refuses --full --method, and flags left unused
+    method = args.mode or "lora"  # the base: lora (as it is), qlora (4-bit first) or full
     names = CHECKPOINT_FILES if method == "full" else FINETUNE_FILES
     check_destination(args.out, overwrite=args.overwrite, names=names, what="--out")
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
     cfg = TrainConfig(**given)
     B.manual_seed(cfg.seed)
     model, tokenizer, info = load_base(args.source)
+    quant_cfg = {"quant_type": args.quant_type, "blocksize": args.quant_blocksize,
+                 "double_quant": not args.no_double_quant} if method == "qlora" else None
+    base = {k: v for k, v in info.items() if k != "base_extra"}
+    if chosen in cli_family.FAMILY:
+        data, config = _family_data(args, chosen, tokenizer, model, info)
+        record = cli_family.prepare(model, chosen, config, quant_cfg)
+        cli_family.check_savable(model, chosen, args)
+        cli_family.print_trainable(model, chosen, config)
+        return _finetune_run(args, model, data, cfg, tokenizer, {**record, **base}, resume=None)
     data = _dataset(args, tokenizer, model, info)
     config = _lora_config(args) if method != "full" else None
     if config is not None and config.init == "pissa" and (method == "qlora" or config.use_dora):
         raise ConfigError("finetune --init pissa rewrites the base weights (W - s B A); it works "
                           "with --lora, not with --qlora or --dora: use --init kaiming there")
-    quant_cfg = {"quant_type": args.quant_type, "blocksize": args.quant_blocksize,
-                 "double_quant": not args.no_double_quant} if method == "qlora" else None
-    _prepare(model, info, method, config, quant_cfg, args.adapter_name)
-    _print_trainable(model, method, args.adapter_name)
-    record = {"method": method, "adapter_name": args.adapter_name, "quant": quant_cfg,
-              "lora": dataclasses.asdict(config) if config is not None else None,
-              **{k: v for k, v in info.items() if k != "base_extra"}}
+    name = args.adapter_name or "default"
+    _prepare(model, info, method, config, quant_cfg, name)
+    _print_trainable(model, method, name)
+    record = {"method": method, "adapter_name": name, "quant": quant_cfg,
+              "lora": dataclasses.asdict(config) if config is not None else None, **base}
     return _finetune_run(args, model, data, cfg, tokenizer, record, resume=None)
+
+
+def _family_data(args: argparse.Namespace, method: str, tokenizer: Any, model: GPT,
+                 info: dict) -> tuple[Any, Any]:
+    """The data and the family config of ``--method``: prompt and prefix tuning's N virtual
+    tokens take context, so text and JSONL sequences are cut to leave them room and a task's
+    sequences must fit beside them."""
+    block = model.config.block_size
+    N = cli_family.virtual_tokens(args, method, block, None) if args.task is None else 0
+    data = _dataset(args, tokenizer, model, info, reserve=N)
+    if args.task is not None:
+        N = cli_family.virtual_tokens(args, method, block, data.block_size)
+    return data, cli_family.method_config(args, method, N, ALL_LINEAR)
 
 
 def _finetune_run(args: argparse.Namespace, model: GPT, data: Any, cfg: TrainConfig,
                   tokenizer: Any, record: dict, resume: str | None) -> int:
-    method, name = record["method"], record["adapter_name"]
+    method, name = record["method"], record.get("adapter_name")
     extra = {**data_description(data), "finetune": record}
     options: dict[str, Any] = {"tokenizer": tokenizer, "model_config": model.config,
                                "extra": extra}
-    if method != "full":
+    if method in cli_family.FAMILY:
+        options.update(checkpoint_weights="trainable",
+                       checkpoint_files=cli_family.adapter_bytes(model))
+        method += " on a 4-bit base" if record.get("quant") else ""
+    elif method != "full":
         options.update(checkpoint_weights="trainable",
                        checkpoint_files=_adapter_bytes(model, record, name))
     print(f"fine-tuning ({method}) on {_describe_data(data)} for {cfg.steps} steps; writing "
@@ -286,10 +322,15 @@ def _finetune_resume(args: argparse.Namespace) -> int:
         raise ConfigError(f"finetune --resume: {args.resume!r} is not a fine-tune (no finetune "
                           f"record); a training run resumes with `minilora train --resume`")
     model, tokenizer, info = _load_recorded_base(record, "finetune --resume")
-    config = lora.LoraConfig(**{**record["lora"], "target_modules": tuple(
-        record["lora"]["target_modules"])}) if record.get("lora") else None
-    _prepare(model, {**info, **record}, record["method"], config, record.get("quant"),
-             record["adapter_name"])
+    if record.get("method") in cli_family.FAMILY:
+        cli_family.prepare(model, record["method"],
+                           cli_family.config_from_record(record, "finetune --resume"),
+                           record.get("quant"))
+    else:
+        config = lora.LoraConfig(**{**record["lora"], "target_modules": tuple(
+            record["lora"]["target_modules"])}) if record.get("lora") else None
+        _prepare(model, {**info, **record}, record["method"], config, record.get("quant"),
+                 record["adapter_name"])
     data = dataset_from_record(ck.extra, tokenizer, "finetune --resume")
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
     cfg = resumed_config(args, TrainConfig.from_dict(ck.train_config), given)
@@ -326,13 +367,18 @@ def adapter_record(directory: str) -> dict:
 def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
     """Load every ``--adapter DIR`` into ``model`` and activate ``--use NAME`` (default: the
     first); returns the active adapter's record, or None for the bare base (no adapter, or
-    ``--no-adapter``). QLoRA adapters quantize the base first, as they were trained on it."""
+    ``--no-adapter``). QLoRA adapters quantize the base first, as they were trained on it. An
+    adapter of the family (IA3, BitFit, bottleneck, prompt, prefix: its config's peft_type) loads
+    alone, with ``ml.family.load_adapter`` (:func:`minilora.cli_family.attach`)."""
     dirs = args.adapter or []
     if args.no_adapter or not dirs:
         if args.use:
             raise ConfigError(f"--use {args.use!r} needs the adapter it names (--adapter DIR)")
         return None
     records = [adapter_record(d) for d in dirs]
+    kinds = [cli_family.peft_type_in(d) for d in dirs]
+    if any(kinds):  # a method of the family: detected from adapter_config.json's peft_type
+        return cli_family.attach(model, dirs, records, kinds, args.use)
     names = [r["adapter_name"] for r in records]
     if len(set(names)) != len(names):
         raise ConfigError(f"--adapter: two adapters are named alike ({names}); rename a folder")
@@ -423,10 +469,15 @@ def _merge(args: argparse.Namespace) -> int:
     model, ck = load_model(args.checkpoint)
     args.no_adapter, args.use = False, args.use
     record = attach_adapters(model, args)
-    _dequantize_lora_bases(model)
-    lora.merge_and_unload(model)
+    if cli_family.carries_family(model):
+        cli_family.merge(model)  # IA3, BitFit; the others are refused, saying why
+        what, update = f"the {record['method']} adapter", "the merged weights"
+    else:
+        _dequantize_lora_bases(model)
+        lora.merge_and_unload(model)
+        what, update = f"adapter {record['adapter_name']!r}", "W + s B A"
     into = args.into
-    print(f"merged adapter {record['adapter_name']!r} into {args.checkpoint!r}", flush=True)
+    print(f"merged {what} into {args.checkpoint!r}", flush=True)
     extra = {**ck.extra, "merged": {"adapter": [str(Path(a).resolve()) for a in args.adapter],
                                     "into": into}}
     if into != "float32":
@@ -437,7 +488,7 @@ def _merge(args: argparse.Namespace) -> int:
         err = _weight_error(before, model)
         data = _data_of(record, ck, model)
         changed = _answers_changed(merged_float, model, data) if data is not None else ""
-        print(f"merging into {into} re-quantizes W + s B A: |delta W| lost max {err['max']:.4g}, "
+        print(f"merging into {into} re-quantizes {update}: |delta W| lost max {err['max']:.4g}, "
               f"mean {err['mean']:.4g}{'; ' + changed if changed else ''}", flush=True)
         extra["merged"]["error"] = err
     save_checkpoint(args.out, model, model_config=model.config, tokenizer=ck.tokenizer,
@@ -447,8 +498,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _copy(model: GPT) -> GPT:
-    twin = GPT(model.config)
-    twin.load_state_dict(model.state_dict())
+    # a deep copy, not GPT(config) + load_state_dict: after a merge of an adapter trained on a
+    # 4-bit base the layers it did not touch are still QuantLinear, which a plain GPT lacks
+    twin = copy.deepcopy(model)
     twin.eval()
     return twin
 
@@ -506,15 +558,28 @@ def _export(args: argparse.Namespace) -> int:
     args.no_adapter = False
     record = attach_adapters(model, args)
     if args.to == "peft":
-        interop.export_peft(model, args.out, record["adapter_name"])
-        print(f"PEFT adapter for Hugging Face GPT-2 in {args.out} (load it with "
+        if cli_family.carries_family(model):
+            what = f"PEFT {cli_family.export_peft(model, args.out)} adapter"
+        else:
+            interop.export_peft(model, args.out, record["adapter_name"])
+            what = "PEFT adapter"
+        print(f"{what} for Hugging Face GPT-2 in {args.out} (load it with "
               f"PeftModel.from_pretrained on `minilora export --to hf` of the base)", flush=True)
         return 0
-    if record is not None:
+    if record is not None and cli_family.carries_family(model):
+        cli_family.merge(model)  # IA3, BitFit; the others are refused, saying why
+    elif record is not None:
         _dequantize_lora_bases(model)
         lora.merge_and_unload(model)
+    # HF GPT-2 files hold float weights: 4-bit layers (a 4-bit base, or the layers a QLoRA or
+    # --qlora family adapter left alone) are written as deq(Q(W)), what the model computes with
+    four_bit = [p for p, m in model.named_modules() if isinstance(m, quant.QuantLinear)]
+    for path in four_bit:
+        model.set_submodule(path, model.get_submodule(path).to_linear())
     interop.gpt_to_hf(model, args.out)
-    print(f"Hugging Face GPT-2 in {args.out}{' (adapter merged)' if record else ''} "
+    notes = (["adapter merged"] if record else []) + \
+        ([f"{len(four_bit)} 4-bit layers dequantized"] if four_bit else [])
+    print(f"Hugging Face GPT-2 in {args.out}{' (' + '; '.join(notes) + ')' if notes else ''} "
           f"(GPT2LMHeadModel.from_pretrained loads it)", flush=True)
     return 0
 
@@ -550,11 +615,13 @@ def inspect_rows(path: str) -> list[tuple[str, str]]:
         kind = "LoRA fine-tune" if ck.partial else "checkpoint"
         if record:
             kind = f"{record['method']} fine-tune of {record['base']}"
+            if record.get("method") in cli_family.FAMILY and record.get("quant"):
+                kind += " on a 4-bit base"
         if "quantized" in ck.extra or any(k.endswith(".absmax") for k in ck.weights):
             kind += " (4-bit)"
         rows += [("kind", kind), ("step", str(ck.step)), ("model", _config_text(ck.model_config))]
         if ck.partial:
-            rows += _adapter_rows(path)
+            rows += cli_family.adapter_rows(path, ck.weights) or _adapter_rows(path)
         else:
             model = model_from_checkpoint(ck)
             trainable, total = lora.count_parameters(model)
@@ -565,7 +632,7 @@ def inspect_rows(path: str) -> list[tuple[str, str]]:
             if key in ck.extra:
                 rows.append(("data", f"{key}: {_short(ck.extra[key])}"))
     elif (where / CONFIG_NAME).is_file():
-        rows += [("kind", "adapter")] + _adapter_rows(path)
+        rows += [("kind", "adapter")] + (cli_family.adapter_rows(path) or _adapter_rows(path))
     elif (where / "config.json").is_file():
         model = interop.gpt_from_hf(path)
         rows += [("kind", "Hugging Face GPT-2"), ("model", _config_text(model.config.to_dict())),
@@ -628,13 +695,18 @@ def _quant_flags(p: argparse.ArgumentParser, into: bool = False) -> None:
 
 def add_parsers(sub: Any, fmt: Any) -> None:
     """The workflow's sub-commands on the ``minilora`` parser."""
-    f = sub.add_parser("finetune", formatter_class=fmt, help="LoRA, QLoRA or full fine-tuning of "
-                       "a base on a task, a text or prompt/completion pairs",
+    f = sub.add_parser("finetune", formatter_class=fmt, help="LoRA, QLoRA, the PEFT family or "
+                       "full fine-tuning of a base on a task, a text or prompt/completion pairs",
                        description="Fine-tune a base (a minilora checkpoint or a Hugging Face "
-                       "GPT-2 directory) and save the adapter.\n\n"
+                       "GPT-2 directory) and save the adapter: LoRA by default, or another "
+                       "method of the PEFT family with --method.\n\n"
                        "  minilora finetune --from runs/base --task nocarry --out runs/nocarry\n"
                        "  minilora finetune --from runs/base --task nocarry --qlora --out "
                        "runs/nocarry-q\n"
+                       "  minilora finetune --from runs/base --task nocarry --method ia3 --out "
+                       "runs/nocarry-ia3\n"
+                       "  minilora finetune --from runs/long --task nocarry --method prompt "
+                       "--virtual-tokens 8 --qlora --out runs/nocarry-prompt\n"
                        "  minilora finetune --from runs/story --text more.txt --target all-linear "
                        "--r 16 --out runs/more\n"
                        "  minilora finetune --from gpt2-dir --data pairs.jsonl --out runs/pairs\n"
@@ -651,24 +723,32 @@ def add_parsers(sub: Any, fmt: Any) -> None:
                    "lines (loss on the completions only)")
     f.add_argument("--block-size", dest="block_size", type=positive_int, default=None,
                    metavar="N", help="context for --text (default and at most: the base's)")
-    for flag, method, text in (("--lora", "lora", "LoRA on the frozen base (default)"),
-                               ("--qlora", "qlora", "LoRA on a 4-bit quantized base"),
-                               ("--full", "full", "train every weight")):
-        f.add_argument(flag, dest="method", action="store_const", const=method, help=text)
-    f.add_argument("--r", type=positive_int, default=8, metavar="R", help="LoRA rank (default 8)")
+    for flag, mode, text in (("--lora", "lora", "LoRA on the frozen base (default)"),
+                             ("--qlora", "qlora", "quantize the base to 4 bits first (QLoRA); "
+                              "combines with every --method: IA3, BitFit, bottleneck adapters, "
+                              "prompt and prefix tuning all train on a 4-bit base (their own "
+                              "parameters are float)"),
+                             ("--full", "full", "train every weight, no adapter (takes no "
+                              "--method)")):
+        f.add_argument(flag, dest="mode", action="store_const", const=mode, help=text)
+    cli_family.add_method_flags(f)
+    # LoRA's flags default to None, so that another --method refuses them instead of ignoring
+    f.add_argument("--r", type=positive_int, default=None, metavar="R",
+                   help="LoRA rank (default 8)")
     f.add_argument("--alpha", type=float, default=None, metavar="X",
                    help="LoRA alpha; scaling = alpha / r (default 2 r)")
-    f.add_argument("--lora-dropout", type=fraction, default=0.0, metavar="X",
+    f.add_argument("--lora-dropout", type=fraction, default=None, metavar="X",
                    help="dropout on the adapter's input (default 0)")
-    f.add_argument("--target", default="q_proj,v_proj", metavar="NAMES",
+    f.add_argument("--target", default=None, metavar="NAMES",
                    help="comma list of module names, or all-linear (every linear layer but the "
-                   "output head); default q_proj,v_proj as the LoRA paper")
+                   "output head); default q_proj,v_proj as the LoRA paper (ia3: "
+                   "k_proj,v_proj,mlp.proj)")
     f.add_argument("--rslora", action="store_true", help="scaling alpha / sqrt(r) (rsLoRA)")
     f.add_argument("--dora", action="store_true", help="DoRA: a learned magnitude per output")
-    f.add_argument("--init", choices=INITS, default="kaiming",
+    f.add_argument("--init", choices=INITS, default=None,
                    help="adapter init: kaiming (B = 0, default), gaussian or pissa")
-    f.add_argument("--adapter-name", default="default", metavar="NAME",
-                   help="the adapter's name (default 'default')")
+    f.add_argument("--adapter-name", default=None, metavar="NAME",
+                   help="the LoRA adapter's name (default 'default')")
     _quant_flags(f)
     add_training_flags(f)
     add_common(f)
@@ -677,7 +757,10 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     m = sub.add_parser("merge", formatter_class=fmt, help="fold an adapter into its base",
                        description="Merge an adapter into its base: W' = W + s B A, a checkpoint "
                        "that sample and eval read and that runs at the base's cost. --into a "
-                       "4-bit type re-quantizes W' and prints the error that adds.\n\n"
+                       "4-bit type re-quantizes W' and prints the error that adds. Of the "
+                       "family, IA3 (W' = diag(l) W, or W diag(l)) and BitFit (its biases) merge; "
+                       "bottleneck adapters, prompt and prefix tuning are refused, saying why."
+                       "\n\n"
                        "  minilora merge --checkpoint runs/base --adapter runs/nocarry --out "
                        "runs/merged\n"
                        "  minilora merge --checkpoint runs/base --adapter runs/nocarry --into nf4 "
@@ -706,8 +789,9 @@ def add_parsers(sub: Any, fmt: Any) -> None:
 
     e = sub.add_parser("export", formatter_class=fmt, help="to Hugging Face GPT-2 or PEFT files",
                        description="Write a checkpoint as a Hugging Face GPT-2 directory (--to "
-                       "hf; with --adapter, merged) or an adapter as a PEFT LoRA adapter for it "
-                       "(--to peft).\n\n"
+                       "hf; with --adapter, merged) or an adapter as a PEFT adapter for it "
+                       "(--to peft: LoRA, IA3, prompt and prefix tuning; PEFT has no BitFit or "
+                       "bottleneck adapter).\n\n"
                        "  minilora export --checkpoint runs/base --to hf --out hf/base\n"
                        "  minilora export --checkpoint runs/base --adapter runs/nocarry --to peft "
                        "--out hf/nocarry")
@@ -730,9 +814,10 @@ def add_parsers(sub: Any, fmt: Any) -> None:
 
     s = sub.add_parser("inspect", formatter_class=fmt, help="what a directory holds",
                        description="Show what a checkpoint, fine-tune, adapter or Hugging Face "
-                       "directory holds: its kind, config, parameters (for an adapter r(n+k) per "
-                       "layer), size on disk, bits per parameter and whether its manifest checks "
-                       "out.\n\n  minilora inspect runs/nocarry")
+                       "directory holds: its kind, config, parameters (for a LoRA adapter r(n+k) "
+                       "per layer; for the family's, the method, its trainable parameters and "
+                       "whether it merges), size on disk, bits per parameter and whether its "
+                       "manifest checks out.\n\n  minilora inspect runs/nocarry")
     s.add_argument("path", metavar="PATH", help="the directory")
     add_common(s)
     s.set_defaults(func=_inspect)
