@@ -82,6 +82,44 @@ def gelu(x: Tensor) -> Tensor:
     return Tensor._make(out, (x,), backward, "gelu")
 
 
+def mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
+    """The transformer's MLP, ``gelu(x W1^T + b1) W2^T + b2``: x (..., C), W1 (H, C), b1 (H,),
+    W2 (C', H), b2 (C',) -> (..., C'); the biases may be None.
+
+    As written, three ops: ``linear(gelu(linear(x, W1, b1)), W2, b2)``. The fast form
+    (``fast.mlp``) is one node with the same arithmetic that keeps one (N, H) array for its
+    backward pass instead of two (GELU's derivative and output).
+    """
+    fused = fast.kernel("mlp")
+    if fused is None:
+        return linear(gelu(linear(x, w1, b1)), w2, b2)
+    for weight, bias, inp in ((w1, b1, x.shape[-1]), (w2, b2, w1.shape[0])):
+        if weight.ndim != 2 or weight.shape[1] != inp or \
+                (bias is not None and bias.shape != (weight.shape[0],)):
+            raise shape_error("mlp", x.shape, w1.shape, w2.shape,
+                              detail="x (..., C), W1 (H, C), b1 (H,), W2 (C', H), b2 (C',)")
+    params = (x, w1, b1, w2, b2)
+    needs = tuple(p is not None and is_grad_enabled() and p.requires_grad for p in params)
+    x2 = x.data.reshape(-1, x.shape[-1])  # (N, C)
+    N, C, H, C2 = x2.shape[0], x2.shape[1], w1.shape[0], w2.shape[0]
+    flops.add_matmul("linear", N, C, H)
+    flops.add_matmul("linear", N, H, C2)
+    out, fused_backward = fused(x2, w1.data, None if b1 is None else b1.data, w2.data,
+                                None if b2 is None else b2.data, needs)
+    parents = tuple(p for p in params if p is not None)
+    if fused_backward is None:
+        return Tensor._make(out.reshape(*x.shape[:-1], C2), parents, None, "mlp")
+
+    def backward(g: Any) -> tuple:
+        below = needs[0] or needs[1] or needs[2]
+        flops.add_matmul("linear", N, C2, H, needs[3] + below)  # gW2, ga
+        flops.add_matmul("linear", N, H, C, needs[0] + needs[1])  # gx, gW1
+        gx, gw1, gb1, gw2, gb2 = fused_backward(g.reshape(-1, C2))
+        grads = (None if gx is None else gx.reshape(x.shape), gw1, gb1, gw2, gb2)
+        return tuple(gr for gr, p in zip(grads, params) if p is not None)
+    return Tensor._make(out.reshape(*x.shape[:-1], C2), parents, backward, "mlp")
+
+
 def _softmax_array(z: Any, axis: int) -> Any:
     e = B.xp.exp(z - z.max(axis=axis, keepdims=True))
     e /= e.sum(axis=axis, keepdims=True)

@@ -169,6 +169,11 @@ class MLP(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, C) -> (B, T, C)."""
+        if type(self.fc) is Linear and type(self.proj) is Linear:  # the plain layers: one op
+            out = F.mlp(x, self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias)
+            release(x)  # ln_2's output: the op keeps it itself where fc's weight trains
+            return self.dropout(out)
+        # adapted layers (LoRA, IA3, adapters, 4-bit): module by module
         h = self.fc(x)
         release_input(x, self.fc)  # ln_2's output: a trainable fc keeps it, a frozen one needn't
         a = F.gelu(h)

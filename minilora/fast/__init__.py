@@ -34,6 +34,7 @@ from ..errors import ConfigError
 # op name -> (module in this package, function): every fast form there is, in one table
 KERNELS: dict[str, tuple[str, str]] = {
     "gelu": ("elementwise", "gelu"),
+    "mlp": ("mlp", "mlp"),
     "layer_norm": ("norm", "layer_norm"),
     "column_sums": ("norm", "column_sums"),
     "attention": ("attention", "causal_attention"),
