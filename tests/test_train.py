@@ -162,6 +162,37 @@ def test_unchosen_shards_are_the_backends_default_and_a_resume_keeps_the_saved_n
               progress=False)
 
 
+def test_micro_batches_are_chosen_by_the_batch_recorded_and_kept_by_a_resume(tmp_path,
+                                                                              monkeypatch):
+    """micro_batches=None: step.default_micro_batches of the first batch's shape, recorded in
+    the checkpoint; a resume with it left open keeps the saved number, one that names another is
+    refused; a checkpoint from before micro-batches existed meant one."""
+    import minilora.train as train_mod
+
+    seen = []
+    real = train_mod.forward_backward
+    monkeypatch.setattr(train_mod, "forward_backward",
+                        lambda m, x, y, shards, **kw: seen.append(kw["micro_batches"]) or
+                        real(m, x, y, shards, **kw))
+    data = tiny_task()
+    train(tiny_model(data), data, tiny_config(steps=4, micro_batches=2), out_dir=tmp_path,
+          until=2, progress=False)
+    assert seen == [2, 2] and load_checkpoint(tmp_path).train_config["micro_batches"] == 2
+    seen.clear()
+    train(tiny_model(data), data, tiny_config(steps=4), resume=tmp_path, progress=False)
+    assert seen == [2, 2]
+    with pytest.raises(ConfigError, match="micro_batches: saved 2, now 3"):
+        train(tiny_model(data), data, tiny_config(steps=6, micro_batches=3), resume=tmp_path,
+              progress=False)
+    seen.clear()
+    train(tiny_model(data), data, tiny_config(steps=1), progress=False)
+    x, _ = data.get_batch(8, np.random.default_rng(0))
+    assert seen == [default_micro_batches(8, x.shape[1], default_shards())]
+    saved = TrainConfig().to_dict()
+    del saved["micro_batches"]
+    assert TrainConfig.from_dict(saved).micro_batches == 1
+
+
 def test_weight_decay_goes_to_trainable_matrices_only():
     model = tiny_model(tiny_task())
     model.h[0].attn.k_proj.weight.requires_grad_(False)
