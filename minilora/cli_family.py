@@ -64,6 +64,11 @@ CONFIGS = {"ia3": family.IA3Config, "bitfit": family.BitFitConfig,
            "prefix": family.PrefixTuningConfig}
 # the family writes PEFT's own files for these (PeftModel loads them on an HF GPT-2 base)
 PEFT_FORMAT = ("IA3", "PROMPT_TUNING", "PREFIX_TUNING")
+# The peak learning rate a method fine-tunes at when --lr is not given. A few hundred learned
+# scales, biases or virtual tokens move far less per step than a LoRA update at the same rate
+# (at the training loop's 3e-3, IA3 reached 69% on task B where LoRA reached 100%): these are the
+# rates `python benchmarks/peft_family.py --sweep` chose on task B (benchmarks/RESULTS.md).
+DEFAULT_LR = {"ia3": 0.3, "bitfit": 0.1, "bottleneck": 0.03, "prompt": 0.3, "prefix": 0.3}
 DEFAULT_VIRTUAL_TOKENS = 20  # PEFT's PromptTuningConfig default, when the context has room
 
 # dest -> (flag, the methods that use it); the LoRA flags default to None so that a flag given
@@ -92,7 +97,8 @@ def add_method_flags(p: argparse.ArgumentParser) -> None:
                    "bottleneck (Houlsby et al. 2019: small residual MLPs after attention and "
                    "the MLP), prompt (Lester et al. 2021: learned virtual tokens at the input) or "
                    "prefix (Li and Liang 2021: learned keys and values at every layer); every "
-                   "one combines with --qlora")
+                   "one combines with --qlora. Without --lr the family's methods train at their "
+                   "own rate: " + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()))
     p.add_argument("--feedforward", default=None, metavar="NAMES",
                    help="ia3: the targets whose input (not output) is scaled (default mlp.proj, "
                    "the MLP's hidden activations); --target sets ia3's targets (default "

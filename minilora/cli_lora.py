@@ -251,6 +251,9 @@ def _finetune(args: argparse.Namespace) -> int:
     names = CHECKPOINT_FILES if method == "full" else FINETUNE_FILES
     check_destination(args.out, overwrite=args.overwrite, names=names, what="--out")
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
+    if chosen in cli_family.FAMILY and "lr" not in given:  # the method's own rate, decaying 10x
+        given["lr"] = cli_family.DEFAULT_LR[chosen]
+        given.setdefault("min_lr", given["lr"] / 10)
     cfg = TrainConfig(**given)
     B.manual_seed(cfg.seed)
     model, tokenizer, info = load_base(args.source)

@@ -17,11 +17,12 @@ from .bottleneck import (
 from .ia3 import IA3Config, IA3Linear, ia3_param_count, inject_ia3
 from .io import load_adapter, save_adapter
 from .merge import merge_and_unload
-from .prefix import PrefixTuningConfig
-from .prompt import PromptTuningConfig, inject_prompt
+from .prefix import PrefixTuningConfig, prefix_parameter_count
+from .prompt import PromptTuningConfig, inject_prompt, prompt_parameter_count, virtual_token_flops
 
 __all__ = ["BitFitConfig", "bitfit", "bitfit_param_count", "IA3Config", "IA3Linear",
            "inject_ia3", "ia3_param_count", "BottleneckConfig", "BottleneckAdapter",
            "inject_bottleneck", "bottleneck_param_count", "bottleneck_flops_per_token",
-           "PromptTuningConfig", "PrefixTuningConfig", "inject_prompt", "merge_and_unload",
+           "PromptTuningConfig", "PrefixTuningConfig", "inject_prompt", "prompt_parameter_count",
+           "prefix_parameter_count", "virtual_token_flops", "merge_and_unload",
            "save_adapter", "load_adapter"]
