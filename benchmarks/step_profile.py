@@ -213,7 +213,10 @@ OVERHEAD = "graph overhead (the rest)"
 def _targets() -> list[tuple[Any, str, str]]:
     """(owner, attribute, family) of everything the breakdown wraps: the names as minilora's
     modules look them up when they call them (gpt.py imports causal_self_attention by name, so
-    it is wrapped there; nn.Linear calls functional.linear through the module)."""
+    it is wrapped there; nn.Linear calls functional.linear through the module). The MLP as one
+    op (``F.mlp``) counts as matmul less its GELU passes, which ``fast.mlp`` calls through its
+    module and are wrapped there (its one elementwise product ga * d stays in matmul)."""
+    import minilora.fast.mlp as fast_mlp
     import minilora.functional as F
     import minilora.gpt as gpt
     import minilora.lora.layer as lora_layer
@@ -222,7 +225,8 @@ def _targets() -> list[tuple[Any, str, str]]:
     from minilora.tensor import Tensor
 
     opt = "optimizer (AdamW + norm)"
-    return [(F, "linear", "matmul"), (quant_linear.QuantLinear, "forward", "matmul"),
+    return [(F, "linear", "matmul"), (F, "mlp", "matmul"), (fast_mlp, "gelu", "GELU"),
+            (quant_linear.QuantLinear, "forward", "matmul"),
             (quant_linear, "dequantize", "4-bit dequantize"),
             (lora_layer, "add_lora_update", "LoRA adapters"),
             (gpt, "causal_self_attention", "attention"), (F, "layer_norm", "LayerNorm"),
