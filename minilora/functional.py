@@ -107,8 +107,6 @@ def mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None)
     out, fused_backward = fused(x2, w1.data, None if b1 is None else b1.data, w2.data,
                                 None if b2 is None else b2.data, needs)
     parents = tuple(p for p in params if p is not None)
-    if fused_backward is None:
-        return Tensor._make(out.reshape(*x.shape[:-1], C2), parents, None, "mlp")
 
     def backward(g: Any) -> tuple:
         below = needs[0] or needs[1] or needs[2]
@@ -117,6 +115,7 @@ def mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None)
         gx, gw1, gb1, gw2, gb2 = fused_backward(g.reshape(-1, C2))
         grads = (None if gx is None else gx.reshape(x.shape), gw1, gb1, gw2, gb2)
         return tuple(gr for gr, p in zip(grads, params) if p is not None)
+    # with nothing needing a gradient fused_backward is None, and _make records no graph either
     return Tensor._make(out.reshape(*x.shape[:-1], C2), parents, backward, "mlp")
 
 
