@@ -147,17 +147,13 @@ def _loss_and_grads(model: Any, idx: Any, targets: Any, shards: int, threads: in
     shards = min(shards, rows)
     micro = max(1, min(micro, rows // shards))
     if shards * micro == 1:  # the plain step, unchanged
-        _, loss = model(idx, targets)
-        loss.backward()
-        return loss.data.astype(np.float64, copy=False).reshape(())
+        return _plain_step(model, idx, targets)
     pieces = shards * micro  # shard s runs pieces s * micro .. (s + 1) * micro - 1, in order
     bounds = [rows * s // pieces for s in range(pieces + 1)]
     counts = _scored(targets, bounds, ignore_index)
     total = sum(counts)
     if total == 0:  # nothing scored: the plain step, its loss NaN
-        _, loss = model(idx, targets)
-        loss.backward()
-        return loss.data.astype(np.float64, copy=False).reshape(())
+        return _plain_step(model, idx, targets)
     generators = B.spawn_generators(shards)
     # threads are a fast form: with the fast forms off the same shards run one after another
     threads = min(threads or default_threads(shards), shards) if fast.enabled() else 1
@@ -190,6 +186,13 @@ def _loss_and_grads(model: Any, idx: Any, targets: Any, shards: int, threads: in
     for part in parts[1:]:  # in shard order, as a running sum
         loss_sum = loss_sum + part
     return loss_sum
+
+
+def _plain_step(model: Any, idx: Any, targets: Any) -> Any:
+    """``model(idx, targets)[1].backward()`` on the whole batch; its loss as a 0-d float64."""
+    _, loss = model(idx, targets)
+    loss.backward()
+    return loss.data.astype(np.float64, copy=False).reshape(())
 
 
 def _add_in_order(stores: list[dict], threads: int) -> None:
