@@ -41,6 +41,8 @@ KERNELS: dict[str, tuple[str, str]] = {
     "cached_attention": ("attention", "cached_attention"),
     "adamw": ("adamw", "adamw_step"),
     "lora_update": ("lora", "add_lora_update_into"),
+    "logsumexp_rows": ("loss", "logsumexp_rows"),
+    "cross_entropy_grad": ("loss", "cross_entropy_grad"),
 }
 
 
