@@ -25,7 +25,8 @@ slow on 2 cores: few rounds). ``--quick``: a tiny model (2 layers, n_embd 128, b
 Two steps, each timed for both frameworks:
 
 * ``loop``: what ``minilora.train.train`` runs each step: ``step.forward_backward`` with the
-  batch in ``--shards`` shards (default: the loop's, 2 on the CPU) on as many threads with a
+  batch in ``--shards`` shards (default: the loop's, 2 on the CPU, 1 for GPT-2 small) on as many
+  threads with a
   one-thread OpenBLAS each, the loss and the global gradient norm read together, clipping to
   norm 1 folded into ``AdamW.step(grad_scale=...)``; AdamW as the loop builds it (weight decay
   0.1 on matrices only, betas (0.9, 0.99)). PyTorch: forward, ``backward``,
@@ -373,18 +374,20 @@ def time_steps(step: Callable[[], Any], n: int) -> list[float]:
     return times
 
 
-def setup(cfg: GPTConfig, mode: str, batch: int, shards: int) -> dict:
+def setup(cfg: GPTConfig, mode: str, batch: int, shards: int | None) -> dict:
     """Both frameworks of ``mode`` built from the same weights, with their steps, first losses
     (no update yet: the two must agree) and one warm-up step of each kind. The PyTorch side is
-    None, with a note, when it cannot be built or cannot train (bitsandbytes on this CPU)."""
+    None, with a note, when it cannot be built or cannot train (bitsandbytes on this CPU).
+    ``shards`` None: the training loop's default for the model (``out["shards"]``)."""
     import torch
 
     x, y = make_batch(cfg, batch)
     model, weights = build_minilora(cfg, mode)
+    shards = default_shards(model) if shards is None else shards
     opt = minilora_optimizer(model)
     with ml.no_grad():
         first = {"minilora": float(model(x, y)[1].item())}
-    out = {"model": model, "opt": opt, "x": x, "y": y, "notes": {},
+    out = {"model": model, "opt": opt, "x": x, "y": y, "notes": {}, "shards": shards,
            "sides": {"minilora": minilora_steps(model, opt, x, y, shards)},
            "trainable": {"minilora": ml.lora.count_parameters(model)[0]}}
     adapters = {n: p.data for n, p in model.named_parameters() if "lora_" in n}
@@ -464,7 +467,8 @@ try:
     from minilora.fast.cpu import keep_freed_memory
 except ImportError:
     from minilora.cpu import keep_freed_memory
-cfg, batch, shards = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+cfg, batch = json.loads(sys.argv[1]), int(sys.argv[2])
+shards = None if sys.argv[3] == "None" else int(sys.argv[3])  # None: the loop's default
 keep_freed_memory()
 ml.manual_seed(0)
 model = ml.GPT(ml.GPTConfig(**cfg))
@@ -705,10 +709,11 @@ def print_notes(mode: str, notes: dict, first: dict, trainable: dict, cfg: GPTCo
 
 
 def measure_speed(cfg: GPTConfig, mode: str, batch: int, rounds: int, per_round: int,
-                  shards: int) -> tuple[dict, dict]:
+                  shards: int | None) -> tuple[dict, dict]:
     """Build both sides, time their steps, count the step's FLOPs and time its matmuls alone;
     prints the notes, the speed table and the limit. Returns (the setup, the results)."""
     s = setup(cfg, mode, batch, shards)
+    shards = s["shards"]
     print_notes(mode, s["notes"], s["first_loss"], s["trainable"], cfg)
     times = train_speed(s["sides"], rounds, per_round)
     lora = dict(rank=LORA_R, targets=LORA_TARGETS)
@@ -720,7 +725,7 @@ def measure_speed(cfg: GPTConfig, mode: str, batch: int, rounds: int, per_round:
     ratios = print_speed(mode, times, tokens, floor["seconds"], shards, micro)
     print_limit(flops, floor)
     return s, {"mode": mode, "config": cfg.to_dict(), "batch": batch, "tokens_per_step": tokens,
-               "micro_batches": micro,
+               "shards": shards, "micro_batches": micro,
                "median_ms": {k: 1e3 * v for k, v in times.items()}, "ratios": ratios,
                "first_loss": s["first_loss"], "trainable": s["trainable"], "notes": s["notes"],
                "flops": flops, "floor": floor,
@@ -757,7 +762,7 @@ def run_mode(cfg: GPTConfig, mode: str, batch: int, rounds: int, per_round: int,
           f"{per_round} steps each, alternating; load average {os.getloadavg()[0]:.2f}")
     s, out = measure_speed(cfg, mode, batch, rounds, per_round, args.shards)
     if args.memory or (not quick and not args.no_memory):
-        out["memory"] = memory(cfg, mode, batch, args.shards, list(s["sides"]))
+        out["memory"] = memory(cfg, mode, batch, s["shards"], list(s["sides"]))
         out["memory_ratios"] = print_memory(out["memory"])
     else:
         print("memory: skipped (--quick or --no-memory; --memory runs it)")
@@ -780,7 +785,8 @@ def run_sources(cfg: GPTConfig, batch: int, rounds: int, per_round: int, args: A
     if args.reference:
         sides.append(("reference forms", here, {"MINILORA_REFERENCE": "1"}))
     print(f"minilora train_step, sources side by side: {os.cpu_count()} cpus, numpy "
-          f"{np.__version__}, config {cfg.to_dict()}, batch {batch}, {args.shards} shards, "
+          f"{np.__version__}, config {cfg.to_dict()}, batch {batch}, "
+          f"{args.shards or 'default'} shards, "
           f"{rounds} rounds x {per_round} steps, alternating; load average "
           f"{os.getloadavg()[0]:.2f}")
     res = print_sources(cfg, batch, rounds, per_round, args.shards, sides)
@@ -801,9 +807,9 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
                     help="steps per framework per round")
     ap.add_argument("--batch", type=int, default=None,
                     help="sequences per step (default: 16 reference, 4 gpt2-small and --quick)")
-    ap.add_argument("--shards", type=int, default=default_shards(),
+    ap.add_argument("--shards", type=int, default=None,
                     help="minilora's loop step: batch shards run side by side, as the training "
-                    "loop does (default: the loop's default)")
+                    "loop does (default: the loop's for the model, step.default_shards)")
     ap.add_argument("--micro-batches", type=int, default=None,
                     help="minilora's loop step: pieces per shard run in turn (default: the "
                     "loop's, pieces of about 512 tokens on the CPU)")

@@ -203,7 +203,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
              "(gradient accumulation: less memory, the same sum; the result depends on it)")):
         default = getattr(defaults, name)
         if name == "shards" and default is None:  # chosen by the backend at run time
-            default = "2 on the CPU, 1 on a device; a resume keeps the checkpoint's"
+            default = "2 on the CPU (1 from 33.5M parameters), 1 on a device; a resume keeps " \
+                      "the checkpoint's"
         if name == "micro_batches" and default is None:
             default = "pieces of about 512 tokens on the CPU, 1 on a device; a resume keeps " \
                       "the checkpoint's"

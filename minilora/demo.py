@@ -115,7 +115,7 @@ def measure_step(model: Any, data: TaskDataset, batch_size: int, timed: int = 5,
     of the memory column).
     """
     rng = np.random.default_rng(0)
-    shards = default_shards() if shards is None else shards
+    shards = default_shards(model) if shards is None else shards
 
     def steps(n: int, opt: AdamW) -> list[float]:
         times = []

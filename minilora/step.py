@@ -50,12 +50,22 @@ from .errors import GraphError, ShapeError, check_int
 from .fast import cpu
 from .tensor import is_grad_enabled, leaf_grads_into
 
+# parameters from which a model trains on one shard on the CPU: GPT-2 small (124M) steps as fast on
+# one shard as on two, and two shards hold two pieces' activations and two copies of the
+# gradients at once (benchmarks/RESULTS.md, "third pass")
+ONE_SHARD_FROM = 1 << 25
 
-def default_shards() -> int:
-    """Shards for a step when none are asked for: two on the CPU (two threads keep two cores
-    busy), one on a device (which runs each kernel in parallel already, and whose shards would
-    only run one after another)."""
-    return 1 if B.on_device() else 2
+
+def default_shards(model: Any = None) -> int:
+    """Shards for a step when none are asked for: one on a device (which runs each kernel in
+    parallel already, and whose shards would only run one after another); on the CPU two (two
+    threads keep two cores busy), or one for a ``model`` of ``ONE_SHARD_FROM`` parameters or
+    more, whose matrix products are large enough for OpenBLAS's own threads and whose second
+    shard would cost far more memory than it saves time."""
+    if B.on_device():
+        return 1
+    size = model.num_parameters() if hasattr(model, "num_parameters") else 0
+    return 1 if size >= ONE_SHARD_FROM else 2
 
 
 # Tokens per micro-batch the CPU default aims at: OpenBLAS runs the linear layers' products at
@@ -119,9 +129,9 @@ def forward_backward(model: Any, idx: Any, targets: Any, shards: int | None = No
                      threads: int | None = None, ignore_index: int = -100, *,
                      micro_batches: int = 1, sync: bool = True) -> Any:
     """Run ``model(idx, targets) -> (logits, loss)`` and its backward pass, the batch cut into
-    ``shards`` row-shards (default :func:`default_shards`); returns the batch's mean loss as a
-    float, or with ``sync=False`` as a 0-d float64 array on the active device, so that the caller
-    can bring it to the host together with what else it needs (one transfer, not two).
+    ``shards`` row-shards (default :func:`default_shards` of the model); returns the batch's mean
+    loss as a float, or with ``sync=False`` as a 0-d float64 array on the active device, so that
+    the caller can bring it to the host together with what else it needs (one transfer, not two).
 
     idx and targets have the same number of rows B (axis 0); at most B shards are used. They are
     handed to the model where they are (host data stays on the host, where the model checks it
@@ -133,7 +143,7 @@ def forward_backward(model: Any, idx: Any, targets: Any, shards: int | None = No
     ``micro_batches`` m: each shard runs its rows as m pieces in turn (at most one row each);
     1 runs each shard whole, and with one shard that is the plain step.
     """
-    shards = default_shards() if shards is None else shards
+    shards = default_shards(model) if shards is None else shards
     idx, targets = _check(idx, targets, shards, threads)
     check_int(micro_batches, "forward_backward: micro_batches")
     loss = _loss_and_grads(model, idx, targets, shards, threads, ignore_index, micro_batches)
@@ -218,4 +228,4 @@ def _add_in_order(stores: list[dict], threads: int) -> None:
 
 
 __all__ = ["forward_backward", "default_shards", "default_threads", "default_micro_batches",
-           "PIECE_TOKENS"]
+           "PIECE_TOKENS", "ONE_SHARD_FROM"]

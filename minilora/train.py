@@ -11,9 +11,10 @@ One step, for a model whose forward returns ``(logits, loss)`` when given target
 The forward and backward pass go through ``step.forward_backward``: the batch is cut into
 ``shards`` row-shards that run on their own threads (one per core) and whose gradients add up to
 the whole batch's. The result depends on ``shards``, not on the number of cores; by default it is
-two on the CPU and one on a device (``step.default_shards``), and a resumed run keeps the number
-its checkpoint records. With the fast forms off (``MINILORA_REFERENCE=1``) the same shards run
-one after another, and the loop leaves the allocator's settings alone.
+two on the CPU (one for a model of GPT-2 small's size) and one on a device
+(``step.default_shards``), and a resumed run keeps the number its checkpoint records. With the
+fast forms off (``MINILORA_REFERENCE=1``) the same shards run one after another, and the loop
+leaves the allocator's settings alone.
 
 On a device a step waits for the device once: the loss, the gradient norm and the flags of the
 index checks (:mod:`minilora.fast.checks`) come back in one transfer, and then the checks raise
@@ -78,8 +79,9 @@ class TrainConfig:
     held-out questions; every ``checkpoint_every`` steps (0: only at the end) a checkpoint is
     written when the run has an output directory. ``shards``: each batch is cut into this many
     row-shards that run side by side on threads (:mod:`minilora.step`); 1 runs it whole; None
-    (the default) takes the number a resumed checkpoint records, else ``step.default_shards()``
-    (2 on the CPU, 1 on a device), and :func:`train` records the number it used.
+    (the default) takes the number a resumed checkpoint records, else ``step.default_shards``
+    of the model (2 on the CPU, 1 from ``step.ONE_SHARD_FROM`` parameters and on a device), and
+    :func:`train` records the number it used.
     ``micro_batches``: each shard runs its rows as this many pieces in turn (gradient
     accumulation: less memory, the same sum); None takes a resumed checkpoint's number, else
     ``step.default_micro_batches`` for the first batch's shape (pieces of about 512 tokens on
@@ -390,7 +392,7 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
             raise InvalidArgumentError(f"train: the checkpoint at {str(resume)!r} is at step "
                                        f"{start}, beyond the requested stop at {stop}")
     if config.shards is None:
-        config = dataclasses.replace(config, shards=default_shards())
+        config = dataclasses.replace(config, shards=default_shards(model))
     if not all_finite(model):
         raise TrainingDivergedError("train: the model's weights hold NaN or inf before the first "
                                     "step; training them would only spread it")

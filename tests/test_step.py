@@ -498,3 +498,26 @@ def test_unchosen_shards_are_two_on_the_cpu_and_one_on_a_device(monkeypatch):
     x, y = batch(4)
     forward_backward(tiny_gpt(), x, y)
     assert cuts == ([] if ml.backend.on_device() else [[0, 2, 4]])  # one shard needs no counts
+
+
+def test_a_model_from_one_shard_from_parameters_trains_on_one_shard(monkeypatch):
+    """default_shards(model): one shard on the CPU from ONE_SHARD_FROM parameters on (and on a
+    device always), two below; forward_backward without shards asks it about its model."""
+    from minilora import step
+
+    model = tiny_gpt()
+    size = model.num_parameters()
+    two = 1 if ml.backend.on_device() else 2
+    assert step.default_shards(model) == two  # far below GPT-2 small's size
+    monkeypatch.setattr(step, "ONE_SHARD_FROM", size)
+    assert step.default_shards(model) == 1
+    monkeypatch.setattr(step, "ONE_SHARD_FROM", size + 1)
+    assert step.default_shards(model) == two
+    monkeypatch.setattr(step, "ONE_SHARD_FROM", size)
+    cuts = []
+    real = step._scored
+    monkeypatch.setattr(step, "_scored", lambda t, bounds, i: cuts.append(bounds) or
+                        real(t, bounds, i))
+    x, y = batch(4)
+    forward_backward(model, x, y)
+    assert cuts == []  # one shard of one piece: the plain step, no counts

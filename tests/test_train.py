@@ -424,3 +424,21 @@ def test_the_same_loop_fine_tunes_a_lora_model_and_resumes_it(tmp_path):
     assert rest["loss"] == history["loss"][3:]
     for name, value in weights(resumed).items():
         np.testing.assert_array_equal(value, after[name], err_msg=name)
+
+
+def test_a_large_model_trains_on_one_shard_and_records_it(tmp_path, monkeypatch):
+    """shards=None and a model of step.ONE_SHARD_FROM parameters or more: one shard, recorded."""
+    import minilora.step as step_mod
+    import minilora.train as train_mod
+
+    data = tiny_task()
+    model = tiny_model(data)
+    monkeypatch.setattr(step_mod, "ONE_SHARD_FROM", model.num_parameters())
+    seen = []
+    real = train_mod.forward_backward
+    monkeypatch.setattr(train_mod, "forward_backward",
+                        lambda m, x, y, shards, **kw: seen.append(shards) or real(m, x, y, shards,
+                                                                                  **kw))
+    train(model, data, tiny_config(steps=2), out_dir=tmp_path, progress=False)
+    assert seen == [1, 1]
+    assert load_checkpoint(tmp_path).train_config["shards"] == 1
