@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minilora.fast.cpu import blas_threads_as  # noqa: E402
+from minilora.fast.cpu import blas_threads_as, get_blas_threads  # noqa: E402
 
 # ------------------------------------------------------------------------------ the FLOPs
 
@@ -184,23 +184,26 @@ def _time_product(shape: tuple, rng: np.random.Generator, min_s: float) -> float
 def matmul_time(cfg: Any, batch: int, mode: str, shards: int, threads: int,
                 min_s: float = 0.02, **lora: Any) -> dict:
     """The step's matmul-only time at the rate NumPy's BLAS reaches here, in the loop's thread
-    setup: the batch in ``shards`` shards on ``threads`` threads, each with a one-thread BLAS.
+    setup: the batch in ``shards`` shards on ``threads`` threads, each with a one-thread BLAS;
+    or, with one thread (one shard, as the loop runs a large model), on the BLAS's own threads.
 
     Each distinct product shape of one shard's matmuls (:func:`step_matmuls` on the largest
-    shard) is timed on one BLAS thread; the floor is sum(time x count) x shards / threads, the
-    shards sharing the threads evenly. Returns its seconds, the step's FLOPs (all shards) and
-    the rate they imply, and the number of distinct shapes.
+    shard) is timed on that many BLAS threads; the floor is sum(time x count) x shards / threads,
+    the shards sharing the threads evenly. Returns its seconds, the step's FLOPs (all shards) and
+    the rate they imply, the number of distinct shapes and the BLAS threads each product ran on.
     """
     per_shard = math.ceil(batch / shards)
     shard = step_matmuls(cfg, per_shard, mode, **lora)
     counts = Counter(m.shape for m in shard)
     rng = np.random.default_rng(0)
-    with blas_threads_as(1):
+    threads = max(1, min(threads, shards))
+    blas = 1 if threads > 1 else (get_blas_threads() or 1)
+    with blas_threads_as(blas):
         seconds = {s: _time_product(s, rng, min_s) for s in counts}
-    floor = sum(seconds[s] * c for s, c in counts.items()) * shards / max(1, min(threads, shards))
+    floor = sum(seconds[s] * c for s, c in counts.items()) * shards / threads
     flops = flop_summary(step_matmuls(cfg, batch, mode, **lora))["total"]
     return {"seconds": floor, "flops": flops, "gflop_s": flops / floor / 1e9,
-            "shapes": len(counts), "shards": shards, "threads": min(threads, shards)}
+            "shapes": len(counts), "shards": shards, "threads": threads, "blas_threads": blas}
 
 
 # ---------------------------------------------------------------------------- the breakdown

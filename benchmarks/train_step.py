@@ -44,9 +44,10 @@ Know the limit (``step_profile.step_matmuls``, whose docstring has the formula):
 FLOPs, counted from the shapes (every matmul of forward and backward; weight-gradient matmuls
 only for trainable weights; attention's q k^T and P v and their backward, dense), and its
 matmul-only time: every distinct matmul shape of one shard timed with ``np.matmul`` on a
-one-thread OpenBLAS, times its count, times shards / threads (the loop's thread setup). "x
-floor" is step time / matmul-only time: how far each side is from doing nothing but its
-matmuls at the rate NumPy's BLAS reaches here.
+one-thread OpenBLAS (on one shard, as the loop runs a large model: on the BLAS's own threads),
+times its count, times shards / threads (the loop's thread setup). "x floor" is step time /
+matmul-only time: how far each side is from doing nothing but its matmuls at the rate NumPy's
+BLAS reaches here.
 
 Memory: each framework in its own child process: one step of a tiny model of the same mode first
 (so that code pages and thread pools are in place), then the model and optimizer are built, the
@@ -631,8 +632,11 @@ def print_speed(mode: str, times: dict, tokens: int, floor_s: float, shards: int
     """The speed table (one row per step and framework) and the minilora / PyTorch ratios."""
     threads = min(shards, default_threads(shards))
     pieces = f", {micro} micro-batches each" if micro > 1 else ""
-    label = {"minilora/loop": f"minilora ({shards} shards{pieces} on {threads} threads, "
-                              f"1-thread BLAS each)",
+    loop = f"minilora ({shards} shards{pieces} on {threads} threads, 1-thread BLAS each)"
+    if threads == 1:  # one shard, as the loop runs a large model: the BLAS on its own threads
+        pieces = f", {micro} micro-batches" if micro > 1 else ""
+        loop = f"minilora (1 shard{pieces}, {get_blas_threads() or '?'}-thread BLAS)"
+    label = {"minilora/loop": loop,
              "minilora/plain": f"minilora (1 shard, {get_blas_threads() or '?'}-thread BLAS)",
              "torch/loop": f"{torch_label(mode)} (torch threads: {_torch_threads()})",
              "torch/plain": f"{torch_label(mode)} (torch threads: {_torch_threads()})"}
@@ -665,7 +669,8 @@ def print_limit(flops: dict, floor: dict) -> None:
     print(f"the limit: {flops['total'] / 1e9:.3g} GFLOP per step in {flops['matmuls']} matmuls "
           f"(forward {flops['forward'] / 1e9:.3g}, backward {flops['backward'] / 1e9:.3g}; "
           f"{fam}); matmul-only time {1e3 * floor['seconds']:.1f} ms: np.matmul on the "
-          f"{floor['shapes']} distinct shapes of a shard, 1-thread OpenBLAS, x {floor['shards']} "
+          f"{floor['shapes']} distinct shapes of a shard, {floor.get('blas_threads', 1)}-thread "
+          f"OpenBLAS, x {floor['shards']} "
           f"shards / {floor['threads']} threads = {floor['gflop_s']:.1f} GFLOP/s")
 
 
