@@ -15,6 +15,7 @@ from . import fast
 from .data import TASKS, TaskDataset, get_task
 from .errors import ConfigError, InvalidArgumentError, TrainingInterrupted
 from .fast import cpu
+from .step import ONE_SHARD_FROM
 from .train import TrainConfig, format_eval, train
 
 # the default model for the tasks: small enough to learn 3-digit addition in about a minute
@@ -203,8 +204,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
              "(gradient accumulation: less memory, the same sum; the result depends on it)")):
         default = getattr(defaults, name)
         if name == "shards" and default is None:  # chosen by the backend at run time
-            default = "2 on the CPU (1 from 33.5M parameters), 1 on a device; a resume keeps " \
-                      "the checkpoint's"
+            default = f"2 on the CPU (1 from {ONE_SHARD_FROM / 1e6:.1f}M parameters), 1 on a " \
+                      f"device; a resume keeps the checkpoint's"
         if name == "micro_batches" and default is None:
             default = "pieces of about 512 tokens on the CPU, 1 on a device; a resume keeps " \
                       "the checkpoint's"

@@ -210,12 +210,12 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     loss = B.xp.asarray(_mean_over(losses.sum(), n_valid, z.dtype), dtype=z.dtype)
 
     def backward(g: Any):
+        weights = (valid * _divide(g, n_valid)).astype(z.dtype)  # (N,): g / n_valid, or 0
         if fused_grad is not None:
-            weights = (valid * _divide(g, n_valid)).astype(z.dtype)
             return (fused_grad(z, lse, safe_t, weights).reshape(logits.shape),)
         p = B.xp.exp(z - lse[:, None])  # softmax, (N, C)
         p[rows, safe_t] -= 1
-        p *= (valid * _divide(g, n_valid))[:, None].astype(z.dtype)
+        p *= weights[:, None]
         return (p.reshape(logits.shape),)
     return Tensor._make(loss, (logits,), backward, "cross_entropy")
 
