@@ -106,7 +106,9 @@ def test_kill_at_random_moments_leaves_the_old_or_the_new_save(tmp_path, kind):
     deadline = time.monotonic() + 60
     for _ in range(KILLS):
         assert time.monotonic() < deadline, "the kill loop ran past its minute"
-        started, done = ctx.Event(), ctx.Value("l", -1)
+        # a raw shared integer, no lock: a child killed while it held a lock would leave it
+        # held, and the read below would wait on it forever (one aligned 8-byte store is atomic)
+        started, done = ctx.Event(), ctx.Value("l", -1, lock=False)
         child = ctx.Process(target=_saver, args=(kind, where, last + 1, started, done))
         child.start()
         assert started.wait(30)
