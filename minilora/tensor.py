@@ -195,6 +195,40 @@ def _store(sink: dict, leaf: Tensor, g: Any, shared: dict) -> None:
         sink[id(leaf)] = (leaf, held[1] + g, True)
 
 
+def _leaf_arrivals(order: list) -> dict:
+    """``{id(leaf): number of edges into it}`` over the nodes of ``order`` (a parent named twice by
+    one node counts twice): the gradients ``backward`` waits for before it hands a leaf its sum.
+    A node that no gradient reaches runs no closure, so its edges never arrive; a leaf they feed
+    gets what did arrive when the walk reaches the leaf itself."""
+    arrivals: dict = {}
+    for node in order:
+        for parent in node._parents:
+            if parent.requires_grad and parent._backward is None:
+                arrivals[id(parent)] = arrivals.get(id(parent), 0) + 1
+    return arrivals
+
+
+def _hand_on(parents: Sequence[Tensor], parent_grads: Sequence[Any], grads: dict,
+             arrivals: dict, shared: dict, sink: dict | None) -> None:
+    """Add what one closure returned into its parents' sums; a leaf whose last edge this was
+    (``arrivals``, counting down) gets its complete sum now (:func:`_deliver`)."""
+    for parent, pg in zip(parents, parent_grads):
+        if not parent.requires_grad:
+            continue
+        if pg is not None:
+            _accumulate(grads, parent, pg, shared)
+        left = arrivals.get(id(parent))
+        if left is None:
+            continue  # not a leaf
+        if left > 1:
+            arrivals[id(parent)] = left - 1
+            continue
+        del arrivals[id(parent)]
+        total = grads.pop(id(parent), None)
+        if total is not None:  # None: no edge into it brought a gradient
+            _deliver(parent, total, shared, sink)
+
+
 class Tensor:
     """An array with an optional gradient and the recipe to backpropagate through it.
 
@@ -269,6 +303,11 @@ class Tensor:
         shared = {id(seed): seed}  # arrays the walk must not write into (the seed: the caller's)
         sink = getattr(_state, "sink", None)
         order = self.topological_order()
+        # a leaf is handed its gradient once the last closure that feeds it has run, not when
+        # the walk reaches it: the depth-first order puts a weight before everything its layer's
+        # input depends on, so waiting would hold every weight's gradient to the walk's end (a
+        # second copy of the model's gradients while micro-batches add into their store)
+        arrivals = _leaf_arrivals(order)
         # popped, not iterated: once the walk has passed a node and its children have dropped
         # their closures, nothing of the walk holds it, so its values go back right then
         # instead of at the walk's end (the forward pass's outputs would otherwise all live on
@@ -281,13 +320,18 @@ class Tensor:
             if node._backward is None:  # a leaf (_deliver refuses a graph already freed)
                 _deliver(node, g, shared, sink)
                 continue
-            parent_grads = node._backward(g)
-            _note_aliases(node._parents, parent_grads, shared)
-            for parent, pg in zip(node._parents, parent_grads):
-                if pg is not None and parent.requires_grad:
-                    _accumulate(grads, parent, pg, shared)
+            closure, parents = node._backward, node._parents
             if not retain_graph:
+                # let go of the node before its closure runs: its forward output (the logits,
+                # a residual sum) is needed by no closure that has not saved it itself, and
+                # unless the caller holds the node it goes back now instead of after this step
                 node._backward, node._parents = None, ()
+                del node
+            parent_grads = closure(g)
+            del closure, g
+            _note_aliases(parents, parent_grads, shared)
+            _hand_on(parents, parent_grads, grads, arrivals, shared, sink)
+            del parents, parent_grads  # (a loop here would keep its last parent bound)
 
     def _seed(self, grad: Any) -> Any:
         """The gradient ``backward`` starts from: ``grad`` as an array of this tensor's shape and

@@ -14,7 +14,7 @@ import minilora as ml
 from minilora import backend as B
 from minilora import functional as F
 from minilora.errors import DTypeError, GraphError, InvalidArgumentError, ShapeError
-from minilora.tensor import unbroadcast
+from minilora.tensor import leaf_grads_into, unbroadcast
 from tests.helpers import check_grads, host
 
 
@@ -634,3 +634,75 @@ def test_the_sink_adds_repeats_and_says_who_owns_the_first():
     assert x.grad is None
     np.testing.assert_array_equal(host(store[id(x)][1]), [3.0, 3.0])
     assert store[id(x)][2] is True
+
+
+# ------------------------------------------------------- when the walk lets go of what it holds
+
+def _probe(x: ml.Tensor, seen: list, look) -> ml.Tensor:
+    """An identity op whose backward first records ``look()``: what the walk has done by then."""
+    def backward(g):
+        seen.append(look())
+        return (g,)
+    return ml.Tensor._make(x.data, (x,), backward, "probe")
+
+
+def test_a_leaf_gets_its_gradient_once_its_last_consumer_has_run():
+    # the depth-first order puts w2 before everything h depends on; the walk must not wait
+    # for the probe (which runs later) to hand w2 its gradient
+    x, w1, w2 = leaf([[1.0, 2.0]]), leaf([[0.5], [-1.0]]), leaf([[3.0]])
+    seen: list = []
+    h = _probe(x @ w1, seen, lambda: (w2.grad is not None, w1.grad is None))
+    (h @ w2).sum().backward()
+    assert seen == [(True, True)]
+    np.testing.assert_array_equal(host(w2.grad), [[-1.5]])  # h = 0.5 - 2.0
+    np.testing.assert_array_equal(host(w1.grad), [[3.0], [6.0]])
+
+
+def test_a_leaf_used_twice_waits_for_both_and_gets_their_sum():
+    w = leaf([2.0, -1.0])
+    seen: list = []
+    # w feeds the product (walked first) and, through the probe, the sum: its gradient is
+    # complete only after the probe's branch has run
+    inner = _probe(w * 1.0, seen, lambda: w.grad is None)
+    (w * 3.0 + inner).sum().backward()
+    assert seen == [True]
+    np.testing.assert_array_equal(host(w.grad), [4.0, 4.0])
+    store: dict = {}
+    with leaf_grads_into(store):  # the same through a shard's store: the sum, once
+        (w * w).sum().backward()
+    np.testing.assert_array_equal(host(store[id(w)][1]), [4.0, -2.0])
+
+
+def test_a_leaf_whose_other_consumer_gets_no_gradient_still_gets_what_arrived():
+    # one edge into w never arrives (the node it comes from receives no gradient, so its closure
+    # never runs): w gets the other edge's gradient when the walk reaches w itself
+    w = leaf([1.0, 2.0])
+    dead = ml.Tensor._make(w.data * 5.0, (w,), lambda g: (g * 5.0,), "dead")
+    cut = ml.Tensor._make(dead.data, (dead,), lambda g: (None,), "cut")  # no gradient through
+    (cut + w * 2.0).sum().backward()
+    np.testing.assert_array_equal(host(w.grad), [2.0, 2.0])
+
+
+def test_a_node_nobody_else_holds_is_let_go_before_its_closure_runs():
+    import weakref
+
+    x = leaf([1.0, -2.0])
+    seen: list = []
+    data = x.data * 2.0
+    ref = weakref.ref(data)
+
+    def backward(g):  # holds nothing of its output: only what the walk keeps alive can
+        seen.append(ref() is None)
+        return (g * 2.0,)
+    out = ml.Tensor._make(data, (x,), backward, "double")
+    del data
+    loss = out.sum()
+    del out
+    loss.backward()
+    assert seen == [True]
+    np.testing.assert_array_equal(host(x.grad), [2.0, 2.0])
+    # with retain_graph the graph (and so the node) stays, and a second walk gives the same
+    again = ml.Tensor._make(x.data * 2.0, (x,), lambda g: (g * 2.0,), "double").sum()
+    again.backward(retain_graph=True)
+    again.backward()
+    np.testing.assert_array_equal(host(x.grad), [6.0, 6.0])
