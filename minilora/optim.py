@@ -271,17 +271,23 @@ NORM_PIECE = 1 << 24
 
 def _norm_squared(grads: list[Any]) -> Any:
     """``sum_k sum_i g_{k,i}^2`` in float64 as a 0-d array on the device (no sync): the
-    gradients are laid end to end in float64 (in pieces of at most ``NORM_PIECE`` elements),
-    squared in place and summed; the pieces' sums are added in order. A handful of kernels
-    however many parameters, where one reduction per parameter would launch hundreds."""
+    gradients are laid end to end in float64 (in pieces of at most ``NORM_PIECE`` elements; a
+    larger gradient is cut into runs of ``NORM_PIECE``, so that the float64 copy never exceeds
+    one piece: GPT-2's tied embedding would be 295 MiB at once), squared in place and summed;
+    the pieces' sums are added in order. A handful of kernels however many parameters, where one
+    reduction per parameter would launch hundreds."""
     pieces: list[list[Any]] = [[]]
     size = 0
     for g in grads:
-        if pieces[-1] and size + g.size > NORM_PIECE:
-            pieces.append([])
-            size = 0
-        pieces[-1].append(g.reshape(-1))
-        size += g.size
+        flat = g.reshape(-1)
+        runs = [flat] if flat.size <= NORM_PIECE else \
+            [flat[i:i + NORM_PIECE] for i in range(0, flat.size, NORM_PIECE)]
+        for run in runs:
+            if pieces[-1] and size + run.size > NORM_PIECE:
+                pieces.append([])
+                size = 0
+            pieces[-1].append(run)
+            size += run.size
     total = None
     for piece in pieces:
         # a fresh float64 array either way, made in one pass (no float32 concatenation first)

@@ -324,20 +324,24 @@ def test_grad_norm_is_the_global_l2_norm_in_float64(shapes, scale, seed, dtype):
 @given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8), piece=st.integers(1, 64),
        seed=st.integers(0, 2**16))
 def test_grad_norm_in_pieces_adds_the_pieces_sums_in_order(sizes, piece, seed):
-    """Laid end to end at most NORM_PIECE elements at a time (a gradient never split), each
-    piece summed on its own and the sums added in order; the array form is the same number."""
+    """Laid end to end at most NORM_PIECE elements at a time (a larger gradient cut into runs of
+    NORM_PIECE), each piece summed on its own and the sums added in order; the array form is the
+    same number."""
     from minilora import optim
 
     rng = np.random.default_rng(seed)
     grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     params = _with_grads(grads, np.float32)
+    runs = [r for g in grads
+            for r in ([g] if g.size <= piece else np.split(g, range(piece, g.size, piece)))]
     pieces, size = [[]], 0
-    for g in grads:
-        if pieces[-1] and size + g.size > piece:
+    for r in runs:
+        if pieces[-1] and size + r.size > piece:
             pieces.append([])
             size = 0
-        pieces[-1].append(g.astype(np.float64))
-        size += g.size
+        pieces[-1].append(r.astype(np.float64))
+        size += r.size
+    assert max(sum(p.size for p in ps) for ps in pieces) <= piece
     total = None
     for p in pieces:
         part = np.square(np.concatenate(p)).sum()
