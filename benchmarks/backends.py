@@ -190,7 +190,7 @@ def gpt_case(name: str, config: dict, batch: int, tokens: int, backends: tuple =
             first_loss = B.to_numpy(model(xd, yd)[1].data).reshape(1)
 
         def run():
-            _, loss = model(xd, yd)
+            loss = model(xd, yd)[1]  # the logits are not kept, as on the PyTorch side
             loss.backward()
             opt.step()
             opt.zero_grad()

@@ -165,7 +165,7 @@ def minilora_loop_step(model: GPT, opt: AdamW, params: list, x: Any, y: Any,
 
 def minilora_plain_step(model: GPT, opt: AdamW, x: Any, y: Any) -> float:
     """``loss.backward(); opt.step()`` on the whole batch: one shard, no clipping."""
-    _, loss = model(x, y)
+    loss = model(x, y)[1]  # the logits are not kept through the backward, as torch_step
     loss.backward()
     opt.step()
     opt.zero_grad()

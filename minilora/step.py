@@ -200,7 +200,7 @@ def _loss_and_grads(model: Any, idx: Any, targets: Any, shards: int, threads: in
 
 def _plain_step(model: Any, idx: Any, targets: Any) -> Any:
     """``model(idx, targets)[1].backward()`` on the whole batch; its loss as a 0-d float64."""
-    _, loss = model(idx, targets)
+    loss = model(idx, targets)[1]  # the logits go now: nothing of the backward needs them
     loss.backward()
     return loss.data.astype(np.float64, copy=False).reshape(())
 
