@@ -477,3 +477,23 @@ def test_adamw_over_flat_buffers_on_the_device_is_the_per_parameter_update(
             results.append([host(p.data).copy() for p in params]
                            + [host(s[k]).copy() for s in opt.state for k in sorted(s)])
     assert_bit_for_bit(results)
+
+
+@pytest.mark.parametrize("piece", [5, 13, 1 << 16])
+def test_gelu_over_its_input_gives_the_same_bits_and_writes_the_derivative_there(monkeypatch,
+                                                                                 piece):
+    monkeypatch.setattr(elementwise, "PIECE", piece)
+    x = B.asarray((np.random.default_rng(2).standard_normal((3, 13)) * 3).astype(np.float32))
+    y, d = elementwise.gelu(x, True)
+    mine = x.copy()
+    y2, d2 = elementwise.gelu(mine, True, overwrite=True)
+    assert np.array_equal(host(y2), host(y)) and np.array_equal(host(d2), host(d))
+    if not B.on_device():  # on the CPU the derivative took the input's place
+        assert np.shares_memory(d2, mine) and np.array_equal(mine, host(d))
+    # a view that is not contiguous is left alone (a copy is made, as without overwrite)
+    wide = B.asarray(np.random.default_rng(3).standard_normal((4, 26)).astype(np.float32))
+    before = host(wide).copy()
+    y3, d3 = elementwise.gelu(wide[:, ::2], True, overwrite=True)
+    assert np.array_equal(host(wide), before)
+    y4, d4 = elementwise.gelu(B.xp.ascontiguousarray(wide[:, ::2]), True)
+    assert np.array_equal(host(y3), host(y4)) and np.array_equal(host(d3), host(d4))

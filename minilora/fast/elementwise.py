@@ -32,7 +32,7 @@ def piece_size(n: int) -> int:
     return max(1, n if B.on_device() else min(n, PIECE))
 
 
-def gelu(x: Any, needs_grad: bool) -> tuple[Any, Any]:
+def gelu(x: Any, needs_grad: bool, overwrite: bool = False) -> tuple[Any, Any]:
     """GPT-2's GELU, fused and chunked: ``y = x p`` with p = (1 + t) / 2, t = tanh(c (x + a x^3)),
     c = GELU_C, a = GELU_A; x any shape -> (y, dy/dx), both of x's shape (dy/dx None unless
     ``needs_grad``).
@@ -40,16 +40,26 @@ def gelu(x: Any, needs_grad: bool) -> tuple[Any, Any]:
     Since 1 - t^2 = 4 p (1 - p), ``dy/dx = p (1 + (1 - p) u)`` with u = 2 c x (1 + 3 a x^2). It is
     computed right where p is, while x, x^2 and p are in cache, so the backward pass is one
     multiplication ``g * dy/dx``.
+
+    ``overwrite``: the caller needs x no more, so on the CPU dy/dx is written over a contiguous
+    x (each piece of x copied aside first; the same bits) instead of into a third array the size
+    of x: the MLP's hidden layer is the largest array a forward pass makes.
     """
     if B.on_device():
         return gelu_device(x, needs_grad)
+    in_place = overwrite and needs_grad and x.flags.c_contiguous and x.flags.writeable
     xf = B.xp.ascontiguousarray(x).reshape(-1)  # (N,) flat
     n, m = xf.shape[0], piece_size(xf.shape[0])
     out = B.xp.empty_like(xf)
-    d = B.xp.empty_like(xf) if needs_grad else None
+    d = xf if in_place else B.xp.empty_like(xf) if needs_grad else None
     x2, t = B.xp.empty(m, dtype=xf.dtype), B.xp.empty(m, dtype=xf.dtype)
+    kept = B.xp.empty(m, dtype=xf.dtype) if in_place else None  # the piece of x, set aside
     for i in range(0, n, m):
         xi, oi = xf[i:i + m], out[i:i + m]
+        if kept is not None:  # its place in xf is about to take p, then dy/dx
+            ki = kept[:xi.shape[0]]
+            ki[...] = xi
+            xi = ki
         x2i, ti = x2[:xi.shape[0]], t[:xi.shape[0]]
         pi = oi if d is None else d[i:i + m]  # p lands where it is needed last
         B.xp.multiply(xi, xi, out=x2i)

@@ -41,7 +41,8 @@ def mlp(x2: Any, w1: Any, b1: Any, w2: Any, b2: Any,
     if not any(needs):
         return _project(gelu(h, False)[0], w2, b2), None
     recompute = need_w2  # W2's gradient reads a: make it again from h rather than keep it
-    a, d = gelu(h, not recompute)  # (N, H) each; d None when it is made again later
+    # (N, H) each; d None when it is made again later, else written over h (needed no more)
+    a, d = gelu(h, not recompute, overwrite=not recompute)
     out = _project(a, w2, b2)
     del a
     if not recompute:
