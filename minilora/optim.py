@@ -294,6 +294,7 @@ def _norm_squared(grads: list[Any]) -> Any:
         flat = B.xp.concatenate(piece, dtype=np.float64) if len(piece) > 1 \
             else piece[0].astype(np.float64)
         part = B.xp.square(flat, out=flat).sum()
+        del flat  # before the next piece's copy is made: one piece's float64 at a time
         total = part if total is None else total + part
     return total
 

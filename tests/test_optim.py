@@ -518,3 +518,28 @@ def test_adamw_on_threads_equals_adamw_on_one_bit_for_bit(monkeypatch):
         results.append([host(p).copy() for p in params])
     for a, b in zip(*results):
         assert np.array_equal(a, b)
+
+
+def test_the_norm_holds_one_pieces_float64_copy_at_a_time():
+    """A gradient five pieces long, then smaller ones: traced memory during the norm stays near
+    one piece of float64 (the whole gradient in float64 would be five, two pieces alive at once
+    two)."""
+    import tracemalloc
+
+    from minilora import optim
+
+    if B.on_device():
+        pytest.skip("tracemalloc sees host allocations only")
+    piece = 1 << 14
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(5 * piece).astype(np.float32)] + \
+        [rng.standard_normal(n).astype(np.float32) for n in (300, piece // 2, piece)]
+    params = _with_grads(grads, np.float32)
+    exact = math.sqrt(sum(float(np.square(g.astype(np.float64)).sum()) for g in grads))
+    with mock.patch.object(optim, "NORM_PIECE", piece):
+        tracemalloc.start()
+        norm = float(B.to_numpy(optim.norm_array(params)))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert norm == pytest.approx(exact, rel=1e-12)
+    assert peak <= 1.5 * piece * 8, (peak, piece * 8)
