@@ -8,7 +8,8 @@ The whole idea in four lines:
 * ``loss.backward()`` sorts the graph topologically (``loss.topological_order()``, iteratively:
   deep graphs are fine) and walks it in reverse, handing each node the sum of the gradients
   flowing into it;
-* leaves (parameters, inputs) accumulate what reaches them into ``.grad``.
+* leaves (parameters, inputs) accumulate what reaches them into ``.grad``, each as soon as the
+  last op that uses it has passed its gradient back.
 
 Nothing is recorded inside ``with no_grad():`` or when no input requires a gradient, and a closure
 only computes the gradients of inputs that ask for one, so frozen weights cost no gradient work.

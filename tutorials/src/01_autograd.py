@@ -90,7 +90,8 @@ draw_graph(f, {id(a): "a = 1.5", id(b): "b = -2", id(ab): "mul", id(ea): "exp", 
 # $\partial f/\partial a = b + e^{a}$ and $\partial f/\partial b = a$.
 #
 # The walk is short enough to run by hand, as micrograd's is (`Tensor.backward` is this loop; its
-# helpers only decide when a sum may be formed in place, without a copy):
+# helpers decide when a sum may be formed in place, without a copy, and hand a leaf its sum as
+# soon as the last op that uses it has run, so a weight's gradient is not held to the walk's end):
 
 # %%
 grads = {id(f): np.ones_like(f.data)}  # the seed: df/df = 1
