@@ -631,15 +631,16 @@ def print_speed(mode: str, times: dict, tokens: int, floor_s: float, shards: int
                 micro: int = 1) -> dict:
     """The speed table (one row per step and framework) and the minilora / PyTorch ratios."""
     threads = min(shards, default_threads(shards))
-    pieces = f", {micro} micro-batches each" if micro > 1 else ""
-    loop = f"minilora ({shards} shards{pieces} on {threads} threads, 1-thread BLAS each)"
+    blas = f"{get_blas_threads() or '?'}-thread BLAS"
+    pieces = f", {micro} micro-batches" if micro > 1 else ""
     if threads == 1:  # one shard, as the loop runs a large model: the BLAS on its own threads
-        pieces = f", {micro} micro-batches" if micro > 1 else ""
-        loop = f"minilora (1 shard{pieces}, {get_blas_threads() or '?'}-thread BLAS)"
-    label = {"minilora/loop": loop,
-             "minilora/plain": f"minilora (1 shard, {get_blas_threads() or '?'}-thread BLAS)",
-             "torch/loop": f"{torch_label(mode)} (torch threads: {_torch_threads()})",
-             "torch/plain": f"{torch_label(mode)} (torch threads: {_torch_threads()})"}
+        loop = f"minilora (1 shard{pieces}, {blas})"
+    else:
+        each = " each" if pieces else ""
+        loop = f"minilora ({shards} shards{pieces}{each} on {threads} threads, 1-thread BLAS each)"
+    torch_side = f"{torch_label(mode)} (torch threads: {_torch_threads()})"
+    label = {"minilora/loop": loop, "minilora/plain": f"minilora (1 shard, {blas})",
+             "torch/loop": torch_side, "torch/plain": torch_side}
     print("| step | framework | median ms/step | tokens/s | x floor |\n|---|---|---:|---:|---:|")
     for kind in STEPS:
         for fw in ("minilora", "torch"):

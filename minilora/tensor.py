@@ -318,7 +318,9 @@ class Tensor:
             g = grads.pop(id(node), None)
             if g is None:  # no gradient reached it: every closure on the way gave None
                 continue
-            if node._backward is None:  # a leaf (_deliver refuses a graph already freed)
+            # a leaf still here got its gradient other than through a last edge (the seed
+            # itself, or an edge from a node no gradient reached); _deliver refuses a freed graph
+            if node._backward is None:
                 _deliver(node, g, shared, sink)
                 continue
             closure, parents = node._backward, node._parents
