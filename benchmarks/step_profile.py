@@ -19,6 +19,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -181,16 +182,63 @@ def _time_product(shape: tuple, rng: np.random.Generator, min_s: float) -> float
     return statistics.median(times)
 
 
+def _time_shard_on_threads(counts: Counter, threads: int, rng: np.random.Generator,
+                           min_s: float) -> float:
+    """Median wall seconds of ``threads`` threads each running one shard's products (every shape
+    of ``counts`` as many times as it occurs, each thread on operands of its own) side by side,
+    started together: at least 3 runs and ``min_s`` seconds, after one untimed run.
+
+    Two cores multiplying at once share the caches and the power budget: each runs its products
+    about 8% slower than one alone (benchmarks/RESULTS.md), so a floor timed one thread at a time
+    would be one no two-thread step could reach."""
+    work = [[(*_operands(s, rng), c) for s, c in counts.items()] for _ in range(threads)]
+    outs = [[np.matmul(a, b) for a, b, _ in products] for products in work]
+    start = threading.Barrier(threads + 1)
+    done = threading.Barrier(threads + 1)
+    stop = False
+
+    def run(k: int) -> None:
+        while True:
+            start.wait()
+            if stop:
+                return
+            for (a, b, c), out in zip(work[k], outs[k]):
+                for _ in range(c):
+                    np.matmul(a, b, out=out)
+            done.wait()
+    pool = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(threads)]
+    for t in pool:
+        t.start()
+    times: list[float] = []
+    try:
+        for i in range(51):
+            t0 = time.perf_counter()
+            start.wait()
+            done.wait()
+            if i > 0:  # the first run touches the pages and warms the BLAS
+                times.append(time.perf_counter() - t0)
+            if len(times) >= 3 and sum(times) >= min_s:
+                break
+    finally:
+        stop = True
+        start.wait()
+        for t in pool:
+            t.join()
+    return statistics.median(times)
+
+
 def matmul_time(cfg: Any, batch: int, mode: str, shards: int, threads: int,
                 min_s: float = 0.02, **lora: Any) -> dict:
     """The step's matmul-only time at the rate NumPy's BLAS reaches here, in the loop's thread
     setup: the batch in ``shards`` shards on ``threads`` threads, each with a one-thread BLAS;
     or, with one thread (one shard, as the loop runs a large model), on the BLAS's own threads.
 
-    Each distinct product shape of one shard's matmuls (:func:`step_matmuls` on the largest
-    shard) is timed on that many BLAS threads; the floor is sum(time x count) x shards / threads,
-    the shards sharing the threads evenly. Returns its seconds, the step's FLOPs (all shards) and
-    the rate they imply, the number of distinct shapes and the BLAS threads each product ran on.
+    With several threads, each runs one shard's products (:func:`step_matmuls` on the largest
+    shard) at the same time as the others (:func:`_time_shard_on_threads`), as the loop's shards
+    do; the floor is that wall time x shards / threads. With one thread each distinct product
+    shape is timed on its own and the floor is sum(time x count) x shards. Returns its seconds,
+    the step's FLOPs (all shards) and the rate they imply, the number of distinct shapes and the
+    BLAS threads each product ran on.
     """
     per_shard = math.ceil(batch / shards)
     shard = step_matmuls(cfg, per_shard, mode, **lora)
@@ -199,8 +247,11 @@ def matmul_time(cfg: Any, batch: int, mode: str, shards: int, threads: int,
     threads = max(1, min(threads, shards))
     blas = 1 if threads > 1 else (get_blas_threads() or 1)
     with blas_threads_as(blas):
-        seconds = {s: _time_product(s, rng, min_s) for s in counts}
-    floor = sum(seconds[s] * c for s, c in counts.items()) * shards / threads
+        if threads > 1:
+            floor = _time_shard_on_threads(counts, threads, rng, min_s) * shards / threads
+        else:
+            seconds = {s: _time_product(s, rng, min_s) for s in counts}
+            floor = sum(seconds[s] * c for s, c in counts.items()) * shards
     flops = flop_summary(step_matmuls(cfg, batch, mode, **lora))["total"]
     return {"seconds": floor, "flops": flops, "gflop_s": flops / floor / 1e9,
             "shapes": len(counts), "shards": shards, "threads": threads, "blas_threads": blas}

@@ -43,9 +43,10 @@ PyTorch tokens/s (above 1: minilora is faster). On a loaded machine compare one 
 Know the limit (``step_profile.step_matmuls``, whose docstring has the formula): the step's
 FLOPs, counted from the shapes (every matmul of forward and backward; weight-gradient matmuls
 only for trainable weights; attention's q k^T and P v and their backward, dense), and its
-matmul-only time: every distinct matmul shape of one shard timed with ``np.matmul`` on a
-one-thread OpenBLAS (on one shard, as the loop runs a large model: on the BLAS's own threads),
-times its count, times shards / threads (the loop's thread setup). "x floor" is step time /
+matmul-only time: one shard's matmuls run with ``np.matmul`` on each of the loop's threads at
+once, each on a one-thread OpenBLAS (the loop's thread setup: two cores multiplying side by side
+run slower than one alone), times shards / threads; on one shard, as the loop runs a large model,
+every distinct shape timed on the BLAS's own threads, times its count. "x floor" is step time /
 matmul-only time: how far each side is from doing nothing but its matmuls at the rate NumPy's
 BLAS reaches here.
 
@@ -667,11 +668,13 @@ def print_limit(flops: dict, floor: dict) -> None:
     """The step's FLOPs and its matmul-only time (``step_profile``)."""
     fam = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in sorted(flops["by_family"].items(),
                                                                key=lambda kv: -kv[1]))
+    together = (f"a shard on each of {floor['threads']} threads at once, "
+                if floor["threads"] > 1 else "")
     print(f"the limit: {flops['total'] / 1e9:.3g} GFLOP per step in {flops['matmuls']} matmuls "
           f"(forward {flops['forward'] / 1e9:.3g}, backward {flops['backward'] / 1e9:.3g}; "
           f"{fam}); matmul-only time {1e3 * floor['seconds']:.1f} ms: np.matmul on the "
           f"{floor['shapes']} distinct shapes of a shard, {floor.get('blas_threads', 1)}-thread "
-          f"OpenBLAS, x {floor['shards']} "
+          f"OpenBLAS, {together}x {floor['shards']} "
           f"shards / {floor['threads']} threads = {floor['gflop_s']:.1f} GFLOP/s")
 
 
