@@ -323,12 +323,16 @@ class TextDataset:
 
 def read_text(path: str | Path, who: str) -> tuple[str, str]:
     """(text, SHA-256 hex digest of its bytes) of the UTF-8 file at ``path``; a DataError
-    naming the file when it is missing, a directory, unreadable, over :data:`MAX_TEXT_BYTES`, or
-    not UTF-8 (with the byte offset and line of the first bad byte)."""
+    naming the file when it is missing, a directory or another kind of non-regular file,
+    unreadable, over :data:`MAX_TEXT_BYTES`, or not UTF-8 (with the byte offset and line of the
+    first bad byte)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{who}: {str(path)!r} is a directory, not a text file")
     if not path.is_file():
+        if path.exists():  # a FIFO would block the read, a device such as /dev/zero never end
+            raise DataError(f"{who}: {str(path)!r} is not a regular file (a pipe, device or "
+                            f"socket); minilora reads text only from regular files")
         raise DataError(f"{who}: no such file {str(path)!r}")
     try:
         size = path.stat().st_size

@@ -1,6 +1,7 @@
 """Tokenizers, the text dataset and the synthetic tasks: round trips, exact formats, the split."""
 
 import json
+import os
 import sys
 import types
 
@@ -23,7 +24,7 @@ from minilora.data import (
     task_tokenizer,
     tokenizer_from_dict,
 )
-from minilora.errors import ConfigError, InvalidArgumentError
+from minilora.errors import ConfigError, DataError, InvalidArgumentError
 
 ALPHABET = "ab\n é☃01"  # ASCII, a newline, Latin-1 and a character beyond the BMP's first page
 
@@ -184,6 +185,17 @@ def test_text_dataset_validation_split_and_errors(tmp_path):
     assert from_file.tokenizer.chars == " ehlo"
     with pytest.raises(InvalidArgumentError, match="no such file"):
         TextDataset.from_file(tmp_path / "missing.txt")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_text_from_a_pipe_or_device_is_refused_as_not_a_regular_file(tmp_path):
+    # a FIFO would block the read and /dev/zero never ends: both exist, neither is "missing"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in (fifo, *(p for p in ("/dev/zero",) if os.path.exists(p))):
+        with pytest.raises(DataError, match="is not a regular file") as err:
+            TextDataset.from_file(path)
+        assert str(path) in str(err.value) and "no such file" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------- tasks
