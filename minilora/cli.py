@@ -48,13 +48,16 @@ from .cli_common import (
     add_training_flags,
     count,
     fraction,
+    name_arg,
     nonnegative_float,
+    path_arg,
     positive_int,
     report,
     resumed_config,
     run_training,
     setup,
     task_dataset,
+    text_arg,
 )
 from .cli_lora import add_adapter_flags, add_parsers, attach_adapters
 from .data import (
@@ -331,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "Ctrl-C stops after the current step and saves a checkpoint that "
                        "--resume continues.\nA NaN or inf loss or gradient stops training "
                        "with an error; nothing is saved over the last good checkpoint.")
-    t.add_argument("--task", default="add", metavar="NAME",
+    t.add_argument("--task", default="add", metavar="NAME", type=name_arg,
                    help=f"task to learn: {', '.join(TASKS)} (default add)")
-    t.add_argument("--text", metavar="FILE", help="train a character model on this UTF-8 text "
+    t.add_argument("--text", metavar="FILE", type=path_arg,
+                   help="train a character model on this UTF-8 text "
                    "instead (with --resume: where the run's text file is now)")
     t.add_argument("--tokenizer", choices=("byte", "char"), default="byte",
                    help="for --text: byte (UTF-8 bytes and an end-of-text token, so any later "
@@ -342,11 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits per operand (default 3)")
     t.add_argument("--heldout", type=positive_int, default=1000, metavar="N",
                    help="questions held out of training for evaluation (default 1000)")
-    t.add_argument("--out", metavar="DIR", help="checkpoint directory to write (default "
+    t.add_argument("--out", metavar="DIR", type=path_arg,
+                   help="checkpoint directory to write (default "
                    "runs/TASK, or runs/STEM for --text); must be new or empty unless --overwrite")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the checkpoint already in --out")
-    t.add_argument("--resume", metavar="DIR",
+    t.add_argument("--resume", metavar="DIR", type=path_arg,
                    help="continue the run saved in DIR with its saved settings (into --out, "
                    "default DIR itself); the result equals an uninterrupted run, bit for bit. "
                    "With --steps N beyond the run's steps, the run is extended: the added steps "
@@ -371,8 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "answer is greedy (temperature 0) and, for a task model, stops at the "
                        "end mark '.'.\n\n"
                        '  minilora sample --checkpoint runs/base --prompt "183+459="')
-    s.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
-    s.add_argument("--prompt", required=True, help="text to continue; only characters the "
+    s.add_argument("--checkpoint", required=True, metavar="DIR", type=path_arg,
+                   help="checkpoint directory")
+    s.add_argument("--prompt", required=True, type=text_arg,
+                   help="text to continue; only characters the "
                    "model knows (for tasks: digits and + - * , = .)")
     s.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
                    help="tokens to generate (default: a task's answer length, else 100)")
@@ -393,16 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measure a checkpoint's exact-match accuracy on held-out "
                        "questions of a task (by default the task it was trained on).\n\n"
                        "  minilora eval --checkpoint runs/base --task add")
-    e.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory")
-    e.add_argument("--task", default=None, metavar="NAME",
+    e.add_argument("--checkpoint", required=True, metavar="DIR", type=path_arg,
+                   help="checkpoint directory")
+    e.add_argument("--task", default=None, metavar="NAME", type=name_arg,
                    help=f"task to evaluate: {', '.join(TASKS)} (default: the trained one)")
     e.add_argument("--examples", type=positive_int, default=1000, metavar="N",
                    help="held-out questions (default 1000, at most the checkpoint's held-out "
                    "count)")
     e.add_argument("--show", type=count, default=5, metavar="N",
                    help="questions to print (default 5; 0 prints none)")
-    e.add_argument("--text", metavar="FILE", help="validation loss and perplexity on this text")
-    e.add_argument("--data", metavar="FILE", help="exact match on the held-out completions of "
+    e.add_argument("--text", metavar="FILE", type=path_arg,
+                   help="validation loss and perplexity on this text")
+    e.add_argument("--data", metavar="FILE", type=path_arg,
+                   help="exact match on the held-out completions of "
                    "this JSONL file")
     add_adapter_flags(e)
     add_common(e)
@@ -420,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "  MINILORA_BACKEND=cupy minilora demo   # the same")
     d.add_argument("--quick", action="store_true",
                    help="tiny step counts: checks the pipeline, not the accuracies")
-    d.add_argument("--out", metavar="DIR", default="runs/demo",
+    d.add_argument("--out", metavar="DIR", type=path_arg, default="runs/demo",
                    help="where the report, plots, adapters and base checkpoint go "
                    "(default runs/demo; a previous demo's directory is reused)")
     d.add_argument("--overwrite", action="store_true",

@@ -114,6 +114,35 @@ def count(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def path_arg(text: str) -> str:
+    """argparse type: a file or directory path, any text but the empty one (an empty ``--out``
+    would otherwise mean the default, and an empty input path names nothing)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
+def name_arg(text: str) -> str:
+    """argparse type: a name (a task's, an adapter's), any text but the empty one, which would
+    otherwise stand for the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a name, got {text!r}")
+    return text
+
+
+def text_arg(text: str) -> str:
+    """argparse type: text that is valid UTF-8 (bytes that are not reach Python from the command
+    line as lone surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise argparse.ArgumentTypeError(f"is not valid UTF-8 text: {what} at character "
+                                         f"{exc.start}") from None
+    return text
+
+
 def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
@@ -217,7 +246,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def add_out(p: argparse.ArgumentParser, what: str, required: bool = True) -> None:
     """--out DIR (``what`` it holds) and --overwrite: a save there is replaced only when asked."""
-    p.add_argument("--out", required=required, metavar="DIR", help=what)
+    p.add_argument("--out", required=required, metavar="DIR", type=path_arg, help=what)
     p.add_argument("--overwrite", action="store_true", help="replace the save already in --out")
 
 

@@ -47,6 +47,8 @@ from .cli_common import (
     add_out,
     add_training_flags,
     fraction,
+    name_arg,
+    path_arg,
     positive_int,
     report,
     resumed_config,
@@ -167,7 +169,7 @@ def dataset_from_record(record: dict, tokenizer: Any, who: str) -> Any:
 
 def _lora_config(args: argparse.Namespace) -> lora.LoraConfig:
     # the flags default to None (so that another --method can refuse them): LoRA's defaults here
-    target = args.target or "q_proj,v_proj"
+    target = "q_proj,v_proj" if args.target is None else args.target  # "" is refused below
     targets = ALL_LINEAR if target == "all-linear" else \
         tuple(t.strip() for t in target.split(",") if t.strip())
     if not targets:
@@ -408,10 +410,11 @@ def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
 
 def add_adapter_flags(p: argparse.ArgumentParser) -> None:
     """--adapter DIR (repeatable), --use NAME and --no-adapter, for sample and eval."""
-    p.add_argument("--adapter", action="append", metavar="DIR",
+    p.add_argument("--adapter", action="append", metavar="DIR", type=path_arg,
                    help="an adapter (a fine-tune directory, or adapter files from save_adapter "
                    "or PEFT) to put on the base; repeat it to load several")
-    p.add_argument("--use", metavar="NAME", help="which loaded adapter is active (default: the "
+    p.add_argument("--use", metavar="NAME", type=name_arg,
+                   help="which loaded adapter is active (default: the "
                    "first); a fine-tune's name is its --adapter-name, a plain folder's its name")
     p.add_argument("--no-adapter", action="store_true", help="the bare base, no adapter")
 
@@ -714,18 +717,23 @@ def add_parsers(sub: Any, fmt: Any) -> None:
                        "--r 16 --out runs/more\n"
                        "  minilora finetune --from gpt2-dir --data pairs.jsonl --out runs/pairs\n"
                        "  minilora finetune --resume runs/nocarry       # continue it exactly")
-    f.add_argument("--from", dest="source", metavar="DIR", help="the base: a minilora checkpoint "
+    f.add_argument("--from", dest="source", metavar="DIR", type=path_arg,
+                   help="the base: a minilora checkpoint "
                    "or a Hugging Face GPT-2 directory (config.json + model.safetensors)")
     add_out(f, "where the fine-tune is written", required=False)
-    f.add_argument("--resume", metavar="DIR", help="continue the fine-tune saved in DIR")
-    f.add_argument("--task", metavar="NAME", help=f"a task: {', '.join(TASKS)}")
+    f.add_argument("--resume", metavar="DIR", type=path_arg,
+                   help="continue the fine-tune saved in DIR")
+    f.add_argument("--task", metavar="NAME", type=name_arg, help=f"a task: {', '.join(TASKS)}")
     f.add_argument("--digits", type=positive_int, default=None, metavar="K",
                    help="digits per operand of --task (default: the base's)")
-    f.add_argument("--text", metavar="FILE", help="a UTF-8 text file (next-token loss)")
-    f.add_argument("--data", metavar="FILE", help="a JSONL file of {\"prompt\", \"completion\"} "
+    f.add_argument("--text", metavar="FILE", type=path_arg,
+                   help="a UTF-8 text file (next-token loss)")
+    f.add_argument("--data", metavar="FILE", type=path_arg,
+                   help="a JSONL file of {\"prompt\", \"completion\"} "
                    "lines (loss on the completions only)")
     f.add_argument("--block-size", dest="block_size", type=positive_int, default=None,
                    metavar="N", help="context for --text (default and at most: the base's)")
+    modes = f.add_mutually_exclusive_group()  # one method of training: "--full --qlora" is refused
     for flag, mode, text in (("--lora", "lora", "LoRA on the frozen base (default)"),
                              ("--qlora", "qlora", "quantize the base to 4 bits first (QLoRA); "
                               "combines with every --method: IA3, BitFit, bottleneck adapters, "
@@ -733,7 +741,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
                               "parameters are float)"),
                              ("--full", "full", "train every weight, no adapter (takes no "
                               "--method)")):
-        f.add_argument(flag, dest="mode", action="store_const", const=mode, help=text)
+        modes.add_argument(flag, dest="mode", action="store_const", const=mode, help=text)
     cli_family.add_method_flags(f)
     # LoRA's flags default to None, so that another --method refuses them instead of ignoring
     f.add_argument("--r", type=positive_int, default=None, metavar="R",
@@ -750,7 +758,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     f.add_argument("--dora", action="store_true", help="DoRA: a learned magnitude per output")
     f.add_argument("--init", choices=INITS, default=None,
                    help="adapter init: kaiming (B = 0, default), gaussian or pissa")
-    f.add_argument("--adapter-name", default=None, metavar="NAME",
+    f.add_argument("--adapter-name", default=None, metavar="NAME", type=name_arg,
                    help="the LoRA adapter's name (default 'default')")
     _quant_flags(f)
     add_training_flags(f)
@@ -768,10 +776,11 @@ def add_parsers(sub: Any, fmt: Any) -> None:
                        "runs/merged\n"
                        "  minilora merge --checkpoint runs/base --adapter runs/nocarry --into nf4 "
                        "--out runs/merged-nf4")
-    m.add_argument("--checkpoint", required=True, metavar="DIR", help="the base")
-    m.add_argument("--adapter", action="append", required=True, metavar="DIR",
+    m.add_argument("--checkpoint", required=True, metavar="DIR", type=path_arg, help="the base")
+    m.add_argument("--adapter", action="append", required=True, metavar="DIR", type=path_arg,
                    help="the adapter to merge")
-    m.add_argument("--use", metavar="NAME", help="with several --adapter: which one to merge")
+    m.add_argument("--use", metavar="NAME", type=name_arg,
+                   help="with several --adapter: which one to merge")
     m.add_argument("--into", choices=("float32", *quant.QUANT_TYPES), default="float32",
                    help="keep the merged weights in float32 (default) or re-quantize them")
     add_out(m, "the merged checkpoint")
@@ -784,7 +793,8 @@ def add_parsers(sub: Any, fmt: Any) -> None:
                        "(blockwise absmax, NF4 by default, double quantization on) and save it; "
                        "it loads back as QuantLinear layers without re-quantizing.\n\n"
                        "  minilora quantize --checkpoint runs/base --out runs/base-nf4")
-    q.add_argument("--checkpoint", required=True, metavar="DIR", help="the float checkpoint")
+    q.add_argument("--checkpoint", required=True, metavar="DIR", type=path_arg,
+                   help="the float checkpoint")
     add_out(q, "the 4-bit checkpoint")
     _quant_flags(q)
     add_common(q)
@@ -798,7 +808,8 @@ def add_parsers(sub: Any, fmt: Any) -> None:
                        "  minilora export --checkpoint runs/base --to hf --out hf/base\n"
                        "  minilora export --checkpoint runs/base --adapter runs/nocarry --to peft "
                        "--out hf/nocarry")
-    e.add_argument("--checkpoint", required=True, metavar="DIR", help="the base checkpoint")
+    e.add_argument("--checkpoint", required=True, metavar="DIR", type=path_arg,
+                   help="the base checkpoint")
     add_adapter_flags(e)
     e.add_argument("--to", required=True, choices=("hf", "peft"), help="the format")
     add_out(e, "where the files go")
@@ -810,7 +821,8 @@ def add_parsers(sub: Any, fmt: Any) -> None:
                        "model.safetensors, and its tokenizer from vocab.json + merges.txt) into "
                        "a minilora checkpoint.\n\n"
                        "  minilora import --hf gpt2-dir --out runs/gpt2")
-    i.add_argument("--hf", required=True, metavar="DIR", help="the Hugging Face directory")
+    i.add_argument("--hf", required=True, metavar="DIR", type=path_arg,
+                   help="the Hugging Face directory")
     add_out(i, "the checkpoint to write")
     add_common(i)
     i.set_defaults(func=_import)
@@ -821,7 +833,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
                        "per layer; for the family's, the method, its trainable parameters and "
                        "whether it merges), size on disk, bits per parameter and whether its "
                        "manifest checks out.\n\n  minilora inspect runs/nocarry")
-    s.add_argument("path", metavar="PATH", help="the directory")
+    s.add_argument("path", metavar="PATH", type=path_arg, help="the directory")
     add_common(s)
     s.set_defaults(func=_inspect)
 

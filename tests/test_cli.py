@@ -86,6 +86,61 @@ def test_mistakes_give_one_clear_line(argv, needles, capsys):
         assert needle in err
 
 
+def _options(*metavars):
+    """(command, option) for every argument of every command whose metavar is one of these."""
+    import argparse
+
+    from minilora.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.metavar in metavars:
+                yield command, (action.option_strings or [None])[0]
+
+
+@pytest.mark.host_only("argument parsing")
+@pytest.mark.parametrize("command,option,kind", [
+    *((c, o, "path") for c, o in _options("DIR", "FILE", "PATH")),
+    *((c, o, "name") for c, o in _options("NAME"))])
+def test_an_empty_path_or_name_is_refused_by_name(command, option, kind, capsys):
+    # an empty --out or --adapter-name would otherwise fall back to the default, an empty input
+    # path would be looked up as the current directory or a file named ''
+    argv = [command, ""] if option is None else [command, option, ""]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"expected a {kind}, got ''" in err and (option is None or option in err), err
+
+
+@pytest.mark.host_only("argument parsing")
+@pytest.mark.parametrize("argv,needles", [
+    # bytes that are not UTF-8 reach Python's argv as lone surrogates, which no tokenizer encodes
+    (["sample", "--checkpoint", "x", "--prompt", "12" + "\udcff"],
+     ["--prompt", "not valid UTF-8", "byte 0xff at character 2"]),
+    (["finetune", "--from", "x", "--task", "nocarry", "--full", "--qlora"],
+     ["--qlora", "not allowed with", "--full"]),
+    (["finetune", "--from", "x", "--task", "nocarry", "--qlora", "--lora"],
+     ["--lora", "not allowed with", "--qlora"]),
+])
+def test_contradictions_and_undecodable_text_are_refused_by_the_parser(argv, needles, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.host_only("the targets are refused before the model is touched")
+def test_an_empty_target_list_is_refused_not_taken_for_the_default(trained, tmp_path, capsys):
+    for target in ("", " , "):
+        assert main(["finetune", "--from", str(trained), "--task", "nocarry", "--target", target,
+                     "--steps", "1", "--out", str(tmp_path / "t")]) == 1
+        assert "--target must name modules" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
 def test_prompt_outside_the_vocabulary_names_the_characters(trained, capsys):
     assert main(["sample", "--checkpoint", str(trained), "--prompt", "3 plus 4="]) == 1
     err = capsys.readouterr().err.strip()
