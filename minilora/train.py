@@ -61,7 +61,7 @@ from .errors import (
     check_int,
 )
 from .fast import checks
-from .fast.cpu import keep_freed_memory
+from .fast.cpu import available_memory, keep_freed_memory
 from .jsonl import JsonlDataset
 from .jsonl import exact_match as jsonl_exact_match
 from .nn import Module
@@ -334,6 +334,24 @@ def _deferred_interrupt() -> Iterator[dict]:
         signal.signal(signal.SIGINT, previous)
 
 
+# What a batch holds per token through its step, whatever the model: its inputs x and targets y,
+# int64 (building them peaks at 21-23 bytes a token, benchmarks/RESULTS.md). A batch whose arrays
+# alone exceed the memory there is refused before it is drawn, instead of swapping for minutes.
+BATCH_BYTES_PER_TOKEN = 16
+
+
+def check_batch_fits(batch_size: int, row_tokens: int, available: int | None) -> None:
+    """Refuse (ConfigError) a batch of ``batch_size`` rows of ``row_tokens`` tokens whose token
+    arrays alone (``BATCH_BYTES_PER_TOKEN`` a token) need more than ``available`` bytes; None
+    (the machine's memory unknown) checks nothing."""
+    need = batch_size * row_tokens * BATCH_BYTES_PER_TOKEN
+    if available is not None and need > available:
+        raise ConfigError(f"train: a batch of batch_size={batch_size:,} rows x {row_tokens} "
+                          f"tokens needs at least {need / 2**30:,.1f} GiB for its inputs and "
+                          f"targets alone, more than the {available / 2**30:,.1f} GiB of memory "
+                          f"available; use a smaller batch size (--batch-size)")
+
+
 def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
           config: TrainConfig | None = None, *,
           out_dir: str | Path | None = None, resume: str | Path | None = None,
@@ -376,6 +394,10 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
     if not 0 <= stop <= config.steps:
         raise InvalidArgumentError(f"train: until must lie in [0, steps={config.steps}], got "
                                    f"{until!r}")
+    # one row, drawn from a generator of its own (the run's sampler is not touched), says how
+    # many tokens a row holds
+    row_tokens = data.get_batch(1, np.random.default_rng(0))[0].shape[-1]
+    check_batch_fits(config.batch_size, row_tokens, available_memory())
     optimizer = AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                       betas=config.betas, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
@@ -547,4 +569,5 @@ def _progress_bar(total: int, start: int, stop: int, enabled: bool) -> Any:
 
 
 __all__ = ["TrainConfig", "train", "param_groups", "evaluate", "exact_match", "greedy_answers",
-           "validation_loss", "data_description", "format_eval", "HISTORY_FILE"]
+           "validation_loss", "data_description", "format_eval", "HISTORY_FILE",
+           "check_batch_fits", "BATCH_BYTES_PER_TOKEN"]

@@ -18,8 +18,10 @@ from minilora.gpt import GPT, GPTConfig
 from minilora.optim import warmup_cosine
 from minilora.step import default_micro_batches, default_shards
 from minilora.train import (
+    BATCH_BYTES_PER_TOKEN,
     HISTORY_FILE,
     TrainConfig,
+    check_batch_fits,
     exact_match,
     greedy_answers,
     param_groups,
@@ -268,6 +270,38 @@ def test_bad_arguments_are_reported():
         train(tiny_model(data), [1, 2, 3], tiny_config(), progress=False)
     with pytest.raises(CheckpointError, match="does not exist"):
         train(tiny_model(data), data, tiny_config(), resume="no/such/run", progress=False)
+
+
+@pytest.mark.host_only("arithmetic on sizes; no array work")
+@given(st.integers(1, 10**12), st.integers(1, 10**6), st.integers(0, 2**50))
+def test_a_batch_is_refused_exactly_when_its_token_arrays_exceed_the_memory(rows, tokens, memory):
+    need = rows * tokens * BATCH_BYTES_PER_TOKEN
+    if need <= memory:
+        check_batch_fits(rows, tokens, memory)
+    else:
+        with pytest.raises(ConfigError, match="batch_size") as err:
+            check_batch_fits(rows, tokens, memory)
+        assert f"{rows:,} rows x {tokens} tokens" in str(err.value)
+    check_batch_fits(rows, tokens, None)  # the machine's memory unknown: nothing is refused
+
+
+def test_train_refuses_a_batch_larger_than_the_memory_before_drawing_it(monkeypatch):
+    # a batch of 10^9 rows used to be drawn (tens of GiB of int64) and swap for minutes
+    import minilora.train as train_module
+    data = tiny_task()
+    model = tiny_model(data)
+    before = weights(model)
+    row = data.get_batch(1, np.random.default_rng(0))[0].shape[1]
+    monkeypatch.setattr(train_module, "available_memory", lambda: 10 * row * BATCH_BYTES_PER_TOKEN)
+    drawn = []
+    real = data.get_batch
+    monkeypatch.setattr(data, "get_batch",
+                        lambda n, rng, **kw: drawn.append(n) or real(n, rng, **kw))
+    with pytest.raises(ConfigError, match="batch_size=11 rows"):
+        train(model, data, tiny_config(batch_size=11), progress=False)
+    assert drawn == [1]  # one row, to count its tokens; never the batch
+    assert all(np.array_equal(before[k], v) for k, v in weights(model).items())
+    train(model, data, tiny_config(batch_size=10, steps=1), progress=False)  # it fits: it runs
 
 
 # -------------------------------------------------------------------------- evaluation

@@ -129,6 +129,22 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give a process now without swapping (Linux's
+    ``MemAvailable``, else free physical pages), or None where neither can be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel counts in KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 _pool: ThreadPoolExecutor | None = None
 _worker = threading.local()  # marks the pool's threads: a task asking for threads runs inline
 
@@ -180,4 +196,5 @@ def for_each_in_threads(fn: Callable[[int], Any], sizes: list[int], threads: int
 
 
 __all__ = ["set_blas_threads", "get_blas_threads", "blas_threads_as", "keep_freed_memory",
-           "available_cpus", "run_in_threads", "balanced_groups", "for_each_in_threads"]
+           "available_cpus", "available_memory", "run_in_threads", "balanced_groups",
+           "for_each_in_threads"]
