@@ -109,9 +109,17 @@ def check_record(record: Any, where: str) -> tuple[str, str]:
         parts = ([f"missing {missing}"] if missing else []) + ([f"extra {extra}"] if extra else [])
         raise DataError(f"{where}: the keys must be exactly {list(KEYS)}; {', '.join(parts)}")
     for key in KEYS:
-        if not isinstance(record[key], str):
-            raise DataError(f"{where}: {key!r} must be a string, got {_json_type(record[key])} "
-                            f"{json.dumps(record[key])[:60]}")
+        value = record[key]
+        if not isinstance(value, str):
+            shown = "" if value is None else f" {json.dumps(value)[:60]}"
+            raise DataError(f"{where}: {key!r} must be a string, got {_json_type(value)}{shown}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON's \ud800 escapes a lone surrogate: no text has it
+            code = ord(value[exc.start])
+            raise DataError(f"{where}: {key!r} holds a lone surrogate U+{code:04X} at character "
+                            f"{exc.start} (a \\u escape JSON allows, but no UTF-8 text holds); "
+                            f"write the character itself or its surrogate pair") from None
     if not record["prompt"]:
         # the first completion token is predicted from the prompt's last: without one it would
         # never be learned, and greedy decoding would have nothing to start from

@@ -118,7 +118,11 @@ GOOD = json.dumps({"prompt": "p=", "completion": "c"})
     ('{"completion": "c"}', ["missing ['prompt']"]),
     ('{"prompt": "p=", "completion": "c", "id": 3}', ["extra ['id']"]),
     ('{"prompt": 12, "completion": "c"}', ["'prompt' must be a string", "a number 12"]),
-    ('{"prompt": "p=", "completion": null}', ["'completion' must be a string", "null"]),
+    ('{"prompt": "p=", "completion": null}', ["'completion' must be a string, got null"]),
+    # JSON may escape a lone surrogate; no UTF-8 text holds one, so no tokenizer can encode it
+    ('{"prompt": "p\\ud800=", "completion": "c"}',
+     ["'prompt' holds a lone surrogate U+D800 at character 1"]),
+    ('{"prompt": "p=", "completion": "\\udfff"}', ["'completion' holds a lone surrogate"]),
     ('{"prompt": "p=", "completion": ["c"]}', ["'completion' must be a string", "an array"]),
     ('{"prompt": "p=", "completion": ""}', ["'completion' is empty"]),
     ('{"prompt": "", "completion": "c"}', ["'prompt' is empty"]),
