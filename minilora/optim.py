@@ -22,6 +22,17 @@ from .errors import InvalidArgumentError, StateDictError
 from .fast.adamw import FlatSet
 from .tensor import Tensor
 
+_RATES = ("lr", "eps", "weight_decay", "momentum")  # the group settings that are one number >= 0
+
+
+def _check_rates(who: str, **values: Any) -> None:
+    """Each of ``values`` (a learning rate, eps, a decay) must be a finite real number >= 0: a
+    NaN passes ``x < 0`` and would turn every weight to NaN at the first step."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or \
+                not math.isfinite(v) or v < 0:
+            raise InvalidArgumentError(f"{who}: {name} must be a finite number >= 0, got {v!r}")
+
 
 def _as_floats(value: Any) -> Any:
     """Settings as Python floats: a NumPy float64 scalar would upcast float32 updates."""
@@ -52,6 +63,7 @@ def _groups(params: Iterable[Any], defaults: dict) -> list[dict]:
             raise InvalidArgumentError("optimizer: a parameter appears more than once (it would "
                                        "be updated twice per step)")
         seen.update(id(p) for p in ps)
+        _check_rates("optimizer group", **{k: g[k] for k in g if k in _RATES})
         settings = {k: _as_floats(v) for k, v in {**defaults, **g}.items() if k != "params"}
         groups.append({**settings, "params": [p for p in ps if p.requires_grad]})
     return groups
@@ -123,8 +135,7 @@ class Optimizer:
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every group (what a schedule calls each step)."""
-        if not lr >= 0:
-            raise InvalidArgumentError(f"set_lr: lr must be >= 0, got {lr}")
+        _check_rates("set_lr", lr=lr)
         for g in self.param_groups:
             g["lr"] = float(lr)
 
@@ -139,9 +150,7 @@ class AdamW(Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01) -> None:
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise InvalidArgumentError(f"AdamW: lr, eps and weight_decay must be >= 0, got "
-                                       f"lr={lr}, eps={eps}, weight_decay={weight_decay}")
+        _check_rates("AdamW", lr=lr, eps=eps, weight_decay=weight_decay)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise InvalidArgumentError(f"AdamW: betas must be two numbers in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
@@ -232,9 +241,7 @@ class SGD(Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.0,
                  weight_decay: float = 0.0) -> None:
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise InvalidArgumentError(f"SGD: lr, momentum and weight_decay must be >= 0, got "
-                                       f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        _check_rates("SGD", lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
     def step(self, grad_scale: float = 1.0) -> None:

@@ -229,6 +229,21 @@ def test_invalid_parameter_lists():
         AdamW([p]).set_lr(-0.1)
 
 
+@pytest.mark.host_only("a rate is refused before any array work")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-3, "0.1", True, None])
+@pytest.mark.parametrize("make", [
+    lambda p, v: AdamW([p], lr=v), lambda p, v: AdamW([p], eps=v),
+    lambda p, v: AdamW([p], weight_decay=v), lambda p, v: SGD([p], lr=v),
+    lambda p, v: SGD([p], momentum=v), lambda p, v: AdamW([{"params": [p], "lr": v}]),
+    lambda p, v: SGD([{"params": [p], "weight_decay": v}]), lambda p, v: AdamW([p]).set_lr(v)])
+def test_a_rate_that_is_not_a_finite_number_at_least_0_is_refused_by_name(make, bad):
+    # a NaN learning rate passed "lr < 0" and turned every weight to NaN at the first step
+    p = param(np.ones(2))
+    with pytest.raises(InvalidArgumentError, match="must be a finite number >= 0") as err:
+        make(p, bad)
+    assert repr(bad) in str(err.value)
+
+
 # ------------------------------------------------------------------------------------ SGD
 
 @given(lr=st.floats(1e-3, 0.5), momentum=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
