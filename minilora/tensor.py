@@ -111,6 +111,9 @@ def unbroadcast(grad: Any, shape: tuple) -> Any:
 
 def _as_float_array(data: Any, dtype: Any) -> Any:
     arr = B.asarray(data, dtype=dtype)
+    if arr.dtype.kind not in "biuf":  # strings, objects, complex: no op here is defined on them
+        raise DTypeError(f"Tensor: data must hold numbers (bool, integer or float), got dtype "
+                         f"{arr.dtype}")
     typed = B.is_array(data) or isinstance(data, np.generic)  # an explicit float64 stays float64
     if dtype is None and arr.dtype == np.float64 and not typed:
         arr = arr.astype(B.default_dtype())  # Python floats become the default float dtype

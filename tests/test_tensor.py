@@ -248,6 +248,18 @@ def test_requires_grad_needs_a_float_tensor():
         ml.Tensor(np.array([1, 2])).requires_grad_()
 
 
+@pytest.mark.host_only("the dtype is refused before any array reaches the device")
+@pytest.mark.parametrize("data,dtype", [
+    ("abc", "<U3"), (np.array(["a", "b"]), "<U1"), (np.array([object()]), "object"),
+    (np.array([1 + 2j]), "complex128"), (b"xy", "|S2")])
+def test_a_tensor_holds_numbers_only(data, dtype):
+    # a string or object array used to become a Tensor whose first op failed somewhere deep
+    with pytest.raises(DTypeError, match=f"must hold numbers.*got dtype {dtype}"):
+        ml.Tensor(data)
+    for fine in (np.array([True]), np.array([1], np.uint8), 3, [1.5]):
+        assert ml.Tensor(fine).data.dtype.kind in "biuf"
+
+
 # ------------------------------------------------------------------------------ shape errors
 
 SHAPE_ERRORS = [
