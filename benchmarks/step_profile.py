@@ -184,9 +184,11 @@ def _time_product(shape: tuple, rng: np.random.Generator, min_s: float) -> float
 
 def _time_shard_on_threads(counts: Counter, threads: int, rng: np.random.Generator,
                            min_s: float) -> float:
-    """Median wall seconds of ``threads`` threads each running one shard's products (every shape
-    of ``counts`` as many times as it occurs, each thread on operands of its own) side by side,
-    started together: at least 3 runs and ``min_s`` seconds, after one untimed run.
+    """Fastest wall seconds of ``threads`` threads each running one shard's products (every
+    shape of ``counts`` as many times as it occurs, each thread on operands of its own) side by
+    side, started together: at least 5 runs and ``min_s`` seconds, after one untimed run. The
+    fastest, not the median: a floor is what the products take when nothing slows them, and on
+    a shared machine a run now and then is slowed by others.
 
     Two cores multiplying at once share the caches and the power budget: each runs its products
     about 8% slower than one alone (benchmarks/RESULTS.md), so a floor timed one thread at a time
@@ -217,14 +219,14 @@ def _time_shard_on_threads(counts: Counter, threads: int, rng: np.random.Generat
             done.wait()
             if i > 0:  # the first run touches the pages and warms the BLAS
                 times.append(time.perf_counter() - t0)
-            if len(times) >= 3 and sum(times) >= min_s:
+            if len(times) >= 5 and sum(times) >= min_s:
                 break
     finally:
         stop = True
         start.wait()
         for t in pool:
             t.join()
-    return statistics.median(times)
+    return min(times)
 
 
 def matmul_time(cfg: Any, batch: int, mode: str, shards: int, threads: int,
@@ -248,7 +250,7 @@ def matmul_time(cfg: Any, batch: int, mode: str, shards: int, threads: int,
     blas = 1 if threads > 1 else (get_blas_threads() or 1)
     with blas_threads_as(blas):
         if threads > 1:
-            floor = _time_shard_on_threads(counts, threads, rng, min_s) * shards / threads
+            floor = _time_shard_on_threads(counts, threads, rng, max(min_s, 0.5)) * shards / threads
         else:
             seconds = {s: _time_product(s, rng, min_s) for s in counts}
             floor = sum(seconds[s] * c for s, c in counts.items()) * shards
