@@ -46,7 +46,8 @@ only for trainable weights; attention's q k^T and P v and their backward, dense)
 matmul-only time: one shard's matmuls run with ``np.matmul`` on each of the loop's threads at
 once, each on a one-thread OpenBLAS (the loop's thread setup: two cores multiplying side by side
 run slower than one alone), times shards / threads; on one shard, as the loop runs a large model,
-every distinct shape timed on the BLAS's own threads, times its count. "x floor" is step time /
+every distinct shape timed on the BLAS's own threads, times its count; timed once in each round,
+between the steps' rounds, and the median taken. "x floor" is step time /
 matmul-only time: how far each side is from doing nothing but its matmuls at the rate NumPy's
 BLAS reaches here.
 
@@ -413,19 +414,27 @@ def setup(cfg: GPTConfig, mode: str, batch: int, shards: int | None) -> dict:
     return out
 
 
-def train_speed(sides: dict, rounds: int, per_round: int) -> dict:
+def train_speed(sides: dict, rounds: int, per_round: int,
+                floor: Callable[[], dict] | None = None) -> tuple[dict, list]:
     """Median seconds per step of every (framework, step) of ``sides``, timed in alternating
     rounds: each round runs ``per_round`` steps of each, the frameworks' order flipping from
-    one round to the next, with an untimed pause at each switch."""
+    one round to the next, with an untimed pause at each switch. ``floor()`` (the matmul-only
+    time, :func:`step_profile.matmul_time`) is measured once a round too, so that the floor and
+    the steps see the same machine: on a shared one its speed drifts by tens of percent within
+    minutes. Returns the medians and the floors measured."""
     names = list(sides)
     times: dict = {(fw, kind): [] for fw in names for kind in STEPS}
+    floors: list = []
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for kind in STEPS:
             for fw in order:
                 time.sleep(PAUSE_S)
                 times[(fw, kind)] += time_steps(sides[fw][kind], per_round)
-    return {f"{fw}/{kind}": statistics.median(t) for (fw, kind), t in times.items()}
+        if floor is not None:
+            time.sleep(PAUSE_S)  # PyTorch's idle worker threads spin for a while: let them settle
+            floors.append(floor())
+    return {f"{fw}/{kind}": statistics.median(t) for (fw, kind), t in times.items()}, floors
 
 
 def generation_speed(cfg: GPTConfig, prompt_len: int, new_tokens: int, batch: int,
@@ -675,7 +684,8 @@ def print_limit(flops: dict, floor: dict) -> None:
           f"{fam}); matmul-only time {1e3 * floor['seconds']:.1f} ms: np.matmul on the "
           f"{floor['shapes']} distinct shapes of a shard, {floor.get('blas_threads', 1)}-thread "
           f"OpenBLAS, {together}x {floor['shards']} "
-          f"shards / {floor['threads']} threads = {floor['gflop_s']:.1f} GFLOP/s")
+          f"shards / {floor['threads']} threads = {floor['gflop_s']:.1f} GFLOP/s (median of "
+          f"{floor.get('rounds', 1)} rounds, each timed between the steps' rounds)")
 
 
 def print_memory(mem: dict) -> dict:
@@ -724,11 +734,15 @@ def measure_speed(cfg: GPTConfig, mode: str, batch: int, rounds: int, per_round:
     s = setup(cfg, mode, batch, shards)
     shards = s["shards"]
     print_notes(mode, s["notes"], s["first_loss"], s["trainable"], cfg)
-    times = train_speed(s["sides"], rounds, per_round)
     lora = dict(rank=LORA_R, targets=LORA_TARGETS)
+    times, floors = train_speed(
+        s["sides"], rounds, per_round,
+        lambda: sp.matmul_time(cfg, batch, mode, shards, default_threads(shards), **lora))
     flops = sp.flop_summary(sp.step_matmuls(cfg, batch, mode, **lora))
-    time.sleep(PAUSE_S)  # PyTorch's idle worker threads spin for a while: let them settle
-    floor = sp.matmul_time(cfg, batch, mode, shards, default_threads(shards), **lora)
+    # the median of the rounds' floors, as the steps' times are medians of the rounds
+    floor = dict(floors[0], seconds=statistics.median(f["seconds"] for f in floors),
+                 rounds=len(floors))
+    floor["gflop_s"] = floor["flops"] / floor["seconds"] / 1e9
     tokens = batch * cfg.block_size
     micro = MICRO_BATCHES or loop_micro_batches(batch, cfg.block_size, shards)
     ratios = print_speed(mode, times, tokens, floor["seconds"], shards, micro)
