@@ -58,6 +58,9 @@ def test_the_default_config_is_the_papers_and_names_are_checked():
         family.IA3Config("(")
     with pytest.raises(ConfigError, match="init_ia3_weights"):
         family.IA3Config(init_ia3_weights=1)
+    for empty in ((), [], set()):  # nothing would be adapted: refused for what it is
+        with pytest.raises(ConfigError, match="target_modules must name at least one module"):
+            family.IA3Config(empty, ())
 
 
 @given(config=gpt_configs(), ia3=ia3_configs(), seed=seeds)

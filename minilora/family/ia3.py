@@ -74,8 +74,9 @@ SHORT = {"attn.q_proj": "q_proj", "attn.k_proj": "k_proj", "attn.v_proj": "v_pro
 _HF_OF = {m: hf for hf, ms in MODULES.items() for m in ms}  # "attn.k_proj" -> "attn.c_attn"
 
 
-def _names(value: Any, field: str) -> str | tuple[str, ...]:
-    """A regex (str) or a tuple of non-empty module names, as LoraConfig takes them."""
+def _names(value: Any, field: str, empty: bool = True) -> str | tuple[str, ...]:
+    """A regex (str) or a tuple of non-empty module names, as LoraConfig takes them; with
+    ``empty=False`` at least one name."""
     if isinstance(value, str):
         try:
             re.compile(value)
@@ -84,6 +85,9 @@ def _names(value: Any, field: str) -> str | tuple[str, ...]:
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and \
             all(isinstance(n, str) and n for n in value):
+        if not value and not empty:  # no layer would be adapted: nothing would train
+            raise ConfigError(f"IA3Config: {field} must name at least one module, got "
+                              f"{value!r}")
         return tuple(value) if isinstance(value, (list, tuple)) else tuple(sorted(value))
     raise ConfigError(f"IA3Config: {field} must be a regex or a sequence of module names, got "
                       f"{value!r}")
@@ -106,7 +110,7 @@ class IA3Config:
     peft_type: ClassVar[str] = "IA3"
 
     def __post_init__(self) -> None:
-        targets = _names(self.target_modules, "target_modules")
+        targets = _names(self.target_modules, "target_modules", empty=False)
         ff = _names(self.feedforward_modules, "feedforward_modules")
         if isinstance(targets, tuple) and isinstance(ff, tuple) and not set(ff) <= set(targets):
             raise ConfigError(f"IA3Config: feedforward_modules {ff} must be a subset of "
