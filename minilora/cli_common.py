@@ -131,8 +131,8 @@ def name_arg(text: str) -> str:
 
 
 def text_arg(text: str) -> str:
-    """argparse type: text that is valid UTF-8 (bytes that are not reach Python from the command
-    line as lone surrogates, which no tokenizer can encode)."""
+    """argparse type: text that is valid UTF-8 (bytes on the command line that are not UTF-8
+    reach Python as lone surrogates, which no tokenizer can encode)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
