@@ -394,10 +394,8 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
     if not 0 <= stop <= config.steps:
         raise InvalidArgumentError(f"train: until must lie in [0, steps={config.steps}], got "
                                    f"{until!r}")
-    # one row, drawn from a generator of its own (the run's sampler is not touched), says how
-    # many tokens a row holds
-    row_tokens = data.get_batch(1, np.random.default_rng(0))[0].shape[-1]
-    check_batch_fits(config.batch_size, row_tokens, available_memory())
+    # every dataset's batch rows hold block_size tokens (x and y alike)
+    check_batch_fits(config.batch_size, data.block_size, available_memory())
     optimizer = AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                       betas=config.betas, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)

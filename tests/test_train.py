@@ -285,6 +285,20 @@ def test_a_batch_is_refused_exactly_when_its_token_arrays_exceed_the_memory(rows
     check_batch_fits(rows, tokens, None)  # the machine's memory unknown: nothing is refused
 
 
+@pytest.mark.host_only("batches are host data (the step uploads them)")
+def test_every_dataset_s_batch_rows_hold_block_size_tokens():
+    # what train's batch check counts a row by, without drawing one
+    from minilora.data import ByteTokenizer
+    from minilora.jsonl import JsonlDataset
+    pairs = [{"prompt": f"{i}=", "completion": "x" * (i % 5 + 1)} for i in range(12)]
+    for data in (tiny_task(), tiny_task("add", 3, 50),
+                 TextDataset("hello world " * 20, CharTokenizer.from_text("hello world"), 9),
+                 JsonlDataset(pairs, ByteTokenizer(eot=True), n_heldout=2)):
+        for split in ("train", "val"):
+            x, y = data.get_batch(5, np.random.default_rng(1), split=split)
+            assert x.shape == y.shape == (5, data.block_size), type(data).__name__
+
+
 def test_train_refuses_a_batch_larger_than_the_memory_before_drawing_it(monkeypatch):
     # a batch of 10^9 rows used to be drawn (tens of GiB of int64) and swap for minutes
     import minilora.train as train_module
@@ -292,6 +306,7 @@ def test_train_refuses_a_batch_larger_than_the_memory_before_drawing_it(monkeypa
     model = tiny_model(data)
     before = weights(model)
     row = data.get_batch(1, np.random.default_rng(0))[0].shape[1]
+    assert row == data.block_size  # what train counts a row's tokens by
     monkeypatch.setattr(train_module, "available_memory", lambda: 10 * row * BATCH_BYTES_PER_TOKEN)
     drawn = []
     real = data.get_batch
@@ -299,7 +314,7 @@ def test_train_refuses_a_batch_larger_than_the_memory_before_drawing_it(monkeypa
                         lambda n, rng, **kw: drawn.append(n) or real(n, rng, **kw))
     with pytest.raises(ConfigError, match="batch_size=11 rows"):
         train(model, data, tiny_config(batch_size=11), progress=False)
-    assert drawn == [1]  # one row, to count its tokens; never the batch
+    assert drawn == []  # refused before any batch was drawn
     assert all(np.array_equal(before[k], v) for k, v in weights(model).items())
     train(model, data, tiny_config(batch_size=10, steps=1), progress=False)  # it fits: it runs
 
