@@ -141,6 +141,24 @@ def test_an_empty_target_list_is_refused_not_taken_for_the_default(trained, tmp_
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.host_only("the directory is refused before anything is loaded")
+def test_a_base_directory_of_neither_kind_names_both_kinds(tmp_path, capsys):
+    # it used to say only that checkpoint.json was missing, to someone importing a Hugging Face
+    # model, whose directory needs config.json
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"")
+    for argv in (["import", "--hf", str(other), "--out", str(tmp_path / "o")],
+                 ["finetune", "--from", str(other), "--task", "nocarry", "--out",
+                  str(tmp_path / "f")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(other) in err, err
+        assert "neither a minilora checkpoint (checkpoint.json) nor a Hugging Face GPT-2 " \
+               "(config.json + model.safetensors)" in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "f").exists()
+
+
 def test_prompt_outside_the_vocabulary_names_the_characters(trained, capsys):
     assert main(["sample", "--checkpoint", str(trained), "--prompt", "3 plus 4="]) == 1
     err = capsys.readouterr().err.strip()
