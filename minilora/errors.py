@@ -90,6 +90,20 @@ def is_int(value: object) -> bool:
         type(value).__name__ != "bool_"
 
 
+def check_nonnegative(value: object, name: str,
+                      error: type[MiniLoraError] = InvalidArgumentError) -> None:
+    """Refuse (``error``, naming ``name`` and the value) a ``value`` that is not a finite real
+    number >= 0 (a learning rate, a decay, a clipping norm): a bool or a string is not one, and a
+    NaN, which ``x < 0`` lets through, turns every weight it touches to NaN."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or value < 0:
+        raise error(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def check_int(value: object, name: str, minimum: int | None = 1,
               error: type[MiniLoraError] = InvalidArgumentError) -> int:
     """``value`` as a Python int if it is an integer (not a bool) >= ``minimum`` (None: any);

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import backend as B
 from . import fast
-from .errors import InvalidArgumentError, StateDictError
+from .errors import InvalidArgumentError, StateDictError, check_nonnegative
 from .fast.adamw import FlatSet
 from .tensor import Tensor
 
@@ -26,12 +26,10 @@ _RATES = ("lr", "eps", "weight_decay", "momentum")  # the group settings that ar
 
 
 def _check_rates(who: str, **values: Any) -> None:
-    """Each of ``values`` (a learning rate, eps, a decay) must be a finite real number >= 0: a
-    NaN passes ``x < 0`` and would turn every weight to NaN at the first step."""
+    """Each of ``values`` (a learning rate, eps, a decay) a finite number >= 0
+    (:func:`minilora.errors.check_nonnegative`), named ``"who: name"``."""
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or \
-                not math.isfinite(v) or v < 0:
-            raise InvalidArgumentError(f"{who}: {name} must be a finite number >= 0, got {v!r}")
+        check_nonnegative(v, f"{who}: {name}")
 
 
 def _as_floats(value: Any) -> Any:

@@ -59,6 +59,7 @@ from .errors import (
     TrainingDivergedError,
     TrainingInterrupted,
     check_int,
+    check_nonnegative,
 )
 from .fast import checks
 from .fast.cpu import available_memory, keep_freed_memory
@@ -118,9 +119,7 @@ class TrainConfig:
             setattr(self, name, check_int(getattr(self, name), f"TrainConfig: {name}", 0,
                                           ConfigError))
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            if not _is_number(v) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"TrainConfig: {name} must be a finite number >= 0, got {v!r}")
+            check_nonnegative(getattr(self, name), f"TrainConfig: {name}", ConfigError)
         self.phases = _check_phases(self.phases, self.steps)
         if self.min_lr > self.lr:
             raise ConfigError(f"TrainConfig: min_lr={self.min_lr} must not exceed lr={self.lr}")
