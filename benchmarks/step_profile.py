@@ -19,7 +19,6 @@ import math
 import os
 import statistics
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minilora.fast.cpu import blas_threads_as, get_blas_threads  # noqa: E402
+from minilora.fast.cpu import blas_threads_as, get_blas_threads, run_in_threads  # noqa: E402
 
 # ------------------------------------------------------------------------------ the FLOPs
 
@@ -195,37 +194,18 @@ def _time_shard_on_threads(counts: Counter, threads: int, rng: np.random.Generat
     would be one no two-thread step could reach."""
     work = [[(*_operands(s, rng), c) for s, c in counts.items()] for _ in range(threads)]
     outs = [[np.matmul(a, b) for a, b, _ in products] for products in work]
-    start = threading.Barrier(threads + 1)
-    done = threading.Barrier(threads + 1)
-    stop = False
 
-    def run(k: int) -> None:
-        while True:
-            start.wait()
-            if stop:
-                return
-            for (a, b, c), out in zip(work[k], outs[k]):
-                for _ in range(c):
-                    np.matmul(a, b, out=out)
-            done.wait()
-    pool = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(threads)]
-    for t in pool:
-        t.start()
+    def shard(k: int) -> None:
+        for (a, b, c), out in zip(work[k], outs[k]):
+            for _ in range(c):
+                np.matmul(a, b, out=out)
+    tasks = [lambda k=k: shard(k) for k in range(threads)]
+    run_in_threads(tasks)  # untimed: the pages touched, the BLAS warmed
     times: list[float] = []
-    try:
-        for i in range(51):
-            t0 = time.perf_counter()
-            start.wait()
-            done.wait()
-            if i > 0:  # the first run touches the pages and warms the BLAS
-                times.append(time.perf_counter() - t0)
-            if len(times) >= 5 and sum(times) >= min_s:
-                break
-    finally:
-        stop = True
-        start.wait()
-        for t in pool:
-            t.join()
+    while len(times) < 5 or (sum(times) < min_s and len(times) < 50):
+        t0 = time.perf_counter()
+        run_in_threads(tasks)  # the loop's own pool, as its shards run
+        times.append(time.perf_counter() - t0)
     return min(times)
 
 
