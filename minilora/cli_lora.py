@@ -79,11 +79,11 @@ def load_base(path: str) -> tuple[GPT, Any, dict]:
     GPT-2 directory (config.json + model.safetensors, its tokenizer from vocab.json + merges.txt
     when they are there). ``info`` records where it came from, for a fine-tune to name it."""
     where = Path(path)
-    marks = ("checkpoint.json", "config.json")  # a minilora checkpoint, a Hugging Face model
-    if where.is_dir() and not any((where / f).is_file() for f in marks):
+    ours, hf = (where / "checkpoint.json").is_file(), (where / "config.json").is_file()
+    if where.is_dir() and not (ours or hf):
         raise CheckpointError(f"{path!r} holds neither a minilora checkpoint (checkpoint.json) nor "
                               f"a Hugging Face GPT-2 (config.json + model.safetensors)")
-    if (where / "checkpoint.json").is_file() or not (where / "config.json").is_file():
+    if ours or not hf:  # not a directory: load_model says so
         model, ck = load_model(path)
         # load_model verified the manifest, which lists the weights' digest: no second hashing
         digest = listed_digest(ck.directory, MODEL_FILE) or sha256_file(ck.directory / MODEL_FILE)
