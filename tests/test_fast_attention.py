@@ -212,6 +212,23 @@ def test_the_kernel_returns_only_the_gradients_asked_for(needs):
         assert g is None or g.shape == (2, 70, 8)
 
 
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, True)])
+def test_the_backward_keeps_the_scaled_copy_of_q_not_q(needs):
+    """The kernel's backward reads q only through its scaled copy, so once the caller lets q go
+    (the GPT releases it) its array is freed; k and v are read as views and stay."""
+    import weakref
+
+    rng = np.random.default_rng(4)
+    q, k, v = (B.asarray(rng.standard_normal((2, 70, 8)).astype(np.float32)) for _ in range(3))
+    refs = [weakref.ref(a) for a in (q, k, v)]
+    y, backward = FA.causal_attention(q, k, v, 2, 0.0, needs)
+    del q, k, v
+    assert refs[0]() is None  # q's array went with its last holder
+    assert refs[1]() is not None and refs[2]() is not None  # k and v are read by the backward
+    grads = backward(B.asarray(rng.standard_normal((2, 70, 8)).astype(np.float32)))
+    assert [g is not None for g in grads] == list(needs)
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_no_graph_under_no_grad_or_without_inputs_that_need_one(form, dropout_p):

@@ -81,6 +81,34 @@ def test_only_the_fast_form_with_the_callers_word_writes_into_y():
         assert was_handed_over(ty) == fresh  # the word is recorded in both forms
 
 
+def test_a_handed_over_op_output_keeps_only_its_shape():
+    """A base output handed over to the fast form holds the sum in its array, so the graph keeps
+    it only as a shape: the array lives in the update's output alone and goes when that is
+    released (as the GPT releases q), and the gradients are the reference form's."""
+    import weakref
+
+    from minilora.tensor import release
+
+    y, x, a, b = arrays(1, 6, 4, 5, 2, np.float32)
+    results = {}
+    for flag in FORMS:
+        leaves = [ml.Tensor(v.copy(), requires_grad=True) for v in (y, x, a, b)]
+        with fast.forms(flag):
+            ty = leaves[0] * 1.0  # an op's own output, as a base layer's is
+            out = add_lora_update(ty, *leaves[1:], 2.0, y_is_fresh=True)
+            assert ty.shape == (6, 5)
+            assert (ty.data.strides == (0, 0)) == flag  # the reference forms keep every value
+            values = host(out).copy()
+            ref = weakref.ref(out.data.base if out.data.base is not None else out.data)
+            loss = (out * 1.0).sum()
+            release(out)
+            assert (ref() is None) == flag  # nothing else held the sum's array
+            loss.backward()
+        results[flag] = [values] + [host(t.grad) for t in leaves]
+    for fast_v, ref_v in zip(results[True], results[False]):
+        assert np.array_equal(fast_v, ref_v)
+
+
 def test_the_kernel_refuses_without_the_callers_word():
     y, x, a, b = arrays(0, 4, 3, 5, 2, np.float32)
     before = host(y).copy()

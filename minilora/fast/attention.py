@@ -153,10 +153,11 @@ def causal_attention(q: Any, k: Any, v: Any, n_head: int, dropout_p: float,
     if not keep_for_backward:
         return y, None
     need_q, need_k, need_v = needs_grad
+    shape = q.shape  # the closure keeps q's shape, not q: the scaled copy qh is all it reads
 
     def backward(g: Any) -> tuple[Any, Any, Any]:
         gh = split_heads(g, n_head)  # (B, nh, T, hs) view
-        gq, gk, gv = (B.xp.empty(q.shape, dtype=qh.dtype) if need else None
+        gq, gk, gv = (B.xp.empty(shape, dtype=qh.dtype) if need else None
                       for need in (need_q, need_k, need_v))
         for i, (a, b, Pt, keep, Pdt) in enumerate(saved):
             if gv is not None:

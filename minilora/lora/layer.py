@@ -30,7 +30,7 @@ from .. import fast, flops
 from .. import functional as F
 from ..errors import ConfigError, GraphError, InvalidArgumentError
 from ..nn import Linear, Module, ModuleDict, Parameter
-from ..tensor import Tensor
+from ..tensor import Tensor, release
 from .config import INITS
 from .variants import (
     DoraMagnitude,
@@ -101,6 +101,9 @@ def add_lora_update(y: Tensor, x: Tensor, A: Tensor, Bm: Tensor, s: float, *,
         _hand_over(y)
     if into is not None:
         out, h = into(y2, x2, A.data, Bm.data, s, y_is_fresh=True)
+        # y's array now holds the sum (or nothing reads it): y keeps only its shape for the walk,
+        # so the array goes once the caller releases the sum, instead of living on in y
+        release(y)
     else:
         h = x2 @ A.data.T  # (N, r)
         h *= s
