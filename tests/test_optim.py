@@ -323,17 +323,20 @@ def test_grad_norm_is_the_global_l2_norm_in_float64(shapes, scale, seed, dtype):
     rng = np.random.default_rng(seed)
     grads = [(rng.standard_normal(s) * scale).astype(dtype) for s in shapes]
     params = _with_grads(grads, dtype) + [param(np.ones(2))]  # one without a gradient
-    norm = grad_norm(params)
-    assert isinstance(norm, float)
-    # the same float as the gradients laid end to end in float64, squared and summed
-    flat = np.concatenate([g.reshape(-1) for g in grads] + [np.zeros(0)]).astype(np.float64)
-    assert norm == math.sqrt(float(np.square(flat).sum()))
-    assert norm == pytest.approx(float(np.linalg.norm(flat)), rel=1e-12)
-    for p, g in zip(params, grads):  # read only
-        np.testing.assert_array_equal(host(p.grad), g)
-    assert grad_norm(iter(params)) == norm  # a generator works too
-    if params[:-1]:
-        assert clip_grad_norm(params, norm * 2 + 1.0) == norm  # and clipping returns it
+    with fast.reference():  # the equation as written: float64 end to end
+        norm = grad_norm(params)
+        assert isinstance(norm, float)
+        # the same float as the gradients laid end to end in float64, squared and summed
+        flat = np.concatenate([g.reshape(-1) for g in grads] + [np.zeros(0)]).astype(np.float64)
+        assert norm == math.sqrt(float(np.square(flat).sum()))
+        assert norm == pytest.approx(float(np.linalg.norm(flat)), rel=1e-12)
+        for p, g in zip(params, grads):  # read only
+            np.testing.assert_array_equal(host(p.grad), g)
+        assert grad_norm(iter(params)) == norm  # a generator works too
+        if params[:-1]:
+            assert clip_grad_norm(params, norm * 2 + 1.0) == norm  # and clipping returns it
+    with fast.forms(True):  # the fast form: the same number to float32's rounding
+        assert grad_norm(params) == pytest.approx(norm, rel=1e-6, abs=0.0)
 
 
 @given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8), piece=st.integers(1, 64),
@@ -361,7 +364,7 @@ def test_grad_norm_in_pieces_adds_the_pieces_sums_in_order(sizes, piece, seed):
     for p in pieces:
         part = np.square(np.concatenate(p)).sum()
         total = part if total is None else total + part
-    with mock.patch.object(optim, "NORM_PIECE", piece):
+    with mock.patch.object(optim, "NORM_PIECE", piece), fast.reference():
         assert grad_norm(params) == math.sqrt(float(total))
         assert float(B.to_numpy(optim.norm_array(params))) == math.sqrt(float(total))
 
@@ -551,10 +554,19 @@ def test_the_norm_holds_one_pieces_float64_copy_at_a_time():
         [rng.standard_normal(n).astype(np.float32) for n in (300, piece // 2, piece)]
     params = _with_grads(grads, np.float32)
     exact = math.sqrt(sum(float(np.square(g.astype(np.float64)).sum()) for g in grads))
-    with mock.patch.object(optim, "NORM_PIECE", piece):
+
+    def traced_norm() -> tuple[float, int]:
         tracemalloc.start()
         norm = float(B.to_numpy(optim.norm_array(params)))
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
+        return norm, peak
+    with mock.patch.object(optim, "NORM_PIECE", piece), fast.reference():
+        norm, peak = traced_norm()
     assert norm == pytest.approx(exact, rel=1e-12)
     assert peak <= 1.5 * piece * 8, (peak, piece * 8)
+    # the fast form holds one piece's squares (float32) at a time, whatever NORM_PIECE says
+    with mock.patch.object(elementwise, "PIECE", piece), fast.forms(True):
+        norm, peak = traced_norm()
+    assert norm == pytest.approx(exact, rel=1e-6)
+    assert peak <= 1.5 * piece * 4, (peak, piece * 4)

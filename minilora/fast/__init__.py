@@ -43,6 +43,7 @@ KERNELS: dict[str, tuple[str, str]] = {
     "lora_update": ("lora", "add_lora_update_into"),
     "logsumexp_rows": ("loss", "logsumexp_rows"),
     "cross_entropy_grad": ("loss", "cross_entropy_grad"),
+    "sum_of_squares": ("squares", "sum_of_squares"),
 }
 
 
