@@ -19,6 +19,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -274,7 +275,9 @@ def _targets() -> list[tuple[Any, str, str]]:
 
 class _Clock:
     """Exclusive time per family: a wrapped call's time less that of the wrapped calls inside
-    it (a 4-bit layer's dequantization is not counted again as its matmul)."""
+    it (a 4-bit layer's dequantization is not counted again as its matmul). Safe to use from
+    several threads at once: each keeps its own stack of open calls, and the families' sums
+    are the time summed over the threads."""
 
     def __init__(self) -> None:
         from minilora.tensor import Tensor
@@ -282,22 +285,38 @@ class _Clock:
         self._tensor = Tensor
         self.seconds: dict = defaultdict(float)
         self.calls = 0
-        self._inner: list[float] = []  # per open call: time spent in wrapped calls inside it
+        self._lock = threading.Lock()
+        self._local = threading.local()  # .inner: per open call, time spent in wrapped calls
+
+    def reset(self) -> None:
+        """Forget what was counted so far."""
+        with self._lock:
+            self.seconds.clear()
+            self.calls = 0
+
+    def _inner(self) -> list[float]:
+        inner = getattr(self._local, "inner", None)
+        if inner is None:
+            inner = self._local.inner = []
+        return inner
 
     def wrap(self, fn: Callable, family: str) -> Callable:
         """``fn`` timed into ``family``; an output Tensor's backward closure is wrapped too, so
         the op's backward pass is counted where its forward pass is."""
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self._inner.append(0.0)
+            inner = self._inner()
+            inner.append(0.0)
             t0 = time.perf_counter()
             try:
                 out = fn(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - t0
-                self.seconds[family] += elapsed - self._inner.pop()
-                if self._inner:
-                    self._inner[-1] += elapsed
-                self.calls += 1
+                own = elapsed - inner.pop()
+                with self._lock:
+                    self.seconds[family] += own
+                    self.calls += 1
+                if inner:
+                    inner[-1] += elapsed
             if isinstance(out, self._tensor) and out._backward is not None:
                 out._backward = self.wrap(out._backward, family)
             return out
@@ -378,5 +397,58 @@ def format_breakdown(b: dict) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(run: Callable[[int], Any], threads: int, steps: int) -> dict:
+    """What running a step's shards side by side costs each op family: ``run(t)`` runs one
+    step's shards on t threads (each with a one-thread BLAS); it is run ``steps`` times on one
+    thread (the shards one after another) and on ``threads`` threads, in alternation, with every
+    family wrapped by a thread-safe timer (:func:`breakdown`'s families).
+
+    Returns per family the milliseconds per step summed over the threads in each setup
+    (``one_ms``, ``side_ms``): a family whose sum grows side by side runs slower beside the
+    other thread, from the cores' shared caches and memory or from waiting for the GIL between
+    NumPy calls. ``wall_ms`` are the steps' wall times, ``busy_ms`` the families' sums; threads x
+    wall - busy is the time outside the wrapped ops (the graph's Python, waiting at the end).
+    """
+    clock = _Clock()
+    walls: dict = {1: [], threads: []}
+    sums: dict = {1: defaultdict(float), threads: defaultdict(float)}
+    with _wrapped(clock), blas_threads_as(1):
+        for t in walls:
+            run(t)  # untimed: every array of both setups allocated once
+        for _ in range(steps):
+            for t in walls:
+                clock.reset()
+                t0 = time.perf_counter()
+                run(t)
+                walls[t].append(time.perf_counter() - t0)
+                for family, sec in clock.seconds.items():
+                    sums[t][family] += sec
+    families = [f for f in FAMILIES if sums[1].get(f, 0.0) > 0]
+    per = {t: {f: 1e3 * sums[t].get(f, 0.0) / steps for f in families} for t in walls}
+    return {"threads": threads, "families": families, "one_ms": per[1],
+            "side_ms": per[threads],
+            "wall_ms": {t: 1e3 * statistics.median(w) for t, w in walls.items()},
+            "busy_ms": {t: sum(per[t].values()) for t in walls}}
+
+
+def format_side_by_side(r: dict) -> str:
+    """:func:`side_by_side`'s result as a table: family, ms on one thread, ms summed over the
+    threads side by side, their ratio; then the walls and the time outside the wrapped ops."""
+    n = r["threads"]
+    lines = [f"| family | 1 thread, shards in turn (ms) | {n} threads side by side, summed (ms) "
+             f"| ratio |", "|---|---:|---:|---:|"]
+    for f in r["families"]:
+        one, side = r["one_ms"][f], r["side_ms"][f]
+        lines.append(f"| {f} | {one:.1f} | {side:.1f} | {side / one:.2f} |")
+    wall1, walln = r["wall_ms"][1], r["wall_ms"][n]
+    out1 = wall1 - r["busy_ms"][1]
+    outn = n * walln - r["busy_ms"][n]
+    lines.append(f"wall: {wall1:.1f} ms on 1 thread, {walln:.1f} ms on {n} ({wall1 / walln:.2f}x); "
+                 f"outside the wrapped ops (graph, Python, waiting): {out1:.1f} ms on 1 thread, "
+                 f"{outn:.1f} ms summed over {n}")
+    return "\n".join(lines)
+
+
 __all__ = ["Matmul", "step_matmuls", "flop_summary", "matmul_time", "FAMILIES", "OVERHEAD",
-           "breakdown", "format_breakdown", "single_thread"]
+           "breakdown", "format_breakdown", "single_thread", "side_by_side",
+           "format_side_by_side"]

@@ -64,6 +64,11 @@ by op family (matmul, LoRA adapters, 4-bit dequantize, attention, LayerNorm, GEL
 softmax/cross-entropy, embedding, residual adds, optimizer), each family's forward calls and
 backward closures wrapped by a timer; the rest is graph overhead, which includes the timers'
 own cost (the table says how many calls were wrapped and what the step takes unwrapped).
+Side by side (``step_profile.side_by_side``): the loop's shards run once on one thread, one
+after another, and once on the loop's threads, alternating, every family timed on each thread:
+each family's time summed over the threads against its time on one thread says how much slower
+it runs beside the other thread (matmuls hardly at all; elementwise passes, which share the
+cores' caches and memory and take the GIL between NumPy calls, markedly).
 
 Mode full also times KV-cache generation against recomputing the whole context for each token.
 
@@ -766,6 +771,28 @@ def profile_step(s: dict, steps: int) -> dict:
     return b
 
 
+def profile_side_by_side(s: dict, steps: int) -> dict | None:
+    """The loop step's shards on one thread and side by side on the loop's threads, by op
+    family (``step_profile.side_by_side``); printed. None (and a line) with one shard."""
+    shards = s["shards"]
+    threads = default_threads(shards)
+    if shards < 2 or threads < 2:
+        print(f"side by side: skipped ({shards} shard(s) on {threads} thread(s))")
+        return None
+    model, x, y = s["model"], s["x"], s["y"]
+    micro = MICRO_BATCHES or loop_micro_batches(x.shape[0], x.shape[1], shards)
+
+    def run(t: int) -> None:
+        forward_backward(model, x, y, shards, threads=t, micro_batches=micro)
+        s["opt"].zero_grad()
+    r = sp.side_by_side(run, threads, steps)
+    print(f"minilora's shards ({shards}, {micro} micro-batches each) on 1 thread and side by "
+          f"side on {threads}, by op family (forward and backward, no update; mean per step "
+          f"over {steps}, alternating):")
+    print(sp.format_side_by_side(r))
+    return r
+
+
 def print_generation(cfg: GPTConfig, quick: bool) -> dict:
     """KV-cache generation against recomputing the context (mode full only); printed."""
     g = generation_speed(cfg, prompt_len=8 if quick else 16,
@@ -790,6 +817,7 @@ def run_mode(cfg: GPTConfig, mode: str, batch: int, rounds: int, per_round: int,
     else:
         print("memory: skipped (--quick or --no-memory; --memory runs it)")
     out["breakdown"] = profile_step(s, steps=max(1, min(per_round, 3)))
+    out["side_by_side"] = profile_side_by_side(s, steps=max(1, min(per_round, 3)))
     if mode == "full":
         out["generate"] = print_generation(cfg, quick)
     return out
