@@ -406,8 +406,9 @@ def side_by_side(run: Callable[[int], Any], threads: int, steps: int) -> dict:
     Returns per family the milliseconds per step summed over the threads in each setup
     (``one_ms``, ``side_ms``): a family whose sum grows side by side runs slower beside the
     other thread, from the cores' shared caches and memory or from waiting for the GIL between
-    NumPy calls. ``wall_ms`` are the steps' wall times, ``busy_ms`` the families' sums; threads x
-    wall - busy is the time outside the wrapped ops (the graph's Python, waiting at the end).
+    NumPy calls. ``wall_ms`` are the steps' mean wall times, ``busy_ms`` the families' sums;
+    threads x wall - busy is the time outside the wrapped ops (the graph's Python, waiting at
+    the end).
     """
     clock = _Clock()
     walls: dict = {1: [], threads: []}
@@ -427,7 +428,7 @@ def side_by_side(run: Callable[[int], Any], threads: int, steps: int) -> dict:
     per = {t: {f: 1e3 * sums[t].get(f, 0.0) / steps for f in families} for t in walls}
     return {"threads": threads, "families": families, "one_ms": per[1],
             "side_ms": per[threads],
-            "wall_ms": {t: 1e3 * statistics.median(w) for t, w in walls.items()},
+            "wall_ms": {t: 1e3 * statistics.fmean(w) for t, w in walls.items()},  # as busy
             "busy_ms": {t: sum(per[t].values()) for t in walls}}
 
 
