@@ -130,6 +130,11 @@ PAUSE_S = 0.3
 MICRO_BATCHES: int | None = None
 
 
+def micro_batches_of(rows: int, tokens_per_row: int, shards: int) -> int:
+    """The loop step's pieces per shard: ``--micro-batches`` when given, else the loop's."""
+    return MICRO_BATCHES or loop_micro_batches(rows, tokens_per_row, shards)
+
+
 # ---------------------------------------------------------------------------------- minilora
 
 def build_minilora(cfg: GPTConfig, mode: str = "full", seed: int = 0) -> tuple[GPT, dict]:
@@ -159,7 +164,7 @@ def minilora_loop_step(model: GPT, opt: AdamW, params: list, x: Any, y: Any,
     backward with the batch in ``shards`` shards of the loop's micro-batches, the loss and
     gradient norm read in one go, clipping folded into AdamW."""
     opt.set_lr(LR)
-    micro = MICRO_BATCHES or loop_micro_batches(x.shape[0], x.shape[1], shards)
+    micro = micro_batches_of(x.shape[0], x.shape[1], shards)
     with checks.deferred() as pending:
         loss = forward_backward(model, x, y, shards, micro_batches=micro, sync=False)
         # looked up on the module each call, so that the breakdown's timer can stand in for it
@@ -749,7 +754,7 @@ def measure_speed(cfg: GPTConfig, mode: str, batch: int, rounds: int, per_round:
                  rounds=len(floors))
     floor["gflop_s"] = floor["flops"] / floor["seconds"] / 1e9
     tokens = batch * cfg.block_size
-    micro = MICRO_BATCHES or loop_micro_batches(batch, cfg.block_size, shards)
+    micro = micro_batches_of(batch, cfg.block_size, shards)
     ratios = print_speed(mode, times, tokens, floor["seconds"], shards, micro)
     print_limit(flops, floor)
     return s, {"mode": mode, "config": cfg.to_dict(), "batch": batch, "tokens_per_step": tokens,
@@ -780,7 +785,7 @@ def profile_side_by_side(s: dict, steps: int) -> dict | None:
         print(f"side by side: skipped ({shards} shard(s) on {threads} thread(s))")
         return None
     model, x, y = s["model"], s["x"], s["y"]
-    micro = MICRO_BATCHES or loop_micro_batches(x.shape[0], x.shape[1], shards)
+    micro = micro_batches_of(x.shape[0], x.shape[1], shards)
 
     def run(t: int) -> None:
         forward_backward(model, x, y, shards, threads=t, micro_batches=micro)
