@@ -65,6 +65,7 @@ from minilora import backend as B  # noqa: E402
 from minilora import functional as F  # noqa: E402
 from minilora import quant  # noqa: E402
 from minilora.errors import BackendError  # noqa: E402
+from minilora.fast.cpu import blas_core  # noqa: E402
 from minilora.fileio import atomic_directory  # noqa: E402
 
 BACKENDS = ("numpy", "cupy", "strict")
@@ -343,6 +344,8 @@ def machine(gpu: str | None) -> dict:
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__,
             "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
+            "openblas_kernels": blas_core(),
+            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "unset"),
             "gpu": gpu, "load_average_start": _load()}
 
 
@@ -577,7 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# minilora on NumPy and {against}: float32, medians of {rounds} alternating rounds")
     print(f"# {info['date']}, {info['platform']}, {info['cpu_count']} CPU cores, python "
           f"{info['python']}, numpy {info['numpy']}, OPENBLAS_NUM_THREADS="
-          f"{info['openblas_threads']}, load average at start {info['load_average_start']}")
+          f"{info['openblas_threads']}, OpenBLAS kernels {info['openblas_kernels']} "
+          f"(OPENBLAS_CORETYPE={info['openblas_coretype']}), load average at start "
+          f"{info['load_average_start']}")
     if device == "strict":
         print(f"# {STRICT_NOTE}")
     elif has_cupy:

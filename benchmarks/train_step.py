@@ -72,6 +72,13 @@ cores' caches and memory and take the GIL between NumPy calls, markedly).
 
 Mode full also times KV-cache generation against recomputing the whole context for each token.
 
+Kernels: the header names the kernel table NumPy's OpenBLAS runs (``cpu.blas_core()``) and
+``OPENBLAS_CORETYPE``, which overrides OpenBLAS's own choice. On a CPU that runs AVX-512 at full
+width (AMD's Zen 5, say) the SkylakeX table multiplies at about twice the Haswell table's rate,
+so the same code gives other ratios under the two: compare runs only under the same table
+(``env -u OPENBLAS_CORETYPE python benchmarks/train_step.py`` lets OpenBLAS choose). PyTorch's
+products go through its own MKL, which the variable does not touch.
+
 Two minilora sources side by side (no PyTorch): ``--against DIR`` times this checkout's training
 step against the one of another checkout DIR (say ``git worktree add ../before HEAD~3``), and
 ``--reference`` against this checkout's own reference forms (``MINILORA_REFERENCE=1``). Each side
@@ -103,7 +110,7 @@ import step_profile as sp  # noqa: E402
 
 import minilora as ml  # noqa: E402
 from minilora.fast import checks  # noqa: E402
-from minilora.fast.cpu import get_blas_threads, keep_freed_memory  # noqa: E402
+from minilora.fast.cpu import blas_core, get_blas_threads, keep_freed_memory  # noqa: E402
 from minilora.gpt import GPT, GPTConfig  # noqa: E402
 from minilora.optim import AdamW, clip_coefficient  # noqa: E402
 from minilora.step import default_micro_batches as loop_micro_batches  # noqa: E402
@@ -911,7 +918,8 @@ def main() -> None:
     print(f"minilora train_step benchmark: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cpus, numpy {np.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), OPENBLAS_NUM_THREADS="
-          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; size {size}")
+          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, OpenBLAS kernels {blas_core()} "
+          f"(OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}); size {size}")
     keep_freed_memory()  # as the training loop does on the CPU
     results = [run_mode(cfg, mode, batch, rounds, per_round, args, args.quick)
                for mode in (MODES if args.mode == "all" else (args.mode,))]

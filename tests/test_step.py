@@ -368,6 +368,25 @@ def test_blas_threads_are_restored_after_a_block():
     assert cpu.get_blas_threads() == before
 
 
+@pytest.mark.host_only("asks OpenBLAS for a name in child processes; makes no arrays")
+def test_blas_core_names_the_kernel_table_openblas_was_told_to_run():
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if cpu.blas_core() is None:
+        pytest.skip("NumPy's OpenBLAS cannot say its kernels here")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the kernel tables named below are x86's")
+    ask = "from minilora.fast import cpu; print(cpu.blas_core())"
+    for table in ("Haswell", "Sandybridge"):  # tables every x86-64 CPU of the last decade runs
+        env = {**os.environ, "OPENBLAS_CORETYPE": table}
+        out = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True,
+                             text=True, timeout=120, check=True)
+        assert out.stdout.strip() == table, (table, out.stdout, out.stderr)
+
+
 def test_freed_memory_can_be_kept_where_glibc_is():
     import platform
 

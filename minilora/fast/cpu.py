@@ -35,10 +35,15 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-_SETTERS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-            "openblas_set_num_threads")
-_GETTERS = ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-            "openblas_get_num_threads")
+# NumPy's OpenBLAS functions by role, under the names its builds have given them
+_FUNCTIONS = {
+    "set_threads": ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                    "openblas_set_num_threads"),
+    "get_threads": ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                    "openblas_get_num_threads"),
+    "corename": ("scipy_openblas_get_corename64_", "openblas_get_corename64_",
+                 "openblas_get_corename"),
+}
 
 # glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -59,18 +64,36 @@ def _openblas_paths() -> list[str]:
 
 
 @functools.cache
-def _blas_functions() -> tuple[Any, Any] | None:
-    """OpenBLAS's (set_num_threads, get_num_threads), looked up once; None if not found."""
+def _blas_functions() -> dict[str, Any] | None:
+    """OpenBLAS's functions by role (``_FUNCTIONS``; a role it lacks is None), looked up once in
+    the first library that can set and get its thread count; None if there is none."""
     for path in _openblas_paths():
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        setter = next((getattr(lib, s) for s in _SETTERS if hasattr(lib, s)), None)
-        getter = next((getattr(lib, s) for s in _GETTERS if hasattr(lib, s)), None)
-        if setter is not None and getter is not None:
-            return setter, getter
+        found = {role: next((getattr(lib, n) for n in names if hasattr(lib, n)), None)
+                 for role, names in _FUNCTIONS.items()}
+        if found["set_threads"] is not None and found["get_threads"] is not None:
+            if found["corename"] is not None:
+                found["corename"].restype = ctypes.c_char_p
+            return found
     return None
+
+
+def blas_core() -> str | None:
+    """The kernel table NumPy's OpenBLAS runs ("Haswell", "SkylakeX", ...), or None where there
+    is no OpenBLAS to ask.
+
+    OpenBLAS picks the table for the CPU when it loads, unless ``OPENBLAS_CORETYPE`` names one.
+    Benchmarks print it beside that variable: on a CPU that runs 512-bit instructions at full
+    width the SkylakeX kernels multiply at about twice the Haswell ones' rate
+    (benchmarks/RESULTS.md), and each table adds up its products in its own order.
+    """
+    functions = _blas_functions()
+    if functions is None or functions["corename"] is None:
+        return None
+    return functions["corename"]().decode("ascii", "replace")
 
 
 def set_blas_threads(n: int) -> bool:
@@ -82,14 +105,14 @@ def set_blas_threads(n: int) -> bool:
     functions = _blas_functions()
     if functions is None:
         return False
-    functions[0](int(n))
+    functions["set_threads"](int(n))
     return True
 
 
 def get_blas_threads() -> int | None:
     """The number of threads NumPy's OpenBLAS uses now, or None where it cannot be asked."""
     functions = _blas_functions()
-    return None if functions is None else int(functions[1]())
+    return None if functions is None else int(functions["get_threads"]())
 
 
 @contextmanager
@@ -195,6 +218,6 @@ def for_each_in_threads(fn: Callable[[int], Any], sizes: list[int], threads: int
                     for group in balanced_groups(sizes, threads)])
 
 
-__all__ = ["set_blas_threads", "get_blas_threads", "blas_threads_as", "keep_freed_memory",
-           "available_cpus", "available_memory", "run_in_threads", "balanced_groups",
-           "for_each_in_threads"]
+__all__ = ["blas_core", "set_blas_threads", "get_blas_threads", "blas_threads_as",
+           "keep_freed_memory", "available_cpus", "available_memory", "run_in_threads",
+           "balanced_groups", "for_each_in_threads"]
