@@ -316,16 +316,17 @@ plt.show()
 # **What we see.** How much of the paper's Figure 3 holds here depends on the run, far more
 # than one machine showed us. Where this notebook was written, the top direction of $A_8$ lay
 # largely inside the top direction of $A_{64}$ in layer 0 on all five seeds ($\phi(1, 1)$ 0.74
-# to 0.91 for $W_q$, 0.62 to 0.78 for $W_v$). On another CPU, where OpenBLAS picks other matrix
-# kernels (its Haswell ones), every product is rounded in another order, so every training run
-# takes another path, and over the same seeds 0 to 4 $\phi(1, 1)$ was 0.03 to 0.56 for $W_q$
-# and 0.26 to 0.76 for $W_v$; with that CPU's AVX-512 kernels forced
-# (`OPENBLAS_CORETYPE=SkylakeX`) 0.56 to 0.90 and 0.59 to 0.82. Ten runs, and the top direction
-# was shared ($\phi(1, 1) \ge 0.5$) in 6 for $W_q$ and 7 for $W_v$; where it was not, the
-# fall from $\phi(1, 1)$ to $\phi(8, 8)$ the paper shows was small or reversed (-0.37 to
-# 0.12). Even the last bits matter: computing the gradient norm for clipping in float32 pieces
-# instead of float64 (the same value to 1e-7) moved seed 0's $W_q$ from 0.56 to 0.07 on that
-# CPU. So "the top direction is shared" is true of some runs of this setup, not of the setup.
+# to 0.91 for $W_q$, 0.62 to 0.78 for $W_v$). On another machine, whose environment has OpenBLAS
+# run other matrix kernels (its Haswell ones, `OPENBLAS_CORETYPE=Haswell`), every product is
+# rounded in another order, so every training run takes another path, and over the same seeds
+# 0 to 4 $\phi(1, 1)$ was 0.03 to 0.56 for $W_q$ and 0.26 to 0.76 for $W_v$; with the AVX-512
+# kernels OpenBLAS picks for that CPU itself (`OPENBLAS_CORETYPE=SkylakeX`) 0.56 to 0.90 and
+# 0.59 to 0.82. Ten runs, and the top direction was shared ($\phi(1, 1) \ge 0.5$) in 6 for
+# $W_q$ and 7 for $W_v$; where it was not, the fall from $\phi(1, 1)$ to $\phi(8, 8)$ the
+# paper shows was small or reversed (-0.37 to 0.12). Even the last bits matter: computing the
+# gradient norm for clipping in float32 pieces instead of float64 (the same value to 1e-7)
+# moved seed 0's $W_q$ from 0.56 to 0.07 on that machine. So "the top direction is shared" is
+# true of some runs of this setup, not of the setup.
 # (To rerun:
 # `python benchmarks/notebook_seeds.py 07 --show phi_top_q phi_top_v phi_22_q phi_22_v`,
 # with and without `OPENBLAS_CORETYPE=SkylakeX` on a CPU that has AVX-512.)
