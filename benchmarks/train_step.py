@@ -684,6 +684,30 @@ def print_speed(mode: str, times: dict, tokens: int, floor_s: float, shards: int
     return ratios
 
 
+# issue 15's speed targets: minilora / PyTorch tokens/s, per mode and step
+GOALS = {"full": {"loop": 1.15, "plain": 0.95}, "lora": {"loop": 1.3, "plain": 1.0},
+         "qlora": {"loop": 1.2}}
+
+
+def print_ceiling(mode: str, times: dict, floor_s: float) -> dict:
+    """What the matmul floor allows, step by step: a minilora step that took only its matmul-only
+    time would run PyTorch's time / floor times as fast as PyTorch (the most any step made of
+    these products on this BLAS can reach), and a target r asks for a step of that ceiling / r
+    times the floor. Returns {step: (ceiling, x floor the target asks, minilora's x floor)}."""
+    out, parts = {}, []
+    for kind, goal in GOALS.get(mode, {}).items():
+        t, m = times.get(f"torch/{kind}"), times.get(f"minilora/{kind}")
+        if t is None or m is None:
+            continue
+        ceiling = t / floor_s
+        out[kind] = (ceiling, ceiling / goal, m / floor_s)
+        parts.append(f"{kind} at most {ceiling:.2f}x PyTorch (its target {goal}x asks for a step "
+                     f"of {ceiling / goal:.2f}x the floor; minilora's is {m / floor_s:.2f}x)")
+    if parts:
+        print("what the floor allows (a step of its matmuls alone): " + "; ".join(parts))
+    return out
+
+
 def _torch_threads() -> int:
     import torch
 
@@ -763,13 +787,15 @@ def measure_speed(cfg: GPTConfig, mode: str, batch: int, rounds: int, per_round:
     tokens = batch * cfg.block_size
     micro = micro_batches_of(batch, cfg.block_size, shards)
     ratios = print_speed(mode, times, tokens, floor["seconds"], shards, micro)
+    ceiling = print_ceiling(mode, times, floor["seconds"])
     print_limit(flops, floor)
     return s, {"mode": mode, "config": cfg.to_dict(), "batch": batch, "tokens_per_step": tokens,
                "shards": shards, "micro_batches": micro,
                "median_ms": {k: 1e3 * v for k, v in times.items()}, "ratios": ratios,
                "first_loss": s["first_loss"], "trainable": s["trainable"], "notes": s["notes"],
                "flops": flops, "floor": floor,
-               "x_floor": {k: v / floor["seconds"] for k, v in times.items()}}
+               "x_floor": {k: v / floor["seconds"] for k, v in times.items()},
+               "ceiling": ceiling}
 
 
 def profile_step(s: dict, steps: int) -> dict:
