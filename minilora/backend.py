@@ -18,6 +18,7 @@ save it (:func:`generator_state`), and CuPy and the strict stand-in draw the sam
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -412,6 +413,24 @@ def memory_stats() -> dict:
     return {"backend": "numpy", "used_bytes": None, "total_bytes": None}
 
 
+def _started_as_cli() -> bool:
+    """True when this process is the ``minilora`` command (the console script, or ``python -m
+    minilora``), which reads MINILORA_BACKEND itself (``--backend`` defaults to it)."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if script in ("minilora", "minilora.exe", "minilora-script.py"):
+        return True
+    return any(a == "-m" and nxt == "minilora" for a, nxt in zip(argv, argv[1:])) or \
+        "-mminilora" in argv
+
+
 _env = os.environ.get("MINILORA_BACKEND", "").strip().lower()
 if _env:
-    use_backend(_env)
+    try:
+        use_backend(_env)
+    except BackendError:
+        # the command line applies the variable again as its --backend default and reports a
+        # backend it cannot use on one line (its promise: no traceback), so it starts on NumPy;
+        # a program that imports minilora learns it here, before any work
+        if not _started_as_cli():
+            raise

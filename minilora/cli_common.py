@@ -13,7 +13,7 @@ from typing import Any, Callable
 from . import backend as B
 from . import fast
 from .data import TASKS, TaskDataset, get_task
-from .errors import ConfigError, InvalidArgumentError, TrainingInterrupted
+from .errors import BackendError, ConfigError, InvalidArgumentError, TrainingInterrupted
 from .fast import cpu
 from .step import ONE_SHARD_FROM
 from .train import TrainConfig, format_eval, train
@@ -32,7 +32,14 @@ def setup(args: argparse.Namespace) -> None:
     Setting the BLAS thread count is a fast form: with the fast forms off (``MINILORA_REFERENCE=1``)
     OpenBLAS keeps the count it started with (``--threads`` is still checked).
     """
-    B.use_backend(args.backend)
+    try:
+        B.use_backend(args.backend)
+    except BackendError as exc:
+        if args.backend != environment_backend() or "MINILORA_BACKEND" not in os.environ:
+            raise
+        # the environment chose it: say so, and how a command-line user gets past it
+        raise BackendError(f"{exc} (MINILORA_BACKEND={os.environ['MINILORA_BACKEND']!r} chose "
+                           f"it: unset it, or pass --backend numpy)") from exc
     threads = args.threads
     if threads is not None and threads < 1:
         raise InvalidArgumentError(f"--threads must be at least 1, got {threads}")

@@ -1,6 +1,8 @@
 """The command line: help a newcomer can follow, the train/sample/eval/demo round trip, resuming in
 fresh processes, and one clear line for each usual mistake."""
 
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from minilora.checkpoint import load_checkpoint
 from minilora.cli import main
 from minilora.data import TASKS
-from tests.helpers import TINY, run_cli
+from tests.helpers import ROOT, TINY, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +275,24 @@ def test_a_command_runs_on_its_backend_and_gives_the_caller_s_back(tmp_path):
                  *TINY]) == 0
     assert load_checkpoint(tmp_path / "other").backend == other
     assert B.get_backend() == run
+
+
+@pytest.mark.host_only("a command refusing the backend its environment names: no arrays")
+@pytest.mark.parametrize("value", ["gpu", "tensorflow"])
+def test_a_backend_the_environment_names_but_cannot_be_used_is_one_line(value, tmp_path):
+    """``MINILORA_BACKEND`` is read when minilora is imported; the command line reports a value
+    it cannot use as every other failure (one line, no traceback), and --backend overrides it."""
+    env = {**os.environ, "MINILORA_BACKEND": value, "PYTHONPATH": str(ROOT)}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "minilora", *args],  # noqa: E731
+                                       cwd=tmp_path, env=env, capture_output=True, text=True,
+                                       timeout=60)
+    done = run("eval", "--checkpoint", "missing")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("minilora eval: error: ") and repr(value) in lines[0]
+    assert "MINILORA_BACKEND" in lines[0] and "--backend numpy" in lines[0]
+    overridden = run("eval", "--checkpoint", "missing", "--backend", "numpy")
+    assert overridden.returncode == 1 and "no checkpoint at 'missing'" in overridden.stderr
+    assert "MINILORA_BACKEND" not in overridden.stderr
+    with_debug = run("eval", "--checkpoint", "missing", "--debug")
+    assert "Traceback" in with_debug.stderr and "BackendError" in with_debug.stderr
