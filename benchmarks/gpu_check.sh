@@ -36,6 +36,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || exit 2
 OUT="${OUT:-$ROOT/runs/gpu_check}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)" || exit 2  # absolute, before leaving the caller's folder
 cd "$ROOT" || exit 2
+# the machine's python3 (a GPU machine has what this needs there); a rehearsal on a CPU (STRICT=1)
+# takes the project's own environment when there is one, which dev.py setup makes
+if [ -z "${PYTHON:-}" ] && [ "${STRICT:-0}" = 1 ] && [ -x "$ROOT/.venv/bin/python" ]; then
+  PYTHON="$ROOT/.venv/bin/python"
+fi
 PYTHON="${PYTHON:-python3}"
 STRICT="${STRICT:-0}"
 QUICK="${QUICK:-0}"
