@@ -275,6 +275,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo_report import checks, format_notes, format_table, memory_note
 
     setup(args)
+    if args.out is None:
+        args.out = "runs/demo-quick" if args.quick else "runs/demo"
     check_writable(args.out, what="demo --out")
     if not args.overwrite:
         _check_demo_dir(args.out)
@@ -430,9 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "  MINILORA_BACKEND=cupy minilora demo   # the same")
     d.add_argument("--quick", action="store_true",
                    help="tiny step counts: checks the pipeline, not the accuracies")
-    d.add_argument("--out", metavar="DIR", type=path_arg, default="runs/demo",
+    d.add_argument("--out", metavar="DIR", type=path_arg, default=None,
                    help="where the report, plots, adapters and base checkpoint go "
-                   "(default runs/demo; a previous demo's directory is reused)")
+                   "(default runs/demo, or runs/demo-quick with --quick, so that a smoke run "
+                   "leaves the full demo's cached base alone; a previous demo's directory is "
+                   "reused)")
     d.add_argument("--overwrite", action="store_true",
                    help="write the demo into --out even if it holds other files (they are kept)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")

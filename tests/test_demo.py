@@ -205,3 +205,20 @@ def test_every_plot_has_a_caption_with_the_run_s_numbers():
     assert "QLoRA's curve follows LoRA's" in said["loss_curves.png"]
     assert "NF4 2.60e-03, INT4 3.30e-03, FP4 3.40e-03" in said["quant_error.png"]
     assert "task C 100.0% with the digitmax adapter" in said["adapter_switching.png"]
+
+
+@pytest.mark.host_only("where the demo writes by default: paths only, the run itself is stubbed")
+def test_a_quick_demo_leaves_the_full_demo_s_directory_and_cache_alone(monkeypatch, tmp_path):
+    import minilora.demo as demo
+
+    seen = []
+
+    def stub(out_dir, quick, progress):
+        seen.append((str(out_dir), quick))
+        raise RuntimeError("stopped by the test")
+    monkeypatch.setattr(demo, "run_demo", stub)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quick", "--no-progress"]) == 1
+    assert main(["demo", "--no-progress"]) == 1
+    assert main(["demo", "--quick", "--no-progress", "--out", "mine"]) == 1
+    assert seen == [("runs/demo-quick", True), ("runs/demo", False), ("mine", True)]
