@@ -543,12 +543,15 @@ def _quantize(args: argparse.Namespace) -> int:
                                                      "blocksize": args.quant_blocksize,
                                                      "double_quant": not args.no_double_quant}})
     bits = quant.bits_per_parameter(args.quant_blocksize, not args.no_double_quant)
-    size, old = _dir_bytes(args.out), _dir_bytes(args.checkpoint)
+    # the weights file against the weights file: the source's directory may hold an optimizer
+    # state and a history too, which a quantized checkpoint has no use for
+    size, old = ((Path(d) / MODEL_FILE).stat().st_size for d in (args.out, args.checkpoint))
     dq = "off" if args.no_double_quant else "on"
     print(f"quantized {len(before)} linear layers to {args.quant_type} (blocksize "
           f"{args.quant_blocksize}, double quantization {dq}): {bits:.3f} bits per weight; "
-          f"{size:,} bytes on disk (was {old:,}); |W - deq(Q(W))| max {err['max']:.4g}, mean "
-          f"{err['mean']:.4g}; checkpoint in {args.out}", flush=True)
+          f"{MODEL_FILE} {size:,} bytes (the float one {old:,}, {old / size:.1f}x); "
+          f"|W - deq(Q(W))| max {err['max']:.4g}, mean {err['mean']:.4g}; checkpoint in "
+          f"{args.out}", flush=True)
     return 0
 
 

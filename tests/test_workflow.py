@@ -6,6 +6,7 @@ PEFT and HF, import, and inspect every directory."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -70,7 +71,10 @@ def test_the_whole_road(road):
     np.testing.assert_array_equal(greedy_answers(merged, prompts, answers.shape[1]), unmerged)
 
     said = _ok("quantize", "--checkpoint", base, "--out", road / "base-nf4")
-    assert "4.127 bits per weight" in said and "bytes on disk" in said
+    assert "4.127 bits per weight" in said and "model.safetensors" in said
+    sizes = re.search(r"model\.safetensors ([\d,]+) bytes \(the float one ([\d,]+), ", said)
+    quantized, full = (int(g.replace(",", "")) for g in sizes.groups())
+    assert quantized < full and f"{full / quantized:.1f}x" in said  # weights file against file
     four_bit, _ = load_model(road / "base-nf4")  # back as QuantLinear layers, not re-quantized
     assert type(four_bit.h[0].attn.q_proj).__name__ == "QuantLinear"
     assert "held-out exact match" in _ok("eval", "--checkpoint", road / "base-nf4", "--show", "0")
