@@ -244,6 +244,12 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"JSONL {data.path!r}: held-out exact match {acc:.1%} on {n} prompts "
               f"({time.perf_counter() - start:.1f} s)")
         return 0
+    if args.task is None and "text" in trained_on:
+        path = (trained_on["text"] or {}).get("path")
+        on = f" ({path!r})" if path else ""
+        raise ConfigError(f"this model was trained on a text{on}, which has no answers to "
+                          f"match: pass --text FILE for its perplexity on a text, or --task NAME "
+                          f"({', '.join(TASKS)}) or --data FILE.jsonl to score answers")
     data = task_dataset(trained_on, args.task)
     if data.block_size > block:
         beside = f" beside {model.num_virtual_tokens} virtual tokens" \
@@ -339,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", default="add", metavar="NAME", type=name_arg,
                    help=f"task to learn: {', '.join(TASKS)} (default add)")
     t.add_argument("--text", metavar="FILE", type=path_arg,
-                   help="train a character model on this UTF-8 text "
+                   help="train a model of this UTF-8 text (its bytes, or its characters with "
+                   "--tokenizer char) "
                    "instead (with --resume: where the run's text file is now)")
     t.add_argument("--tokenizer", choices=("byte", "char"), default="byte",
                    help="for --text: byte (UTF-8 bytes and an end-of-text token, so any later "
@@ -374,9 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub, fmt)
 
     s = sub.add_parser("sample", formatter_class=fmt, help="continue a prompt with a trained model",
-                       description="Continue a prompt with a trained model. By default the "
-                       "answer is greedy (temperature 0) and, for a task model, stops at the "
-                       "end mark '.'.\n\n"
+                       description="Continue a prompt with a trained model. By default a task "
+                       "or JSONL model answers greedily (temperature 0) and a task model stops at "
+                       "the end mark '.'; a text model samples (temperature 0.8, top-k 40).\n\n"
                        '  minilora sample --checkpoint runs/base --prompt "183+459="')
     s.add_argument("--checkpoint", required=True, metavar="DIR", type=path_arg,
                    help="checkpoint directory")
@@ -485,6 +492,14 @@ def main(argv: list[str] | None = None) -> int:
             if not getattr(stop, "reported", False):  # else _run said what was saved
                 print(f"minilora {args.command}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            # whoever read the output stopped reading (`| head`): stop quietly, as a shell's
+            # tools do; stdout goes to devnull so that Python's own flush at exit cannot fail too
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError):  # no real stdout (captured in-process)
+                pass
+            return 141  # 128 + SIGPIPE, what a shell reports for a tool its pipe stopped
         except Exception as exc:
             if args.debug:
                 raise

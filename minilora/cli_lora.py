@@ -235,11 +235,26 @@ def _print_trainable(model: GPT, method: str, name: str) -> None:
         return
     rows = lora.lora_parameter_table(model, name)
     adapted, full = sum(r["lora"] for r in rows), sum(r["full"] for r in rows)
-    r = rows[0]
-    print(f"{method}: adapter {name!r} on {len(rows)} layers; r(n+k) = {r['r']}({r['n']}+"
-          f"{r['k']}) = {r['lora']:,} per layer against n k = {r['full']:,}; {adapted:,} "
-          f"trainable against {full:,} in those layers ({adapted / full:.2%}); {trainable:,} of "
-          f"{total:,} parameters train ({trainable / total:.2%})", flush=True)
+    print(f"{method}: adapter {name!r} on {len(rows)} layers; {per_layer_counts(rows)}; "
+          f"{adapted:,} trainable against {full:,} in those layers ({adapted / full:.2%}); "
+          f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%})", flush=True)
+
+
+def per_layer_counts(rows: list[dict]) -> str:
+    """``r(n+k) = 8(128+128) = 2,048 per layer against n k = 16,384`` for the rows of
+    ``lora.lora_parameter_table``: one such formula per layer shape (with how many layers have
+    it when there are several, as with ``all-linear``), and DoRA's magnitude vector (n) named."""
+    shapes: dict = {}
+    for row in rows:
+        shapes.setdefault((row["r"], row["n"], row["k"], row["lora"], row["full"]), []).append(row)
+    parts = []
+    for (r, n, k, count, full), group in shapes.items():
+        magnitude = count - r * (n + k)  # n with DoRA, else 0
+        formula = f"r(n+k) = {r}({n}+{k})" + (f" + {magnitude:,} (DoRA's magnitude)"
+                                              if magnitude else "")
+        where = f" on {len(group)} layers" if len(shapes) > 1 else ""
+        parts.append(f"{formula} = {count:,} per layer against n k = {full:,}{where}")
+    return "; ".join(parts)
 
 
 def _finetune(args: argparse.Namespace) -> int:

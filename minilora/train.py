@@ -524,9 +524,10 @@ def _diverged(step: int, loss: float, norm: float, lr: float, config: TrainConfi
     kept = ""
     if out_dir is not None and (Path(out_dir) / "checkpoint.json").is_file():
         kept = f"; the last good checkpoint in {str(out_dir)!r} is kept"
+    clip = (f", or a tighter clip (grad_clip is {config.grad_clip:g})" if config.grad_clip > 0
+            else ", or clipping the gradient (grad_clip is off)")
     return (f"training diverged at step {step}: {what}; this step's update was not applied and "
-            f"nothing was saved{kept}. Try a lower learning rate (this step's lr={lr:g}) or "
-            f"clipping (grad_clip={config.grad_clip:g})")
+            f"nothing was saved{kept}. Try a lower learning rate (this step's lr={lr:g}){clip}")
 
 
 def _earlier_history(resume: str | Path | None, start: int) -> dict:

@@ -214,6 +214,14 @@ def test_text_training_and_sampling(tmp_path, capsys):
     assert first.startswith("to be") and len(first) <= len("to be") + 10
     assert main(sample) == 0
     assert capsys.readouterr().out.rstrip("\n") == first
+    # a text has no answers to match: eval says how to measure a text model
+    assert main(["eval", "--checkpoint", str(tmp_path / "text")]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.count("\n") == 0 and "trained on a text" in line and "notes.txt" in line
+    assert "--text FILE" in line and "--task" in line
+    assert main(["eval", "--checkpoint", str(tmp_path / "text"), "--text", str(text_file),
+                 "--examples", "16"]) == 0
+    assert "perplexity" in capsys.readouterr().out
 
 
 @pytest.mark.host_only("--help and a missing directory: no model is built")
@@ -296,3 +304,17 @@ def test_a_backend_the_environment_names_but_cannot_be_used_is_one_line(value, t
     assert "MINILORA_BACKEND" not in overridden.stderr
     with_debug = run("eval", "--checkpoint", "missing", "--debug")
     assert "Traceback" in with_debug.stderr and "BackendError" in with_debug.stderr
+
+
+@pytest.mark.host_only("a command's output pipe closing: no arrays")
+def test_a_reader_that_stops_reading_ends_the_command_quietly(monkeypatch, capsys):
+    """``minilora ... | head``: when the pipe closes, the command stops with 141 (128 + SIGPIPE),
+    as a shell's tools do, and prints no error about it."""
+    import minilora.cli as cli
+
+    def reader_gone(args):
+        print("a first line")
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli, "_sample", reader_gone)
+    assert main(["sample", "--checkpoint", "x", "--prompt", "1+1="]) == 141
+    assert capsys.readouterr().err == ""

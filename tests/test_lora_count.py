@@ -64,3 +64,31 @@ def test_tied_parameters_count_once():
     assert total == sum(p.size for p in model.parameters())
     # q (9 + 3), v (its bias only: 3), fc (18 + 6), proj (18 + 3)
     assert total == 12 + 3 + 24 + 21
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_cli_s_per_layer_formula_names_every_layer_shape(dora):
+    """``minilora finetune`` prints r(n+k) per layer: one formula per shape (all-linear adapts
+    C x C attention and C x 4C MLP layers), each adding up, DoRA's magnitude named."""
+    import re
+
+    import minilora as ml
+    from minilora.cli_lora import per_layer_counts
+
+    model = ml.GPT(ml.GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=8))
+    lora.inject_lora(model, lora.LoraConfig(r=2, alpha=4, use_dora=dora, target_modules=(
+        "q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj")))
+    rows = lora.lora_parameter_table(model)
+    text = per_layer_counts(rows)
+    found = re.findall(r"r\(n\+k\) = (\d+)\((\d+)\+(\d+)\)(?: \+ (\d+) \(DoRA's magnitude\))? = "
+                       r"([\d,]+) per layer against n k = ([\d,]+) on (\d+) layers", text)
+    assert {(int(n), int(k)) for _, n, k, *_ in found} == {(8, 8), (32, 8), (8, 32)}
+    assert sum(int(f[6]) for f in found) == len(rows) == 12
+    for r, n, k, magnitude, count, full, _ in found:
+        r, n, k = int(r), int(n), int(k)
+        assert int(count.replace(",", "")) == r * (n + k) + (n if dora else 0)
+        assert int(full.replace(",", "")) == n * k and (magnitude == (str(n) if dora else ""))
+    one_shape = [row for row in rows if row["n"] == row["k"]]
+    assert per_layer_counts(one_shape) == (
+        "r(n+k) = 2(8+8)" + (" + 8 (DoRA's magnitude)" if dora else "") +
+        f" = {32 + 8 * dora} per layer against n k = 64")

@@ -158,6 +158,9 @@ def test_divergence_is_caught_before_the_update_with_or_without_clipping(tmp_pat
                      str(info.value))
     assert match, str(info.value)
     assert int(match.group(1)) == len(steps) + 1  # the step after the last completed one
+    # the hint fits the run: a tighter clip where there is one, clipping where there is none
+    assert ("a tighter clip (grad_clip is 1)" if grad_clip else "grad_clip is off") \
+        in str(info.value)
     assert all_finite(model)  # the diverging step's update was not applied
     assert all(p.grad is None for p in model.parameters())  # nor its gradients kept
 
