@@ -270,7 +270,8 @@ def _finetune(args: argparse.Namespace) -> int:
     chosen = cli_family.check_flags(args)  # refuses --full --method, and flags left unused
     method = args.mode or "lora"  # the base: lora (as it is), qlora (4-bit first) or full
     names = CHECKPOINT_FILES if method == "full" else FINETUNE_FILES
-    check_destination(args.out, overwrite=args.overwrite, names=names, what="--out")
+    check_destination(args.out, overwrite=args.overwrite, names=names, what="--out",
+                      inputs={"--from": args.source})
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
     if chosen in cli_family.FAMILY and "lr" not in given:  # the method's own rate, decaying 10x
         given["lr"] = cli_family.DEFAULT_LR[chosen]
@@ -490,7 +491,8 @@ def _answers_changed(before: GPT, after: GPT, data: Any) -> str:
 
 def _merge(args: argparse.Namespace) -> int:
     setup(args)
-    check_destination(args.out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
+    check_destination(args.out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out",
+                      inputs=_inputs(args))
     model, ck = load_model(args.checkpoint)
     args.no_adapter, args.use = False, args.use
     record = attach_adapters(model, args)
@@ -543,11 +545,21 @@ def _data_of(record: dict, ck: Any, model: GPT) -> Any:
     return None
 
 
+def _inputs(args: argparse.Namespace) -> dict:
+    """What a command reads that its --out must not replace: --checkpoint and each --adapter."""
+    adapters = getattr(args, "adapter", None) or []
+    adapters = adapters if isinstance(adapters, list) else [adapters]
+    return {"--checkpoint": getattr(args, "checkpoint", None),
+            **{f"--adapter #{i + 1}" if len(adapters) > 1 else "--adapter": a
+               for i, a in enumerate(adapters)}}
+
+
 # --------------------------------------------------------------------------------- quantize
 
 def _quantize(args: argparse.Namespace) -> int:
     setup(args)
-    check_destination(args.out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
+    check_destination(args.out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out",
+                      inputs=_inputs(args))
     model, ck = load_model(args.checkpoint)
     before = _float_weights(model)
     quant.quantize_model(model, quant_type=args.quant_type, blocksize=args.quant_blocksize,
@@ -581,7 +593,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.to == "peft" and not args.adapter:
         raise ConfigError("export --to peft writes an adapter: name it with --adapter DIR")
     names = ("config.json", "model.safetensors") if args.to == "hf" else ADAPTER_FILES
-    check_destination(args.out, overwrite=args.overwrite, names=names, what="--out")
+    check_destination(args.out, overwrite=args.overwrite, names=names, what="--out",
+                      inputs=_inputs(args))
     model, _ = load_model(args.checkpoint)
     args.no_adapter = False
     record = attach_adapters(model, args)
@@ -614,7 +627,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     setup(args)
-    check_destination(args.out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
+    check_destination(args.out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out",
+                      inputs={"--hf": args.hf})
     model, tokenizer, info = load_base(args.hf)
     save_checkpoint(args.out, model, model_config=model.config, tokenizer=tokenizer,
                     extra={"imported": {k: v for k, v in info.items() if k != "base_extra"}})

@@ -117,13 +117,24 @@ def check_writable(path: str | Path, what: str = "the output") -> Path:
 
 
 def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple[str, ...] = (),
-                      what: str = "the output", flag: str = "--overwrite") -> Path:
+                      what: str = "the output", flag: str = "--overwrite",
+                      inputs: dict[str, Any] | None = None) -> Path:
     """Check, before any work, that a save can later be written to ``path`` as a whole.
 
-    Refused with a :class:`DestinationError`: what :func:`check_writable` refuses; an existing
+    Refused with a :class:`DestinationError`: what :func:`check_writable` refuses; ``path``
+    being (or holding) one of the ``inputs`` (``{flag: path or None}``: what the command reads),
+    whatever ``overwrite`` says, since the save would replace what it was made from; an existing
     save unless ``overwrite``; a non-empty directory that is not a save of this kind (``names``),
     whatever ``overwrite`` says, since the swap would delete what it holds. Returns the path.
     """
+    for source_flag, source in (inputs or {}).items():
+        if source is None:
+            continue
+        here, there = Path(path).resolve(), Path(source).resolve()
+        if here == there or here in there.parents:
+            raise DestinationError(f"{what} {str(path)!r} is where {source_flag} {str(source)!r} "
+                                   f"is read from: the save would replace it; choose another "
+                                   f"path")
     path = check_writable(path, what)
     if path.is_dir() and path.parent.exists():
         check_writable(path.parent, what)  # the swap renames path itself inside its parent

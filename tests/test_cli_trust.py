@@ -121,6 +121,35 @@ def test_resume_into_another_existing_checkpoint_needs_overwrite(tmp_path, capsy
     assert load_checkpoint(b).step == 4
 
 
+@pytest.mark.parametrize("command", ["finetune", "merge-into-base", "merge-into-adapter",
+                                     "quantize", "import"])
+def test_out_that_is_what_the_command_reads_is_refused_even_with_overwrite(ck, tmp_path, capsys,
+                                                                           command):
+    """--out naming the command's own input (--from, --checkpoint, --adapter, --hf) would replace
+    what the result is made from: refused before any work, whatever --overwrite says."""
+    adapter = tmp_path / "adapter"
+    assert main(["finetune", "--from", str(ck), "--task", "nocarry", "--steps", "1",
+                 "--out", str(adapter), *TINY[10:]]) == 0
+    hf = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(ck), "--to", "hf", "--out", str(hf)]) == 0
+    capsys.readouterr()
+    argv, flag, source = {
+        "finetune": (["finetune", "--from", str(ck), "--task", "nocarry", "--steps", "1",
+                      "--out", str(ck) + "/", *TINY[10:]], "--from", ck),
+        "merge-into-base": (["merge", "--checkpoint", str(ck), "--adapter", str(adapter),
+                             "--out", str(ck)], "--checkpoint", ck),
+        "merge-into-adapter": (["merge", "--checkpoint", str(ck), "--adapter", str(adapter),
+                                "--out", str(adapter)], "--adapter", adapter),
+        "quantize": (["quantize", "--checkpoint", str(ck), "--out", str(ck)], "--checkpoint", ck),
+        "import": (["import", "--hf", str(hf), "--out", str(hf)], "--hf", hf),
+    }[command]
+    before = snapshot(source)
+    assert main([*argv, "--overwrite"]) == 1
+    line = one_line(capsys.readouterr().err, argv[0])
+    assert f"is where {flag} " in line and "choose another path" in line
+    assert snapshot(source) == before
+
+
 @pytest.mark.host_only("the destination is refused before any work")
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_a_directory_of_other_files_is_never_replaced(tmp_path, capsys, overwrite):
