@@ -28,7 +28,6 @@ for the same accuracy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 import tracemalloc
@@ -46,6 +45,7 @@ from .errors import CheckpointError
 from .gpt import GPT, GPTConfig
 from .optim import AdamW
 from .step import default_shards, forward_backward
+from .tensorfile import read_json
 from .train import HISTORY_FILE, TrainConfig, exact_match, greedy_answers, param_groups, train
 
 
@@ -209,7 +209,10 @@ def _base_model(s: DemoSettings, out: Path, progress: bool, log: Callable[[str],
             log(f"[1/5] reusing the task-A base checkpoint in {base_dir.name}/ "
                 f"(delete it to retrain)")
             history_file = base_dir / HISTORY_FILE
-            history = json.loads(history_file.read_text()) if history_file.is_file() else None
+            try:  # the plot's data only: a damaged or oversized file is no reason to retrain
+                history = read_json(history_file, "demo") if history_file.is_file() else None
+            except CheckpointError:
+                history = None
             return model, history
     except CheckpointError:
         pass

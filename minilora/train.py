@@ -69,6 +69,7 @@ from .nn import Module
 from .optim import AdamW, clip_coefficient, norm_array, warmup_cosine
 from .step import default_micro_batches, default_shards, forward_backward
 from .tensor import no_grad
+from .tensorfile import read_json
 
 
 @dataclass
@@ -537,15 +538,19 @@ def _earlier_history(resume: str | Path | None, start: int) -> dict:
     path = Path(resume) / HISTORY_FILE if resume is not None else None
     if path is None or not path.is_file():
         return empty
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+    try:  # read_json: at most MAX_JSON_BYTES, nesting that would overflow the stack refused
+        saved = read_json(path, "resume: history")
         keep = [i for i, s in enumerate(saved["step"]) if s <= start]
         out = {k: [saved[k][i] for i in keep] for k in ("step", "loss", "lr", "grad_norm")}
         out["eval"] = [e for e in saved["eval"] if e["step"] <= start]
         out["seconds"] = float(saved.get("seconds", 0.0))
         return out
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return empty  # a damaged history only costs the plot of the earlier steps
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, IndexError,
+            AttributeError) as exc:
+        # a damaged history only costs the plot of the earlier steps: say so, and go on
+        warnings.warn(f"{str(path)!r} could not be read ({str(exc).splitlines()[0][:200]}); the "
+                      f"run goes on, its history starting at step {start}", stacklevel=2)
+        return empty
 
 
 def format_eval(result: dict) -> str:

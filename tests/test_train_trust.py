@@ -375,3 +375,29 @@ def test_extension_flags_that_do_not_extend_are_refused(finished, tmp_path, flag
     for needle in needles:
         assert needle in line, line
     assert not out.exists() and snapshot(finished) == before
+
+
+@pytest.mark.parametrize("damage", ["deep", "too large", "not lists"])
+def test_a_damaged_history_costs_only_the_plot_of_the_earlier_steps(text_runs, tmp_path, capsys,
+                                                                    monkeypatch, damage):
+    """history.json is read as any JSON minilora reads: at most MAX_JSON_BYTES, nesting that
+    would overflow the stack refused. A history that cannot be read does not stop --resume: one
+    note, and the written history starts at the resumed step."""
+    from minilora import tensorfile
+    from tests.test_cli_trust import rewrite_manifest_entry
+
+    part = copy_part(text_runs, tmp_path)
+    if damage == "deep":
+        text = '{"step": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    elif damage == "too large":
+        text = json.dumps({"step": list(range(100_000))})  # 600 kB, over a 50 kB limit
+        monkeypatch.setattr(tensorfile, "MAX_JSON_BYTES", 50_000)  # checkpoint.json is below
+    else:
+        text = json.dumps({"step": 3, "loss": None, "eval": "x"})
+    (part / "history.json").write_text(text, encoding="utf-8")
+    rewrite_manifest_entry(part, "history.json")  # the manifest agrees: the reader must cope
+    assert main(["train", "--resume", str(part), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "history.json" in err and "could not be read" in err and "step 3" in err
+    assert "Traceback" not in err and "RecursionError" not in err
+    assert history(part)["step"] == [4, 5, 6]
