@@ -63,16 +63,22 @@ def build_notebook(source: Path) -> nbformat.NotebookNode:
     nb.metadata["minilora"] = {"source": f"src/{source.name}",
                                "source_sha256": source_digest(source),
                                "full_size": os.environ.get("MINILORA_FAST") != "1"}
-    for kind, text in parse_percent(source.read_text()):
+    for i, (kind, text) in enumerate(parse_percent(source.read_text())):
         maker = nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell
-        nb.cells.append(maker(text))
+        # an id from the cell's place and text, not a random one: a rebuild of an unchanged
+        # source then changes no line of the notebook but what its run printed
+        cell_id = hashlib.sha256(f"{i}\n{kind}\n{text}".encode()).hexdigest()[:8]
+        nb.cells.append(maker(text, id=cell_id))
     return nb
 
 
 def execute(nb: nbformat.NotebookNode, timeout: int = 900) -> nbformat.NotebookNode:
-    """Run every cell in a fresh kernel started in tutorials/; raises on the first error."""
+    """Run every cell in a fresh kernel started in tutorials/; raises on the first error. The
+    kernel's timestamps are dropped from each cell's metadata (they say when, not what)."""
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(HERE)}}).execute()
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
     return nb
 
 
