@@ -124,8 +124,9 @@ def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple
     Refused with a :class:`DestinationError`: what :func:`check_writable` refuses; ``path``
     being (or holding) one of the ``inputs`` (``{flag: path or None}``: what the command reads),
     whatever ``overwrite`` says, since the save would replace what it was made from; an existing
-    save unless ``overwrite``; a non-empty directory that is not a save of this kind (``names``),
-    whatever ``overwrite`` says, since the swap would delete what it holds. Returns the path.
+    save (one a kill left half swapped in included: it is recovered first) unless
+    ``overwrite``; a non-empty directory that is not a save of this kind (``names``), whatever
+    ``overwrite`` says, since the swap would delete what it holds. Returns the path.
     """
     for source_flag, source in (inputs or {}).items():
         if source is None:
@@ -136,6 +137,10 @@ def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple
                                    f"is read from: the save would replace it; choose another "
                                    f"path")
     path = check_writable(path, what)
+    # a swap a kill interrupted is finished (or undone) first: the save it holds is what
+    # --overwrite protects, and the save about to be written would otherwise finish the swap
+    # itself and then replace what it recovered
+    recover(path)
     if path.is_dir() and path.parent.exists():
         check_writable(path.parent, what)  # the swap renames path itself inside its parent
     entries = _entries(path) if path.is_dir() else []

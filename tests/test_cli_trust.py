@@ -150,6 +150,25 @@ def test_out_that_is_what_the_command_reads_is_refused_even_with_overwrite(ck, t
     assert snapshot(source) == before
 
 
+@pytest.mark.parametrize("left", ["old", "old and tmp"])
+def test_a_save_a_kill_left_half_swapped_in_needs_overwrite_too(ck, tmp_path, capsys, left):
+    """A kill between the swap's two renames leaves the save beside its name (.NAME.old-*, and
+    maybe the complete new one as .NAME.tmp-*). The next command that writes there recovers it
+    first, so that --overwrite guards it as it guards any save."""
+    old = ck.parent / f".{ck.name}.old-aaaa"
+    os.rename(ck, old)
+    kept = snapshot(old)
+    if left == "old and tmp":
+        newer = ck.parent / f".{ck.name}.tmp-bbbb"
+        shutil.copytree(old, newer)
+        kept = snapshot(newer)  # the swap is finished: the newer save is the one in place
+    argv = ["train", "--steps", "2", "--out", str(ck), *TINY]
+    assert main(argv) == 1
+    line = one_line(capsys.readouterr().err, "train")
+    assert "already holds a save" in line and "--overwrite" in line
+    assert snapshot(ck) == kept and load_checkpoint(ck).step == 4
+
+
 @pytest.mark.host_only("the destination is refused before any work")
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_a_directory_of_other_files_is_never_replaced(tmp_path, capsys, overwrite):
