@@ -316,6 +316,13 @@ class Module:
         installs = [holders[p]._load_extra_state(entries, f"{p}." if p else "")
                     for p, entries in extra.items() if entries]
         for key in own.keys() & state_dict.keys():
+            if B.overflows_when_cast(state_dict[key], own[key].data.dtype):
+                dtype = own[key].data.dtype
+                raise StateDictError(f"load_state_dict: key {key!r} holds "
+                                     f"{state_dict[key].dtype} values beyond the range of "
+                                     f"{dtype} (max {np.finfo(dtype).max:.4g}), which would "
+                                     f"become inf")
+        for key in own.keys() & state_dict.keys():
             p = own[key]
             p.data[...] = B.asarray(state_dict[key], dtype=p.data.dtype)
         for install in installs:

@@ -437,3 +437,28 @@ def test_an_adapter_without_a_manifest_loads_with_one_warning(tmp_path):
     want = lora.adapter_state_dict(model)
     got = lora.adapter_state_dict(target)
     assert all(np.array_equal(host(got[k]), host(want[k])) for k in want)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "adapter"])
+def test_float64_weights_beyond_float32_are_refused_not_made_inf(ck, tmp_path, capsys, kind):
+    """A float64 tensor is read into a float32 model only when every value fits: 1e300 would
+    become inf, another number, so the load is refused, naming the tensor."""
+    from minilora.tensorfile import read_tensors, safetensors_bytes
+
+    directory, name = ck, "model.safetensors"
+    argv = ["eval", "--checkpoint", str(ck), "--show", "0"]
+    if kind == "adapter":
+        directory = tmp_path / "adapter"
+        assert main(["finetune", "--from", str(ck), "--task", "nocarry", "--steps", "1",
+                     "--out", str(directory), *TINY[10:]]) == 0
+        name = next(p.name for p in directory.glob("*.safetensors"))
+        argv += ["--adapter", str(directory)]
+    arrays = read_tensors(directory / name, "test", float_dtype=None)
+    key = next(k for k in arrays if k.endswith("weight") and arrays[k].ndim == 2)
+    arrays[key] = np.full(arrays[key].shape, 1e300)  # float64
+    (directory / name).write_bytes(safetensors_bytes(arrays))
+    rewrite_manifest_entry(directory, name)
+    capsys.readouterr()
+    assert main(argv) == 1
+    line = one_line(capsys.readouterr().err, "eval")
+    assert key in line and "beyond the range of float32" in line and "inf" in line

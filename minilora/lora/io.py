@@ -255,6 +255,13 @@ def load_adapter(model: Module, directory: str, adapter_name: str = "default") -
     expected = adapter_state_dict(model, adapter_name)
     try:
         check_arrays({k: p.shape for k, p in expected.items()}, arrays, "load_adapter")
+        wide = next((k for k, p in expected.items()
+                     if B.overflows_when_cast(arrays[k], p.data.dtype)), None)
+        if wide is not None:
+            dtype = expected[wide].data.dtype
+            raise CheckpointError(f"load_adapter: tensor {wide!r} holds {arrays[wide].dtype} "
+                                  f"values beyond the range of {dtype} (max "
+                                  f"{np.finfo(dtype).max:.4g}), which would become inf")
     except CheckpointError:
         if existing is None:
             delete_adapter(model, adapter_name)
