@@ -31,7 +31,7 @@ from . import backend as B
 from . import functional as F
 from .attention import KVCache, causal_self_attention, prefix_self_attention
 from .errors import ConfigError, DTypeError, InvalidArgumentError, ShapeError, check_int, is_int
-from .fast import checks
+from .fast import checks, cpu
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
 from .tensor import Tensor, no_grad, release
 
@@ -115,6 +115,35 @@ class GPTConfig:
         d = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
         d.update(overrides)
         return cls(**d)
+
+
+def parameter_count(config: GPTConfig) -> int:
+    """The parameters of ``GPT(config)``, from its sizes alone: the tied token table V C, the
+    positions T C, per layer 12 C^2 (q, k, v, o: 4 C^2; the MLP 8 C^2) and 13 C of biases and
+    LayerNorm gains and shifts (2 C, the gains alone, with ``bias=False``), and the final
+    LayerNorm's 2 C (C). GPT-2 small: 124,439,808."""
+    V, T, L, C = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    per_layer = 12 * C * C + (13 * C if config.bias else 2 * C)
+    return V * C + T * C + L * per_layer + (2 * C if config.bias else C)
+
+
+def check_fits_in_memory(config: GPTConfig, available: int | None) -> None:
+    """Refuse (ConfigError) a config whose weights alone (in the default float dtype) need more
+    than ``available`` bytes, before any is allocated: each size may lie within its limit
+    (``MAX_N_LAYER``...) while together they ask for terabytes. None (the machine's memory
+    unknown) checks nothing."""
+    if available is None:
+        return
+    dtype = np.dtype(B.default_dtype())
+    n = parameter_count(config)
+    need = n * dtype.itemsize
+    if need > available:
+        raise ConfigError(f"GPT: n_layer={config.n_layer}, n_embd={config.n_embd}, "
+                          f"vocab_size={config.vocab_size:,}, block_size={config.block_size:,} "
+                          f"make {n:,} parameters, {need / 2**30:,.1f} GiB in {dtype} "
+                          f"before any training state, more than the "
+                          f"{available / 2**30:,.1f} GiB of memory available; choose smaller "
+                          f"sizes (--n-layer, --n-embd)")
 
 
 class CausalSelfAttention(Module):
@@ -237,6 +266,7 @@ class GPT(Module):
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise ConfigError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        check_fits_in_memory(config, cpu.available_memory())
         self.config = config
         C = config.n_embd
         self.wte = Embedding(config.vocab_size, C)

@@ -7,7 +7,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minilora as ml
@@ -594,3 +594,30 @@ def test_config_from_dict_names_missing_fields_and_wants_a_dict():
         GPTConfig.from_dict(d)
     with pytest.raises(ConfigError, match="dict.*list"):
         GPTConfig.from_dict([("vocab_size", 11)])
+
+
+@given(V=st.integers(1, 300), T=st.integers(1, 64), L=st.integers(1, 3), heads=st.integers(1, 3),
+       per_head=st.integers(1, 8), bias=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_parameter_count_from_the_config_is_the_built_model_s(V, T, L, heads, per_head, bias):
+    from minilora.gpt import parameter_count
+
+    cfg = GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=heads,
+                    n_embd=heads * per_head, bias=bias)
+    assert parameter_count(cfg) == GPT(cfg).num_parameters()
+
+
+def test_a_config_whose_weights_exceed_the_memory_is_refused_before_any_allocation(monkeypatch):
+    from minilora.fast import cpu
+    from minilora.gpt import parameter_count
+
+    # every size within its limit, together 206 billion parameters
+    big = GPTConfig(vocab_size=16, block_size=16, n_layer=1024, n_head=2, n_embd=4096)
+    assert parameter_count(big) > 2e11
+    monkeypatch.setattr(cpu, "available_memory", lambda: 24 * 2**30)
+    with pytest.raises(ConfigError, match=r"n_layer=1024, n_embd=4096.*GiB in float32.*"
+                                          r"24\.0 GiB of memory available.*--n-layer, --n-embd"):
+        GPT(big)
+    monkeypatch.setattr(cpu, "available_memory", lambda: None)  # unknown: nothing is checked
+    small = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    assert GPT(small).num_parameters() == parameter_count(small)
