@@ -41,7 +41,7 @@ def setup(args: argparse.Namespace) -> None:
         raise BackendError(f"{exc} (MINILORA_BACKEND={os.environ['MINILORA_BACKEND']!r} chose "
                            f"it: unset it, or pass --backend numpy)") from exc
     threads = args.threads
-    if threads is not None and threads < 1:
+    if threads is not None and threads < 1:  # the parser refuses it; setup may be called alone
         raise InvalidArgumentError(f"--threads must be at least 1, got {threads}")
     if threads is None and not any(v in os.environ for v in ("OPENBLAS_NUM_THREADS",
                                                              "OMP_NUM_THREADS")):
@@ -119,6 +119,26 @@ def positive_int(text: str) -> int:
 def count(text: str) -> int:
     """argparse type: an integer >= 0."""
     return _int_at_least(text, 0)
+
+
+# more BLAS threads than any machine has cores; a count above it is a typo (or 10**20)
+MAX_THREADS = 4096
+
+
+def thread_count(text: str) -> int:
+    """argparse type: an integer in [1, MAX_THREADS]."""
+    value = _int_at_least(text, 1)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def path_arg(text: str) -> str:
@@ -203,7 +223,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    "stand-in for CuPy, which runs the GPU code path on the CPU and counts its "
                    "kernel launches and syncs); default: the MINILORA_BACKEND environment "
                    f"variable, else numpy (here: {environment_backend()})")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=thread_count, default=None, metavar="N",
                    help="BLAS threads (default 1 unless OPENBLAS_NUM_THREADS or "
                    "OMP_NUM_THREADS is set: the models here are small, and extra threads "
                    "slow them down on a busy machine); a fast form, left alone under "

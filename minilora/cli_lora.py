@@ -49,6 +49,7 @@ from .cli_common import (
     fraction,
     name_arg,
     path_arg,
+    positive_float,
     positive_int,
     report,
     resumed_config,
@@ -782,7 +783,7 @@ def add_parsers(sub: Any, fmt: Any) -> None:
     # LoRA's flags default to None, so that another --method refuses them instead of ignoring
     f.add_argument("--r", type=positive_int, default=None, metavar="R",
                    help="LoRA rank (default 8)")
-    f.add_argument("--alpha", type=float, default=None, metavar="X",
+    f.add_argument("--alpha", type=positive_float, default=None, metavar="X",
                    help="LoRA alpha; scaling = alpha / r (default 2 r)")
     f.add_argument("--lora-dropout", type=fraction, default=None, metavar="X",
                    help="dropout on the adapter's input (default 0)")

@@ -252,8 +252,13 @@ def test_blas_threads_can_be_limited_after_numpy_is_loaded(capsys):
         assert set_blas_threads(2) and getter() == 2
     finally:
         set_blas_threads(before)
-    assert main(["eval", "--checkpoint", "x", "--threads", "0"]) == 1
-    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    for value, said in (("0", "must be at least 1, got 0"), ("abc", "expected an integer"),
+                        (str(10**20), "must be at most 4096"), ("", "expected an integer")):
+        with pytest.raises(SystemExit) as stop:
+            main(["eval", "--checkpoint", "x", "--threads", value])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"argument --threads: {said}" in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
 
 
 @pytest.mark.host_only("the parser's default, read from the environment")

@@ -241,6 +241,16 @@ def test_bad_counts_are_refused_by_the_parser_in_one_line(argv, needle, capsys):
     assert needle in line and "must be at least" in line and argv[-1] in line
 
 
+@pytest.mark.host_only("argument parsing")
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "", "abc"])
+def test_lora_alpha_must_be_a_positive_finite_number(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["finetune", "--from", "x", "--task", "nocarry", "--out", "y", "--alpha", value])
+    assert info.value.code == 2
+    line = one_line(capsys.readouterr().err, "finetune")
+    assert "argument --alpha:" in line and repr(value)[1:-1] in line
+
+
 def test_eval_show_zero_prints_only_the_accuracy(trained, capsys):
     assert main(["eval", "--checkpoint", str(trained), "--examples", "10", "--show", "0"]) == 0
     captured = capsys.readouterr()
