@@ -312,11 +312,18 @@ def _check_resumable(saved: dict | None, config: TrainConfig, where: Path) -> No
                           f"configuration ({'; '.join(diff)})")
 
 
+# the signals a run is asked to stop by: Ctrl-C, and the polite stop that timeout, docker stop,
+# Slurm and systemd send before they kill (SIGTERM), or a closed terminal (SIGHUP)
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
+
+
 @contextmanager
 def _deferred_interrupt() -> Iterator[dict]:
-    """Turn the first Ctrl-C (SIGINT) into a flag the loop reads between steps, so a step is never
-    cut in half (weights updated for some parameters, not others); a second Ctrl-C interrupts at
-    once. Outside the main thread signals cannot be caught, and nothing changes."""
+    """Turn the first stop signal (Ctrl-C's SIGINT, a SIGTERM or SIGHUP) into a flag the loop
+    reads between steps, so a step is never cut in half (weights updated for some parameters,
+    not others) and the run is saved as after Ctrl-C; a second one interrupts at once. Outside
+    the main thread signals cannot be caught, and nothing changes."""
     flag = {"set": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -327,11 +334,12 @@ def _deferred_interrupt() -> Iterator[dict]:
             raise KeyboardInterrupt
         flag["set"] = True
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 # What a batch holds per token through its step, whatever the model: its inputs x and targets y,

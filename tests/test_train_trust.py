@@ -177,7 +177,7 @@ def test_grad_norm_is_measured_every_step_even_without_clipping():
 
 # ------------------------------------------------------------------------------ C. Ctrl-C
 
-def interrupt_cli(*args, wait=0.2):
+def interrupt_cli(*args, wait=0.2, sig=signal.SIGINT):
     """Start ``python -m minilora ARGS``, wait for its 'training a GPT' line, then for its first
     evaluation line (so that steps are surely done, however busy the machine) and ``wait`` more
     seconds, press Ctrl-C; returns (exit code, stdout, stderr)."""
@@ -192,7 +192,7 @@ def interrupt_cli(*args, wait=0.2):
         else:
             pytest.fail(f"training never got going: {''.join(seen)}{proc.stderr.read()}")
         time.sleep(wait)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -217,6 +217,21 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_for_bit(tmp_path):
     assert main([*flags, "--until", str(until), "--out", str(straight)]) == 0
     assert_same_checkpoint(run, straight)
     assert history(run)["loss"] == history(straight)["loss"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32",
+                    reason="SIGTERM as POSIX sends it")
+def test_sigterm_stops_between_steps_and_saves_as_ctrl_c_does(tmp_path):
+    """timeout, docker stop and Slurm ask a run to stop with SIGTERM before they kill it: the run
+    finishes its step and saves, and the save resumes as after Ctrl-C."""
+    run = tmp_path / "run"
+    code, out, err = interrupt_cli("train", *TINY, "--steps", "100000", "--eval-every", "100",
+                                   "--out", run, sig=signal.SIGTERM)
+    assert code == 130, err
+    assert f"minilora train --resume {run}" in err and "Traceback" not in err
+    saved = load_checkpoint(run).step
+    assert 100 <= saved < 100000 and history(run)["step"] == list(range(1, saved + 1))
+    assert main(["train", "--resume", str(run), "--until", str(saved + 2), "--no-progress"]) == 0
 
 
 def test_ctrl_c_with_no_save_on_interrupt_saves_nothing(tmp_path):
