@@ -52,6 +52,7 @@ from .cli_common import (
     nonnegative_float,
     path_arg,
     positive_int,
+    positive_int_to,
     report,
     resumed_config,
     run_training,
@@ -325,6 +326,10 @@ def _check_demo_dir(out: str) -> None:
 
 # ------------------------------------------------------------------------------- parser
 
+# tokens a sample may ask for, and samples a call: far beyond any use, short of for ever
+MAX_COUNT = 10**6
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -390,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True, type=text_arg,
                    help="text to continue; only characters the "
                    "model knows (for tasks: digits and + - * , = .)")
-    s.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
+    s.add_argument("--max-new-tokens", type=positive_int_to(MAX_COUNT), default=None, metavar="N",
                    help="tokens to generate (default: a task's answer length, else 100)")
     s.add_argument("--temperature", type=nonnegative_float, default=None, metavar="X",
                    help="0 takes the most likely token (default for task and JSONL models); "
@@ -399,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample only from the k likeliest (default 40 for a text model)")
     add_adapter_flags(s)
     s.add_argument("--seed", type=count, default=None, metavar="N", help="sampling seed")
-    s.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
+    s.add_argument("--num-samples", type=positive_int_to(MAX_COUNT), default=1, metavar="N",
                    help="how many continuations (default 1)")
     add_common(s)
     s.set_defaults(func=_sample)

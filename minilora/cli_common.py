@@ -16,7 +16,7 @@ from .data import TASKS, TaskDataset, get_task
 from .errors import BackendError, ConfigError, InvalidArgumentError, TrainingInterrupted
 from .fast import cpu
 from .step import ONE_SHARD_FROM
-from .train import TrainConfig, format_eval, train
+from .train import MAX_STEPS, TrainConfig, format_eval, train
 
 # the default model for the tasks: small enough to learn 3-digit addition in about a minute
 MODEL_DEFAULTS = {"n_layer": 3, "n_head": 4, "n_embd": 128, "dropout": 0.0}
@@ -133,6 +133,18 @@ def thread_count(text: str) -> int:
     return value
 
 
+def positive_int_to(high: int) -> Callable[[str], int]:
+    """argparse type: an integer in [1, high] (a count so large that the command would run for
+    ever is refused, not started)."""
+    def parse(text: str) -> int:
+        value = _int_at_least(text, 1)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,}, got {value:,}")
+        return value
+    parse.__name__ = "positive_int"  # argparse names the type in its messages
+    return parse
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     value = nonnegative_float(text)
@@ -242,7 +254,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="on Ctrl-C, stop without saving a checkpoint")
     defaults = TrainConfig()
     for name, typ, text in (
-            ("steps", positive_int, "optimiser steps"),
+            ("steps", positive_int_to(MAX_STEPS), "optimiser steps"),
             ("batch_size", positive_int, "sequences per step"),
             ("lr", nonnegative_float, "peak learning rate"),
             ("warmup", count, "linear warmup steps"),

@@ -71,6 +71,9 @@ from .step import default_micro_batches, default_shards, forward_backward
 from .tensor import no_grad
 from .tensorfile import read_json
 
+# more optimiser steps than any run here takes (GPT-2 trained for about 800,000)
+MAX_STEPS = 10**9
+
 
 @dataclass
 class TrainConfig:
@@ -116,6 +119,9 @@ class TrainConfig:
                 continue  # chosen by train(): the checkpoint's number, or the backend's default
             setattr(self, name, check_int(getattr(self, name), f"TrainConfig: {name}", 1,
                                           ConfigError))
+        if self.steps > MAX_STEPS:  # 10**20 from a typo or a forged file would run for ever
+            raise ConfigError(f"TrainConfig: steps must be at most MAX_STEPS = {MAX_STEPS:,}, "
+                              f"got {self.steps:,}")
         for name in ("warmup", "checkpoint_every", "seed"):
             setattr(self, name, check_int(getattr(self, name), f"TrainConfig: {name}", 0,
                                           ConfigError))

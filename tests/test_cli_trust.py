@@ -251,6 +251,32 @@ def test_lora_alpha_must_be_a_positive_finite_number(value, capsys):
     assert "argument --alpha:" in line and repr(value)[1:-1] in line
 
 
+@pytest.mark.host_only("argument parsing")
+@pytest.mark.parametrize("argv,flag,most", [
+    (["train", "--steps", str(10**20)], "--steps", "1,000,000,000"),
+    (["sample", "--checkpoint", "x", "--prompt", "1+1=", "--max-new-tokens", str(10**20)],
+     "--max-new-tokens", "1,000,000"),
+    (["sample", "--checkpoint", "x", "--prompt", "1+1=", "--num-samples", str(10**7)],
+     "--num-samples", "1,000,000"),
+])
+def test_counts_that_would_run_for_ever_are_refused_by_the_parser(argv, flag, most, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    line = one_line(capsys.readouterr().err, argv[0])
+    assert f"argument {flag}: must be at most {most}" in line
+
+
+def test_a_forged_step_count_is_refused_on_resume(ck, capsys):
+    def forge(meta):
+        meta["train_config"]["steps"] = 10**20
+    _edit_meta(ck, forge)
+    rewrite_manifest_entry(ck, "checkpoint.json")  # the manifest agrees: the value is checked
+    assert main(["train", "--resume", str(ck), "--no-progress"]) == 1
+    line = one_line(capsys.readouterr().err, "train")
+    assert "steps must be at most MAX_STEPS = 1,000,000,000" in line
+
+
 def test_eval_show_zero_prints_only_the_accuracy(trained, capsys):
     assert main(["eval", "--checkpoint", str(trained), "--examples", "10", "--show", "0"]) == 0
     captured = capsys.readouterr()
