@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -456,6 +457,9 @@ def model_from_checkpoint(ckpt: Checkpoint) -> Module:
         raise CheckpointError(f"checkpoint at {str(ckpt.directory)!r} does not fit this model: "
                               f"{exc}") from exc
     restore(ckpt, model, restore_global_rng=False)
+    if not all_finite(model):  # loaded (inspect and eval may want to look), but said
+        warnings.warn(f"{str(ckpt.directory)!r}: the weights hold NaN or inf values, so the "
+                      f"model's outputs are not numbers", stacklevel=2)
     model.eval()
     return model
 

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from .checkpoint import FILES as CHECKPOINT_FILES
 from .checkpoint import (
     META_FILE,
     MODEL_FILE,
+    all_finite,
     load_checkpoint,
     load_model,
     model_from_checkpoint,
@@ -395,7 +397,18 @@ def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
     first); returns the active adapter's record, or None for the bare base (no adapter, or
     ``--no-adapter``). QLoRA adapters quantize the base first, as they were trained on it. An
     adapter of the family (IA3, BitFit, bottleneck, prompt, prefix: its config's peft_type) loads
-    alone, with ``ml.family.load_adapter`` (:func:`minilora.cli_family.attach`)."""
+    alone, with ``ml.family.load_adapter`` (:func:`minilora.cli_family.attach`). Adapter weights
+    that hold NaN or inf are said in a note (a base's are, by ``load_model``)."""
+    finite_before = all_finite(model)
+    record = _attach_adapters(model, args)
+    if record is not None and finite_before and not all_finite(model):
+        warnings.warn(f"--adapter {', '.join(map(repr, args.adapter))}: the adapter's weights "
+                      f"hold NaN or inf values, so the model's outputs are not numbers",
+                      stacklevel=2)
+    return record
+
+
+def _attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
     dirs = args.adapter or []
     if args.no_adapter or not dirs:
         if args.use:
@@ -599,6 +612,9 @@ def _export(args: argparse.Namespace) -> int:
     model, _ = load_model(args.checkpoint)
     args.no_adapter = False
     record = attach_adapters(model, args)
+    if not all_finite(model):  # as save_checkpoint: a file of NaN weights helps no one
+        raise CheckpointError("export: the model (with its adapter, if any) holds NaN or inf "
+                              f"weights; not writing them to {args.out!r}")
     if args.to == "peft":
         if cli_family.carries_family(model):
             what = f"PEFT {cli_family.export_peft(model, args.out)} adapter"

@@ -498,3 +498,32 @@ def test_float64_weights_beyond_float32_are_refused_not_made_inf(ck, tmp_path, c
     assert main(argv) == 1
     line = one_line(capsys.readouterr().err, "eval")
     assert key in line and "beyond the range of float32" in line and "inf" in line
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "adapter"])
+def test_nan_weights_are_said_on_load_and_never_exported(ck, tmp_path, capsys, kind):
+    """Weights that hold NaN load (inspect and eval may want to look) with a one-line note; an
+    export, as a save, refuses to write them."""
+    from minilora.tensorfile import read_tensors, safetensors_bytes
+
+    directory, name, extra = ck, "model.safetensors", []
+    if kind == "adapter":
+        directory = tmp_path / "adapter"
+        assert main(["finetune", "--from", str(ck), "--task", "nocarry", "--steps", "1",
+                     "--out", str(directory), *TINY[10:]]) == 0
+        name = next(p.name for p in directory.glob("*.safetensors"))
+        extra = ["--adapter", str(directory)]
+    arrays = read_tensors(directory / name, "test", float_dtype=None)
+    key = next(k for k in arrays if k.endswith("weight") and arrays[k].ndim == 2)
+    arrays[key] = np.full(arrays[key].shape, np.nan, dtype=arrays[key].dtype)
+    (directory / name).write_bytes(safetensors_bytes(arrays))
+    rewrite_manifest_entry(directory, name)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ck), "--show", "0", *extra]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "NaN or inf" in line]
+    assert len(notes) == 1 and notes[0].startswith("minilora eval: note: ")
+    to = ["--to", "peft"] if kind == "adapter" else ["--to", "hf"]
+    assert main(["export", "--checkpoint", str(ck), *extra, *to, "--out",
+                 str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "NaN or inf weights; not writing them" in err and not (tmp_path / "out").exists()
