@@ -401,11 +401,36 @@ def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
     that hold NaN or inf are said in a note (a base's are, by ``load_model``)."""
     finite_before = all_finite(model)
     record = _attach_adapters(model, args)
+    if record is not None:
+        _note_other_bases(args)
     if record is not None and finite_before and not all_finite(model):
         warnings.warn(f"--adapter {', '.join(map(repr, args.adapter))}: the adapter's weights "
                       f"hold NaN or inf values, so the model's outputs are not numbers",
                       stacklevel=2)
     return record
+
+
+def _note_other_bases(args: argparse.Namespace) -> None:
+    """A note for each fine-tune among ``--adapter`` made from a base whose weights are not those
+    of ``--checkpoint`` (the SHA-256 its record keeps against the one the checkpoint's manifest
+    lists): it loads, since its shapes fit, but it learned its update on another model."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is None:
+        return
+    here = listed_digest(Path(checkpoint), MODEL_FILE)
+    for directory in args.adapter or []:
+        found = recover(directory) or Path(directory)
+        record = None
+        if (found / META_FILE).is_file():
+            extra = read_json(found / META_FILE, "--adapter").get("extra") or {}
+            record = extra.get("finetune") if isinstance(extra, dict) else None
+        there = record.get("base_sha256") if isinstance(record, dict) else None
+        if here is None and there is not None and (Path(checkpoint) / MODEL_FILE).is_file():
+            here = sha256_file(Path(checkpoint) / MODEL_FILE)  # no manifest: hash it once
+        if there is not None and here is not None and there != here:
+            warnings.warn(f"--adapter {directory!r} was fine-tuned from {record.get('base')!r}, "
+                          f"whose weights differ from those of --checkpoint {checkpoint!r} "
+                          f"(SHA-256): it learned its update on another model", stacklevel=3)
 
 
 def _attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:

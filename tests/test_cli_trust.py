@@ -527,3 +527,18 @@ def test_nan_weights_are_said_on_load_and_never_exported(ck, tmp_path, capsys, k
                  str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "NaN or inf weights; not writing them" in err and not (tmp_path / "out").exists()
+
+
+def test_an_adapter_on_another_base_than_its_own_is_said_in_a_note(ck, tmp_path, capsys):
+    adapter, other = tmp_path / "adapter", tmp_path / "other"
+    assert main(["finetune", "--from", str(ck), "--task", "nocarry", "--steps", "1",
+                 "--out", str(adapter), *TINY[10:]]) == 0
+    assert main(["train", "--steps", "4", "--seed", "7", "--out", str(other), *TINY]) == 0
+    capsys.readouterr()
+    for base, notes in ((ck, 0), (other, 1)):
+        assert main(["eval", "--checkpoint", str(base), "--adapter", str(adapter),
+                     "--show", "0"]) == 0
+        said = [line for line in capsys.readouterr().err.splitlines()
+                if "fine-tuned from" in line]
+        assert len(said) == notes, said
+    assert said[0].startswith("minilora eval: note: ") and "weights differ" in said[0]
