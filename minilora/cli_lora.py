@@ -105,16 +105,20 @@ def load_base(path: str) -> tuple[GPT, Any, dict]:
     return model, tokenizer, info
 
 
-def _load_recorded_base(record: dict, who: str) -> tuple[GPT, Any, dict]:
-    """The base a fine-tune names, refused when it is gone or its weights changed since."""
-    if not Path(record["base"]).is_dir():
-        raise CheckpointError(f"{who}: the base {record['base']!r} this fine-tune was made from "
-                              f"is missing")
-    model, tokenizer, info = load_base(record["base"])
+def _load_recorded_base(record: dict, who: str, moved_to: str | None = None) -> tuple:
+    """The base a fine-tune names (or ``moved_to``, where it lies now: ``--from`` with
+    ``--resume``), refused when it is gone or its weights are not those the fine-tune was made
+    from (the SHA-256 its record keeps)."""
+    where = record["base"] if moved_to is None else moved_to
+    if not Path(where).is_dir():
+        hint = "" if moved_to is not None else " (moved? name where it is now with --from DIR)"
+        raise CheckpointError(f"{who}: the base {where!r} this fine-tune was made from is "
+                              f"missing{hint}")
+    model, tokenizer, info = load_base(where)
     if info["base_sha256"] != record["base_sha256"]:
-        raise CheckpointError(f"{who}: the base {record['base']!r} changed since this fine-tune "
-                              f"was made (its weights' SHA-256 differs); the adapter belongs to "
-                              f"the old one")
+        raise CheckpointError(f"{who}: the base {where!r} is not the one this fine-tune was "
+                              f"made from ({record['base']!r}: its weights' SHA-256 differs); "
+                              f"the adapter belongs to that one")
     return model, tokenizer, info
 
 
@@ -349,7 +353,9 @@ def _finetune_resume(args: argparse.Namespace) -> int:
     if not isinstance(record, dict) or ck.train_config is None:
         raise ConfigError(f"finetune --resume: {args.resume!r} is not a fine-tune (no finetune "
                           f"record); a training run resumes with `minilora train --resume`")
-    model, tokenizer, info = _load_recorded_base(record, "finetune --resume")
+    model, tokenizer, info = _load_recorded_base(record, "finetune --resume", args.source)
+    if args.source is not None:  # the base moved: the resumed save names where it is now
+        record = {**record, "base": info["base"]}
     if record.get("method") in cli_family.FAMILY:
         cli_family.prepare(model, record["method"],
                            cli_family.config_from_record(record, "finetune --resume"),

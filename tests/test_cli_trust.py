@@ -542,3 +542,27 @@ def test_an_adapter_on_another_base_than_its_own_is_said_in_a_note(ck, tmp_path,
                 if "fine-tuned from" in line]
         assert len(said) == notes, said
     assert said[0].startswith("minilora eval: note: ") and "weights differ" in said[0]
+
+
+def test_a_fine_tune_resumes_from_its_base_where_it_was_moved(ck, tmp_path, capsys):
+    """The base moved: --resume says so and how to name it; --from names where it is now (its
+    digest checked against the record, so another model is refused), and the resumed save
+    records the new place."""
+    base, moved, run = tmp_path / "base", tmp_path / "moved", tmp_path / "run"
+    shutil.copytree(ck, base)
+    assert main(["finetune", "--from", str(base), "--task", "nocarry", "--steps", "4",
+                 "--until", "2", "--out", str(run), *TINY[10:]]) == 0
+    os.rename(base, moved)
+    capsys.readouterr()
+    assert main(["finetune", "--resume", str(run), "--no-progress"]) == 1
+    line = one_line(capsys.readouterr().err, "finetune")
+    assert "is missing" in line and "--from DIR" in line
+    other = tmp_path / "other"
+    assert main(["train", "--steps", "4", "--seed", "7", "--out", str(other), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--resume", str(run), "--from", str(other), "--no-progress"]) == 1
+    assert "is not the one this fine-tune was made from" in one_line(capsys.readouterr().err,
+                                                                      "finetune")
+    assert main(["finetune", "--resume", str(run), "--from", str(moved), "--no-progress"]) == 0
+    assert load_checkpoint(run).step == 4
+    assert load_checkpoint(run).extra["finetune"]["base"] == str(moved.resolve())
