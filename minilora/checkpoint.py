@@ -287,8 +287,9 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     """
     found = recover(directory)
     if found is None or not Path(found).is_dir():
-        raise CheckpointError(f"no checkpoint at {str(directory)!r}: the directory does not "
-                              f"exist")
+        what = "is a file, not a directory" if found is not None and Path(found).exists() \
+            else "the directory does not exist"
+        raise CheckpointError(f"no checkpoint at {str(directory)!r}: {what}")
     directory = Path(found)
     meta_path = directory / META_FILE
     if not meta_path.is_file():

@@ -227,6 +227,9 @@ def _eval(args: argparse.Namespace) -> int:
     model, ck, tok, trained_on = _model_and_data_record(args)
     start = time.perf_counter()
     block = model.config.block_size - model.num_virtual_tokens  # prompt, prefix tuning take N
+    if args.text is not None and args.data is not None:
+        raise ConfigError("eval: --text measures a text's perplexity and --data scores "
+                          "prompt/completion answers: give one of them")
     if args.text is not None:
         data = TextDataset.from_file(args.text, tokenizer=tok, block_size=block)
         loss = validation_loss(model, data, batch_size=16, batches=max(1, args.examples // 16))
@@ -333,7 +336,10 @@ MAX_COUNT = 10**6
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     fmt = argparse.RawDescriptionHelpFormatter
+    from . import __version__
+
     parser = Parser(prog="minilora", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"minilora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=Parser)
 

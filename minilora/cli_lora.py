@@ -141,8 +141,11 @@ def _dataset(args: argparse.Namespace, tokenizer: Any, model: GPT, info: dict,
         data = TaskDataset(get_task(args.task, args.digits or saved.get("digits")),
                            n_heldout=info["base_extra"].get("n_heldout", 1000))
     elif tokenizer is None:
+        found = [n for n in ("vocab.json", "merges.txt") if (Path(info["base"]) / n).is_file()]
+        missing = [n for n in ("vocab.json", "merges.txt") if n not in found]
         raise ConfigError(f"{args.command}: the base {info['base']!r} has no tokenizer "
-                          f"(vocab.json and merges.txt are missing), so text cannot be encoded")
+                          f"({' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          f"missing beside its weights), so text cannot be encoded")
     elif args.text is not None:
         data = TextDataset.from_file(args.text, tokenizer=tokenizer,
                                      block_size=min(block, args.block_size or block))

@@ -129,7 +129,9 @@ class TrainConfig:
             check_nonnegative(getattr(self, name), f"TrainConfig: {name}", ConfigError)
         self.phases = _check_phases(self.phases, self.steps)
         if self.min_lr > self.lr:
-            raise ConfigError(f"TrainConfig: min_lr={self.min_lr} must not exceed lr={self.lr}")
+            raise ConfigError(f"TrainConfig: min_lr={self.min_lr} (where the cosine schedule "
+                              f"ends, --min-lr) must not exceed lr={self.lr} (its peak, --lr); "
+                              f"lower --min-lr with --lr")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"TrainConfig: betas must be two numbers in [0, 1), got "
                               f"{self.betas}")

@@ -566,3 +566,34 @@ def test_a_fine_tune_resumes_from_its_base_where_it_was_moved(ck, tmp_path, caps
     assert main(["finetune", "--resume", str(run), "--from", str(moved), "--no-progress"]) == 0
     assert load_checkpoint(run).step == 4
     assert load_checkpoint(run).extra["finetune"]["base"] == str(moved.resolve())
+
+
+def test_small_mistakes_get_a_line_that_names_them(ck, tmp_path, capsys):
+    """A file where a checkpoint directory is expected; --lr below the default --min-lr; --text
+    and --data together; --version."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("hello", encoding="utf-8")
+    assert main(["sample", "--checkpoint", str(afile), "--prompt", "1+1="]) == 1
+    assert "is a file, not a directory" in one_line(capsys.readouterr().err, "sample")
+    assert main(["train", "--lr", "0", "--out", str(tmp_path / "x"), *TINY]) == 1
+    line = one_line(capsys.readouterr().err, "train")
+    assert "--min-lr" in line and "--lr" in line and not (tmp_path / "x").exists()
+    assert main(["eval", "--checkpoint", str(ck), "--text", str(afile), "--data",
+                 str(afile)]) == 1
+    assert "give one of them" in one_line(capsys.readouterr().err, "eval")
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    from minilora import __version__
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"minilora {__version__}"
+
+
+def test_a_hugging_face_base_missing_half_its_tokenizer_says_which_half(ck, tmp_path, capsys):
+    hf, text = tmp_path / "hf", tmp_path / "story.txt"
+    assert main(["export", "--checkpoint", str(ck), "--to", "hf", "--out", str(hf)]) == 0
+    text.write_text("a story " * 50, encoding="utf-8")
+    (hf / "vocab.json").write_text("{}", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["finetune", "--from", str(hf), "--text", str(text), "--out",
+                 str(tmp_path / "out"), "--no-progress"]) == 1
+    line = one_line(capsys.readouterr().err, "finetune")
+    assert "(merges.txt is missing beside its weights)" in line and "vocab.json" not in line
