@@ -91,8 +91,9 @@ def _train(args: argparse.Namespace) -> int:
              if getattr(args, f) is not None}
     if args.resume:
         return _resume(args, given)
-    if args.text is not None and args.task != "add":
+    if args.text is not None and args.task is not None:
         raise ConfigError("train: give either --task or --text, not both")
+    args.task = args.task or "add"  # the default task, when no text is given either
     out = args.out or _default_out(args)
     check_destination(out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
     train_cfg = TrainConfig(**{k: v for k, v in given.items() if k in TRAIN_FIELDS})
@@ -353,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Ctrl-C stops after the current step and saves a checkpoint that "
                        "--resume continues.\nA NaN or inf loss or gradient stops training "
                        "with an error; nothing is saved over the last good checkpoint.")
-    t.add_argument("--task", default="add", metavar="NAME", type=name_arg,
+    t.add_argument("--task", default=None, metavar="NAME", type=name_arg,
                    help=f"task to learn: {', '.join(TASKS)} (default add)")
     t.add_argument("--text", metavar="FILE", type=path_arg,
                    help="train a model of this UTF-8 text (its bytes, or its characters with "

@@ -581,6 +581,10 @@ def test_small_mistakes_get_a_line_that_names_them(ck, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(ck), "--text", str(afile), "--data",
                  str(afile)]) == 1
     assert "give one of them" in one_line(capsys.readouterr().err, "eval")
+    # --task add is the default, but said with --text it is a second source of data
+    assert main(["train", "--task", "add", "--text", str(afile), "--out", str(tmp_path / "t"),
+                 *TINY]) == 1
+    assert "either --task or --text" in one_line(capsys.readouterr().err, "train")
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     from minilora import __version__
