@@ -337,10 +337,14 @@ MAX_COUNT = 10**6
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     fmt = argparse.RawDescriptionHelpFormatter
-    from . import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:  # the installed distribution's version (the package root is above this layer)
+        installed = version("minilora")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        installed = "(not installed)"
     parser = Parser(prog="minilora", description=__doc__, formatter_class=fmt)
-    parser.add_argument("--version", action="version", version=f"minilora {__version__}")
+    parser.add_argument("--version", action="version", version=f"minilora {installed}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=Parser)
 
