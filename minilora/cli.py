@@ -501,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = B.get_backend()  # a caller in this process (a test, a notebook) keeps its own
     with warnings.catch_warnings(), B.backend(previous):
         warnings.simplefilter("always", NoManifestWarning)
+        # NumPy's floating-point warnings name an op deep inside a command, not anything the
+        # user gave: what they mean (NaN weights, a diverging run) is said by the command itself
+        warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                                RuntimeWarning)
         warnings.showwarning = note
         try:
             return args.func(args)

@@ -520,7 +520,8 @@ def test_nan_weights_are_said_on_load_and_never_exported(ck, tmp_path, capsys, k
     rewrite_manifest_entry(directory, name)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(ck), "--show", "0", *extra]) == 0
-    notes = [line for line in capsys.readouterr().err.splitlines() if "NaN or inf" in line]
+    err = capsys.readouterr().err.splitlines()
+    notes = [line for line in err if "NaN or inf" in line]
     assert len(notes) == 1 and notes[0].startswith("minilora eval: note: ")
     to = ["--to", "peft"] if kind == "adapter" else ["--to", "hf"]
     assert main(["export", "--checkpoint", str(ck), *extra, *to, "--out",
@@ -601,3 +602,20 @@ def test_a_hugging_face_base_missing_half_its_tokenizer_says_which_half(ck, tmp_
                  str(tmp_path / "out"), "--no-progress"]) == 1
     line = one_line(capsys.readouterr().err, "finetune")
     assert "(merges.txt is missing beside its weights)" in line and "vocab.json" not in line
+
+
+@pytest.mark.host_only("which warnings a command shows: no arrays")
+def test_numpy_floating_point_warnings_are_not_notes_but_other_warnings_are(monkeypatch, capsys):
+    import warnings
+
+    import minilora.cli as cli
+
+    def noisy(args):
+        for text in ("overflow encountered in cast", "invalid value encountered in matmul",
+                     "divide by zero encountered in log"):
+            warnings.warn(text, RuntimeWarning, stacklevel=2)
+        warnings.warn("a cropped prompt", UserWarning, stacklevel=2)
+        return 0
+    monkeypatch.setattr(cli, "_sample", noisy)
+    assert main(["sample", "--checkpoint", "x", "--prompt", "1+1="]) == 0
+    assert capsys.readouterr().err.splitlines() == ["minilora sample: note: a cropped prompt"]
