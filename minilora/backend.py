@@ -165,20 +165,6 @@ def asarray(data: Any, dtype: Any = None) -> Any:
     return np.asarray(data, dtype=dtype)
 
 
-def overflows_when_cast(values: Any, dtype: Any) -> bool:
-    """True when the host float array ``values`` holds finite numbers beyond the range of the
-    narrower float ``dtype`` (a float64 1e300 read into a float32 model): the cast would make
-    them inf, another number, so a loader refuses it. False for anything else (device arrays,
-    integers, a dtype as wide or wider)."""
-    target = np.dtype(dtype)
-    if not isinstance(values, np.ndarray) or values.dtype.kind != "f" or target.kind != "f" or \
-            target.itemsize >= values.dtype.itemsize:
-        return False
-    with np.errstate(over="ignore"):
-        cast = values.astype(target)
-    return not np.array_equal(np.isinf(cast), np.isinf(values))
-
-
 def to_numpy(array: Any) -> np.ndarray:
     """Return a NumPy array holding ``array``'s values (a device-to-host copy, a sync, for a
     device array)."""

@@ -18,6 +18,7 @@ from . import backend as B
 from . import functional as F
 from .errors import InvalidArgumentError, StateDictError, check_int, is_int
 from .tensor import Tensor
+from .tensorfile import overflows_when_cast
 
 
 class Parameter(Tensor):
@@ -316,7 +317,7 @@ class Module:
         installs = [holders[p]._load_extra_state(entries, f"{p}." if p else "")
                     for p, entries in extra.items() if entries]
         for key in own.keys() & state_dict.keys():
-            if B.overflows_when_cast(state_dict[key], own[key].data.dtype):
+            if overflows_when_cast(state_dict[key], own[key].data.dtype):
                 dtype = own[key].data.dtype
                 raise StateDictError(f"load_state_dict: key {key!r} holds "
                                      f"{state_dict[key].dtype} values beyond the range of "

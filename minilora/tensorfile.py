@@ -279,16 +279,34 @@ def _decode(raw: np.ndarray, info: TensorInfo, float_dtype: Any, who: str,
     if not arr.dtype.isnative:  # only on a big-endian host
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if float_dtype is not None and arr.dtype != float_dtype:
-        wide = arr
-        with np.errstate(over="ignore"):
-            arr = wide.astype(float_dtype)
-        # float64 -> float32 turns values beyond 3.4e38 into inf: another number, so refused
-        if arr.dtype.itemsize < wide.dtype.itemsize and \
-                not np.array_equal(np.isinf(arr), np.isinf(wide)):
+        arr, overflowed = _narrowed(arr, float_dtype)
+        if overflowed:
             raise _fail(who, path, f"tensor {info.name!r} ({info.dtype}) holds values beyond "
                                    f"the range of {arr.dtype} (max {np.finfo(arr.dtype).max:.4g})"
                                    f"; read it as float64")
     return arr
+
+
+def _narrowed(values: np.ndarray, dtype: Any) -> tuple[np.ndarray, bool]:
+    """``values`` cast to the float ``dtype``, and whether the cast made a finite value inf:
+    float64 -> float32 turns values beyond 3.4e38 into inf, another number, which a loader
+    refuses."""
+    with np.errstate(over="ignore"):
+        cast = values.astype(dtype)
+    return cast, cast.dtype.itemsize < values.dtype.itemsize and \
+        not np.array_equal(np.isinf(cast), np.isinf(values))
+
+
+def overflows_when_cast(values: Any, dtype: Any) -> bool:
+    """True when the host float array ``values`` holds finite numbers beyond the range of the
+    narrower float ``dtype`` (a float64 1e300 read into a float32 model), as :func:`read_tensors`
+    refuses them: for a loader that reads tensors as stored and casts them later. False for
+    anything else (device arrays, integers, a dtype as wide or wider)."""
+    target = np.dtype(dtype)
+    if not isinstance(values, np.ndarray) or values.dtype.kind != "f" or target.kind != "f" or \
+            target.itemsize >= values.dtype.itemsize:
+        return False
+    return _narrowed(values, target)[1]
 
 
 def read_tensors(path: str | os.PathLike, who: str, *, names: Iterable[str] | None = None,
@@ -410,4 +428,4 @@ def json_field(obj: dict, key: str, kind: type, where: str, default: Any = REQUI
 __all__ = ["TensorInfo", "DTYPES", "MAX_HEADER_BYTES", "MAX_FILE_BYTES", "MAX_FILE_BYTES_ENV",
            "MAX_JSON_BYTES", "MAX_NDIM", "REQUIRED", "max_file_bytes", "read_header",
            "read_tensors", "read_json", "json_field", "json_bytes", "safetensors_bytes",
-           "no_duplicate_keys"]
+           "no_duplicate_keys", "overflows_when_cast"]

@@ -40,6 +40,7 @@ from ..nn import Module
 from ..tensorfile import (
     TensorInfo,
     json_bytes,
+    overflows_when_cast,
     read_header,
     read_json,
     read_tensors,
@@ -256,7 +257,7 @@ def load_adapter(model: Module, directory: str, adapter_name: str = "default") -
     try:
         check_arrays({k: p.shape for k, p in expected.items()}, arrays, "load_adapter")
         wide = next((k for k, p in expected.items()
-                     if B.overflows_when_cast(arrays[k], p.data.dtype)), None)
+                     if overflows_when_cast(arrays[k], p.data.dtype)), None)
         if wide is not None:
             dtype = expected[wide].data.dtype
             raise CheckpointError(f"load_adapter: tensor {wide!r} holds {arrays[wide].dtype} "
