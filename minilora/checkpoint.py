@@ -114,9 +114,11 @@ FILES = (MODEL_FILE, OPTIMIZER_FILE, META_FILE, HISTORY_FILE)
 
 # ---------------------------------------------------------------------------------- save
 
-def all_finite(model: Module) -> bool:
-    """True when every parameter of ``model`` is finite (one device-to-host sync in all)."""
-    flags = [B.xp.isfinite(p.data).all() for p in model.parameters()]
+def all_finite(model: Module, trainable_only: bool = False) -> bool:
+    """True when every parameter of ``model`` (or every one that requires grad) is finite (one
+    device-to-host sync in all)."""
+    flags = [B.xp.isfinite(p.data).all() for p in model.parameters()
+             if p.requires_grad or not trainable_only]
     return bool(B.xp.stack(flags).all()) if flags else True
 
 

@@ -408,32 +408,25 @@ def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
     adapter of the family (IA3, BitFit, bottleneck, prompt, prefix: its config's peft_type) loads
     alone, with ``ml.family.load_adapter`` (:func:`minilora.cli_family.attach`). Adapter weights
     that hold NaN or inf are said in a note (a base's are, by ``load_model``)."""
-    finite_before = all_finite(model)
     record = _attach_adapters(model, args)
-    if record is not None:
-        _note_other_bases(args)
-    if record is not None and finite_before and not all_finite(model):
+    # the adapters' weights are what trains (the base's own were looked at by load_model)
+    if record is not None and not all_finite(model, trainable_only=True):
         warnings.warn(f"--adapter {', '.join(map(repr, args.adapter))}: the adapter's weights "
                       f"hold NaN or inf values, so the model's outputs are not numbers",
                       stacklevel=2)
     return record
 
 
-def _note_other_bases(args: argparse.Namespace) -> None:
-    """A note for each fine-tune among ``--adapter`` made from a base whose weights are not those
-    of ``--checkpoint`` (the SHA-256 its record keeps against the one the checkpoint's manifest
-    lists): it loads, since its shapes fit, but it learned its update on another model."""
-    checkpoint = getattr(args, "checkpoint", None)
+def _note_other_bases(checkpoint: str | None, dirs: list, records: list[dict]) -> None:
+    """A note for each fine-tune among the adapters ``dirs`` (their ``adapter_record``) made from
+    a base whose weights are not those of ``checkpoint`` (the SHA-256 its record keeps against
+    the one the checkpoint's manifest lists): it loads, since its shapes fit, but it learned its
+    update on another model."""
     if checkpoint is None:
         return
     here = listed_digest(Path(checkpoint), MODEL_FILE)
-    for directory in args.adapter or []:
-        found = recover(directory) or Path(directory)
-        record = None
-        if (found / META_FILE).is_file():
-            extra = read_json(found / META_FILE, "--adapter").get("extra") or {}
-            record = extra.get("finetune") if isinstance(extra, dict) else None
-        there = record.get("base_sha256") if isinstance(record, dict) else None
+    for directory, record in zip(dirs, records):
+        there = record.get("base_sha256")
         if here is None and there is not None and (Path(checkpoint) / MODEL_FILE).is_file():
             here = sha256_file(Path(checkpoint) / MODEL_FILE)  # no manifest: hash it once
         if there is not None and here is not None and there != here:
@@ -449,6 +442,7 @@ def _attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
             raise ConfigError(f"--use {args.use!r} needs the adapter it names (--adapter DIR)")
         return None
     records = [adapter_record(d) for d in dirs]
+    _note_other_bases(getattr(args, "checkpoint", None), dirs, records)
     kinds = [cli_family.peft_type_in(d) for d in dirs]
     if any(kinds):  # a method of the family: detected from adapter_config.json's peft_type
         return cli_family.attach(model, dirs, records, kinds, args.use)
