@@ -125,14 +125,6 @@ def count(text: str) -> int:
 MAX_THREADS = 4096
 
 
-def thread_count(text: str) -> int:
-    """argparse type: an integer in [1, MAX_THREADS]."""
-    value = _int_at_least(text, 1)
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value}")
-    return value
-
-
 def positive_int_to(high: int) -> Callable[[str], int]:
     """argparse type: an integer in [1, high] (a count so large that the command would run for
     ever is refused, not started)."""
@@ -141,7 +133,6 @@ def positive_int_to(high: int) -> Callable[[str], int]:
         if value > high:
             raise argparse.ArgumentTypeError(f"must be at most {high:,}, got {value:,}")
         return value
-    parse.__name__ = "positive_int"  # argparse names the type in its messages
     return parse
 
 
@@ -235,7 +226,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    "stand-in for CuPy, which runs the GPU code path on the CPU and counts its "
                    "kernel launches and syncs); default: the MINILORA_BACKEND environment "
                    f"variable, else numpy (here: {environment_backend()})")
-    p.add_argument("--threads", type=thread_count, default=None, metavar="N",
+    p.add_argument("--threads", type=positive_int_to(MAX_THREADS), default=None, metavar="N",
                    help="BLAS threads (default 1 unless OPENBLAS_NUM_THREADS or "
                    "OMP_NUM_THREADS is set: the models here are small, and extra threads "
                    "slow them down on a busy machine); a fast form, left alone under "

@@ -141,8 +141,8 @@ def _dataset(args: argparse.Namespace, tokenizer: Any, model: GPT, info: dict,
         data = TaskDataset(get_task(args.task, args.digits or saved.get("digits")),
                            n_heldout=info["base_extra"].get("n_heldout", 1000))
     elif tokenizer is None:
-        found = [n for n in ("vocab.json", "merges.txt") if (Path(info["base"]) / n).is_file()]
-        missing = [n for n in ("vocab.json", "merges.txt") if n not in found]
+        missing = [n for n in ("vocab.json", "merges.txt")
+                   if not (Path(info["base"]) / n).is_file()]
         raise ConfigError(f"{args.command}: the base {info['base']!r} has no tokenizer "
                           f"({' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                           f"missing beside its weights), so text cannot be encoded")
@@ -589,8 +589,7 @@ def _data_of(record: dict, ck: Any, model: GPT) -> Any:
 
 def _inputs(args: argparse.Namespace) -> dict:
     """What a command reads that its --out must not replace: --checkpoint and each --adapter."""
-    adapters = getattr(args, "adapter", None) or []
-    adapters = adapters if isinstance(adapters, list) else [adapters]
+    adapters = getattr(args, "adapter", None) or []  # --adapter is repeatable: a list
     return {"--checkpoint": getattr(args, "checkpoint", None),
             **{f"--adapter #{i + 1}" if len(adapters) > 1 else "--adapter": a
                for i, a in enumerate(adapters)}}

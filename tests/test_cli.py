@@ -253,7 +253,7 @@ def test_blas_threads_can_be_limited_after_numpy_is_loaded(capsys):
     finally:
         set_blas_threads(before)
     for value, said in (("0", "must be at least 1, got 0"), ("abc", "expected an integer"),
-                        (str(10**20), "must be at most 4096"), ("", "expected an integer")):
+                        (str(10**20), "must be at most 4,096"), ("", "expected an integer")):
         with pytest.raises(SystemExit) as stop:
             main(["eval", "--checkpoint", "x", "--threads", value])
         err = capsys.readouterr().err
