@@ -202,12 +202,40 @@ def fraction(text: str) -> float:
     return value
 
 
+def _is_number(text: str) -> bool:
+    """True for what ``float`` reads: -1, -1e-3, -.5, -inf, -nan."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line: ``minilora train: error: ... (see --help)``."""
+    """An ArgumentParser whose errors are one line: ``minilora train: error: ... (see --help)``,
+    and that reads a negative number after an option as its value (``--lr -1e-3``)."""
 
     def error(self, message: str) -> Any:  # argparse's own prints the whole usage first
         """Print one line naming the command and the problem, and exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """argparse's, after joining ``--opt -1e-3`` into ``--opt=-1e-3`` wherever ``--opt``
+        takes one value: argparse itself takes only plain negatives (-1, -0.5) for values and
+        calls -1e-3 or -inf an unknown option, so the value's own check never saw it."""
+        args = list(sys.argv[1:] if args is None else args)
+        takes_value = {flag for flag, action in self._option_string_actions.items()
+                       if action.nargs is None and not isinstance(
+                           action, (argparse._StoreConstAction, argparse._HelpAction,
+                                    argparse._VersionAction, argparse._CountAction))}
+        joined: list[str] = []
+        for token in args:
+            if joined and joined[-1] in takes_value and token.startswith("-") and \
+                    _is_number(token):
+                joined[-1] = f"{joined[-1]}={token}"
+            else:
+                joined.append(token)
+        return super().parse_known_args(joined, namespace)
 
 
 BACKENDS = ("numpy", "cupy", "strict")

@@ -252,6 +252,28 @@ def test_lora_alpha_must_be_a_positive_finite_number(value, capsys):
 
 
 @pytest.mark.host_only("argument parsing")
+@pytest.mark.parametrize("flag,value", [("--lr", "-1e-3"), ("--lr", "-inf"),
+                                        ("--grad-clip", "-nan"), ("--weight-decay", "-.5"),
+                                        ("--steps", "-1e3")])
+def test_a_negative_number_after_an_option_is_its_value_and_is_checked(flag, value, capsys):
+    """argparse alone takes -1e-3 or -inf for an unknown option ("expected one argument"): the
+    value must reach its own check, which names it."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", "x", flag, value])
+    assert info.value.code == 2
+    line = one_line(capsys.readouterr().err, "train")
+    assert f"argument {flag}:" in line and value in line and "expected one argument" not in line
+
+
+@pytest.mark.host_only("argument parsing")
+def test_a_negative_number_after_a_flag_without_a_value_stays_an_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", "x", "--overwrite", "-1"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: -1" in capsys.readouterr().err
+
+
+@pytest.mark.host_only("argument parsing")
 @pytest.mark.parametrize("argv,flag,most", [
     (["train", "--steps", str(10**20)], "--steps", "1,000,000,000"),
     (["sample", "--checkpoint", "x", "--prompt", "1+1=", "--max-new-tokens", str(10**20)],
