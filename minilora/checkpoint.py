@@ -255,6 +255,10 @@ def _check_against_config(infos: dict, config: dict, where: str) -> None:
     if bad:
         raise CheckpointError(f"{where}: model_config.{bad[0]} must be an integer, got "
                               f"{config[bad[0]]!r}")
+    small = [k for k in sizes if config[k] < 1]
+    if small:  # else the shapes below name a (-5, 128) embedding, which no file can hold
+        raise CheckpointError(f"{where}: model_config.{small[0]} must be at least 1, got "
+                              f"{config[small[0]]}")
     claims = {"wte.weight": (V, C), "wpe.weight": (T, C)}
     for key, shape in claims.items():
         found = infos[key].shape if key in infos else None

@@ -343,6 +343,10 @@ MALFORMED = {
                                 ["'tokenizer'", "an object"]),
     "tokenizer vocab": (lambda m: m.update(tokenizer={"kind": "char", "chars": "0123456789"}),
                         ["10 tokens", "model_config.vocab_size", "inconsistent"]),
+    "vocab_size negative": (lambda m: m["model_config"].update(vocab_size=-5),
+                            ["model_config.vocab_size", "at least 1", "-5"]),
+    "n_layer zero": (lambda m: m["model_config"].update(n_layer=0),
+                     ["model_config.n_layer", "at least 1", "0"]),
 }
 
 
