@@ -133,6 +133,14 @@ def _dataset(args: argparse.Namespace, tokenizer: Any, model: GPT, info: dict,
         raise ConfigError(f"{args.command}: give the data as exactly one of --task NAME, --text "
                           f"FILE or --data FILE.jsonl (got {len(given)})")
     block = model.config.block_size - reserve
+    if args.block_size is not None:  # a context that is not the one asked for is no default
+        if args.text is None:
+            raise ConfigError(f"{args.command}: --block-size sets the context of --text only; "
+                              f"--{given[0]} sequences take the length their data needs")
+        if args.block_size > block:
+            beside = f" beside {reserve} virtual tokens" if reserve else ""
+            raise ConfigError(f"{args.command}: --block-size {args.block_size} is more than the "
+                              f"base's context of {block} tokens{beside}")
     if args.task is not None:
         if tokenizer != task_tokenizer():
             raise ConfigError(f"{args.command} --task: the base's tokenizer is not the tasks' "
@@ -148,7 +156,7 @@ def _dataset(args: argparse.Namespace, tokenizer: Any, model: GPT, info: dict,
                           f"missing beside its weights), so text cannot be encoded")
     elif args.text is not None:
         data = TextDataset.from_file(args.text, tokenizer=tokenizer,
-                                     block_size=min(block, args.block_size or block))
+                                     block_size=args.block_size or block)
     else:
         from .jsonl import JsonlDataset
 
@@ -676,13 +684,21 @@ def _import(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_base(args.hf)
     save_checkpoint(args.out, model, model_config=model.config, tokenizer=tokenizer,
                     extra={"imported": {k: v for k, v in info.items() if k != "base_extra"}})
+    half = [n for n in ("vocab.json", "merges.txt") if (Path(args.hf) / n).is_file()]
+    none = ", no tokenizer" + (f" ({half[0]} is there, but a BPE tokenizer needs vocab.json and "
+                               f"merges.txt both)" if len(half) == 1 else "")
     print(f"imported {args.hf!r} ({model.num_parameters():,} parameters"
-          f"{', with its BPE tokenizer' if tokenizer is not None else ', no tokenizer'}) into "
+          f"{', with its BPE tokenizer' if tokenizer is not None else none}) into "
           f"{args.out}", flush=True)
     return 0
 
 
 # ---------------------------------------------------------------------------------- inspect
+
+def _dtype_names(params: list) -> str:
+    """"float32", or "float32 and float16": the float dtypes ``params`` are stored in."""
+    return " and ".join(sorted({str(p.data.dtype) for p in params})) or "float32"
+
 
 def inspect_rows(path: str) -> list[tuple[str, str]]:
     """``(field, value)`` rows describing a checkpoint, fine-tune, adapter or HF directory."""
@@ -713,7 +729,14 @@ def inspect_rows(path: str) -> list[tuple[str, str]]:
             trainable, total = lora.count_parameters(model)
             rows.append(("parameters", f"{total:,}"))
             held = sum(int(v.nbytes) for v in ck.weights.values())
-            rows.append(("bits per parameter", f"{8 * held / max(total, 1):.3f}"))
+            bits = f"{8 * held / max(total, 1):.3f}"
+            floats = list(model.parameters())  # a 4-bit layer's weights are not among them
+            packed = total - sum(p.size for p in floats)
+            if packed > 0:  # the float embeddings, norms and biases weigh on the mean: say so
+                rest = held - sum(int(p.data.nbytes) for p in floats)
+                bits += (f" ({packed:,} quantized weights at {8 * rest / packed:.3f} with their "
+                         f"constants, the other {total - packed:,} in {_dtype_names(floats)})")
+            rows.append(("bits per parameter", bits))
         for key in ("task", "text", "jsonl"):
             if key in ck.extra:
                 rows.append(("data", f"{key}: {_short(ck.extra[key])}"))

@@ -221,6 +221,29 @@ def test_the_default_out_is_runs_task_in_the_current_directory(tmp_path, monkeyp
     assert load_checkpoint(tmp_path / "runs" / "story").step == 2
 
 
+def test_finetune_refuses_a_block_size_it_would_not_use(tmp_path, trained, capsys):
+    """--block-size above the base's context was cut to it, and beside --task it did nothing:
+    both said nothing. Now each is one line naming the value, and nothing is written."""
+    story = tmp_path / "story.txt"
+    story.write_text("once upon a time, there was a cat. " * 10, encoding="utf-8")
+    assert main(["train", "--text", str(story), "--block-size", "8", "--steps", "2", "--out",
+                 str(tmp_path / "text"), "--n-layer", "1", "--n-head", "2", "--n-embd", "8",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--from", str(tmp_path / "text"), "--text", str(story),
+                 "--block-size", "9", "--out", str(tmp_path / "a"), "--steps", "1"]) == 1
+    line = one_line(capsys.readouterr().err, "finetune")
+    assert "--block-size 9" in line and "context of 8" in line
+    assert main(["finetune", "--from", str(trained), "--task", "nocarry", "--block-size", "4",
+                 "--out", str(tmp_path / "b"), "--steps", "1"]) == 1
+    line = one_line(capsys.readouterr().err, "finetune")
+    assert "--block-size" in line and "--text only" in line and "--task" in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["finetune", "--from", str(tmp_path / "text"), "--text", str(story),
+                 "--block-size", "6", "--out", str(tmp_path / "c"), "--steps", "1",
+                 "--no-progress"]) == 0  # a shorter context is what the flag is for
+
+
 # --------------------------------------------------------------- F. one line per failure
 
 @pytest.mark.host_only("argument parsing")
@@ -645,3 +668,39 @@ def test_numpy_floating_point_warnings_are_not_notes_but_other_warnings_are(monk
     monkeypatch.setattr(cli, "_sample", noisy)
     assert main(["sample", "--checkpoint", "x", "--prompt", "1+1="]) == 0
     assert capsys.readouterr().err.splitlines() == ["minilora sample: note: a cropped prompt"]
+
+
+def test_import_says_which_half_of_a_tokenizer_is_missing(trained, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(trained), "--to", "hf", "--out", str(hf)]) == 0
+    (hf / "vocab.json").write_text('{"a": 0}', encoding="utf-8")  # merges.txt never came along
+    capsys.readouterr()
+    assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "imported")]) == 0
+    out = capsys.readouterr().out
+    assert "no tokenizer (vocab.json is there, but a BPE tokenizer needs vocab.json and " \
+           "merges.txt both)" in out, out
+
+
+def test_inspect_splits_a_4bit_checkpoints_bits_into_quantized_and_float(trained, tmp_path,
+                                                                         capsys):
+    """The mean over all parameters mixes the 4-bit weights with the float embeddings, norms and
+    biases; inspect says how many of each and what the quantized ones weigh on their own."""
+    import re
+
+    from minilora.cli_lora import load_model
+
+    q = tmp_path / "nf4"
+    assert main(["quantize", "--checkpoint", str(trained), "--out", str(q)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(q)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "bits per" in line)
+    m = re.search(r"bits per parameter\s+([\d.]+) \(([\d,]+) quantized weights at ([\d.]+) with "
+                  r"their constants, the other ([\d,]+) in float32\)", row)
+    assert m, row
+    mean, packed, qbits, rest = (float(g.replace(",", "")) for g in m.groups())
+    model, _ = load_model(str(trained))
+    layers = [mod for _, mod in model.named_modules() if type(mod).__name__ == "Linear"]
+    assert packed == sum(mod.in_features * mod.out_features for mod in layers)
+    assert packed + rest == model.num_parameters()
+    # a layer this small carries its code and absmax tables at a high cost per weight
+    assert qbits > 4.0 and abs(mean - (packed * qbits + rest * 32) / (packed + rest)) < 2e-3
