@@ -416,9 +416,13 @@ def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
     adapter of the family (IA3, BitFit, bottleneck, prompt, prefix: its config's peft_type) loads
     alone, with ``ml.family.load_adapter`` (:func:`minilora.cli_family.attach`). Adapter weights
     that hold NaN or inf are said in a note (a base's are, by ``load_model``)."""
-    record = _attach_adapters(model, args)
+    with warnings.catch_warnings(record=True) as caught:  # the filters stay as they are
+        record = _attach_adapters(model, args)
+    for w in caught:  # said as they came, once each
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    said = any("NaN or inf" in str(w.message) for w in caught)  # by the adapter reader
     # the adapters' weights are what trains (the base's own were looked at by load_model)
-    if record is not None and not all_finite(model, trainable_only=True):
+    if record is not None and not said and not all_finite(model, trainable_only=True):
         warnings.warn(f"--adapter {', '.join(map(repr, args.adapter))}: the adapter's weights "
                       f"hold NaN or inf values, so the model's outputs are not numbers",
                       stacklevel=2)

@@ -444,3 +444,15 @@ def test_import_peft_reads_half_precision_and_refuses_integer_weights(adapter_di
     with pytest.raises(CheckpointError, match=f"'{re.escape(KEY.format('A'))}' has dtype I8"):
         interop.import_peft(model, adapter_dir)
     assert not lora.lora_layers(model)
+
+
+def test_import_peft_refuses_float64_values_that_float32_cannot_hold(adapter_dir):
+    """1e300 became inf in the model (NumPy's overflow warning was all that said so)."""
+    arrays = load_file(adapter_dir / "adapter_model.safetensors")
+    a = arrays[KEY.format("A")].astype(np.float64)
+    a[0, 0] = 1e300
+    save_file({**arrays, KEY.format("A"): a}, adapter_dir / "adapter_model.safetensors")
+    model = gpt(np.float32)  # a float64 model holds 1e300 as it is
+    with pytest.raises(CheckpointError, match=r"beyond the range of float32 .*become inf"):
+        interop.import_peft(model, adapter_dir)
+    assert not lora.lora_layers(model)  # refused before the model changed

@@ -280,3 +280,46 @@ def test_the_header_reader_reads_no_tensor_data(tmp_path, monkeypatch):
     assert config["r"] == 3 and config["peft_type"] == "LORA"
     a = infos["base_model.model.q_proj.lora_A.weight"]
     assert a.shape == (3, 5) and a.dtype == "F64"
+
+
+def test_a_forged_rank_pattern_is_refused_before_any_matrix_of_that_rank_exists(tmp_path):
+    """A 17 KB adapter whose config claimed rank 65536 for q_proj used to inject (65536 x in)
+    matrices, hundreds of MB, before the file's (r, in) shapes were compared."""
+    import tracemalloc
+
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    lora.save_adapter(model, tmp_path / "ad")
+    (tmp_path / "ad" / "manifest.json").unlink()  # as a hand-edited or foreign adapter
+    path = tmp_path / "ad" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["rank_pattern"] = {"q_proj": 65536}
+    path.write_text(json.dumps(config))
+    fresh = tiny()
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=r"r=65536 for .*q_proj.*has shape \(2, "):
+            lora.load_adapter(fresh, tmp_path / "ad")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # a (65536, in) float32 matrix alone is 65536 * in * 4 bytes
+    assert lora.lora_layers(fresh) == []
+
+
+def test_an_adapter_holding_nan_is_not_saved_and_is_said_when_loaded(tmp_path):
+    model = lora.inject_lora(tiny(), lora.LoraConfig(r=2))
+    lora.save_adapter(model, tmp_path / "good")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "good").iterdir()}
+    layer = lora.lora_layers(model)[0][1]
+    layer.lora_B["default"].weight.data[0, 0] = np.nan
+    with pytest.raises(CheckpointError, match=r"hold NaN or inf values .*lora_B.*not writing"):
+        lora.save_adapter(model, tmp_path / "good")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "good").iterdir()} == before
+    # a file written elsewhere (another tool) with a NaN: loaded, with a warning naming it
+    arrays = load_file(tmp_path / "good" / "adapter_model.safetensors")
+    key = next(k for k in arrays if "lora_B" in k)
+    arrays[key][0, 0] = np.nan
+    save_file(arrays, tmp_path / "good" / "adapter_model.safetensors")
+    (tmp_path / "good" / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) hold NaN or inf values"):
+        lora.load_adapter(tiny(), tmp_path / "good")

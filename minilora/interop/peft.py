@@ -52,7 +52,7 @@ from ..lora.io import WEIGHTS_NAME, adapter_file_bytes, read_adapter_files, writ
 from ..lora.layer import lora_layers
 from ..lora.variants import lora_scaling
 from ..nn import Module, keep_host_rng
-from ..tensorfile import json_field
+from ..tensorfile import json_field, overflows_when_cast
 from .hf import MODULES
 
 KEY_PREFIX = "base_model.model.transformer."
@@ -329,6 +329,12 @@ def import_peft(model: GPT, directory: str | os.PathLike, adapter_name: str = "d
                         target_modules=tuple(fields["target_modules"]),
                         use_rslora=peft.use_rslora, rank_pattern=fields["rank_pattern"],
                         alpha_pattern=fields["alpha_pattern"])
+    dtype = model.wte.weight.data.dtype
+    wide = next((k for k, v in arrays.items() if overflows_when_cast(v, dtype)), None)
+    if wide is not None:  # checked before the model changes: 1e300 would become inf
+        raise CheckpointError(f"import_peft: tensor {wide!r} holds values beyond the range of "
+                              f"{np.dtype(dtype)} (max {np.finfo(dtype).max:.4g}), which would "
+                              f"become inf")
     with keep_host_rng():  # the init of A is overwritten below
         inject_lora(model, config, adapter_name)
     for path, (a, b, _) in mine.items():

@@ -27,6 +27,7 @@ or write it as the plain LoRA of the untouched base (``variants.pissa_as_lora``)
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -47,7 +48,7 @@ from ..tensorfile import (
     safetensors_bytes,
 )
 from .config import LoraConfig
-from .inject import delete_adapter, inject_lora, lora_configs
+from .inject import delete_adapter, inject_lora, linear_like_modules, lora_configs
 from .layer import lora_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -65,7 +66,12 @@ def adapter_file_bytes(config: dict, arrays: dict[str, np.ndarray]) -> dict[str,
     an adapter directory, as PEFT writes them. ``config`` holds adapter_config.json's fields,
     ``arrays`` the host arrays under their file keys. The one writer of adapter files: saving
     (:func:`save_adapter`), PEFT's GPT-2 layout (``interop.export_peft``) and the fine-tunes the
-    command line saves all go through it."""
+    command line saves all go through it. Arrays holding NaN or inf are refused: such an adapter
+    makes every output NaN, and writing it could replace a good save."""
+    bad = [k for k, a in arrays.items() if not np.isfinite(a).all()]
+    if bad:
+        raise CheckpointError(f"adapter files: {len(bad)} tensor(s) hold NaN or inf values "
+                              f"({bad[0]!r} first); not writing them")
     return {CONFIG_NAME: json_bytes(config), WEIGHTS_NAME: safetensors_bytes(arrays)}
 
 
@@ -101,6 +107,11 @@ def read_adapter_files(directory: str | os.PathLike, who: str,
     arrays = read_tensors(weights_path, who, float_dtype=float_dtype, floats_only=True)
     if not (found / MANIFEST).is_file():
         warn_no_manifest(found, who)
+    bad = [k for k, a in arrays.items() if not np.isfinite(a).all()]
+    if bad:  # loaded (one may want to look), but said, as model_from_checkpoint does
+        warnings.warn(f"{who}: {str(found)!r}: {len(bad)} tensor(s) hold NaN or inf values "
+                      f"({bad[0]!r} first), so the adapted model's outputs are not numbers",
+                      stacklevel=3)
     return parsed, arrays, found
 
 
@@ -212,15 +223,27 @@ def check_arrays(expected: dict[str, tuple], arrays: dict[str, np.ndarray], who:
                                   f"for another base model")
 
 
-def _check_ranks(config: LoraConfig, arrays: dict[str, np.ndarray], directory: str) -> None:
-    """The rank the config claims against the rows of every lora_A in the file, before anything
-    of that rank is allocated."""
-    if config.rank_pattern:
-        return  # per-module ranks: the shapes are checked key by key after injection
+def _check_ranks(model: Module, config: LoraConfig, arrays: dict[str, np.ndarray],
+                 directory: str) -> None:
+    """The rank the config gives every module it targets in ``model`` (``rank_pattern`` over
+    ``r``) against the rows of that module's lora_A in the file, before anything of that rank is
+    allocated: a forged rank is refused here, not after injecting a (rank x in) matrix."""
+    where = f"load_adapter: {str(directory)!r}"
     for key, a in arrays.items():
-        if key.endswith("lora_A.weight") and (a.ndim != 2 or a.shape[0] != config.r):
-            raise CheckpointError(f"load_adapter: {str(directory)!r}: the config says r="
-                                  f"{config.r}, but {key!r} has shape {tuple(a.shape)}")
+        if key.endswith("lora_A.weight") and a.ndim != 2:
+            raise CheckpointError(f"{where}: {key!r} has shape {tuple(a.shape)}, not (r, in)")
+    for path, _ in linear_like_modules(model):
+        if not config.is_target(path):
+            continue
+        r, key = config.rank_for(path), f"{PREFIX}{path}.lora_A.weight"
+        if key not in arrays:
+            theirs = next((k for k in arrays if k.endswith("lora_A.weight")), None)
+            has = f"; it has {theirs!r} {tuple(arrays[theirs].shape)}" if theirs else ""
+            raise CheckpointError(f"{where}: the config adapts {path!r} (r={r}), but the file "
+                                  f"lacks key {key!r}{has}; is it for another base model?")
+        if arrays[key].shape[0] != r:
+            raise CheckpointError(f"{where}: the config says r={r} for {path!r}, but {key!r} "
+                                  f"has shape {tuple(arrays[key].shape)}")
 
 
 def load_adapter(model: Module, directory: str, adapter_name: str = "default") -> Module:
@@ -238,7 +261,7 @@ def load_adapter(model: Module, directory: str, adapter_name: str = "default") -
                               f"later unmerge subtract the wrong update. Call unmerge(model) "
                               f"first")
     config, arrays = read_adapter(directory)
-    _check_ranks(config, arrays, directory)
+    _check_ranks(model, config, arrays, directory)
     existing = lora_configs(model).get(adapter_name)
     flags = [(p, p.requires_grad) for p in model.parameters()]  # to undo the freezing on error
     if existing is not None:
