@@ -363,19 +363,28 @@ def safetensors_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 # ------------------------------------------------------------------------------------ JSON
 
+def _not_json(name: str) -> Any:
+    """``json.loads``' ``parse_constant``: Python reads NaN and Infinity, which JSON has not."""
+    raise ValueError(f"{name} is not a JSON number; a number must be finite")
+
+
 def read_json(path: str | os.PathLike, who: str) -> dict:
     """The JSON object in the file at ``path``; CheckpointError naming the file when it is
     missing, not a regular file, over :data:`MAX_JSON_BYTES`, not UTF-8 (with the byte offset),
-    not valid JSON, or not an object. A UTF-8 byte-order mark is allowed."""
+    not valid JSON (NaN and Infinity, which Python writes and JSON has not, included), gives a
+    key twice in one object, or is not an object. A UTF-8 byte-order mark is allowed."""
     path = str(path)
     size = _regular_file(path, who, "JSON")
     if size > MAX_JSON_BYTES:
         raise _fail(who, path, f"has {size:,} bytes, more than MAX_JSON_BYTES = "
                                f"{MAX_JSON_BYTES:,}: not a config file")
-    with open(path, "rb") as f:
-        raw = f.read(MAX_JSON_BYTES + 1)
+    with open(path, "rb") as f:  # read(n) allocates n bytes first: ask for what is there
+        raw = f.read(min(size, MAX_JSON_BYTES) + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise _fail(who, path, f"grew past MAX_JSON_BYTES = {MAX_JSON_BYTES:,} while read")
     try:
-        obj = json.loads(raw.decode("utf-8-sig"))
+        obj = json.loads(raw.decode("utf-8-sig"), parse_constant=_not_json,
+                         object_pairs_hook=no_duplicate_keys)
     except UnicodeDecodeError as exc:
         raise _fail(who, path, f"is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except (ValueError, RecursionError) as exc:

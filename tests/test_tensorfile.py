@@ -316,11 +316,30 @@ def test_read_json_reads_an_object(tmp_path):
     (b'{"r": 8,}', ["not valid JSON"]),
     (b'[{"r": 8}]', ["JSON object", "list"]),
     (b"[" * 100_000, ["not valid JSON"]),  # deep nesting: a RecursionError in json
+    (b'{"lr": NaN}', ["NaN is not a JSON number"]),  # Python's json reads it; JSON has no NaN
+    (b'{"r": [Infinity]}', ["Infinity is not a JSON number"]),
+    (b'{"r": -Infinity}', ["-Infinity is not a JSON number"]),
+    (b'{"r": 8, "a": {"x": 1, "x": 2}}', ["key 'x' appears twice"]),
+    (b'{"r": 8, "r": 65536}', ["key 'r' appears twice"]),
 ])
 def test_read_json_refusals(tmp_path, content, words):
     path = tmp_path / "c.json"
     path.write_bytes(content)
     refused(path, *words, call=tf.read_json)
+
+
+def test_read_json_allocates_what_the_file_holds_not_its_limit(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"r": 8}))
+    tracemalloc.start()
+    try:
+        assert tf.read_json(path, "test") == {"r": 8}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < tf.MAX_JSON_BYTES // 16, peak  # it read MAX_JSON_BYTES + 1 (64 MiB) at first
 
 
 def test_read_json_refuses_missing_directories_and_huge_files(tmp_path):
