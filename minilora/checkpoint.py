@@ -50,6 +50,7 @@ from .errors import (
     InvalidArgumentError,
     MiniLoraError,
     StateDictError,
+    check_int,
     is_int,
 )
 from .fileio import (
@@ -144,6 +145,14 @@ def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any =
     """
     directory = Path(directory)
     shards = _shards_to_save(shards, train_config)
+    step = check_int(step, "save_checkpoint: step", minimum=0)
+    own = (MODEL_FILE, OPTIMIZER_FILE, META_FILE, MANIFEST)  # what this function writes
+    for name in files or {}:  # each a plain name beside those, bytes inside: nothing escapes
+        if not isinstance(name, str) or Path(name).name != name or name in (*own, ".", "..") \
+                or not isinstance(files[name], (bytes, bytearray)):
+            raise InvalidArgumentError(f"save_checkpoint: files must map plain file names other "
+                                       f"than {list(own)} to bytes, got {name!r}: "
+                                       f"{type(files[name]).__name__}")
     if not all_finite(model):
         raise CheckpointError(f"save_checkpoint: the model holds NaN or inf weights; not writing "
                               f"them to {str(directory)!r}")
@@ -171,13 +180,20 @@ def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any =
         sd = optimizer.state_dict()
         names = _optimizer_param_names(model, optimizer)
         arrays = {f"{n}.{k}": v for n, s in zip(names, sd["state"]) for k, v in s.items()}
-        blobs[OPTIMIZER_FILE] = safetensors_bytes(_host(arrays))
+        host = _host(arrays)
+        bad = [k for k, a in host.items() if not np.isfinite(a).all()]
+        if bad:  # the moments would make the first resumed step NaN
+            raise CheckpointError(f"save_checkpoint: the optimizer state holds NaN or inf "
+                                  f"({bad[0]!r} first); not writing it to {str(directory)!r}")
+        blobs[OPTIMIZER_FILE] = safetensors_bytes(host)
         meta["optimizer"] = {"type": type(optimizer).__name__, "step": sd["step"],
                              "lr": sd["lr"], "params": names,
                              "state_keys": [sorted(s) for s in sd["state"]]}
     meta["sha256"] = {k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
     try:
-        blobs[META_FILE] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        # allow_nan=False: NaN is not JSON, and load_checkpoint would refuse its own save
+        blobs[META_FILE] = (json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+                            + "\n").encode()
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"save_checkpoint: a config or extra value is not JSON-able "
                               f"({exc})") from exc

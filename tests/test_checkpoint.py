@@ -387,3 +387,41 @@ def test_a_run_with_the_backend_s_default_shards_keeps_them_when_resumed_elsewhe
               progress=False)
     assert seen == [first] * (cfg.steps - 3)
     assert load_checkpoint(tmp_path / "rest").shards == first
+
+
+def _trained_optimizer(model):
+    opt = AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = B.xp.ones_like(p.data)
+    opt.step()
+    return opt
+
+
+def test_save_checkpoint_refuses_a_nan_optimizer_state_and_keeps_the_last_save(tmp_path):
+    model = GPT(CFG)
+    opt = _trained_optimizer(model)
+    save_checkpoint(tmp_path / "ck", model, model_config=CFG, optimizer=opt, step=1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    opt.state[0]["exp_avg_sq"][...] = np.nan
+    with pytest.raises(CheckpointError, match=r"optimizer state holds NaN or inf \('wte"):
+        save_checkpoint(tmp_path / "ck", model, model_config=CFG, optimizer=opt, step=2)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"step": -5}, "step must be an int >= 0, got -5"),
+    ({"step": 2.7}, "step must be an int >= 0, got 2.7"),
+    ({"step": "x"}, "step must be an int >= 0, got 'x'"),
+    ({"files": {"../escaped.txt": b"x"}}, "plain file names"),
+    ({"files": {"/abs.txt": b"x"}}, "plain file names"),
+    ({"files": {"model.safetensors": b"hi"}}, "plain file names other than"),
+    ({"files": {"manifest.json": b"{}"}}, "plain file names other than"),
+    ({"files": {"a.txt": "text"}}, "to bytes, got 'a.txt': str"),
+    ({"extra": {"a": float("nan")}}, "not JSON-able"),
+])
+def test_save_checkpoint_refuses_arguments_its_load_would_refuse(tmp_path, kwargs, message):
+    """Each of these wrote a save that load_checkpoint refused, a file outside the save, or a
+    save whose weights were replaced by the extra file."""
+    with pytest.raises((CheckpointError, ml.errors.InvalidArgumentError), match=message):
+        save_checkpoint(tmp_path / "ck", GPT(CFG), model_config=CFG, **kwargs)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "escaped.txt").exists()
