@@ -18,7 +18,7 @@ import numpy as np
 
 from . import backend as B
 from . import fast
-from .errors import InvalidArgumentError, StateDictError, check_nonnegative
+from .errors import InvalidArgumentError, StateDictError, check_int, check_nonnegative
 from .fast.adamw import FlatSet
 from .tensor import Tensor
 
@@ -70,6 +70,8 @@ def _groups(params: Iterable[Any], defaults: dict) -> list[dict]:
 class Optimizer:
     """Holds parameter groups and per-parameter state; subclasses define ``step``."""
 
+    STATE_KEYS: tuple[str, ...] = ()  # what a parameter's state holds once it has any
+
     def __init__(self, params: Iterable[Any], defaults: dict) -> None:
         self.param_groups = _groups(params, defaults)
         self.state: list[dict] = [{} for _ in self._params()]
@@ -105,19 +107,38 @@ class Optimizer:
         The arrays are copied, so the same dict can be loaded again later. Without
         "param_steps" (an older dict) every parameter with state is taken to be at "step".
         """
+        who = "optimizer.load_state_dict"
+        if not isinstance(state, dict) or not isinstance(state.get("state"), (list, tuple)):
+            keys = f" with keys {sorted(state)}" if isinstance(state, dict) else ""
+            raise StateDictError(f"{who}: expected what state_dict() returns, a dict with a "
+                                 f"'state' list, got {type(state).__name__}{keys}")
+        check_int(state.get("step"), f"{who}: step", minimum=0, error=StateDictError)
         if len(state["state"]) != len(self.state):
             raise StateDictError(f"optimizer.load_state_dict: state holds {len(state['state'])} "
                                  f"parameters, this optimizer {len(self.state)}")
         for i, (s, p) in enumerate(zip(state["state"], self._params())):
+            keys = set(s) if isinstance(s, dict) else None
+            if keys is None or (keys and self.STATE_KEYS and keys != set(self.STATE_KEYS)):
+                raise StateDictError(f"{who}: parameter {i}'s state must be empty or hold "
+                                     f"{sorted(self.STATE_KEYS)}, got "
+                                     f"{sorted(s) if isinstance(s, dict) else type(s).__name__}")
             for k, v in s.items():
                 if tuple(np.shape(v)) != p.shape:
                     raise StateDictError(f"optimizer.load_state_dict: parameter {i} state {k!r} "
                                          f"has shape {np.shape(v)}, the parameter {p.shape}")
+                # moments from a file are host arrays: a NaN there would make every step NaN
+                if isinstance(v, np.ndarray) and not np.isfinite(v).all():
+                    raise StateDictError(f"{who}: parameter {i} state {k!r} holds NaN or inf")
         lrs = list(state.get("lr", []))
         if lrs and len(lrs) != len(self.param_groups):
             raise StateDictError(f"optimizer.load_state_dict: state has {len(lrs)} group lrs, "
                                  f"this optimizer {len(self.param_groups)} groups")
+        for j, lr in enumerate(lrs):
+            check_nonnegative(lr, f"{who}: lr of group {j}", error=StateDictError)
         steps = state.get("param_steps")
+        if steps is not None:
+            for j, n in enumerate(steps):
+                check_int(n, f"{who}: param_steps[{j}]", minimum=0, error=StateDictError)
         if steps is None:
             steps = [int(state["step"]) if s else 0 for s in state["state"]]
         if len(steps) != len(self.state):
@@ -145,6 +166,8 @@ class AdamW(Optimizer):
     v <- b2 v + (1 - b2) g^2;  p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
     """
 
+    STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01) -> None:
@@ -166,6 +189,8 @@ class AdamW(Optimizer):
         order, so the same bits (on a GPU the kernel is compiled without fused multiply-adds, and
         its square root and division round correctly, so it should agree there too).
         """
+        # a NaN or negative factor would turn every weight NaN or climb the loss: refused
+        check_nonnegative(grad_scale, f"{type(self).__name__}.step: grad_scale")
         scale = float(grad_scale)
         self.step_count += 1
         updates, owners = [], []
@@ -237,6 +262,8 @@ class SGD(Optimizer):
     g <- g + wd p;  buf <- momentum buf + g (buf = g at the first step);  p <- p - lr buf.
     """
 
+    STATE_KEYS = ("momentum_buffer",)
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.0,
                  weight_decay: float = 0.0) -> None:
         _check_rates("SGD", lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -245,6 +272,8 @@ class SGD(Optimizer):
     def step(self, grad_scale: float = 1.0) -> None:
         """Update every parameter that has a gradient, with g the gradient times ``grad_scale``
         (a clipping coefficient folded into the update; ``p.grad`` is left as it is)."""
+        # a NaN or negative factor would turn every weight NaN or climb the loss: refused
+        check_nonnegative(grad_scale, f"{type(self).__name__}.step: grad_scale")
         scale = float(grad_scale)
         self.step_count += 1
         for g, p, s, i in self._each():
@@ -371,6 +400,7 @@ def clip_coefficient(norm: float, max_norm: float) -> float:
     The training loop reads the norm with the loss in one transfer and hands this factor to
     ``AdamW.step(grad_scale=...)``, which is the same update as clipping ``p.grad`` first.
     """
+    check_nonnegative(max_norm, "clip_coefficient: max_norm")
     coef = float(max_norm) / (norm + 1e-6)
     return coef if not coef >= 1.0 else 1.0
 

@@ -504,6 +504,55 @@ def test_load_state_dict_rejects_mismatches():
     assert swapped.state == [{}, {}]  # nothing was loaded
 
 
+def _forge(sd, how):
+    sd = {**sd, "state": [dict(s) for s in sd["state"]]}
+    how(sd)
+    return sd
+
+
+FORGED_STATES = {
+    "NaN lr": (lambda sd: sd.update(lr=[float("nan")]), "lr of group 0 must be a finite number"),
+    "negative lr": (lambda sd: sd.update(lr=[-1.0]), "lr of group 0 must be a finite number"),
+    "boolean lr": (lambda sd: sd.update(lr=[True]), "lr of group 0 must be a finite number"),
+    "negative step": (lambda sd: sd.update(step=-5), "step must be an int >= 0, got -5"),
+    "no step": (lambda sd: sd.pop("step"), "step must be an int >= 0, got None"),
+    "negative param step": (lambda sd: sd.update(param_steps=[-1]), r"param_steps\[0\] must be"),
+    "no state": (lambda sd: sd.pop("state"), "a dict with a 'state' list"),
+    "misspelled moment": (lambda sd: sd["state"][0].update(exp_avgg=sd["state"][0].pop("exp_avg")),
+                          r"must be empty or hold \['exp_avg', 'exp_avg_sq'\]"),
+    "NaN moment": (lambda sd: sd["state"][0].update(
+        exp_avg_sq=np.full(3, np.nan, np.float32)), "'exp_avg_sq' holds NaN or inf"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED_STATES))
+def test_load_state_dict_refuses_a_forged_state_naming_the_field(case):
+    """Each of these loaded silently and then made the weights NaN, climbed the loss or failed
+    later with a bare KeyError or math domain error."""
+    a = param(np.ones(3))
+    opt = AdamW([a])
+    a.grad = B.asarray(np.ones(3))
+    opt.step()
+    how, message = FORGED_STATES[case]
+    fresh = AdamW([param(np.ones(3))])
+    with pytest.raises(StateDictError, match=message):
+        fresh.load_state_dict(_forge(opt.state_dict(), how))
+    assert fresh.state == [{}] and fresh.step_count == 0  # nothing was loaded
+
+
+@pytest.mark.host_only("refused before any array work")
+@pytest.mark.parametrize("scale", [-1.0, float("nan"), float("inf")])
+def test_a_grad_scale_that_would_corrupt_the_update_is_refused(scale):
+    a = param(np.ones(3))
+    for opt in (AdamW([a]), SGD([a], lr=0.1)):
+        a.grad = B.asarray(np.ones(3))
+        with pytest.raises(InvalidArgumentError, match="grad_scale must be a finite number"):
+            opt.step(grad_scale=scale)
+        np.testing.assert_array_equal(host(a.data), np.ones(3))
+    with pytest.raises(InvalidArgumentError, match="max_norm must be a finite number"):
+        ml.optim.clip_coefficient(1.0, -1.0)
+
+
 def test_load_state_dict_without_param_steps():
     """An older dict has only the global step: parameters with state take it, others 0."""
     a, b = param(np.ones(2)), param(np.ones(2))
