@@ -307,3 +307,22 @@ def test_linear_refuses_different_ranks_and_changes_nothing():
     with pytest.raises(ConfigError, match=r"one rank per layer.*'q_proj'.*have r \[2, 1\]"):
         lora.add_weighted_adapter(model, ["a0", "a1"], [1, 1], "c", "linear")
     assert sorted(model.state_dict()) == state and "c" not in lora.lora_configs(model)
+
+
+def test_set_adapter_on_a_merged_model_unmerges_first_as_peft_does():
+    """W held the merged adapter whatever was active: switching to another gave W + delta_a0
+    + delta_a1, not the other adapter alone."""
+    model = adapted(4, 5, 3, [(2, 8.0, False, False), (3, 4.0, False, False)], np.float64, 1)
+    x = inputs((3, 4))
+    lora.set_adapter(model, "a1")
+    only_a1 = forward(model, x)
+    lora.set_adapter(model, "a0")
+    lora.merge(model)
+    assert model.v_proj.merged_adapters == ["a0"]
+    with pytest.warns(UserWarning, match=r"\['a0'\] were merged; unmerging them first"):
+        lora.set_adapter(model, "a1")
+    assert not any(layer.merged for _, layer in lora.lora_layers(model))
+    assert_close(forward(model, x), only_a1, 1e-10)
+    lora.merge(model, ["a1"])
+    lora.set_adapter(model, ["a0", "a1"])  # the merged one stays active: nothing to undo
+    assert model.v_proj.merged_adapters == ["a1"]

@@ -10,6 +10,7 @@ read.
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
@@ -132,7 +133,20 @@ def set_adapter(model: Module, adapter_name: str | list[str]) -> None:
     if unknown or not names:
         raise InvalidArgumentError(f"set_adapter: unknown adapter(s) {unknown or names}; the "
                                    f"model has {known}")
-    for _, layer in lora_layers(model):
+    layers = [layer for _, layer in lora_layers(model)]
+    # W holds the merged updates whatever is active: one left out of names would still apply
+    stale = [layer for layer in layers if not set(layer.merged_adapters) <= set(names)]
+    if stale:
+        if any(layer.is_quantized for layer in stale):
+            raise InvalidArgumentError(f"set_adapter: adapters {stale[0].merged_adapters} are "
+                                       f"merged into a quantized base, which cannot be unmerged "
+                                       f"exactly; reload the base to switch to {names}")
+        warnings.warn(f"set_adapter: adapters {stale[0].merged_adapters} were merged; unmerging "
+                      f"them first, as PEFT does, so that only {names} apply", stacklevel=2)
+        for layer in layers:
+            if layer.merged:
+                layer.unmerge()
+    for layer in layers:
         layer.set_adapter(names)
 
 
