@@ -320,7 +320,18 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
 
 
 def mse_loss(input: Tensor, target: Any) -> Tensor:
-    """Mean squared error ``mean((input - target)^2)``."""
+    """Mean squared error ``mean((input - target)^2)``; the target must broadcast to the
+    input's shape (a (4,) target against a (4, 1) input would make a (4, 4) difference, the
+    mistake PyTorch warns of: refused)."""
+    shape = tuple(target.shape) if hasattr(target, "shape") else tuple(np.shape(target))
+    try:
+        joint = np.broadcast_shapes(tuple(input.shape), shape)
+    except ValueError:
+        joint = None
+    if joint != tuple(input.shape):
+        raise ShapeError(f"mse_loss: target {shape} must broadcast to the input's shape "
+                         f"{tuple(input.shape)}, but together they make "
+                         f"{joint if joint is not None else 'no shape'}")
     diff = input - target
     return (diff * diff).mean()
 

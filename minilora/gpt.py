@@ -43,6 +43,7 @@ MAX_BLOCK_SIZE = 2**16
 MAX_N_LAYER = 2**10
 MAX_N_HEAD = 2**10
 MAX_N_EMBD = 2**15
+MAX_NEW_TOKENS = 10**6  # per generate call: as the CLI's --max-new-tokens
 _LIMITS = {"vocab_size": ("MAX_VOCAB_SIZE", MAX_VOCAB_SIZE),
            "block_size": ("MAX_BLOCK_SIZE", MAX_BLOCK_SIZE),
            "n_layer": ("MAX_N_LAYER", MAX_N_LAYER), "n_head": ("MAX_N_HEAD", MAX_N_HEAD),
@@ -451,6 +452,9 @@ class GPT(Module):
     def _check_generate_args(self, max_new_tokens: Any, temperature: Any, top_k: Any,
                              seed: Any) -> None:
         check_int(max_new_tokens, "GPT.generate: max_new_tokens", minimum=0)
+        if max_new_tokens > MAX_NEW_TOKENS:  # 10^12 tokens would run until killed
+            raise InvalidArgumentError(f"GPT.generate: max_new_tokens={max_new_tokens} is more "
+                                       f"than MAX_NEW_TOKENS = {MAX_NEW_TOKENS:,}")
         if not isinstance(temperature, (int, float, np.number)) or not temperature >= 0:
             raise InvalidArgumentError(f"GPT.generate: temperature must be >= 0 (0 is greedy), "
                                        f"got {temperature!r}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backend as B
 from . import functional as F
-from .errors import InvalidArgumentError, StateDictError, check_int, is_int
+from .errors import DTypeError, InvalidArgumentError, StateDictError, check_int, is_int
 from .tensor import Tensor
 from .tensorfile import overflows_when_cast
 
@@ -356,6 +356,7 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = None) -> None:
         super().__init__()
+        _check_flag(bias, "Linear: bias")  # "no" is truthy: it would make a bias
         self.in_features = check_int(in_features, "Linear: in_features")
         self.out_features = check_int(out_features, "Linear: out_features")
         dtype = dtype or B.default_dtype()
@@ -397,6 +398,11 @@ class LayerNorm(Module):
                  dtype: Any = None) -> None:
         super().__init__()
         dtype = dtype or B.default_dtype()
+        check_int(normalized_shape, "LayerNorm: normalized_shape")
+        _check_flag(bias, "LayerNorm: bias")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or \
+                not 0 < eps < float("inf"):  # eps <= 0 divides by a zero variance: NaN
+            raise InvalidArgumentError(f"LayerNorm: eps must be a finite number > 0, got {eps!r}")
         self.normalized_shape, self.eps = int(normalized_shape), float(eps)
         self.weight = Parameter(B.xp.ones(normalized_shape, dtype=dtype))
         self.bias = Parameter(B.xp.zeros(normalized_shape, dtype=dtype)) if bias else None
@@ -426,6 +432,12 @@ class Dropout(Module):
         return f"p={self.p}"
 
 
+def _check_flag(value: Any, name: str) -> None:
+    """A switch must be a bool (a NumPy bool too): a string such as "no" is truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise DTypeError(f"{name} must be True or False, got {value!r}")
+
+
 class ModuleList(Module):
     """A list of modules, registered under their indices ("0", "1", ...)."""
 
@@ -436,8 +448,15 @@ class ModuleList(Module):
 
     def append(self, module: Module) -> ModuleList:
         """Add ``module`` at the end; returns self."""
+        self._check_module(module)
         setattr(self, str(len(self._modules)), module)
         return self
+
+    def _check_module(self, module: Any) -> None:
+        # setattr files anything that is not a Module as a plain attribute: it would vanish
+        if not isinstance(module, Module):
+            raise DTypeError(f"{type(self).__name__}: entries must be Modules, got "
+                             f"{type(module).__name__} {module!r:.40}")
 
     def _index(self, i: int) -> str:
         n = len(self._modules)
@@ -452,6 +471,7 @@ class ModuleList(Module):
         return self._modules[self._index(i)]
 
     def __setitem__(self, i: int, module: Module) -> None:
+        self._check_module(module)
         setattr(self, self._index(i), module)
 
     def __len__(self) -> int:

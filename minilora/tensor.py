@@ -418,6 +418,10 @@ class Tensor:
     def _other(self, other: Any) -> Tensor:
         if isinstance(other, Tensor):
             return other
+        if other is None or isinstance(other, (str, bytes, dict, set)):
+            # asarray(None, float32) is NaN and asarray("a") a string array: neither a number
+            raise DTypeError(f"Tensor: cannot combine a tensor with {type(other).__name__} "
+                             f"{other!r:.40}; use a number, an array or a Tensor")
         dtype = self.data.dtype if self.data.dtype.kind == "f" else None
         return Tensor(B.xp.asarray(other, dtype=dtype))
 

@@ -279,6 +279,8 @@ def quantize(array: Any, blocksize: int = 64, quant_type: str = "nf4",
     """
     check_quant_type(quant_type)
     blocksize = check_blocksize(blocksize)
+    if not isinstance(double_quant, (bool, np.bool_)):  # "no" is truthy
+        raise DTypeError(f"quantize: double_quant must be True or False, got {double_quant!r}")
     arr = _as_float32(array, "quantize")
     codes, absmax = _quantize_blocks(arr.reshape(-1), blocksize, quant_type)
     if codes.size % 2:  # pad with the code of zero, as bitsandbytes does

@@ -1,0 +1,70 @@
+"""Arguments of the public Python API that used to give a silent wrong result: each is now a
+minilora error naming the argument and the value."""
+
+import numpy as np
+import pytest
+
+import minilora as ml
+from minilora import functional as F
+from minilora import nn, quant
+from minilora.errors import DTypeError, InvalidArgumentError, ShapeError
+
+
+@pytest.mark.host_only("refused before any array work")
+@pytest.mark.parametrize("other", [None, "a", b"a", {"x": 1}])
+def test_a_tensor_combined_with_a_non_number_is_a_type_error(other):
+    """``Tensor + None`` was NaN (asarray(None, float32)); a string made a string array."""
+    t = ml.Tensor(np.ones(3, np.float32))
+    for op in (lambda: t + other, lambda: t * other, lambda: other - t):
+        with pytest.raises(DTypeError, match=f"combine a tensor with {type(other).__name__}"):
+            op()
+
+
+def test_mse_loss_refuses_a_target_that_would_broadcast_the_input():
+    x = ml.Tensor(np.arange(4.0).reshape(4, 1))
+    with pytest.raises(ShapeError, match=r"target \(4,\) must broadcast .*make \(4, 4\)"):
+        F.mse_loss(x, np.arange(4.0))  # was 2.5, where every elementwise loss is 0
+    assert F.mse_loss(x, np.arange(4.0).reshape(4, 1)).item() == 0.0
+    assert F.mse_loss(ml.Tensor(np.ones((3, 4))), np.zeros(4)).item() == 1.0  # (4,) into (3, 4)
+
+
+@pytest.mark.host_only("refused before any array work")
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(2, 2), "relu"),
+                                  lambda: nn.ModuleList([1, 2]),
+                                  lambda: nn.ModuleList().append(3)])
+def test_containers_refuse_entries_that_are_not_modules(make):
+    """They were dropped silently: len(Sequential(Linear, "relu")) was 1."""
+    with pytest.raises(DTypeError, match="entries must be Modules"):
+        make()
+    seq = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(DTypeError, match="got int 5"):
+        seq[0] = 5
+    assert isinstance(seq[0], nn.Linear)
+
+
+@pytest.mark.host_only("refused before any array work")
+@pytest.mark.parametrize("make, message", [
+    (lambda: nn.Linear(3, 3, bias="no"), "Linear: bias must be True or False, got 'no'"),
+    (lambda: nn.LayerNorm(4, bias="no"), "LayerNorm: bias must be True or False"),
+    (lambda: nn.LayerNorm(4, eps=-1), "eps must be a finite number > 0, got -1"),
+    (lambda: nn.LayerNorm(4, eps=0.0), "eps must be a finite number > 0, got 0.0"),
+    (lambda: nn.LayerNorm(4, eps=float("nan")), "eps must be a finite number > 0, got nan"),
+    (lambda: nn.LayerNorm(0), "normalized_shape must be an int >= 1"),
+    (lambda: quant.quantize(np.ones(64, np.float32), double_quant="no"),
+     "double_quant must be True or False, got 'no'"),
+])
+def test_switches_and_settings_are_checked(make, message):
+    """A string is truthy ("no" made a bias, double-quantized), and eps <= 0 made a LayerNorm
+    of a constant row NaN."""
+    with pytest.raises((DTypeError, InvalidArgumentError), match=message):
+        make()
+
+
+def test_generate_refuses_a_token_count_that_would_run_for_ever():
+    from minilora.gpt import MAX_NEW_TOKENS
+
+    model = ml.GPT(ml.GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens=1000000000000 is more than "
+                                                   "MAX_NEW_TOKENS"):
+        model.generate(np.array([[1]]), 10**12)
+    assert MAX_NEW_TOKENS == 10**6 and model.generate(np.array([[1]]), 2).shape == (1, 3)
