@@ -323,6 +323,9 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     _check_meta(meta, where)
     digests = meta["sha256"]
     for name in (MODEL_FILE, *digests):
+        if Path(name).name != name or name in (".", ".."):  # else it names a file elsewhere
+            raise CheckpointError(f"{where}: field 'sha256' lists {name!r}, which is not a file "
+                                  f"of the checkpoint")
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint at {str(directory)!r} is incomplete: {name} is "

@@ -348,7 +348,11 @@ def verify_manifest(path: str | Path, who: str = "load", warn: bool = True) -> b
         raise CheckpointError(f"{who}: {str(mpath)!r} is not a valid manifest ({exc})") from None
     for name, (size, digest) in files.items():
         p = path / name
-        if ".." in Path(name).parts or not p.is_file():
+        parts = Path(name).parts  # a save's files lie under it: "/etc/x" or "../x" do not
+        if not parts or Path(name).is_absolute() or ".." in parts or name != Path(name).as_posix():
+            raise CheckpointError(f"{who}: {str(mpath)!r} lists {name!r}, which is not a file "
+                                  f"of the save: the manifest is forged or corrupt")
+        if not p.is_file():
             raise CheckpointError(f"{who}: the save at {str(path)!r} is incomplete: {name} is "
                                   f"missing (listed in {MANIFEST})")
         if p.stat().st_size != size:

@@ -370,6 +370,8 @@ MALFORMED = {
                             ["model_config.vocab_size", "at least 1", "-5"]),
     "n_layer zero": (lambda m: m["model_config"].update(n_layer=0),
                      ["model_config.n_layer", "at least 1", "0"]),
+    "digest of a file elsewhere": (lambda m: m["sha256"].update({"/etc/hostname": "0" * 64}),
+                                   ["'sha256' lists '/etc/hostname'", "not a file of the"]),
 }
 
 

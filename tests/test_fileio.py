@@ -282,7 +282,12 @@ def test_a_manifest_may_not_point_outside_its_directory(tmp_path):
     manifest = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
     manifest["files"]["../secret"] = {"bytes": 1, "sha256": fileio.sha256_file(tmp_path / "secret")}
     (dest / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
-    with pytest.raises(CheckpointError, match=r"\.\./secret is missing"):
+    with pytest.raises(CheckpointError, match=r"lists '\.\./secret', which is not a file of"):
+        verify_manifest(dest)
+    del manifest["files"]["../secret"]
+    manifest["files"][str(tmp_path / "secret")] = {"bytes": 1, "sha256": "0" * 64}  # absolute
+    (dest / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"which is not a file of the save"):
         verify_manifest(dest)
     (dest / MANIFEST).write_text(json.dumps({"format": "other", "files": {}}), encoding="utf-8")
     with pytest.raises(CheckpointError, match="not a valid manifest"):
