@@ -158,6 +158,9 @@ def _entry(name: str, raw: Any, data_len: int, who: str, path: str) -> TensorInf
         raise bad(f"shape must be a list of non-negative ints, got {shape!r}")
     if len(shape) > MAX_NDIM:
         raise bad(f"shape has {len(shape)} dimensions, more than MAX_NDIM = {MAX_NDIM}")
+    if math.prod(d for d in shape if d) >= 2**62:  # with a 0 among them it is 0 bytes, but
+        # NumPy refuses the shape all the same ("array is too big"): no array is that long
+        raise bad(f"shape {shape} has dimensions whose product is more than any array can hold")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise bad(f"data_offsets must be two ints 0 <= begin <= end, got {offsets!r}")

@@ -231,8 +231,20 @@ def test_offsets_that_do_not_match_the_shape(tmp_path, offsets, words):
 def test_a_huge_shape_cannot_overflow_the_byte_count(tmp_path):
     # 2^32 * 2^32 elements wrap to 0 in int64; in Python ints they need 2^66 bytes
     path = forge(tmp_path / "t.safetensors",
+                 {"w": {"dtype": "F32", "shape": [2**31, 2**30], "data_offsets": [0, 0]}})
+    refused(path, "tensor 'w'", "span 0 bytes", f"{2**63:,}", call=tf.read_header)
+    path = forge(tmp_path / "t.safetensors",
                  {"w": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}})
-    refused(path, "tensor 'w'", "span 0 bytes", f"{2**66:,}", call=tf.read_header)
+    refused(path, "tensor 'w'", "more than any array can hold", call=tf.read_header)
+
+
+def test_a_zero_byte_shape_no_array_can_have_is_refused(tmp_path):
+    """[0, 2^62, 2^62] is 0 bytes, so the byte checks passed; NumPy then said only "array is
+    too big" when the tensor was read."""
+    path = forge(tmp_path / "t.safetensors",
+                 {"w": {"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}})
+    for call in (tf.read_header, tf.read_tensors):
+        refused(path, "tensor 'w'", "more than any array can hold", call=call)
 
 
 @pytest.mark.parametrize("b_offsets, words", [
