@@ -68,3 +68,31 @@ def test_generate_refuses_a_token_count_that_would_run_for_ever():
                                                    "MAX_NEW_TOKENS"):
         model.generate(np.array([[1]]), 10**12)
     assert MAX_NEW_TOKENS == 10**6 and model.generate(np.array([[1]]), 2).shape == (1, 3)
+
+
+@pytest.mark.host_only("configs only")
+def test_lora_config_takes_numpy_scalars_as_the_numbers_they_hold():
+    """dropout=np.float32(0.1) was refused as outside [0, 1), alpha=np.int64(16) as not positive,
+    while r=np.int32(4) was taken."""
+    from minilora import lora
+
+    config = lora.LoraConfig(r=np.int32(4), alpha=np.int64(16), dropout=np.float32(0.1))
+    assert (config.r, config.alpha) == (4, 16) and type(config.alpha) is int
+    assert abs(config.dropout - 0.1) < 1e-7
+    assert '"lora_alpha": 16' in __import__("json").dumps(config.to_peft_dict())
+
+
+def test_lora_layers_check_their_rank_before_allocating():
+    from minilora import lora
+    from minilora.errors import ConfigError
+    from minilora.lora.layer import LoRALinear
+
+    layer = LoRALinear(nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match="r=1000000000 is more than MAX_RANK"):
+        layer.update_layer("a", r=10**9, alpha=16)  # was a 29.8 GiB MemoryError
+    with pytest.raises(ConfigError, match="alpha must be a positive number, got nan"):
+        layer.update_layer("a", r=2, alpha=float("nan"))
+    with pytest.raises(ConfigError, match="r must be a positive integer, got 0"):
+        lora.lora_scaling(0, 16)  # was ZeroDivisionError
+    layer.update_layer("a", r=2, alpha=4)
+    assert layer.lora_A["a"].weight.shape == (2, 4)

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError, check_int, is_int
 from ..tensorfile import json_field
 from .variants import lora_scaling
@@ -29,7 +31,14 @@ MAX_RANK = 2**16
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite real number: a Python or NumPy int or float, not a bool."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and \
+        not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+
+
+def _plain(v: Any) -> Any:
+    """A NumPy scalar as the Python number it holds (JSON and PEFT know only those)."""
+    return v.item() if isinstance(v, (np.integer, np.floating)) else v
 
 
 @dataclass
@@ -72,6 +81,7 @@ class LoraConfig:
             raise ConfigError(f"LoraConfig: r={self.r} is more than MAX_RANK = {MAX_RANK}")
         if not _is_number(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"LoraConfig: alpha must be a positive number, got {self.alpha!r}")
+        self.alpha = _plain(self.alpha)
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoraConfig: dropout must lie in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)

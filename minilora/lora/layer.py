@@ -31,7 +31,7 @@ from .. import functional as F
 from ..errors import ConfigError, GraphError, InvalidArgumentError
 from ..nn import Linear, Module, ModuleDict, Parameter
 from ..tensor import Tensor, release
-from .config import INITS
+from .config import INITS, LoraConfig
 from .variants import (
     DoraMagnitude,
     dora_merge_factor,
@@ -239,6 +239,10 @@ class LoRALinear(Module):
             raise ConfigError(f"LoRALinear: adapter {adapter_name!r} already exists here")
         if init not in INITS:
             raise ConfigError(f"LoRALinear: init must be one of {INITS}, got {init!r}")
+        # LoraConfig's checks, for a caller that comes here directly (r within MAX_RANK before
+        # any (r, in) matrix exists, alpha a positive number, dropout in [0, 1), the switches)
+        LoraConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora,
+                   init=init)
         dtype = self._dtype()
         A = Linear(self.in_features, r, bias=False, dtype=dtype)  # kaiming-uniform, 1/sqrt(in)
         Bm = Linear(r, self.out_features, bias=False, dtype=dtype)

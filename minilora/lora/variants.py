@@ -44,7 +44,9 @@ from ..tensor import Tensor
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """``alpha / r`` (the LoRA paper), or ``alpha / sqrt(r)`` with rsLoRA."""
+    """``alpha / r`` (the LoRA paper), or ``alpha / sqrt(r)`` with rsLoRA; r a positive int."""
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
+        raise ConfigError(f"lora_scaling: r must be a positive integer, got {r!r}")
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
