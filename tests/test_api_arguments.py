@@ -96,3 +96,16 @@ def test_lora_layers_check_their_rank_before_allocating():
         lora.lora_scaling(0, 16)  # was ZeroDivisionError
     layer.update_layer("a", r=2, alpha=4)
     assert layer.lora_A["a"].weight.shape == (2, 4)
+
+
+def test_quantize_model_says_when_it_would_change_nothing():
+    """On a quantized model, quant_type='fp4' left every layer nf4 without a word; skip=None
+    was a bare TypeError."""
+    model = ml.GPT(ml.GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=64))
+    quant.quantize_model(model)
+    with pytest.raises(InvalidArgumentError, match=r"5 more are quantized already as nf4, "
+                                                   r"blocksize 64.*asked for fp4"):
+        quant.quantize_model(model, quant_type="fp4")
+    quant.quantize_model(model)  # the same settings again: nothing to do, nothing refused
+    with pytest.raises(InvalidArgumentError, match="skip must be a layer name or a list"):
+        quant.quantize_model(ml.GPT(model.config), skip=None)

@@ -54,13 +54,28 @@ def quantize_model(model: nn.Module, blocksize: int = 64, quant_type: str = "nf4
     check_blocksize(blocksize)
     if isinstance(skip, str):
         skip = (skip,)
+    if not isinstance(skip, (tuple, list, set, frozenset)) or \
+            not all(isinstance(s, str) for s in skip):
+        raise InvalidArgumentError(f"quantize_model: skip must be a layer name or a list of "
+                                   f"them, got {skip!r:.60}")
     if isinstance(model, nn.Linear):
         raise InvalidArgumentError("quantize_model: model is itself an nn.Linear and cannot be "
                                    "replaced in place; use QuantLinear.from_linear(model)")
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"quantize_model: expected an nn.Module, got "
                                    f"{type(model).__name__}")
-    for path, linear in _linear_targets(model, tuple(skip)):
+    targets = _linear_targets(model, tuple(skip))
+    asked = (quant_type, int(blocksize), bool(double_quant))
+    other = [(p, m) for p, m in model.named_modules() if isinstance(m, QuantLinear) and
+             (m.quant_state.quant_type, m.quant_state.blocksize, m.quant_state.nested) != asked]
+    if other:  # its 4-bit layers stay as they are: asking for another format would do nothing
+        st = other[0][1].quant_state
+        raise InvalidArgumentError(f"quantize_model: {other[0][0]} and {len(other) - 1} more are "
+                                   f"quantized already as {st.quant_type}, blocksize "
+                                   f"{st.blocksize}, double_quant={st.nested}; asked for "
+                                   f"{quant_type}, blocksize {blocksize}, double_quant="
+                                   f"{bool(double_quant)}: quantize the float model instead")
+    for path, linear in targets:
         model.set_submodule(path, QuantLinear.from_linear(linear, blocksize, quant_type,
                                                           double_quant))
     return model
