@@ -109,3 +109,19 @@ def test_quantize_model_says_when_it_would_change_nothing():
     quant.quantize_model(model)  # the same settings again: nothing to do, nothing refused
     with pytest.raises(InvalidArgumentError, match="skip must be a layer name or a list"):
         quant.quantize_model(ml.GPT(model.config), skip=None)
+
+
+def test_a_second_method_on_one_model_names_the_first():
+    """inject_ia3 twice said its targets "matched no linear-like module" (the first had wrapped
+    them), inject_bottleneck twice that the GPT had no blocks; BitFit already named the first."""
+    from minilora import family, lora
+    from minilora.errors import ConfigError
+
+    cfg = ml.GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=8)
+    for inject in (family.inject_ia3, family.inject_bottleneck):
+        model = inject(ml.GPT(cfg))
+        for again in (family.inject_ia3, family.inject_bottleneck):
+            with pytest.raises(ConfigError, match="the model already carries"):
+                again(model)
+        with pytest.raises(ConfigError, match="carries .*Config, a method of the PEFT family"):
+            lora.inject_lora(model)

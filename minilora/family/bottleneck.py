@@ -146,6 +146,7 @@ def inject_bottleneck(model: Module, config: BottleneckConfig | None = None) -> 
     if not isinstance(model, Module):
         raise InvalidArgumentError(f"inject_bottleneck: model must be a Module, got "
                                    f"{type(model).__name__}")
+    core.check_free(model, "inject_bottleneck")  # before its wrapped layers hide the sites
     sites = adapter_sites(model, config)
     if not sites:
         raise ConfigError(f"inject_bottleneck: {type(model).__name__} has no linear "

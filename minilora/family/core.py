@@ -18,15 +18,21 @@ def family_config(model: Module) -> Any:
     return getattr(model, "family_config", None)
 
 
+def check_free(model: Module, who: str) -> None:
+    """Refuse (ConfigError) a ``model`` that already carries a method of the family, naming it:
+    called before the targets are looked for, which a first method has wrapped already."""
+    held = family_config(model)
+    if held is not None:
+        raise ConfigError(f"{who}: the model already carries {type(held).__name__}; inject one "
+                          f"method of the family per model (build a fresh base for another)")
+
+
 def record(model: Module, config: Any, who: str) -> None:
     """Mark ``model`` as carrying ``config``'s method; refused (ConfigError) if it already
     carries one, naming both: two methods' parameters would be saved and merged as one."""
     if not isinstance(model, Module):
         raise ConfigError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
-    held = family_config(model)
-    if held is not None:
-        raise ConfigError(f"{who}: the model already carries {type(held).__name__}; inject one "
-                          f"method of the family per model (build a fresh base for another)")
+    check_free(model, who)
     model.family_config = config
 
 
@@ -36,4 +42,4 @@ def forget(model: Module) -> None:
         model.family_config = None
 
 
-__all__ = ["family_config", "record", "forget"]
+__all__ = ["family_config", "check_free", "record", "forget"]

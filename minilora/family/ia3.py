@@ -213,6 +213,7 @@ def inject_ia3(model: Module, config: IA3Config | None = None) -> Module:
     if not isinstance(model, Module) or is_linear_like(model):
         raise InvalidArgumentError(f"inject_ia3: model must be a Module holding linear layers, "
                                    f"got {type(model).__name__}")
+    core.check_free(model, "inject_ia3")  # before its wrapped layers hide the targets
     candidates = [(p, m) for p, m in model.named_modules() if p and is_linear_like(m)]
     targets = [(p, m) for p, m in candidates if config.is_target(p)]
     if not targets:

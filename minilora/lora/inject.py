@@ -83,6 +83,11 @@ def inject_lora(model: Module, config: LoraConfig | None = None,
     if isinstance(model, LoRALinear) or is_linear_like(model):
         raise InvalidArgumentError("inject_lora: the model itself is a single linear layer and "
                                    "cannot be replaced in place; put it inside a Module")
+    held = getattr(model, "family_config", None)  # set by minilora.family's methods
+    if held is not None:
+        raise ConfigError(f"inject_lora: the model carries {type(held).__name__}, a method of "
+                          f"the PEFT family, whose layers wrap the targets; put LoRA on a fresh "
+                          f"base")
     if adapter_name in lora_configs(model):
         raise ConfigError(f"inject_lora: the model already has an adapter {adapter_name!r}; "
                           f"choose another adapter_name or delete_adapter first")
