@@ -283,6 +283,11 @@ class Module:
         a module none of whose extra keys are given reports its current keys as missing.
         Nothing is changed when an error is raised.
         """
+        if not isinstance(state_dict, dict):
+            raise StateDictError(f"load_state_dict: expected a dict of arrays, got "
+                                 f"{type(state_dict).__name__}")
+        # a Tensor's values are its array (as PyTorch users pass tensors)
+        state_dict = {k: v.data if isinstance(v, Tensor) else v for k, v in state_dict.items()}
         own: dict[str, Parameter] = {}
         holders: dict[str, Module] = {}  # path -> a module that may take extra state
         for path, mod in self.named_modules():
@@ -310,6 +315,11 @@ class Module:
                                  f"{' ...' if len(missing) > 10 else ''}, unexpected keys "
                                  f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
         for key in own.keys() & state_dict.keys():
+            value = state_dict[key]
+            dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+            if dtype.kind not in "biuf":  # complex would lose its imaginary part silently
+                raise StateDictError(f"load_state_dict: key {key!r} holds {dtype} values; a "
+                                     f"parameter takes real numbers")
             shape = tuple(np.shape(state_dict[key]))
             if shape != own[key].shape:
                 raise StateDictError(f"load_state_dict: key {key!r} has shape {shape} in the "

@@ -125,3 +125,19 @@ def test_a_second_method_on_one_model_names_the_first():
                 again(model)
         with pytest.raises(ConfigError, match="carries .*Config, a method of the PEFT family"):
             lora.inject_lora(model)
+
+
+def test_load_state_dict_takes_tensors_and_refuses_complex_values():
+    """A complex weight lost its imaginary part silently; Tensor values (as PyTorch users pass
+    them) were a bare 'setting an array element with a sequence'."""
+    from minilora.errors import StateDictError
+
+    layer = nn.Linear(2, 2)
+    state = {k: ml.Tensor(np.full(v.shape, 0.5, np.float32)) for k, v in
+             layer.state_dict().items()}
+    layer.load_state_dict(state)
+    assert np.all(ml.backend.to_numpy(layer.weight.data) == 0.5)
+    bad = {**layer.state_dict(), "weight": np.ones((2, 2), np.complex64)}
+    with pytest.raises(StateDictError, match="'weight' holds complex64 values"):
+        layer.load_state_dict(bad)
+    assert np.all(ml.backend.to_numpy(layer.weight.data) == 0.5)  # nothing changed
