@@ -427,6 +427,13 @@ class ArithmeticTask:
     def encode(self, ids: np.ndarray, tokenizer: CharTokenizer | None = None) -> np.ndarray:
         """Pair ids (N,) -> token ids of the whole examples, (N, seq_len)."""
         tok = tokenizer or task_tokenizer()
+        ids = np.asarray(ids)
+        pairs = 10 ** (2 * self.digits)
+        if ids.dtype.kind not in "iu" or (ids.size and (ids.min() < 0 or ids.max() >= pairs)):
+            raise InvalidArgumentError(f"task {self.name!r}: pair ids must be integers in [0, "
+                                       f"{pairs}) for {self.digits} digits, got {ids.dtype} "
+                                       f"from {ids.min() if ids.size else None} to "
+                                       f"{ids.max() if ids.size else None}")
         a, b = self.operands(ids)
         answer = _digits(self.fn(a, b, self.digits).astype(np.int64), self.answer_digits)  # (N, w)
         if self.reverse:
@@ -440,7 +447,7 @@ class ArithmeticTask:
     def example(self, a: int, b: int) -> tuple[str, str]:
         """The (prompt, answer) strings of one question, e.g. ('123+456=', '0579.')."""
         for name, v in (("a", a), ("b", b)):
-            if not 0 <= int(v) < 10 ** self.digits:
+            if not is_int(v) or not 0 <= v < 10 ** self.digits:  # 1.5 is not an operand
                 raise InvalidArgumentError(f"task {self.name!r}: operand {name}={v} must lie in "
                                            f"[0, {10 ** self.digits}) for {self.digits} digits")
         text = task_tokenizer().decode(self.encode(np.array([int(a) * 10 ** self.digits + int(b)])))
@@ -567,6 +574,8 @@ class TaskDataset:
     def heldout(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The first ``n`` held-out questions (all by default) as prompts (n, prompt_len) and
         answers (n, answer_len), token ids."""
+        if n is not None:
+            check_int(n, "TaskDataset.heldout: n", minimum=0)  # -1 was every question but one
         ids = self.heldout_ids[:n]
         seq = self.task.encode(ids, self.tokenizer)
         return seq[:, :self.task.prompt_len], seq[:, self.task.prompt_len:]

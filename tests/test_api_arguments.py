@@ -141,3 +141,23 @@ def test_load_state_dict_takes_tensors_and_refuses_complex_values():
     with pytest.raises(StateDictError, match="'weight' holds complex64 values"):
         layer.load_state_dict(bad)
     assert np.all(ml.backend.to_numpy(layer.weight.data) == 0.5)  # nothing changed
+
+
+@pytest.mark.host_only("the tasks' host-side data")
+def test_task_helpers_refuse_operands_they_would_wrap_or_truncate():
+    """encode([10^6, -1]) wrote "00+00" and "99+99" for 2 digits, example(1.5, 5) asked 1+5,
+    heldout(-1) gave every question but one."""
+    from minilora.data import TaskDataset, get_task
+
+    task = get_task("add", 2)
+    with pytest.raises(InvalidArgumentError, match=r"pair ids must be integers in \[0, 10000\)"):
+        task.encode(np.array([10**6, -1]))
+    with pytest.raises(InvalidArgumentError, match="pair ids must be integers"):
+        task.encode(np.array([1.5]))
+    with pytest.raises(InvalidArgumentError, match="operand a=1.5"):
+        task.example(1.5, 5)
+    assert task.example(12, 5) == ("12+05=", "017.")
+    data = TaskDataset(task, n_heldout=10)
+    with pytest.raises(InvalidArgumentError, match="heldout: n must be an int >= 0, got -1"):
+        data.heldout(-1)
+    assert data.heldout(3)[0].shape[0] == 3
