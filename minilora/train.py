@@ -511,11 +511,18 @@ def train(model: Module, data: TaskDataset | TextDataset | JsonlDataset,
     if interrupted["set"] and done < stop:
         saved = None
         if out_dir is not None and save_on_interrupt:
-            save(done)
+            with _deferred_interrupt():  # another Ctrl-C must not cut the save short
+                save(done)
             saved = str(out_dir)
         raise TrainingInterrupted(done, saved, history)
     if out_dir is not None:
-        save(stop)
+        # a stop signal now would throw the whole run away with the save half made: the save
+        # goes first (a second signal still stops at once, and the last save stays whole)
+        with _deferred_interrupt() as late:
+            save(stop)
+        if late["set"]:
+            warnings.warn(f"a stop signal came during the final save; the run had finished and "
+                          f"is saved in {str(out_dir)!r}", stacklevel=2)
     return history
 
 

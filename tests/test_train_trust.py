@@ -234,6 +234,29 @@ def test_sigterm_stops_between_steps_and_saves_as_ctrl_c_does(tmp_path):
     assert main(["train", "--resume", str(run), "--until", str(saved + 2), "--no-progress"]) == 0
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="a signal sent to the process itself")
+@pytest.mark.parametrize("sig", [s for s in ("SIGINT", "SIGTERM") if hasattr(signal, s)])
+def test_a_stop_signal_during_the_final_save_waits_for_the_save(tmp_path, monkeypatch, sig):
+    """The final save ran outside the deferred-signal block: a Ctrl-C or SIGTERM during it
+    threw the finished run away (a fresh run left nothing at all, or only its staging folder)."""
+    import os
+
+    from minilora import train as train_mod
+
+    real = train_mod.save_checkpoint
+
+    def signalled(*args, **kwargs):  # the signal lands while the save is being made
+        os.kill(os.getpid(), getattr(signal, sig))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", signalled)
+    data = tiny_task()
+    with pytest.warns(UserWarning, match="a stop signal came during the final save"):
+        train(tiny_model(data), data, tiny_config(), progress=False, out_dir=tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run").step == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left
+
+
 def test_ctrl_c_with_no_save_on_interrupt_saves_nothing(tmp_path):
     run = tmp_path / "run"
     code, out, err = interrupt_cli("train", *TINY, "--steps", "100000", "--eval-every", "100",
