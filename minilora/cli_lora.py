@@ -706,7 +706,8 @@ def _dtype_names(params: list) -> str:
 
 def inspect_rows(path: str) -> list[tuple[str, str]]:
     """``(field, value)`` rows describing a checkpoint, fine-tune, adapter or HF directory."""
-    where = Path(path)
+    where = recover(path) or Path(path)  # a swap a kill left half done is finished first
+    path = str(where)
     if not where.is_dir():
         raise CheckpointError(f"inspect: {path!r} is not a directory")
     rows = []

@@ -86,19 +86,33 @@ def _entries(path: Path) -> list[str]:
 
 
 def is_save(path: str | Path, names: tuple[str, ...] = ()) -> bool:
-    """True when ``path`` is a directory a save may replace: it has a manifest, or every entry in
-    it is one of ``names`` (the files this kind of save writes)."""
+    """True when ``path`` is a directory a save may replace: every entry in it is one of the
+    files its manifest lists (or the manifest), or, without a manifest, one of ``names`` (the
+    files this kind of save writes). A file or folder put beside a save's own (notes, another
+    save written inside it) makes it not one: replacing the directory would delete them."""
     path = Path(path)
-    if not path.is_dir():
-        return False
+    return path.is_dir() and bool(_entries(path)) and not _foreign(path, names)
+
+
+def _foreign(path: Path, names: tuple[str, ...]) -> list[str]:
+    """The entries of directory ``path`` that no save there accounts for (see :func:`is_save`);
+    all of them when its manifest cannot be read."""
     entries = _entries(path)
-    return MANIFEST in entries or (bool(entries) and set(entries) <= set(names))
+    if MANIFEST not in entries:
+        return [e for e in entries if e not in names]
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        listed = {Path(str(n)).parts[0] for n in manifest["files"]} | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return entries  # a manifest this cannot read vouches for nothing
+    return [e for e in entries if e not in listed]
 
 
-def check_writable(path: str | Path, what: str = "the output") -> Path:
+def check_writable(path: str | Path, what: str = "the output", shown: str | None = None) -> Path:
     """Check, before any work, that ``path`` is not a file and that its directory can be written
     (probed by creating and removing a directory there, which also catches read-only file systems
-    and, unlike ``os.access``, is true for root too). Raises :class:`DestinationError`."""
+    and, unlike ``os.access``, is true for root too). Raises :class:`DestinationError`, naming
+    ``shown`` (the path the user gave, already quoted, when ``path`` is its parent) or ``path``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DestinationError(f"{what} {str(path)!r} is a file, not a directory; choose another "
@@ -110,9 +124,10 @@ def check_writable(path: str | Path, what: str = "the output") -> Path:
         raise DestinationError(f"{what} {str(path)!r} cannot be made: {str(probe_at)!r} is a file")
     try:
         os.rmdir(tempfile.mkdtemp(dir=probe_at, prefix=".minilora-probe-"))
-    except OSError as exc:
-        raise DestinationError(f"{what} {str(path)!r} cannot be written: {str(probe_at)!r} is not "
-                               f"writable ({exc.strerror or exc})") from None
+    except OSError as exc:  # shown: the path the user gave, when this probes its parent
+        raise DestinationError(f"{what} {shown or str(path)!r} cannot be written: "
+                               f"{str(probe_at)!r} is not writable ({exc.strerror or exc})") \
+            from None
     return path
 
 
@@ -128,6 +143,13 @@ def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple
     ``overwrite``; a non-empty directory that is not a save of this kind (``names``), whatever
     ``overwrite`` says, since the swap would delete what it holds. Returns the path.
     """
+    raw = Path(path)
+    if raw.is_symlink():  # the swap would replace the link, leaving its target as it was
+        raise DestinationError(f"{what} {str(path)!r} is a symbolic link (to "
+                               f"{os.readlink(raw)!r}); give the directory itself")
+    if raw.name in ("", ".", ".."):  # the swap renames the save within its parent
+        raise DestinationError(f"{what} {str(path)!r} names no directory of its own; give a "
+                               f"path such as {str(raw / 'run')!r}")
     for source_flag, source in (inputs or {}).items():
         if source is None:
             continue
@@ -142,13 +164,16 @@ def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple
     # itself and then replace what it recovered
     recover(path)
     if path.is_dir() and path.parent.exists():
-        check_writable(path.parent, what)  # the swap renames path itself inside its parent
+        # the swap renames path itself inside its parent
+        check_writable(path.parent, what, shown=repr(str(path)))
     entries = _entries(path) if path.is_dir() else []
-    if entries and not is_save(path, names):
-        shown = ", ".join(repr(e) for e in entries[:3])
-        raise DestinationError(f"{what} {str(path)!r} is a directory holding other files "
-                               f"({shown}{', ...' if len(entries) > 3 else ''}); a save there "
-                               f"would replace them: choose a new or empty directory")
+    foreign = _foreign(path, names) if entries else []
+    if foreign:
+        shown = ", ".join(repr(e) for e in foreign[:3])
+        beside = " beside a save" if len(foreign) < len(entries) else ""
+        raise DestinationError(f"{what} {str(path)!r} is a directory holding other files"
+                               f"{beside} ({shown}{', ...' if len(foreign) > 3 else ''}); a save "
+                               f"there would replace them: choose a new or empty directory")
     if entries and not overwrite:
         raise DestinationError(f"{what} {str(path)!r} already holds a save; pass {flag} to "
                                f"replace it, or choose another path")

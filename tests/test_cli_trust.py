@@ -150,6 +150,16 @@ def test_out_that_is_what_the_command_reads_is_refused_even_with_overwrite(ck, t
     assert snapshot(source) == before
 
 
+@pytest.mark.parametrize("left", ["old", "tmp"])
+def test_inspect_finishes_a_swap_a_kill_left_half_done(ck, capsys, left):
+    """eval recovered such a save, inspect said the directory did not exist."""
+    os.rename(ck, ck.parent / f".{ck.name}.{left}-aaaa")
+    capsys.readouterr()
+    assert main(["inspect", str(ck)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "verified" in out and ck.is_dir()
+
+
 @pytest.mark.parametrize("left", ["old", "old and tmp"])
 def test_a_save_a_kill_left_half_swapped_in_needs_overwrite_too(ck, tmp_path, capsys, left):
     """A kill between the swap's two renames leaves the save beside its name (.NAME.old-*, and
@@ -183,6 +193,44 @@ def test_a_directory_of_other_files_is_never_replaced(tmp_path, capsys, overwrit
     assert sorted(os.listdir(out)) == ["notes.txt"]
     assert (out / "notes.txt").read_text(encoding="utf-8") == "my notes"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+@pytest.mark.host_only("the destination is refused before any work")
+def test_destinations_the_swap_cannot_replace_are_refused_before_any_work(tmp_path, capsys,
+                                                                           monkeypatch):
+    """A symlinked --out was replaced by a real directory (its target kept the old save, a stray
+    link came back later); a dangling link and '.' trained for the whole run, then failed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "target").mkdir()
+    os.symlink("target", "link")
+    os.symlink("nowhere", "dangling")
+    for out, words in (("link", "is a symbolic link (to 'target')"),
+                       ("dangling", "is a symbolic link (to 'nowhere')"),
+                       (".", "names no directory of its own"), ("..", "names no directory")):
+        assert main(["train", *TINY, "--steps", "2", "--out", out, "--overwrite"]) == 1
+        line = one_line(capsys.readouterr().err, "train")
+        assert words in line, line
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "link", "target"]
+    assert os.listdir(tmp_path / "target") == []
+
+
+def test_overwrite_never_deletes_what_was_put_beside_a_save(tmp_path, trained, capsys):
+    """A save with a manifest counted as replaceable whatever else its folder held: --overwrite
+    deleted notes put beside it and the saves written inside it (a fine-tune, an export)."""
+    out = tmp_path / "base"
+    shutil.copytree(trained, out)
+    assert main(["export", "--checkpoint", str(out), "--to", "hf", "--out",
+                 str(out / "hf")]) == 0
+    (out / "NOTES.txt").write_text("keep me", encoding="utf-8")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out), "--overwrite"]) == 1
+    line = one_line(capsys.readouterr().err, "train")
+    assert "holding other files beside a save ('NOTES.txt', 'hf')" in line, line
+    assert snapshot(out) == before
+    (out / "NOTES.txt").unlink()
+    shutil.rmtree(out / "hf")
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out), "--overwrite"]) == 0
 
 
 @pytest.mark.host_only("the destination is refused before any work")
