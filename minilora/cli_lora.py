@@ -80,8 +80,11 @@ FINETUNE_FILES = CHECKPOINT_FILES + ADAPTER_FILES
 def load_base(path: str) -> tuple[GPT, Any, dict]:
     """``(model, tokenizer, info)`` of a base: a minilora checkpoint directory or a Hugging Face
     GPT-2 directory (config.json + model.safetensors, its tokenizer from vocab.json + merges.txt
-    when they are there). ``info`` records where it came from, for a fine-tune to name it."""
-    where = Path(path)
+    when they are there). ``info`` records where it came from, for a fine-tune to name it. A
+    swap a kill left half done is finished first, and a Hugging Face directory that minilora
+    wrote is checked against its manifest, as a checkpoint is."""
+    where = recover(path) or Path(path)
+    path = str(where)
     ours, hf = (where / "checkpoint.json").is_file(), (where / "config.json").is_file()
     if where.is_dir() and not (ours or hf):
         raise CheckpointError(f"{path!r} holds neither a minilora checkpoint (checkpoint.json) nor "
@@ -93,6 +96,7 @@ def load_base(path: str) -> tuple[GPT, Any, dict]:
         info = {"base": str(where.resolve()), "base_kind": "minilora", "base_sha256": digest,
                 "base_extra": ck.extra}
         return model, ck.tokenizer or task_tokenizer(), info
+    verify_manifest(where, "base", warn=False)  # one exported by minilora has one
     model = interop.gpt_from_hf(path)
     model.eval()
     tokenizer = None

@@ -754,3 +754,22 @@ def test_inspect_splits_a_4bit_checkpoints_bits_into_quantized_and_float(trained
     assert packed + rest == model.num_parameters()
     # a layer this small carries its code and absmax tables at a high cost per weight
     assert qbits > 4.0 and abs(mean - (packed * qbits + rest * 32) / (packed + rest)) < 2e-3
+
+
+def test_a_hugging_face_base_is_recovered_and_checked_like_a_checkpoint(trained, tmp_path,
+                                                                        capsys):
+    """import --hf and finetune --from loaded an exported directory without its manifest: a
+    flipped byte imported wrong weights with rc 0, and a half-done swap read as missing."""
+    hf = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(trained), "--to", "hf", "--out", str(hf)]) == 0
+    os.rename(hf, tmp_path / ".hf.old-aaaa")  # a kill between the swap's two renames
+    assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "a")]) == 0
+    flip_byte(hf / "model.safetensors")
+    capsys.readouterr()
+    for argv in (["import", "--hf", str(hf), "--out", str(tmp_path / "b")],
+                 ["finetune", "--from", str(hf), "--text", str(hf / "config.json"), "--out",
+                  str(tmp_path / "c"), "--steps", "1"]):
+        assert main(argv) == 1
+        line = one_line(capsys.readouterr().err, argv[0])
+        assert "model.safetensors' is corrupt or from another save" in line, line
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
