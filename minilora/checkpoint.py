@@ -64,7 +64,7 @@ from .fileio import (
 from .nn import Module
 from .optim import Optimizer
 from .quant.bnb_format import check_quantized_file
-from .tensorfile import read_header, read_json, read_tensors, safetensors_bytes
+from .tensorfile import nonfinite_keys, read_header, read_json, read_tensors, safetensors_bytes
 
 FORMAT = "minilora-checkpoint"
 VERSION = 1
@@ -123,6 +123,11 @@ def all_finite(model: Module, trainable_only: bool = False) -> bool:
     return bool(B.xp.stack(flags).all()) if flags else True
 
 
+def _plain_name(name: Any) -> bool:
+    """True for a file name of its own ("history.json"), not a path ("../x", "/etc/x", "a/b")."""
+    return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
+
+
 def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any = None,
                     tokenizer: Tokenizer | None = None, optimizer: Optimizer | None = None,
                     step: int = 0, train_config: Any = None,
@@ -148,8 +153,7 @@ def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any =
     step = check_int(step, "save_checkpoint: step", minimum=0)
     own = (MODEL_FILE, OPTIMIZER_FILE, META_FILE, MANIFEST)  # what this function writes
     for name in files or {}:  # each a plain name beside those, bytes inside: nothing escapes
-        if not isinstance(name, str) or Path(name).name != name or name in (*own, ".", "..") \
-                or not isinstance(files[name], (bytes, bytearray)):
+        if not _plain_name(name) or name in own or not isinstance(files[name], (bytes, bytearray)):
             raise InvalidArgumentError(f"save_checkpoint: files must map plain file names other "
                                        f"than {list(own)} to bytes, got {name!r}: "
                                        f"{type(files[name]).__name__}")
@@ -181,7 +185,7 @@ def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any =
         names = _optimizer_param_names(model, optimizer)
         arrays = {f"{n}.{k}": v for n, s in zip(names, sd["state"]) for k, v in s.items()}
         host = _host(arrays)
-        bad = [k for k, a in host.items() if not np.isfinite(a).all()]
+        bad = nonfinite_keys(host)
         if bad:  # the moments would make the first resumed step NaN
             raise CheckpointError(f"save_checkpoint: the optimizer state holds NaN or inf "
                                   f"({bad[0]!r} first); not writing it to {str(directory)!r}")
@@ -323,7 +327,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     _check_meta(meta, where)
     digests = meta["sha256"]
     for name in (MODEL_FILE, *digests):
-        if Path(name).name != name or name in (".", ".."):  # else it names a file elsewhere
+        if not _plain_name(name):  # else it names a file elsewhere
             raise CheckpointError(f"{where}: field 'sha256' lists {name!r}, which is not a file "
                                   f"of the checkpoint")
         path = directory / name

@@ -90,6 +90,13 @@ def is_int(value: object) -> bool:
         type(value).__name__ != "bool_"
 
 
+def check_bool(value: object, name: str, error: type[MiniLoraError] = DTypeError) -> None:
+    """Refuse (``error``, naming ``name`` and the value) a switch that is not True or False (a
+    NumPy bool is one): a string such as "no" is truthy, and would turn the switch on."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise error(f"{name} must be True or False, got {value!r}")
+
+
 def check_nonnegative(value: object, name: str,
                       error: type[MiniLoraError] = InvalidArgumentError) -> None:
     """Refuse (``error``, naming ``name`` and the value) a ``value`` that is not a finite real

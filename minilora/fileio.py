@@ -100,12 +100,21 @@ def _foreign(path: Path, names: tuple[str, ...]) -> list[str]:
     entries = _entries(path)
     if MANIFEST not in entries:
         return [e for e in entries if e not in names]
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        listed = {Path(str(n)).parts[0] for n in manifest["files"]} | {MANIFEST}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+    files = _listed_files(path)
+    if files is None:
         return entries  # a manifest this cannot read vouches for nothing
+    listed = {Path(str(n)).parts[0] for n in files if Path(str(n)).parts} | {MANIFEST}
     return [e for e in entries if e not in listed]
+
+
+def _listed_files(path: Path) -> dict | None:
+    """The ``files`` table of ``path``'s manifest (``{name: {"bytes", "sha256"}}``), or None when
+    there is none or it cannot be read (for the lenient readers; verify_manifest says why)."""
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
 
 
 def check_writable(path: str | Path, what: str = "the output", shown: str | None = None) -> Path:
@@ -243,10 +252,11 @@ def _siblings(dest: Path, kind: str) -> list[Path]:
 def _complete(path: Path) -> bool:
     """True when ``path`` has a manifest whose files are all present with their sizes (the manifest
     is written last, so this means every write before it finished)."""
+    files = _listed_files(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        return all((path / n).stat().st_size == f["bytes"] for n, f in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return files is not None and \
+            all((path / n).stat().st_size == f["bytes"] for n, f in files.items())
+    except (OSError, KeyError, TypeError):
         return False
 
 
@@ -394,9 +404,8 @@ def listed_digest(path: str | Path, name: str) -> str | None:
     """The SHA-256 that ``path``'s manifest lists for file ``name`` (None without one): once
     :func:`verify_manifest` has passed, this is the file's digest without hashing it again."""
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
-        return str(manifest["files"][name]["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return str((_listed_files(Path(path)) or {})[name]["sha256"])
+    except (KeyError, TypeError):
         return None
 
 

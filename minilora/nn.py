@@ -16,7 +16,14 @@ import numpy as np
 
 from . import backend as B
 from . import functional as F
-from .errors import DTypeError, InvalidArgumentError, StateDictError, check_int, is_int
+from .errors import (
+    DTypeError,
+    InvalidArgumentError,
+    StateDictError,
+    check_bool,
+    check_int,
+    is_int,
+)
 from .tensor import Tensor
 from .tensorfile import overflows_when_cast
 
@@ -366,7 +373,7 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = None) -> None:
         super().__init__()
-        _check_flag(bias, "Linear: bias")  # "no" is truthy: it would make a bias
+        check_bool(bias, "Linear: bias")  # "no" is truthy: it would make a bias
         self.in_features = check_int(in_features, "Linear: in_features")
         self.out_features = check_int(out_features, "Linear: out_features")
         dtype = dtype or B.default_dtype()
@@ -409,7 +416,7 @@ class LayerNorm(Module):
         super().__init__()
         dtype = dtype or B.default_dtype()
         check_int(normalized_shape, "LayerNorm: normalized_shape")
-        _check_flag(bias, "LayerNorm: bias")
+        check_bool(bias, "LayerNorm: bias")
         if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or \
                 not 0 < eps < float("inf"):  # eps <= 0 divides by a zero variance: NaN
             raise InvalidArgumentError(f"LayerNorm: eps must be a finite number > 0, got {eps!r}")
@@ -440,12 +447,6 @@ class Dropout(Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-def _check_flag(value: Any, name: str) -> None:
-    """A switch must be a bool (a NumPy bool too): a string such as "no" is truthy."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise DTypeError(f"{name} must be True or False, got {value!r}")
 
 
 class ModuleList(Module):

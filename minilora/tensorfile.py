@@ -300,6 +300,12 @@ def _narrowed(values: np.ndarray, dtype: Any) -> tuple[np.ndarray, bool]:
         not np.array_equal(np.isinf(cast), np.isinf(values))
 
 
+def nonfinite_keys(arrays: dict[str, Any]) -> list[str]:
+    """The keys of the host arrays in ``arrays`` that hold a NaN or an inf, in order: what a
+    writer refuses to put over a good save and a reader says it loaded."""
+    return [k for k, a in arrays.items() if not np.isfinite(a).all()]
+
+
 def overflows_when_cast(values: Any, dtype: Any) -> bool:
     """True when the host float array ``values`` holds finite numbers beyond the range of the
     narrower float ``dtype`` (a float64 1e300 read into a float32 model), as :func:`read_tensors`
@@ -440,4 +446,4 @@ def json_field(obj: dict, key: str, kind: type, where: str, default: Any = REQUI
 __all__ = ["TensorInfo", "DTYPES", "MAX_HEADER_BYTES", "MAX_FILE_BYTES", "MAX_FILE_BYTES_ENV",
            "MAX_JSON_BYTES", "MAX_NDIM", "REQUIRED", "max_file_bytes", "read_header",
            "read_tensors", "read_json", "json_field", "json_bytes", "safetensors_bytes",
-           "no_duplicate_keys", "overflows_when_cast"]
+           "no_duplicate_keys", "nonfinite_keys", "overflows_when_cast"]

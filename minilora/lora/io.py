@@ -41,6 +41,7 @@ from ..nn import Module
 from ..tensorfile import (
     TensorInfo,
     json_bytes,
+    nonfinite_keys,
     overflows_when_cast,
     read_header,
     read_json,
@@ -68,7 +69,7 @@ def adapter_file_bytes(config: dict, arrays: dict[str, np.ndarray]) -> dict[str,
     (:func:`save_adapter`), PEFT's GPT-2 layout (``interop.export_peft``) and the fine-tunes the
     command line saves all go through it. Arrays holding NaN or inf are refused: such an adapter
     makes every output NaN, and writing it could replace a good save."""
-    bad = [k for k, a in arrays.items() if not np.isfinite(a).all()]
+    bad = nonfinite_keys(arrays)
     if bad:
         raise CheckpointError(f"adapter files: {len(bad)} tensor(s) hold NaN or inf values "
                               f"({bad[0]!r} first); not writing them")
@@ -107,7 +108,7 @@ def read_adapter_files(directory: str | os.PathLike, who: str,
     arrays = read_tensors(weights_path, who, float_dtype=float_dtype, floats_only=True)
     if not (found / MANIFEST).is_file():
         warn_no_manifest(found, who)
-    bad = [k for k, a in arrays.items() if not np.isfinite(a).all()]
+    bad = nonfinite_keys(arrays)
     if bad:  # loaded (one may want to look), but said, as model_from_checkpoint does
         warnings.warn(f"{who}: {str(found)!r}: {len(bad)} tensor(s) hold NaN or inf values "
                       f"({bad[0]!r} first), so the adapted model's outputs are not numbers",

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .. import backend as B
-from ..errors import DTypeError, InvalidArgumentError, ShapeError, check_int, is_int
+from ..errors import DTypeError, InvalidArgumentError, ShapeError, check_bool, check_int, is_int
 from ..tensor import Tensor
 from .codes import CODES, byte_table, check_quant_type, device_table, host_tables
 
@@ -279,8 +279,7 @@ def quantize(array: Any, blocksize: int = 64, quant_type: str = "nf4",
     """
     check_quant_type(quant_type)
     blocksize = check_blocksize(blocksize)
-    if not isinstance(double_quant, (bool, np.bool_)):  # "no" is truthy
-        raise DTypeError(f"quantize: double_quant must be True or False, got {double_quant!r}")
+    check_bool(double_quant, "quantize: double_quant")
     arr = _as_float32(array, "quantize")
     codes, absmax = _quantize_blocks(arr.reshape(-1), blocksize, quant_type)
     if codes.size % 2:  # pad with the code of zero, as bitsandbytes does
