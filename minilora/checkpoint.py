@@ -49,13 +49,16 @@ from .errors import (
     ConfigError,
     InvalidArgumentError,
     MiniLoraError,
+    NonFiniteWarning,
     StateDictError,
     check_int,
+    check_path,
     is_int,
 )
 from .fileio import (
     MANIFEST,
     atomic_directory,
+    read_whole,
     recover,
     sha256_file,
     verify_manifest,
@@ -148,6 +151,10 @@ def save_checkpoint(directory: str | Path, model: Module, *, model_config: Any =
     ``directory`` is replaced as a whole, and only if it is a save. Weights holding NaN or inf are
     refused: they would replace a good save with a useless one. Returns the directory.
     """
+    check_path(directory, "save_checkpoint: directory")
+    if not isinstance(model, Module):
+        raise InvalidArgumentError(f"save_checkpoint: model must be a minilora Module, got "
+                                   f"{type(model).__name__}")
     directory = Path(directory)
     shards = _shards_to_save(shards, train_config)
     step = check_int(step, "save_checkpoint: step", minimum=0)
@@ -309,8 +316,13 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     the digests in checkpoint.json) is verified; every field of checkpoint.json is type-checked;
     the weights file's shapes must agree with ``model_config`` before any tensor is read; the
     tokenizer must have the model's vocabulary size. Raises CheckpointError naming the path and
-    the field or file when anything is missing, unreadable, corrupt or inconsistent.
+    the field or file when anything is missing, unreadable, corrupt or inconsistent. What it
+    returns comes from one save, even while a run saves there (:func:`~minilora.fileio.read_whole`).
     """
+    return read_whole(directory, lambda: _read_checkpoint(directory), "load_checkpoint")
+
+
+def _read_checkpoint(directory: str | Path) -> Checkpoint:
     found = recover(directory)
     if found is None or not Path(found).is_dir():
         what = "is a file, not a directory" if found is not None and Path(found).exists() \
@@ -489,7 +501,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> Module:
     restore(ckpt, model, restore_global_rng=False)
     if not all_finite(model):  # loaded (inspect and eval may want to look), but said
         warnings.warn(f"{str(ckpt.directory)!r}: the weights hold NaN or inf values, so the "
-                      f"model's outputs are not numbers", stacklevel=2)
+                      f"model's outputs are not numbers", NonFiniteWarning, stacklevel=2)
     model.eval()
     return model
 

@@ -74,6 +74,7 @@ from .data import (
 )
 from .errors import ConfigError, InvalidArgumentError, MiniLoraError
 from .fileio import NoManifestWarning, check_destination, check_writable, sha256_file
+from .filelock import claims
 from .gpt import GPT, GPTConfig
 from .train import TrainConfig, exact_match, greedy_answers, validation_loss
 
@@ -507,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
                                 RuntimeWarning)
         warnings.showwarning = note
         try:
-            return args.func(args)
+            with claims():  # the --out a command checks stays its own until it ends (filelock)
+                return args.func(args)
         except KeyboardInterrupt as stop:
             if not getattr(stop, "reported", False):  # else _run said what was saved
                 print(f"minilora {args.command}: interrupted", file=sys.stderr)

@@ -60,8 +60,15 @@ from .cli_common import (
     task_dataset,
 )
 from .data import TASKS, TaskDataset, TextDataset, get_task, task_tokenizer
-from .errors import CheckpointError, ConfigError
-from .fileio import check_destination, listed_digest, recover, sha256_file, verify_manifest
+from .errors import CheckpointError, ConfigError, NonFiniteWarning
+from .fileio import (
+    check_destination,
+    listed_digest,
+    read_whole,
+    recover,
+    sha256_file,
+    verify_manifest,
+)
 from .gpt import GPT
 from .lora.config import INITS
 from .lora.io import ADAPTER_FILES, CONFIG_NAME, adapter_files, adapter_header
@@ -82,7 +89,12 @@ def load_base(path: str) -> tuple[GPT, Any, dict]:
     GPT-2 directory (config.json + model.safetensors, its tokenizer from vocab.json + merges.txt
     when they are there). ``info`` records where it came from, for a fine-tune to name it. A
     swap a kill left half done is finished first, and a Hugging Face directory that minilora
-    wrote is checked against its manifest, as a checkpoint is."""
+    wrote is checked against its manifest, as a checkpoint is; all of it comes from one save
+    (:func:`~minilora.fileio.read_whole`)."""
+    return read_whole(path, lambda: _read_base(path), "base")
+
+
+def _read_base(path: str) -> tuple[GPT, Any, dict]:
     where = recover(path) or Path(path)
     path = str(where)
     ours, hf = (where / "checkpoint.json").is_file(), (where / "config.json").is_file()
@@ -424,12 +436,12 @@ def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
         record = _attach_adapters(model, args)
     for w in caught:  # said as they came, once each
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    said = any("NaN or inf" in str(w.message) for w in caught)  # by the adapter reader
+    said = any(issubclass(w.category, NonFiniteWarning) for w in caught)  # by the reader
     # the adapters' weights are what trains (the base's own were looked at by load_model)
     if record is not None and not said and not all_finite(model, trainable_only=True):
         warnings.warn(f"--adapter {', '.join(map(repr, args.adapter))}: the adapter's weights "
                       f"hold NaN or inf values, so the model's outputs are not numbers",
-                      stacklevel=2)
+                      NonFiniteWarning, stacklevel=2)
     return record
 
 
@@ -709,7 +721,12 @@ def _dtype_names(params: list) -> str:
 
 
 def inspect_rows(path: str) -> list[tuple[str, str]]:
-    """``(field, value)`` rows describing a checkpoint, fine-tune, adapter or HF directory."""
+    """``(field, value)`` rows describing a checkpoint, fine-tune, adapter or HF directory, all
+    from one save (:func:`~minilora.fileio.read_whole`)."""
+    return read_whole(path, lambda: _inspect_rows(path), "inspect")
+
+
+def _inspect_rows(path: str) -> list[tuple[str, str]]:
     where = recover(path) or Path(path)  # a swap a kill left half done is finished first
     path = str(where)
     if not where.is_dir():

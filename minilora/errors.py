@@ -67,6 +67,11 @@ class TrainingDivergedError(MiniLoraError, FloatingPointError):
     """The loss or the gradient norm became NaN or infinite; training stopped before the update."""
 
 
+class NonFiniteWarning(UserWarning):
+    """Weights that were loaded hold NaN or inf (loaded, since one may want to look at them, but
+    said: every output of the model is then NaN)."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training between two steps; ``checkpoint`` is where the completed steps were
     saved (None when they were not), ``step`` how many there are, ``history`` what they did."""
@@ -120,3 +125,28 @@ def check_int(value: object, name: str, minimum: int | None = 1,
             " >= 1 (positive)" if minimum == 1 else f" >= {minimum}"
         raise error(f"{name} must be an int{bound}, got {value!r}")
     return int(value)
+
+
+def check_axis(axis: object, shape: tuple, who: str, many: bool = True) -> None:
+    """Refuse (:class:`ShapeError`, naming ``who``, the axis and ``shape``) an ``axis`` that is not
+    None, an int in [-ndim, ndim) or (when ``many``) a tuple of distinct such ints: NumPy's own
+    error would name an array deep inside the op, not the argument given."""
+    ndim = len(shape)
+    axes = axis if many and isinstance(axis, tuple) else (axis,)
+    if axis is None:
+        return
+    normal = [a % ndim if is_int(a) and -ndim <= a < ndim else None for a in axes]
+    if None in normal or len(set(normal)) != len(normal):
+        what = "an axis or a tuple of distinct axes" if many else "an axis"
+        raise ShapeError(f"{who}: axis {axis!r} is not {what} of a tensor of shape "
+                         f"{tuple(shape)} (ints from {-ndim} to {ndim - 1})")
+
+
+def check_path(value: object, name: str) -> None:
+    """Refuse (:class:`InvalidArgumentError`, naming ``name``) a path that is not a str or an
+    ``os.PathLike``: None would otherwise fail deep inside ``os`` with a message naming nothing."""
+    import os
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidArgumentError(f"{name} must be a path (a str or os.PathLike), got "
+                                   f"{type(value).__name__}")

@@ -17,9 +17,13 @@ never a mix. Strays are cleaned at the next save. A full disk (ENOSPC) leaves DE
 becomes one :class:`DiskFullError` line naming the path and the bytes needed.
 
 Loading verifies the manifest (:func:`verify_manifest`) and names the file that does not match, so
-an adapter's config and its weights are tied together. A directory without a manifest (PEFT or
-transformers output, older minilora saves) still loads, with a one-line :class:`NoManifestWarning`.
-Files get the mode the umask gives, as ``open()`` would.
+an adapter's config and its weights are tied together. A load that a writer's swap overtakes
+(a run saving while ``sample`` reads) must not return the old save's config with the new save's
+weights: :func:`read_whole` holds the save for the load, so that the swap waits for it
+(:mod:`minilora.filelock`), and reads again when the manifest changed under it. Writers take
+turns at a lock beside the destination. A directory without a manifest (PEFT or transformers
+output, older minilora saves) still loads, with a one-line :class:`NoManifestWarning`. Files get
+the mode the umask gives, as ``open()`` would.
 """
 
 from __future__ import annotations
@@ -33,15 +37,17 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
-from .errors import CheckpointError, DestinationError, DiskFullError
+from .errors import CheckpointError, DestinationError, DiskFullError, check_path
+from .filelock import claim, reading, swapping, writing
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "minilora-manifest"
 _TMP, _OLD = ".tmp-", ".old-"
 _CHUNK = 1 << 20
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+T = TypeVar("T")
 
 # os.write, one chunk at a time; a module attribute so that a test can make the disk fill up
 _write_chunk = os.write
@@ -168,6 +174,7 @@ def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple
                                    f"is read from: the save would replace it; choose another "
                                    f"path")
     path = check_writable(path, what)
+    claim(path, what)  # inside a command: no other process writes here until it ends
     # a swap a kill interrupted is finished (or undone) first: the save it holds is what
     # --overwrite protects, and the save about to be written would otherwise finish the swap
     # itself and then replace what it recovered
@@ -277,7 +284,8 @@ def recover(dest: str | Path) -> Path | None:
         os.rename(best, dest)
         _fsync_dir(dest.parent)
     except OSError:
-        return best
+        # another reader (or the writer itself) may have put a save there first
+        return dest if dest.exists() else best
     return dest
 
 
@@ -305,37 +313,56 @@ def atomic_directory(path: str | Path, names: tuple[str, ...] = ()) -> Iterator[
     A directory already at ``path`` is replaced only if it is a save (:func:`is_save` with
     ``names``), never a folder of other files.
     """
+    check_path(path, "save: the directory")
     dest = Path(path)
     if dest.exists() and not dest.is_dir():
         raise DestinationError(f"cannot save to {str(dest)!r}: it is a file")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    recover(dest)
-    if dest.is_dir() and _entries(dest) and not is_save(dest, names):
-        raise DestinationError(f"cannot save to {str(dest)!r}: it holds files that are not a "
-                               f"minilora save ({', '.join(_entries(dest)[:3])}); choose another "
-                               f"directory")
-    _clean(dest)
-    stage_path = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}{_TMP}"))
-    os.chmod(stage_path, 0o777 & ~_umask())  # mkdtemp makes 0700; a save gets the umask's mode
-    stage = Staging(stage_path, dest)
-    old = None
+    with writing(dest):  # one writer at a time (filelock)
+        recover(dest)
+        if dest.is_dir() and _entries(dest) and not is_save(dest, names):
+            raise DestinationError(f"cannot save to {str(dest)!r}: it holds files that are not "
+                                   f"a minilora save ({', '.join(_entries(dest)[:3])}); choose "
+                                   f"another directory")
+        _clean(dest)
+        stage_path = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}{_TMP}"))
+        os.chmod(stage_path, 0o777 & ~_umask())  # mkdtemp makes 0700; a save gets the umask's
+        stage = Staging(stage_path, dest)
+        stage_ino = stage_path.stat().st_ino  # to know it again under DEST (_swap_in)
+        old = None
+        try:
+            yield stage
+            _write_manifest(stage)
+            with swapping(dest):  # the loads in progress end first (filelock)
+                if dest.exists():
+                    old = dest.parent / f".{dest.name}{_OLD}{stage_path.name.rsplit('-', 1)[-1]}"
+                    os.rename(dest, old)
+                _swap_in(stage_path, stage_ino, dest)
+            _fsync_dir(dest.parent)
+        except BaseException as exc:
+            shutil.rmtree(stage_path, ignore_errors=True)
+            if old is not None and not dest.exists():
+                os.rename(old, dest)  # the new save could not go in: put the old one back
+            if isinstance(exc, OSError) and exc.errno in _FULL:
+                raise _disk_full(dest, stage, exc) from None
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_in(stage_path: Path, ino: int, dest: Path) -> None:
+    """Step 2 of the swap. A reader that found DEST missing between steps 1 and 2 may have
+    finished the swap itself (:func:`recover`): then DEST is this very staging directory (inode
+    ``ino``)."""
     try:
-        yield stage
-        _write_manifest(stage)
-        if dest.exists():
-            old = dest.parent / f".{dest.name}{_OLD}{stage_path.name.rsplit('-', 1)[-1]}"
-            os.rename(dest, old)
         os.rename(stage_path, dest)
-        _fsync_dir(dest.parent)
-    except BaseException as exc:
-        shutil.rmtree(stage_path, ignore_errors=True)
-        if old is not None and not dest.exists():
-            os.rename(old, dest)  # the new save could not go in: put the old one back
-        if isinstance(exc, OSError) and exc.errno in _FULL:
-            raise _disk_full(dest, stage, exc) from None
+    except FileNotFoundError:
+        try:
+            if dest.stat().st_ino == ino:
+                return
+        except OSError:
+            pass
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_files(directory: str | Path, files: dict[str, bytes],
@@ -409,6 +436,44 @@ def listed_digest(path: str | Path, name: str) -> str | None:
         return None
 
 
+READ_TRIES = 5  # reads of a save that a running writer keeps replacing, before giving up
+
+
+def _manifest_bytes(path: Path) -> bytes | None:
+    try:
+        with open(path / MANIFEST, "rb") as f:
+            return f.read((16 << 20) + 1)  # verify_manifest refuses a larger one
+    except OSError:
+        return None
+
+
+def read_whole(path: str | Path, read: Callable[[], T], who: str = "load") -> T:
+    """``read()``, a loader of the save at ``path``, made to return what one save holds.
+
+    A loader verifies the manifest and then opens the files by name; a writer may swap a new save
+    in between (a run saving while ``sample`` reads it), and the loader would get the old save's
+    config with the new save's weights. The manifest lists every file's SHA-256, so it names the
+    save: when it differs after the read from what it was before, the read is thrown away and
+    made again (a failure too, when the manifest changed: the files vanished with the swap), up
+    to :data:`READ_TRIES` times. A directory without a manifest is read once, as it is.
+    """
+    check_path(path, f"{who}: the directory")
+    where = Path(path)
+    for _ in range(READ_TRIES):
+        with reading(where):  # a swap waits for this load (filelock); the check below is for
+            before = _manifest_bytes(where)  # where it cannot, or waited too long
+            try:
+                result = read()
+            except (CheckpointError, OSError):
+                if _manifest_bytes(where) != before:
+                    continue  # a new save went in during the read: read that one
+                raise
+            if _manifest_bytes(where) == before:
+                return result
+    raise CheckpointError(f"{who}: the save at {str(path)!r} was replaced {READ_TRIES} times while "
+                          f"it was read (a run is saving there); try again")
+
+
 def open_save(path: str | Path, who: str = "load", warn: bool = True) -> Path:
     """The directory to load a save from: a half-done swap beside ``path`` is finished or undone
     (:func:`recover`), then the manifest is verified (``warn``: see :func:`verify_manifest`).
@@ -424,4 +489,5 @@ def open_save(path: str | Path, who: str = "load", warn: bool = True) -> Path:
 
 __all__ = ["MANIFEST", "Staging", "atomic_directory", "write_files", "check_destination",
            "check_writable", "is_save", "warn_no_manifest", "listed_digest", "recover",
-           "verify_manifest", "open_save", "sha256_file", "NoManifestWarning"]
+           "verify_manifest", "open_save", "read_whole", "READ_TRIES", "sha256_file",
+           "NoManifestWarning"]

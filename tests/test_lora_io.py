@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from minilora import lora, nn
-from minilora.errors import CheckpointError
+from minilora.errors import CheckpointError, NonFiniteWarning
 from tests.helpers import host
 from tests.test_lora_support import Stack, forward, inputs, randomize_lora, seeds, tiny
 
@@ -321,5 +321,5 @@ def test_an_adapter_holding_nan_is_not_saved_and_is_said_when_loaded(tmp_path):
     arrays[key][0, 0] = np.nan
     save_file(arrays, tmp_path / "good" / "adapter_model.safetensors")
     (tmp_path / "good" / "manifest.json").unlink()
-    with pytest.warns(UserWarning, match=r"1 tensor\(s\) hold NaN or inf values"):
+    with pytest.warns(NonFiniteWarning, match=r"1 tensor\(s\) hold NaN or inf values"):
         lora.load_adapter(tiny(), tmp_path / "good")

@@ -35,8 +35,8 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from .. import backend as B
-from ..errors import CheckpointError, ConfigError
-from ..fileio import MANIFEST, open_save, warn_no_manifest, write_files
+from ..errors import CheckpointError, ConfigError, NonFiniteWarning
+from ..fileio import MANIFEST, open_save, read_whole, warn_no_manifest, write_files
 from ..nn import Module
 from ..tensorfile import (
     TensorInfo,
@@ -98,6 +98,11 @@ def read_adapter_files(directory: str | os.PathLike, who: str,
     with one :class:`~minilora.fileio.NoManifestWarning`, after every check has passed, so that
     a refusal is one line, not two. Errors start with ``who``.
     """
+    return read_whole(directory, lambda: _read_adapter(directory, who, parse, float_dtype), who)
+
+
+def _read_adapter(directory: str | os.PathLike, who: str, parse: Callable[[dict, str], Parsed],
+                  float_dtype: Any) -> tuple[Parsed, dict[str, np.ndarray], Path]:
     found = open_save(directory, who, warn=False)
     config_path, weights_path = found / CONFIG_NAME, found / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -112,7 +117,7 @@ def read_adapter_files(directory: str | os.PathLike, who: str,
     if bad:  # loaded (one may want to look), but said, as model_from_checkpoint does
         warnings.warn(f"{who}: {str(found)!r}: {len(bad)} tensor(s) hold NaN or inf values "
                       f"({bad[0]!r} first), so the adapted model's outputs are not numbers",
-                      stacklevel=3)
+                      NonFiniteWarning, stacklevel=5)
     return parsed, arrays, found
 
 

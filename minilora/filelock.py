@@ -1,0 +1,244 @@
+"""One writer at a time for each save: an advisory lock file beside the destination.
+
+Two processes saving to one directory undo each other: each cleans the other's staging directory
+(the other's save then fails on a file that vanished), or they swap in turn and the last one
+silently wins. So a writer holds ``.NAME.lock`` in DEST's parent, locked with ``flock(2)``:
+
+- :func:`writing` around each save (``fileio.atomic_directory``), waiting a while for another
+  writer's save to end;
+- :func:`claim` inside a :func:`claims` block, for a whole command: the command line claims its
+  ``--out`` as it checks it, so a second ``train --out DEST`` beside a running one is refused at
+  once, naming DEST and the other process.
+
+The lock belongs to the process and nests (a run that holds its ``--out`` saves into it). The
+kernel drops it when its holder dies, so a kill leaves nothing to clean up; the holder removes the
+file when it lets go, and a taker checks that the file it locked is still the one at that name.
+Where ``flock`` is missing (Windows) or the lock file cannot be made (a read-only medium, where
+the save itself will say why it cannot be written) no lock is taken.
+
+Readers meet writers at the save directory itself: a load holds a shared ``flock`` on DEST
+(:func:`reading`), and a writer's swap, the two renames that put a new save in, holds it
+exclusively (:func:`swapping`), so a swap waits for the loads in progress (up to
+:data:`SWAP_WAIT` seconds; then it goes ahead, and the loader's manifest check,
+``fileio.read_whole``, reads again). Nothing is created for this: the lock is the directory's.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import DestinationError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+SUFFIX = ".lock"
+WAIT = 60.0  # seconds a save waits for another writer's save to end
+SWAP_WAIT = 10.0  # seconds a swap waits for the loads in progress to end
+
+_held: dict[str, list[int]] = {}  # lock file -> [fd, depth, pid]: what this process holds
+_claims: list[list[str]] = []  # one list of claimed lock files per open claims() block
+
+
+def lock_file(dest: str | os.PathLike) -> Path:
+    """Where the lock of the save at ``dest`` lies: ``.NAME.lock`` beside it."""
+    dest = Path(dest)
+    return dest.parent / f".{dest.name}{SUFFIX}"
+
+
+def _holder(path: str) -> str:
+    """The process id the lock file names, for the refusal ('' when it cannot be read)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            pid = f.read(32).strip()
+    except (OSError, ValueError):
+        return ""
+    return f" (process {pid})" if pid.isdigit() else ""
+
+
+def _lock(path: str) -> int | None:
+    """Lock ``path`` without waiting: its fd, None if another process holds it, -1 when no lock
+    can be taken there."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return -1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError:  # a file system without flock
+            os.close(fd)
+            return -1
+        try:  # the holder before us removes the file as it lets go: ours must still be there
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _acquire(dest: Path, subject: str, wait: float) -> str | None:
+    """Take (or nest into) the lock of ``dest``; returns its key, None when none could be taken.
+    ``subject`` begins the refusal: "--out 'runs/x'", "cannot save to 'runs/x': it"."""
+    if fcntl is None:
+        return None
+    key = os.path.abspath(lock_file(dest))
+    if key in _held and _held[key][2] != os.getpid():
+        del _held[key]  # a forked child's copy: the lock stays its parent's
+    if key in _held:
+        _held[key][1] += 1
+        return key
+    deadline = time.monotonic() + wait
+    while True:
+        fd = _lock(key)
+        if fd == -1:
+            return None
+        if fd is not None:
+            _held[key] = [fd, 1, os.getpid()]
+            return key
+        if time.monotonic() >= deadline:
+            raise DestinationError(f"{subject} is being written by another process"
+                                   f"{_holder(key)}: two writers would destroy each other's "
+                                   f"saves; wait for it to finish or choose another path")
+        time.sleep(0.05)
+
+
+def _release(key: str | None) -> None:
+    if key is None:
+        return
+    entry = _held[key]
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held[key]
+        try:
+            os.unlink(key)  # while still locked: a taker that opened it sees it went
+        except OSError:
+            pass
+        os.close(entry[0])
+
+
+@contextmanager
+def writing(dest: str | os.PathLike, wait: float | None = None) -> Iterator[None]:
+    """Hold the lock of the save at ``dest`` for the block, waiting up to ``wait`` seconds (None:
+    :data:`WAIT`) for another process to let go (then :class:`DestinationError`, naming ``dest``
+    and the holder)."""
+    key = _acquire(Path(dest), f"cannot save to {str(dest)!r}: it", WAIT if wait is None else wait)
+    try:
+        yield
+    finally:
+        _release(key)
+
+
+@contextmanager
+def claims() -> Iterator[None]:
+    """A block (one command) in which :func:`claim` holds locks; they are let go as it ends."""
+    _claims.append([])
+    try:
+        yield
+    finally:
+        for key in reversed(_claims.pop()):
+            _release(key)
+
+
+def claim(dest: str | os.PathLike, what: str = "the output") -> None:
+    """Hold the lock of ``dest`` until the enclosing :func:`claims` block ends (outside one, do
+    nothing); refused at once (:class:`DestinationError`) when another process holds it."""
+    if not _claims:
+        return
+    dest = Path(dest)
+    try:  # the save's parent is made now, so that two commands meet at its lock from the start
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # each save says why it cannot be written
+    key = _acquire(dest, f"{what} {str(dest)!r}", wait=0.0)
+    if key is not None:
+        _claims[-1].append(key)
+
+
+def _open_dir(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # missing (a swap half done, or nothing there): the loader says or recovers
+        return None
+
+
+@contextmanager
+def reading(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold a shared lock on the save ``directory`` for the block (a load): a writer's swap
+    (:func:`swapping`) waits until the block ends. Where none can be taken, the block runs
+    unlocked."""
+    fd = None
+    if fcntl is not None:
+        path = Path(directory)
+        for _ in range(3):
+            fd = _open_dir(path)
+            if fd is None:
+                break
+            try:  # waits only while a swap's two renames run
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break  # no swap went by while it waited: this is the save at ``directory``
+            except OSError:
+                pass
+            os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextmanager
+def swapping(dest: str | os.PathLike, wait: float | None = None) -> Iterator[None]:
+    """Hold the save directory ``dest`` exclusively for the block (a swap), once the loads that
+    hold it (:func:`reading`) have ended, or after ``wait`` seconds (None: :data:`SWAP_WAIT`)
+    whatever they do."""
+    fd = _open_dir(Path(dest)) if fcntl is not None else None
+    if fd is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no load in progress: the usual case
+    except OSError:
+        pass
+    else:
+        try:
+            yield
+        finally:
+            os.close(fd)
+        return
+    # a load holds it: wait in a thread, which owns fd from here on, so that the wait can end
+    got, done = threading.Event(), threading.Event()
+
+    def take() -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            got.set()
+            done.wait()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    threading.Thread(target=take, daemon=True, name="minilora-swap-lock").start()
+    got.wait(SWAP_WAIT if wait is None else wait)
+    try:
+        yield
+    finally:
+        done.set()
+
+
+__all__ = ["SUFFIX", "WAIT", "SWAP_WAIT", "lock_file", "writing", "claims", "claim", "reading",
+           "swapping"]

@@ -1,0 +1,250 @@
+"""Saves with company: a load while a run saves gets one save, never a mix of two; a reader that
+finishes a swap does not break the writer; two writers to one destination meet at a lock (the
+second command is refused at once, naming the other process; a second save waits its turn), and
+a killed holder leaves nothing locked."""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from minilora import checkpoint as checkpoint_module
+from minilora import fileio, filelock, lora
+from minilora.checkpoint import load_checkpoint
+from minilora.cli import main
+from minilora.errors import CheckpointError, DestinationError
+from minilora.fileio import atomic_directory, read_whole, recover
+from minilora.filelock import lock_file
+from tests.helpers import TINY
+from tests.test_save_kills import _adapter_model, _loaded, _model, _save_checkpoint_step, _saver
+
+
+def _save(kind: str, where, k: int) -> None:
+    if kind == "checkpoint":
+        _save_checkpoint_step(str(where), _model(), k)
+    else:
+        lora.save_adapter(_adapter_model(k), str(where))
+
+
+def _consistent(kind: str, where) -> int:
+    """Load what is there and check that what the load returned agrees with itself (history.json,
+    read by path after the load, may be a later save's); returns its k."""
+    if kind == "adapter":
+        return _loaded(kind, str(where))
+    ck = load_checkpoint(where)
+    assert all((v == ck.step).all() for v in ck.weights.values()), ck.step
+    return ck.step
+
+
+def _swap_during_read(monkeypatch, kind: str, where, saves: list[int]) -> None:
+    """Make the loader's tensor read save ``saves.pop(0)`` to ``where`` just before it reads: a
+    swap that the load's lock did not hold back (a file system without flock, or a load longer
+    than the swap's wait), which the manifest check must catch."""
+    monkeypatch.setattr(filelock, "SWAP_WAIT", 0.05)  # the swap happens inside the load here
+    module = checkpoint_module if kind == "checkpoint" else lora.io
+    real = module.read_tensors
+
+    def read_tensors(*args, **kwargs):
+        if saves:
+            _save(kind, where, saves.pop(0))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, "read_tensors", read_tensors)
+
+
+# ------------------------------------------------------------------------ readers
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "adapter"])
+def test_a_save_swapped_in_during_a_load_is_not_mixed_into_it(tmp_path, monkeypatch, kind):
+    where = tmp_path / kind
+    _save(kind, where, 1)
+    _swap_during_read(monkeypatch, kind, where, [2])
+    # the first read met save 1's config and save 2's tensors; it is thrown away and made again
+    assert _loaded(kind, str(where)) == 2
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "adapter"])
+def test_a_save_replaced_at_every_read_is_refused_by_name(tmp_path, monkeypatch, kind):
+    where = tmp_path / kind
+    _save(kind, where, 1)
+    _swap_during_read(monkeypatch, kind, where, list(range(2, 2 + fileio.READ_TRIES)))
+    with pytest.raises(CheckpointError, match=f"replaced {fileio.READ_TRIES} times while it "
+                                              f"was read"):
+        _loaded(kind, str(where))
+
+
+@pytest.mark.host_only("files only")
+def test_read_whole_reads_a_save_without_a_manifest_once(tmp_path):
+    (tmp_path / "plain").mkdir()
+    calls = []
+    assert read_whole(tmp_path / "plain", lambda: calls.append(1) or "read") == "read"
+    assert calls == [1]
+    with pytest.raises(CheckpointError, match="nothing"):  # a failure with nothing changed
+        read_whole(tmp_path / "plain", lambda: (_ for _ in ()).throw(CheckpointError("nothing")))
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "adapter"])
+def test_loads_while_another_process_saves_each_get_one_save(tmp_path, kind):
+    """The real thing: a child saves save after save; every load here must agree with itself
+    (every weight equal to the step, an adapter's rank matching its alpha)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["minilora", "numpy", "safetensors.numpy"])
+    where = tmp_path / kind
+    _save(kind, where, 0)
+    started, done = ctx.Event(), ctx.Value("l", -1, lock=False)
+    child = ctx.Process(target=_saver, args=(kind, str(where), 1, started, done), daemon=True)
+    child.start()
+    try:
+        assert started.wait(30)
+        seen = set()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline or len(seen) < 3:
+            assert time.monotonic() < deadline + 30, "the saver stopped saving"
+            seen.add(_consistent(kind, where))
+    finally:
+        child.kill()
+        child.join(30)
+    assert len(seen) >= 3  # the loads did meet different saves
+
+
+# ------------------------------------------------------------------------ the swap
+
+
+@pytest.mark.host_only("files only")
+def test_a_swap_waits_for_the_load_in_progress(tmp_path):
+    dest = tmp_path / "s"
+    with atomic_directory(dest) as stage:
+        stage.write_bytes("a", b"old")
+    inside, seen = threading.Event(), []
+
+    def load():
+        with filelock.reading(dest):
+            inside.set()
+            time.sleep(0.4)
+            seen.append((dest / "a").read_bytes())  # still the save it began with
+    reader = threading.Thread(target=load)
+    reader.start()
+    assert inside.wait(10)
+    t0 = time.monotonic()
+    with atomic_directory(dest) as stage:
+        stage.write_bytes("a", b"new")
+    waited = time.monotonic() - t0
+    reader.join()
+    assert seen == [b"old"] and (dest / "a").read_bytes() == b"new"
+    assert 0.2 < waited < filelock.SWAP_WAIT
+
+
+@pytest.mark.host_only("files only")
+def test_a_reader_that_finishes_the_swap_does_not_break_the_writer(tmp_path, monkeypatch):
+    dest = tmp_path / "s"
+    with atomic_directory(dest) as stage:
+        stage.write_bytes("a", b"old")
+    real_rename = os.rename
+    finished_by_reader = []
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        if os.fspath(src) == os.fspath(dest) and not finished_by_reader:
+            # step 1 of the swap is done: a reader now finds DEST missing and finishes step 2
+            finished_by_reader.append(recover(dest))
+    monkeypatch.setattr(fileio.os, "rename", rename)
+    with atomic_directory(dest) as stage:
+        stage.write_bytes("a", b"new")
+    monkeypatch.undo()
+    assert finished_by_reader == [dest]
+    assert (dest / "a").read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["s"]  # the old save went, no lock file stays
+
+
+# ------------------------------------------------------------------------ writers
+
+
+def _hold_in_another_process(path) -> subprocess.Popen:
+    """A process that holds the lock file ``path`` (flock, as another minilora would) until
+    killed; returns once it holds it."""
+    code = ("import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.write(fd, b'%d\\n' % os.getpid())\n"
+            "print('held', flush=True)\n"
+            "time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_command_writing_the_same_out_is_refused_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = _hold_in_another_process(lock_file(out))
+    try:
+        t0 = time.monotonic()
+        rc = main(["train", "--task", "add", "--steps", "2", "--eval-every", "2",
+                   "--out", str(out), *TINY])
+        waited = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert f"--out {str(out)!r} is being written by another process (process {holder.pid})" \
+        in err[0]
+    assert waited < filelock.WAIT / 2  # refused before any training, not after a wait
+    assert not out.exists()
+    # killed, the holder leaves its (unlocked) file: the next command takes it and removes it
+    assert main(["train", "--task", "add", "--steps", "2", "--eval-every", "2",
+                 "--out", str(out), *TINY]) == 0
+    assert load_checkpoint(out).step == 2
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+@pytest.mark.host_only("files only")
+def test_a_save_waits_for_another_writers_save_to_end(tmp_path, monkeypatch):
+    dest = tmp_path / "s"
+    fd = os.open(lock_file(dest), os.O_RDWR | os.O_CREAT)  # another writer, by its own open file
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    threading.Timer(0.3, os.close, (fd,)).start()  # its save ends after 0.3 s
+    t0 = time.monotonic()
+    with atomic_directory(dest) as stage:
+        stage.write_bytes("a", b"mine")
+    assert time.monotonic() - t0 >= 0.25
+    assert (dest / "a").read_bytes() == b"mine"
+    # one that never lets go: refused after the wait, the destination untouched
+    fd = os.open(lock_file(dest), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    monkeypatch.setattr(filelock, "WAIT", 0.2)
+    try:
+        with pytest.raises(DestinationError, match=r"cannot save to .* is being written by "
+                                                   r"another process"):
+            with filelock.writing(dest):
+                pass
+        with pytest.raises(DestinationError, match="is being written by another process"):
+            with atomic_directory(dest) as stage:
+                stage.write_bytes("a", b"other")
+    finally:
+        os.close(fd)
+    assert (dest / "a").read_bytes() == b"mine"
+
+
+@pytest.mark.host_only("files only")
+def test_the_lock_nests_within_a_process_and_is_removed_when_let_go(tmp_path):
+    dest = tmp_path / "s"
+    with filelock.claims():
+        filelock.claim(dest, "--out")
+        assert lock_file(dest).read_text().strip() == str(os.getpid())
+        with atomic_directory(dest) as stage:  # the command's own save, inside its claim
+            stage.write_bytes("a", b"1")
+        with atomic_directory(dest) as stage:
+            stage.write_bytes("a", b"2")
+        assert lock_file(dest).exists()  # still the command's
+    assert not lock_file(dest).exists()
+    filelock.claim(dest)  # outside a command: nothing is held
+    assert not lock_file(dest).exists()
+    assert (dest / "a").read_bytes() == b"2"
