@@ -123,6 +123,37 @@ def test_dora_forward_matches_its_equation(k, n, r, alpha, rs, seed):
     assert_close(host(layer(x)), dora_reference(host(x), W, b, A, Bm, s, m2), 1e-12)
 
 
+@given(k=dims, n=st.integers(2, 6), r=ranks, seed=seeds, rows=st.integers(1, 2))
+def test_dora_keeps_an_all_zero_row_of_the_base_at_zero(k, n, r, seed, rows):
+    """A zero row of W has no direction for DoRA's m to scale: 0 / 0 (NaN, in PEFT too) would
+    poison the whole loss. Its output stays the bias, training leaves it there, and merging and
+    unmerging stay finite and equal to the unmerged layer."""
+    layer = make_layer(k, n, r, 4.0, seed=seed, use_dora=True, random_ab=False)
+    W = layer.base_layer.weight
+    W.data[:rows] = 0.0
+    layer.lora_magnitude_vector["default"].weight.data[...] = B.asarray(
+        np.linalg.norm(host(W), axis=1))  # m set from the weight, as at init
+    layer.lora_B["default"].weight.data[...] = B.asarray(
+        np.random.default_rng(seed).standard_normal(layer.lora_B["default"].weight.shape))
+    layer.lora_B["default"].weight.data[:rows] = 0.0  # B A has the zero rows too
+    x = ml.Tensor(inputs((3, k), seed=seed).data, requires_grad=True)
+    out = layer(x)
+    y = host(out)
+    assert np.isfinite(y).all()
+    np.testing.assert_array_equal(y[:, :rows], np.broadcast_to(host(layer.base_layer.bias)[:rows],
+                                                                (3, rows)))
+    out.sum().backward()
+    for p in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight):
+        assert np.isfinite(host(p.grad)).all()
+    layer.merge()
+    merged = host(layer(x))
+    assert np.isfinite(host(layer.base_layer.weight)).all()
+    assert_close(merged, y, 1e-12)
+    layer.unmerge()
+    assert_close(host(layer(x)), y, 1e-12)
+
+
 @given(k=dims, n=dims, r=ranks, seed=seeds)
 def test_dora_gradients_treat_the_norm_as_a_constant(k, n, r, seed):
     """m and x get their exact gradients; A and B get the gradient with ||W + s B A|| frozen

@@ -413,7 +413,12 @@ class LoRALinear(Module):
             else:
                 rest -= f[:, None] * d
                 rows += f[:, None] - 1.0
-        W[...] = rest / rows if self._merge_factors else rest
+        if self._merge_factors:
+            # a factor of 0 (m = 0: a row of W that was all zero, which DoRA keeps at zero,
+            # variants._divisor) left nothing of that row to divide back: it gets its 0 again
+            W[...] = B.xp.where(rows != 0, rest / B.xp.where(rows != 0, rows, 1), 0)
+        else:
+            W[...] = rest
         self.merged_adapters = []
         self._merge_factors = {}
 

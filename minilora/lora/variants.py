@@ -58,6 +58,13 @@ def row_norm(w: Any) -> Any:
     return B.xp.sqrt((w * w).sum(axis=1))
 
 
+def _divisor(norm: Any) -> Any:
+    """``norm`` with its zeros made 1. An all-zero row of W + s B A has no direction for m to
+    scale: 0 / 0 would make that output NaN (PEFT's does), and the whole loss with it. Its m is 0
+    (it was the row's norm), so the row's output stays 0, what the row computes."""
+    return B.xp.where(norm > 0, norm, norm.dtype.type(1))
+
+
 class DoraMagnitude(Module):
     """DoRA's magnitude vector m (out,), held as ``weight`` (PEFT's layout)."""
 
@@ -79,14 +86,14 @@ def dora_term(m: Tensor, W: Any, A: Tensor, Bm: Tensor, s: float, dx: Tensor,
     (module docstring). m (out,), W (out, in) an array, A (r, in), B (out, r), dx (..., in).
     """
     norm = row_norm(W + s * (Bm.data @ A.data))  # (out,), no graph through it
-    scale = m / Tensor(norm)  # (out,)
+    scale = m / Tensor(_divisor(norm))  # (out,)
     lora_out = F.linear(F.linear(dx, A) * s, Bm)  # (..., out)
     return (scale - 1.0) * wx + scale * lora_out
 
 
 def dora_merge_factor(m: Any, W: Any, delta: Any) -> Any:
     """f = m / ||W + delta||_row (out,), delta = s B A: the merged weight is f (W + delta)."""
-    return m / row_norm(W + delta)
+    return m / _divisor(row_norm(W + delta))
 
 
 def dora_merged_delta(W: Any, delta: Any, f: Any) -> Any:
