@@ -181,6 +181,15 @@ def test_pack_puts_the_first_element_in_the_high_nibble():
     assert host(Q.pack_nibbles(B.asarray(np.array([1, 2, 3], np.uint8)))).tolist() == [0x12, 0x30]
 
 
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 300), big=st.integers(16, 255))
+def test_pack_refuses_a_code_that_is_not_4_bits(seed, n, big):
+    """A code of 16 or more would spill into its neighbour's nibble: a silent wrong weight."""
+    codes = np.random.default_rng(seed).integers(0, 16, n).astype(np.uint8)
+    codes[seed % n] = big
+    with pytest.raises(InvalidArgumentError, match=f"0..15, got {big}"):
+        Q.pack_nibbles(B.asarray(codes))
+
+
 @given(seed=st.integers(0, 2**31), n=st.integers(1, 600), blocksize=BLOCKSIZES, qt=TYPES,
        dq=st.booleans())
 def test_quantize_of_dequantize_is_the_same_state(seed, n, blocksize, qt, dq):

@@ -41,6 +41,7 @@ import numpy as np
 
 from .. import backend as B
 from ..errors import DTypeError, InvalidArgumentError, ShapeError, check_bool, check_int, is_int
+from ..fast.checks import check_range
 from ..tensor import Tensor
 from .codes import CODES, byte_table, check_quant_type, device_table, host_tables
 
@@ -174,6 +175,15 @@ def pack_nibbles(codes: Any) -> Any:
     codes = B.asarray(codes)
     if codes.dtype != np.uint8:
         raise DTypeError(f"pack_nibbles: codes must be uint8, got dtype {codes.dtype}")
+    # a code of 16 or more would spill into its neighbour's nibble (one sync on a device)
+    check_range(codes, 0, 16, lambda host: InvalidArgumentError(
+        f"pack_nibbles: codes must be 4-bit values 0..15, got {int(host.max())} (of "
+        f"{int((host > 15).sum())} out of range)"))
+    return _pack(codes)
+
+
+def _pack(codes: Any) -> Any:
+    """:func:`pack_nibbles` without the range check, for codes the quantizer made."""
     codes = codes.reshape(-1)
     if codes.size % 2:
         codes = B.xp.concatenate([codes, B.xp.zeros(1, dtype=np.uint8)])
@@ -285,7 +295,7 @@ def quantize(array: Any, blocksize: int = 64, quant_type: str = "nf4",
     if codes.size % 2:  # pad with the code of zero, as bitsandbytes does
         zero = B.xp.asarray([_zero_code(quant_type)], dtype=np.uint8)
         codes = B.xp.concatenate([codes, zero])
-    state = QuantState(pack_nibbles(codes), absmax, tuple(arr.shape), blocksize, quant_type)
+    state = QuantState(_pack(codes), absmax, tuple(arr.shape), blocksize, quant_type)
     return _double_quantize(state) if double_quant else state
 
 
