@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import BackendError, InvalidArgumentError, check_int
+from .errors import BackendError, DTypeError, InvalidArgumentError, check_int
 
 xp: Any = np  # the active array module; read it as `backend.xp`, it changes with use_backend
 _name = "numpy"
@@ -133,12 +133,30 @@ def default_dtype() -> Any:
     return _default_dtype
 
 
+def float_dtype(dtype: Any, who: str) -> np.dtype:
+    """``dtype`` as a NumPy float dtype (float16, float32, float64), or :class:`DTypeError` naming
+    ``who`` and what was given: NumPy's "data type not understood" names no argument, and an int
+    dtype would make weights that no gradient can move."""
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or dt.kind != "f":
+        raise DTypeError(f"{who}: dtype must be a float dtype (float16, float32, float64), got "
+                         f"{dtype!r}")
+    return dt
+
+
 def set_default_dtype(dtype: Any) -> None:
     """Set the default float dtype: float32 (fast, the default) or float64 (gradient checks)."""
     global _default_dtype
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):  # a name NumPy does not know ("float77")
+        dt = None
     if dt not in (np.float32, np.float64):
-        raise InvalidArgumentError(f"set_default_dtype: dtype must be float32 or float64, got {dt}")
+        raise InvalidArgumentError(f"set_default_dtype: dtype must be float32 or float64, got "
+                                   f"{dtype if dt is None else dt!r}")
     _default_dtype = dt.type
 
 

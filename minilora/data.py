@@ -283,9 +283,20 @@ class TextDataset:
     def __init__(self, text: str, tokenizer: Tokenizer, block_size: int,
                  val_fraction: float = 0.1) -> None:
         check_int(block_size, "TextDataset: block_size")
-        if not 0.0 <= val_fraction < 1.0:
-            raise InvalidArgumentError(f"TextDataset: val_fraction must lie in [0, 1), got "
-                                       f"{val_fraction}")
+        if isinstance(val_fraction, bool) or \
+                not isinstance(val_fraction, (int, float, np.integer, np.floating)) or \
+                not 0.0 <= val_fraction < 1.0:
+            raise InvalidArgumentError(f"TextDataset: val_fraction must be a number in [0, 1), "
+                                       f"got {val_fraction!r}")
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"TextDataset: text must be a str, got "
+                                       f"{type(text).__name__} (TextDataset.from_file reads a "
+                                       f"file)")
+        if not callable(getattr(tokenizer, "encode", None)) or \
+                not callable(getattr(tokenizer, "decode", None)):
+            raise InvalidArgumentError(f"TextDataset: tokenizer must have encode and decode "
+                                       f"(a CharTokenizer, ByteTokenizer or GPT2BPETokenizer), "
+                                       f"got {type(tokenizer).__name__}")
         self.tokenizer, self.block_size = tokenizer, int(block_size)
         # where the text came from, so a training run can record it and check it later
         # (from_file sets them; None for text given as a string)

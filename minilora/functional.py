@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backend as B
 from . import fast, flops
-from .errors import DTypeError, InvalidArgumentError, ShapeError, shape_error
+from .errors import DTypeError, InvalidArgumentError, ShapeError, check_axis, shape_error
 from .fast import checks
 from .fast.elementwise import GELU_A, GELU_C
 from .tensor import Tensor, is_grad_enabled, unbroadcast
@@ -127,6 +127,7 @@ def _softmax_array(z: Any, axis: int) -> Any:
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     """``y_i = exp(x_i - max x) / sum_j exp(x_j - max x)``; backward ``y * (g - sum(g * y))``."""
+    check_axis(axis, x.shape, "softmax", many=False)
     y = _softmax_array(x.data, axis)
     return Tensor._make(y, (x,), lambda g: (y * (g - (g * y).sum(axis=axis, keepdims=True)),),
                         "softmax")
@@ -134,6 +135,7 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     """``x - max x - log sum exp(x - max x)``; backward ``g - softmax(x) * sum(g)``."""
+    check_axis(axis, x.shape, "log_softmax", many=False)
     shifted = x.data - x.data.max(axis=axis, keepdims=True)
     out = shifted - B.xp.log(B.xp.exp(shifted).sum(axis=axis, keepdims=True))
 

@@ -215,7 +215,9 @@ class Module:
         return sum(p.size for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def astype(self, dtype: Any) -> Module:
-        """Cast every parameter to ``dtype`` in place (gradients are dropped); returns self."""
+        """Cast every parameter to ``dtype`` (a float dtype) in place (gradients are dropped);
+        returns self."""
+        dtype = B.float_dtype(dtype, f"{type(self).__name__}.astype")
         for p in self.parameters():
             p.data = p.data.astype(dtype)
             p.grad = None
@@ -437,8 +439,9 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise InvalidArgumentError(f"Dropout: p must lie in [0, 1], got {p}")
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or \
+                not 0.0 <= p <= 1.0:  # NaN fails the comparison too
+            raise InvalidArgumentError(f"Dropout: p must be a number in [0, 1], got {p!r}")
         self.p = float(p)
 
     def forward(self, x: Tensor) -> Tensor:

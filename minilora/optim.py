@@ -380,9 +380,11 @@ def clip_grad_norm(params: Iterable[Tensor] | Tensor, max_norm: float) -> float:
     coef = 0, so finite entries become 0 and inf entries NaN (inf * 0). The returned NaN or inf
     tells the caller to skip the step.
     """
+    if isinstance(max_norm, bool) or \
+            not isinstance(max_norm, (int, float, np.integer, np.floating)) or not max_norm >= 0:
+        raise InvalidArgumentError(f"clip_grad_norm: max_norm must be a number >= 0, got "
+                                   f"{max_norm!r}")  # "1" would be read as 1 by float()
     max_norm = float(max_norm)
-    if not max_norm >= 0:
-        raise InvalidArgumentError(f"clip_grad_norm: max_norm must be >= 0, got {max_norm}")
     grads = _grads(params)
     total = _host_norm(grads)
     coef = clip_coefficient(total, max_norm)

@@ -26,7 +26,14 @@ import numpy as np
 
 from . import backend as B
 from . import fast, flops
-from .errors import DTypeError, GraphError, InvalidArgumentError, ShapeError, shape_error
+from .errors import (
+    DTypeError,
+    GraphError,
+    InvalidArgumentError,
+    ShapeError,
+    check_axis,
+    shape_error,
+)
 
 _state = threading.local()
 
@@ -602,6 +609,7 @@ class Tensor:
     def sum(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
         """Sum over ``axis`` (all axes when None)."""
         a = self
+        check_axis(axis, a.shape, "sum")
         out = a.data.sum(axis=axis, keepdims=keepdims)
         return Tensor._make(
             out, (a,), lambda g: (B.xp.broadcast_to(a._expand(g, axis, keepdims), a.shape),), "sum")
@@ -609,6 +617,7 @@ class Tensor:
     def mean(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
         """Mean over ``axis``; the gradient spreads g / count evenly."""
         a = self
+        check_axis(axis, a.shape, "mean")
         n = a._count(axis)
         out = a.data.mean(axis=axis, keepdims=keepdims)
         return Tensor._make(
@@ -618,6 +627,7 @@ class Tensor:
     def max(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
         """Maximum over ``axis``; tied maxima share the gradient equally (like torch.amax)."""
         a = self
+        check_axis(axis, a.shape, "max")
         out = a.data.max(axis=axis, keepdims=keepdims)
 
         def backward(g: Any):
@@ -631,6 +641,7 @@ class Tensor:
             ddof: int = 0) -> Tensor:
         """Variance over ``axis``: sum((x - mean)^2) / (count - ddof); ddof=0 as LayerNorm uses."""
         a = self
+        check_axis(axis, a.shape, "var")
         n = a._count(axis)
         centered = a.data - a.data.mean(axis=axis, keepdims=True)
         out = (centered * centered).sum(axis=axis, keepdims=keepdims) / (n - ddof)
@@ -640,6 +651,7 @@ class Tensor:
 
     def argmax(self, axis: int | None = None) -> Tensor:
         """Indices of the maxima (an integer tensor outside the graph)."""
+        check_axis(axis, self.shape, "argmax", many=False)
         return Tensor(self.data.argmax(axis=axis))
 
     # ------------------------------------------------------------------------------ shapes
@@ -673,6 +685,8 @@ class Tensor:
     def transpose(self, dim0: int = -2, dim1: int = -1) -> Tensor:
         """Swap two axes (PyTorch's meaning of transpose)."""
         a = self
+        check_axis(dim0, a.shape, "transpose: dim0", many=False)
+        check_axis(dim1, a.shape, "transpose: dim1", many=False)
         return Tensor._make(a.data.swapaxes(dim0, dim1), (a,),
                             lambda g: (g.swapaxes(dim0, dim1),), "transpose")
 

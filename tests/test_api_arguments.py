@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import minilora as ml
+from minilora import checkpoint, nn, quant
 from minilora import functional as F
-from minilora import nn, quant
 from minilora.errors import DTypeError, InvalidArgumentError, ShapeError
 
 
@@ -161,3 +161,53 @@ def test_task_helpers_refuse_operands_they_would_wrap_or_truncate():
     with pytest.raises(InvalidArgumentError, match="heldout: n must be an int >= 0, got -1"):
         data.heldout(-1)
     assert data.heldout(3)[0].shape[0] == 3
+
+
+@pytest.mark.parametrize("op, message", [
+    (lambda x: x.sum(axis=2), r"sum: axis 2 is not an axis .* \(2, 3\) \(ints from -2 to 1\)"),
+    (lambda x: x.sum(axis=(0, -2)), r"sum: axis \(0, -2\) is not an axis or a tuple of distinct"),
+    (lambda x: x.mean(axis=1.0), r"mean: axis 1.0 is not"),
+    (lambda x: x.max(axis=-3), r"max: axis -3 is not"),
+    (lambda x: x.var(axis=True), r"var: axis True is not"),
+    (lambda x: x.argmax(axis=(0, 1)), r"argmax: axis \(0, 1\) is not an axis of"),
+    (lambda x: x.transpose(0, 5), r"transpose: dim1: axis 5 is not an axis"),
+    (lambda x: F.softmax(x, axis=2), r"softmax: axis 2 is not an axis"),
+    (lambda x: F.log_softmax(x, axis=-3), r"log_softmax: axis -3 is not an axis"),
+])
+def test_an_axis_out_of_range_is_a_shape_error_naming_the_op(op, message):
+    """NumPy's AxisError named an array inside the op (or, for mean, an IndexError had no words)."""
+    x = ml.Tensor(np.arange(6.0).reshape(2, 3))
+    with pytest.raises(ShapeError, match=message):
+        op(x)
+    assert x.sum(axis=(0, -1)).item() == 15.0 and F.softmax(x, axis=-2).shape == (2, 3)
+
+
+@pytest.mark.host_only("refused before any array work")
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: nn.Dropout("0.1"), InvalidArgumentError, r"p must be a number in \[0, 1\], got '0.1'"),
+    (lambda: nn.Dropout(float("nan")), InvalidArgumentError, "got nan"),
+    (lambda: ml.set_default_dtype("float77"), InvalidArgumentError,
+     "set_default_dtype: dtype must be float32 or float64, got 'float77'"),
+    (lambda: nn.Linear(2, 2).astype("float77"), DTypeError, "Linear.astype: dtype must be a float"),
+    (lambda: nn.Linear(2, 2).astype(np.int64), DTypeError, "Linear.astype: dtype must be a float"),
+    (lambda: ml.data.TextDataset("abcdefgh", "utf-8", 4), InvalidArgumentError,
+     "tokenizer must have encode and decode .* got str"),
+    (lambda: ml.data.TextDataset(b"abcdefgh", ml.data.ByteTokenizer(), 4), InvalidArgumentError,
+     "text must be a str, got bytes"),
+    (lambda: ml.data.TextDataset("abcdefgh", ml.data.ByteTokenizer(), 4, "0.1"),
+     InvalidArgumentError, "val_fraction must be a number in \\[0, 1\\), got '0.1'"),
+    (lambda: ml.optim.clip_grad_norm([], "1"), InvalidArgumentError,
+     "max_norm must be a number >= 0, got '1'"),
+    (lambda: checkpoint.load_checkpoint(None), InvalidArgumentError,
+     "load_checkpoint: the directory must be a path .* got NoneType"),
+    (lambda: checkpoint.save_checkpoint(None, nn.Linear(2, 2)), InvalidArgumentError,
+     "save_checkpoint: directory must be a path"),
+    (lambda: checkpoint.save_checkpoint("unused", None), InvalidArgumentError,
+     "save_checkpoint: model must be a minilora Module, got NoneType"),
+    (lambda: ml.lora.read_adapter(None), InvalidArgumentError, "must be a path"),
+])
+def test_less_used_helpers_name_the_argument(make, error, message):
+    """Each was a bare TypeError, LookupError or AttributeError from deep inside (or, for
+    clip_grad_norm's "1", no error at all)."""
+    with pytest.raises(error, match=message):
+        make()

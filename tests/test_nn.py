@@ -386,7 +386,7 @@ def test_dropout_behaviour():
     assert Dropout(0.0)(x) is x
     assert not host(Dropout(1.0)(x)).any()
     for bad in (-0.1, 1.5):
-        with pytest.raises(InvalidArgumentError, match="p must lie in"):
+        with pytest.raises(InvalidArgumentError, match=r"p must be a number in \[0, 1\]"):
             Dropout(bad)
 
 
