@@ -49,8 +49,16 @@ shapes = st.lists(st.integers(0, 9), min_size=0, max_size=4).map(tuple)
 def test_every_error_class_in_the_module_is_listed_here():
     """A new error class must be added to EXPECTED_BUILTIN (and so get its hierarchy checked)."""
     defined = {obj for _, obj in inspect.getmembers(errors, inspect.isclass)
-               if issubclass(obj, Exception) and obj.__module__ == errors.__name__}
+               if issubclass(obj, Exception) and not issubclass(obj, Warning)
+               and obj.__module__ == errors.__name__}
     assert defined - {MiniLoraError, TrainingInterrupted} == set(EXPECTED_BUILTIN)
+
+
+def test_the_note_of_nan_weights_is_a_warning_not_an_error():
+    """Loading NaN weights is said, not refused (one may want to look at them): a UserWarning
+    that ``except MiniLoraError`` does not catch and a warnings filter can pick by its class."""
+    assert issubclass(errors.NonFiniteWarning, UserWarning)
+    assert not issubclass(errors.NonFiniteWarning, MiniLoraError)
 
 
 def test_an_interrupted_run_is_a_keyboard_interrupt_not_an_error():
