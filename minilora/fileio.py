@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,7 @@ from .filelock import claim, reading, swapping, writing
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "minilora-manifest"
 _TMP, _OLD = ".tmp-", ".old-"
+_PROBE = ".minilora-probe-"  # check_writable's probe directories
 _CHUNK = 1 << 20
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 T = TypeVar("T")
@@ -138,12 +140,29 @@ def check_writable(path: str | Path, what: str = "the output", shown: str | None
     if not probe_at.is_dir():
         raise DestinationError(f"{what} {str(path)!r} cannot be made: {str(probe_at)!r} is a file")
     try:
-        os.rmdir(tempfile.mkdtemp(dir=probe_at, prefix=".minilora-probe-"))
+        os.rmdir(tempfile.mkdtemp(dir=probe_at, prefix=_PROBE))
     except OSError as exc:  # shown: the path the user gave, when this probes its parent
         raise DestinationError(f"{what} {shown or str(path)!r} cannot be written: "
                                f"{str(probe_at)!r} is not writable ({exc.strerror or exc})") \
             from None
+    _sweep_probes(probe_at)
     return path
+
+
+def _sweep_probes(where: Path) -> None:
+    """Remove the probe directories a kill left in ``where`` between making and removing one
+    (inside a save, one would be a foreign file that ``--overwrite`` then refuses to delete).
+    Only those older than a minute: a live probe lasts microseconds."""
+    try:
+        names = [e for e in os.listdir(where) if e.startswith(_PROBE)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            if time.time() - (where / name).lstat().st_mtime > 60:
+                os.rmdir(where / name)  # empty, as a probe is: anything else stays
+        except OSError:
+            pass
 
 
 def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple[str, ...] = (),

@@ -5,6 +5,7 @@ of other files, and a failed one leaves nothing behind; manifests name the file 
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -256,6 +257,23 @@ def test_check_destination_says_what_is_wrong(tmp_path, monkeypatch):
     assert str(info.value) == (f"--out {str(tmp_path / 'x' / 'y')!r} cannot be written: "
                                f"{str(tmp_path)!r} is not writable (Permission denied)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "f", "other", "save"]
+
+
+@pytest.mark.host_only("files only")
+def test_the_probe_dirs_a_kill_left_are_swept(tmp_path):
+    """A kill between making and removing check_writable's probe left a hidden folder behind at
+    every such moment; the next check removes those a minute old or more that are empty."""
+    old = time.time() - 120
+    stale, fresh, full = (tmp_path / f".minilora-probe-{n}" for n in ("killed", "live", "full"))
+    for d in (stale, fresh, full):
+        d.mkdir()
+    (full / "x").write_text("not a probe's", encoding="utf-8")
+    for d in (stale, full):
+        os.utime(d, (old, old))
+    check_writable(tmp_path / "run", what="--out")
+    assert not stale.exists() and fresh.exists() and (full / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".minilora-probe-full",
+                                                           ".minilora-probe-live"]
 
 
 # ---------------------------------------------------------------------------- manifests
