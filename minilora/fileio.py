@@ -315,8 +315,13 @@ def _clean(dest: Path) -> None:
 
 def _disk_full(dest: Path, stage: Staging, exc: OSError) -> DiskFullError:
     try:
-        free = f"{shutil.disk_usage(dest.parent).free:,} bytes free"
-    except OSError:
+        fs = os.statvfs(dest.parent)
+        free = f"{fs.f_bavail * fs.f_frsize:,} bytes free"  # shutil.disk_usage's "free"
+        if fs.f_favail == 0:  # ENOSPC too: the bytes may be there, but not one more file
+            return DiskFullError(f"no free inodes (room for new files) left on the device to "
+                                 f"write {str(dest)!r} ({free}); the previous save there, if "
+                                 f"any, is untouched")
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
         free = "free space unknown"
     return DiskFullError(f"no space left on the device to write {str(dest)!r}: the save needs at "
                          f"least {stage.requested:,} bytes ({free}); the previous save there, if "

@@ -155,6 +155,28 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     assert load_checkpoint(where).step == 1
 
 
+def test_a_device_out_of_inodes_is_not_called_out_of_bytes(tmp_path, monkeypatch):
+    """ENOSPC also means no inode is free: "needs at least N bytes (G bytes free)" sent the user
+    looking for space that is there."""
+    where = tmp_path / "ck"
+    model = GPT(CFG)
+    save_checkpoint(where, model, model_config=CFG, step=1)
+
+    def no_inodes(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class Full:  # os.statvfs of a file system with space and no inode left
+        f_favail, f_bavail, f_frsize = 0, 1000, 4096
+    monkeypatch.setattr(fileio_mod, "_write_chunk", no_inodes)
+    monkeypatch.setattr(fileio_mod.os, "statvfs", lambda path: Full)
+    with pytest.raises(DiskFullError, match=r"no free inodes \(room for new files\) left on the "
+                                            r"device to write .*ck' \(4,096,000 bytes free\); the "
+                                            r"previous save there, if any, is untouched"):
+        save_checkpoint(where, model, model_config=CFG, step=2)
+    monkeypatch.undo()
+    assert load_checkpoint(where).step == 1
+
+
 def test_missing_and_damaged_checkpoints_name_the_path(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist") as err:
         load_checkpoint(tmp_path / "nowhere")
