@@ -73,8 +73,14 @@ from .data import (
     task_tokenizer,
 )
 from .errors import ConfigError, InvalidArgumentError, MiniLoraError
-from .fileio import NoManifestWarning, check_destination, check_writable, sha256_file
-from .filelock import claims
+from .fileio import (
+    NoManifestWarning,
+    check_destination,
+    check_in_place,
+    check_writable,
+    sha256_file,
+)
+from .filelock import claim, claims
 from .gpt import GPT, GPTConfig
 from .train import TrainConfig, exact_match, greedy_answers, validation_loss
 
@@ -145,6 +151,10 @@ def _text_for_resume(args: argparse.Namespace, saved: dict, tokenizer: Any,
 def _resume(args: argparse.Namespace, given: dict) -> int:
     if args.digits is not None:
         given = {**given, "digits": args.digits}
+    out = args.out or args.resume
+    same = Path(out).resolve() == Path(args.resume).resolve()
+    if same:  # written back where it is read: checked (and claimed) before it is read
+        check_in_place(args.resume, "--resume")
     ck = load_checkpoint(args.resume)
     if ck.model_config is None or ck.train_config is None:
         raise ConfigError(f"train --resume: {args.resume!r} lacks the model or training config")
@@ -159,8 +169,6 @@ def _resume(args: argparse.Namespace, given: dict) -> int:
     else:
         raise ConfigError(f"train --resume: {args.resume!r} records neither a task nor a text")
     model = GPT(GPTConfig.from_dict(ck.model_config))
-    out = args.out or args.resume
-    same = Path(out).resolve() == Path(args.resume).resolve()
     if not same:
         check_destination(out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
     print(f"resuming {args.resume!r} at step {ck.step} of {cfg.steps}; writing to {out!r}",
@@ -290,6 +298,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = "runs/demo-quick" if args.quick else "runs/demo"
     check_writable(args.out, what="demo --out")
+    claim(args.out, "demo --out")  # one demo writing there at a time
     if not args.overwrite:
         _check_demo_dir(args.out)
     print(f"minilora demo: pretrain, then full fine-tuning vs LoRA vs QLoRA, merging and adapter "

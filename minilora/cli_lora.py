@@ -63,6 +63,7 @@ from .data import TASKS, TaskDataset, TextDataset, get_task, task_tokenizer
 from .errors import CheckpointError, ConfigError, NonFiniteWarning
 from .fileio import (
     check_destination,
+    check_in_place,
     listed_digest,
     read_whole,
     recover,
@@ -375,6 +376,10 @@ def _describe_data(data: Any) -> str:
 
 
 def _finetune_resume(args: argparse.Namespace) -> int:
+    args.out = args.out or args.resume
+    same = Path(args.out).resolve() == Path(args.resume).resolve()
+    if same:  # written back where it is read: checked (and claimed) before it is read
+        check_in_place(args.resume, "--resume")
     ck = load_checkpoint(args.resume)
     record = ck.extra.get("finetune")
     if not isinstance(record, dict) or ck.train_config is None:
@@ -395,8 +400,7 @@ def _finetune_resume(args: argparse.Namespace) -> int:
     data = dataset_from_record(ck.extra, tokenizer, "finetune --resume")
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
     cfg = resumed_config(args, TrainConfig.from_dict(ck.train_config), given)
-    args.out = args.out or args.resume
-    if Path(args.out).resolve() != Path(args.resume).resolve():
+    if not same:
         names = CHECKPOINT_FILES if record["method"] == "full" else FINETUNE_FILES
         check_destination(args.out, overwrite=args.overwrite, names=names, what="--out")
     print(f"resuming {args.resume!r} at step {ck.step} of {cfg.steps}", flush=True)

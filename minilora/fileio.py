@@ -165,6 +165,35 @@ def _sweep_probes(where: Path) -> None:
             pass
 
 
+def _check_name_length(path: Path, what: str) -> None:
+    """Refuse a save name too long for its staging folder ``.NAME.tmp-XXXXXXXX`` beside it: the
+    file system would say so only when the work is done and the save is written."""
+    at = path.parent
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    try:
+        limit = os.pathconf(at, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # AttributeError: no pathconf (Windows)
+        limit = 255
+    need = len(os.fsencode(f".{path.name}{_TMP}")) + 8  # mkdtemp's 8 random characters
+    if need > limit:
+        raise DestinationError(f"{what} {str(path)[:60]!r}...: a name of "
+                               f"{len(os.fsencode(path.name))} bytes is too long for the staging "
+                               f"folder a save writes beside it ({need} bytes, over this file "
+                               f"system's {limit}); choose a shorter name")
+
+
+def check_in_place(path: str | Path, what: str = "--resume") -> Path:
+    """Check, before any work, that a save can be written back where it was read (``--resume DIR``
+    without another ``--out``): the directory and its parent writable, a name short enough, and
+    no other process writing there (:func:`~minilora.filelock.claim`). Returns the path."""
+    path = check_writable(path, what)
+    check_writable(path.parent, what, shown=repr(str(path)))
+    _check_name_length(path, what)
+    claim(path, what)
+    return path
+
+
 def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple[str, ...] = (),
                       what: str = "the output", flag: str = "--overwrite",
                       inputs: dict[str, Any] | None = None) -> Path:
@@ -193,6 +222,7 @@ def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple
                                    f"is read from: the save would replace it; choose another "
                                    f"path")
     path = check_writable(path, what)
+    _check_name_length(path, what)
     claim(path, what)  # inside a command: no other process writes here until it ends
     # a swap a kill interrupted is finished (or undone) first: the save it holds is what
     # --overwrite protects, and the save about to be written would otherwise finish the swap
@@ -341,6 +371,7 @@ def atomic_directory(path: str | Path, names: tuple[str, ...] = ()) -> Iterator[
     dest = Path(path)
     if dest.exists() and not dest.is_dir():
         raise DestinationError(f"cannot save to {str(dest)!r}: it is a file")
+    _check_name_length(dest, "cannot save to")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with writing(dest):  # one writer at a time (filelock)
         recover(dest)
@@ -357,7 +388,7 @@ def atomic_directory(path: str | Path, names: tuple[str, ...] = ()) -> Iterator[
         try:
             yield stage
             _write_manifest(stage)
-            with swapping(dest):  # the loads in progress end first (filelock)
+            with swapping(dest, stage_path):  # the loads in progress end first (filelock)
                 if dest.exists():
                     old = dest.parent / f".{dest.name}{_OLD}{stage_path.name.rsplit('-', 1)[-1]}"
                     os.rename(dest, old)
@@ -484,8 +515,8 @@ def read_whole(path: str | Path, read: Callable[[], T], who: str = "load") -> T:
     check_path(path, f"{who}: the directory")
     where = Path(path)
     for _ in range(READ_TRIES):
-        with reading(where):  # a swap waits for this load (filelock); the check below is for
-            before = _manifest_bytes(where)  # where it cannot, or waited too long
+        with reading(where, f".{where.name}{_TMP}"):  # a swap waits for this load (filelock);
+            before = _manifest_bytes(where)  # the check below: where it cannot, or waits too long
             try:
                 result = read()
             except (CheckpointError, OSError):
@@ -513,5 +544,6 @@ def open_save(path: str | Path, who: str = "load", warn: bool = True) -> Path:
 
 __all__ = ["MANIFEST", "Staging", "atomic_directory", "write_files", "check_destination",
            "check_writable", "is_save", "warn_no_manifest", "listed_digest", "recover",
-           "verify_manifest", "open_save", "read_whole", "READ_TRIES", "sha256_file",
+           "check_in_place", "verify_manifest", "open_save", "read_whole", "READ_TRIES",
+           "sha256_file",
            "NoManifestWarning"]

@@ -20,12 +20,20 @@ Readers meet writers at the save directory itself: a load holds a shared ``flock
 (:func:`reading`), and a writer's swap, the two renames that put a new save in, holds it
 exclusively (:func:`swapping`), so a swap waits for the loads in progress (up to
 :data:`SWAP_WAIT` seconds; then it goes ahead, and the loader's manifest check,
-``fileio.read_whole``, reads again). Nothing is created for this: the lock is the directory's.
+``fileio.read_whole``, reads again). ``flock`` grants shared locks while an exclusive one
+waits, so a stream of loads would hold a swap off for good: while it waits, the writer also
+holds its staging folder exclusively, and a load first waits at any staging folder beside DEST
+that a writer holds (a gate). Nothing is created for this: the locks are the directories'.
+
+A lock file that is there but cannot serve (a symbolic link, which would have minilora write
+into its target; a directory; a FIFO; a file of another user) is refused by name, since two
+writers would otherwise run unlocked.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -44,7 +52,8 @@ WAIT = 60.0  # seconds a save waits for another writer's save to end
 SWAP_WAIT = 10.0  # seconds a swap waits for the loads in progress to end
 
 _held: dict[str, list[int]] = {}  # lock file -> [fd, depth, pid]: what this process holds
-_claims: list[list[str]] = []  # one list of claimed lock files per open claims() block
+# one list per open claims() block: (lock file claimed, the folders the claim made for it)
+_claims: list[list[tuple[str | None, list[Path]]]] = []
 
 
 def lock_file(dest: str | os.PathLike) -> Path:
@@ -53,45 +62,79 @@ def lock_file(dest: str | os.PathLike) -> Path:
     return dest.parent / f".{dest.name}{SUFFIX}"
 
 
+# a lock file is opened without following a link (a link there would have minilora write into,
+# or create, a file elsewhere) and without waiting (a FIFO there would block the open)
+_OPEN = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | \
+    getattr(os, "O_CLOEXEC", 0)
+
+
 def _holder(path: str) -> str:
     """The process id the lock file names, for the refusal ('' when it cannot be read)."""
     try:
-        with open(path, encoding="ascii") as f:
-            pid = f.read(32).strip()
+        fd = os.open(path, os.O_RDONLY | (_OPEN & ~os.O_RDWR))
+        try:
+            pid = os.read(fd, 32).decode("ascii").strip()
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return ""
     return f" (process {pid})" if pid.isdigit() else ""
 
 
-def _lock(path: str) -> int | None:
+def _unusable(subject: str, path: str, why: str) -> DestinationError:
+    return DestinationError(f"{subject} cannot be locked against a second writer: {path!r} "
+                            f"{why}; remove it (no minilora process is using it then) or choose "
+                            f"another path")
+
+
+def _lock(path: str, subject: str) -> int | None:
     """Lock ``path`` without waiting: its fd, None if another process holds it, -1 when no lock
-    can be taken there."""
-    while True:
+    can be taken there (no lock file can be made: the save itself will say why it cannot be
+    written; or the file system has no flock). A lock file that is there but cannot serve (a
+    link, a directory, a FIFO, another user's) is refused by name rather than skipped: two
+    writers would then run unlocked."""
+    for _ in range(1000):  # the holder before us may remove the file between our open and lock
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError:
-            return -1
+            fd = os.open(path, _OPEN | os.O_CREAT, 0o666)
+        except OSError as exc:
+            if not os.path.lexists(path):
+                return -1
+            kind = "is a symbolic link" if os.path.islink(path) else \
+                f"cannot be opened ({exc.strerror or exc})"
+            raise _unusable(subject, path, kind) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except OSError:  # a file system without flock
-            os.close(fd)
-            return -1
-        try:  # the holder before us removes the file as it lets go: ours must still be there
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _unusable(subject, path, "is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except OSError:  # a file system without flock
+                os.close(fd)
+                return -1
+            try:
+                same = os.lstat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+                except OSError as exc:
+                    raise _unusable(subject, path, f"cannot be written ({exc.strerror or exc})") \
+                        from None
                 return fd
-        except OSError:
-            pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
+    return -1
 
 
 def _acquire(dest: Path, subject: str, wait: float) -> str | None:
     """Take (or nest into) the lock of ``dest``; returns its key, None when none could be taken.
-    ``subject`` begins the refusal: "--out 'runs/x'", "cannot save to 'runs/x': it"."""
+    ``subject`` begins the refusal: "--out 'runs/x'", "the save 'runs/x'"."""
     if fcntl is None:
         return None
     key = os.path.abspath(lock_file(dest))
@@ -102,7 +145,7 @@ def _acquire(dest: Path, subject: str, wait: float) -> str | None:
         return key
     deadline = time.monotonic() + wait
     while True:
-        fd = _lock(key)
+        fd = _lock(key, subject)
         if fd == -1:
             return None
         if fd is not None:
@@ -134,7 +177,7 @@ def writing(dest: str | os.PathLike, wait: float | None = None) -> Iterator[None
     """Hold the lock of the save at ``dest`` for the block, waiting up to ``wait`` seconds (None:
     :data:`WAIT`) for another process to let go (then :class:`DestinationError`, naming ``dest``
     and the holder)."""
-    key = _acquire(Path(dest), f"cannot save to {str(dest)!r}: it", WAIT if wait is None else wait)
+    key = _acquire(Path(dest), f"the save {str(dest)!r}", WAIT if wait is None else wait)
     try:
         yield
     finally:
@@ -143,13 +186,20 @@ def writing(dest: str | os.PathLike, wait: float | None = None) -> Iterator[None
 
 @contextmanager
 def claims() -> Iterator[None]:
-    """A block (one command) in which :func:`claim` holds locks; they are let go as it ends."""
+    """A block (one command) in which :func:`claim` holds locks; they are let go as it ends, and
+    the folders a claim made that are still empty are removed (a command that failed leaves
+    none behind)."""
     _claims.append([])
     try:
         yield
     finally:
-        for key in reversed(_claims.pop()):
+        for key, made in reversed(_claims.pop()):
             _release(key)
+            for folder in made:  # deepest first
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: the save is there
+                    break
 
 
 def claim(dest: str | os.PathLike, what: str = "the output") -> None:
@@ -158,13 +208,21 @@ def claim(dest: str | os.PathLike, what: str = "the output") -> None:
     if not _claims:
         return
     dest = Path(dest)
+    missing = [p for p in dest.parents if not p.exists()]  # deepest first
     try:  # the save's parent is made now, so that two commands meet at its lock from the start
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
         return  # each save says why it cannot be written
-    key = _acquire(dest, f"{what} {str(dest)!r}", wait=0.0)
-    if key is not None:
-        _claims[-1].append(key)
+    try:
+        key = _acquire(dest, f"{what} {str(dest)!r}", wait=0.0)
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    _claims[-1].append((key, missing))
 
 
 def _open_dir(path: Path) -> int | None:
@@ -174,14 +232,46 @@ def _open_dir(path: Path) -> int | None:
         return None
 
 
+def _pass_gates(parent: Path, prefix: str) -> None:
+    """Wait at each folder in ``parent`` whose name starts with ``prefix`` (a writer's staging
+    folder) while a writer holds it: a swap about to happen goes first (see :func:`swapping`)."""
+    try:
+        names = [e for e in os.listdir(parent) if e.startswith(prefix)]
+    except OSError:
+        return
+    deadline = time.monotonic() + SWAP_WAIT + 5.0  # a writer that hangs holds no one for ever
+    for name in names:
+        fd = _open_dir(parent / name)
+        if fd is None:
+            continue
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.002)
+                except OSError:
+                    break
+        finally:
+            os.close(fd)
+
+
 @contextmanager
-def reading(directory: str | os.PathLike) -> Iterator[None]:
+def reading(directory: str | os.PathLike, gates: str | None = None) -> Iterator[None]:
     """Hold a shared lock on the save ``directory`` for the block (a load): a writer's swap
-    (:func:`swapping`) waits until the block ends. Where none can be taken, the block runs
-    unlocked."""
+    (:func:`swapping`) waits until the block ends. First the load waits at the writer's gate
+    (folders beside ``directory`` whose names start with ``gates``, a writer's staging folders),
+    so that a swap waiting for the loads in progress is not held off by new ones: flock itself
+    would keep granting shared locks to a stream of loads. Where no lock can be taken, the block
+    runs unlocked."""
     fd = None
     if fcntl is not None:
         path = Path(directory)
+        if gates:
+            _pass_gates(path.parent, gates)
         for _ in range(3):
             fd = _open_dir(path)
             if fd is None:
@@ -201,11 +291,46 @@ def reading(directory: str | os.PathLike) -> Iterator[None]:
             os.close(fd)
 
 
+def _close_gate(stage: str | os.PathLike | None) -> int | None:
+    """Hold ``stage`` (the writer's staging folder) exclusively, so that loads beginning now wait
+    at it (:func:`_pass_gates`); its fd, or None. Loads only touch it in passing, so a short
+    wait is enough; without it the swap waits as before."""
+    fd = _open_dir(Path(stage)) if stage is not None and fcntl is not None else None
+    if fd is None:
+        return None
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.0005)
+        except OSError:
+            break
+    os.close(fd)
+    return None
+
+
 @contextmanager
-def swapping(dest: str | os.PathLike, wait: float | None = None) -> Iterator[None]:
+def swapping(dest: str | os.PathLike, stage: str | os.PathLike | None = None,
+             wait: float | None = None) -> Iterator[None]:
     """Hold the save directory ``dest`` exclusively for the block (a swap), once the loads that
     hold it (:func:`reading`) have ended, or after ``wait`` seconds (None: :data:`SWAP_WAIT`)
-    whatever they do."""
+    whatever they do. Meanwhile ``stage``, the staging folder about to be swapped in, is the
+    gate at which new loads wait."""
+    gate = _close_gate(stage)
+    try:
+        with _exclusive(dest, wait):
+            yield
+    finally:
+        if gate is not None:
+            os.close(gate)
+
+
+@contextmanager
+def _exclusive(dest: str | os.PathLike, wait: float | None) -> Iterator[None]:
     fd = _open_dir(Path(dest)) if fcntl is not None else None
     if fd is None:
         yield

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,11 +18,12 @@ import pytest
 
 from minilora import checkpoint as checkpoint_module
 from minilora import fileio, filelock, lora
-from minilora.checkpoint import load_checkpoint
+from minilora.checkpoint import load_checkpoint, save_checkpoint
 from minilora.cli import main
 from minilora.errors import CheckpointError, DestinationError
-from minilora.fileio import atomic_directory, read_whole, recover
+from minilora.fileio import atomic_directory, read_whole, recover, sha256_file
 from minilora.filelock import lock_file
+from minilora.gpt import GPT, GPTConfig
 from tests.helpers import TINY
 from tests.test_save_kills import _adapter_model, _loaded, _model, _save_checkpoint_step, _saver
 
@@ -221,8 +223,8 @@ def test_a_save_waits_for_another_writers_save_to_end(tmp_path, monkeypatch):
     fcntl.flock(fd, fcntl.LOCK_EX)
     monkeypatch.setattr(filelock, "WAIT", 0.2)
     try:
-        with pytest.raises(DestinationError, match=r"cannot save to .* is being written by "
-                                                   r"another process"):
+        with pytest.raises(DestinationError, match=r"the save .* is being written by another "
+                                                   r"process"):
             with filelock.writing(dest):
                 pass
         with pytest.raises(DestinationError, match="is being written by another process"):
@@ -248,3 +250,154 @@ def test_the_lock_nests_within_a_process_and_is_removed_when_let_go(tmp_path):
     filelock.claim(dest)  # outside a command: nothing is held
     assert not lock_file(dest).exists()
     assert (dest / "a").read_bytes() == b"2"
+
+
+# ------------------------------------------------------------ what the sweep of the locks found
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny checkpoint trained through the CLI (2 steps)."""
+    out = tmp_path_factory.mktemp("locks") / "base"
+    assert main(["train", "--task", "add", "--steps", "2", "--eval-every", "2", "--out", str(out),
+                 *TINY]) == 0
+    return out
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_resuming_in_place_is_refused_while_another_process_writes_there(
+        tmp_path, capsys, trained, command):
+    """--resume DIR writing back into DIR took no lock: a second run there was accepted and the
+    first silently replaced its result when it ended (or waited 60 s, then lost its own)."""
+    run = tmp_path / "run"
+    if command == "train":
+        shutil.copytree(trained, run)
+    else:
+        assert main(["finetune", "--from", str(trained), "--task", "nocarry", "--steps", "2",
+                     "--eval-every", "2", "--out", str(run), "--no-progress"]) == 0
+    before = sha256_file(run / "model.safetensors")
+    capsys.readouterr()
+    holder = _hold_in_another_process(lock_file(run))
+    try:
+        t0 = time.monotonic()
+        rc = main([command, "--resume", str(run), "--steps", "4", "--no-progress"])
+        waited = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert f"--resume {str(run)!r} is being written by another process (process {holder.pid})" \
+        in err[0]
+    assert waited < filelock.WAIT / 2
+    assert sha256_file(run / "model.safetensors") == before
+
+
+@pytest.mark.host_only("files only")
+@pytest.mark.parametrize("kind", ["link", "dangling link", "directory", "fifo"])
+def test_a_lock_file_that_cannot_serve_is_refused_by_name(tmp_path, kind):
+    """A link was followed (its target emptied and given a pid; a dangling one made a file
+    elsewhere); a directory or a file of another user made the writers run unlocked; a FIFO made
+    the save spin for ever."""
+    dest, lock = tmp_path / "s", lock_file(tmp_path / "s")
+    target = tmp_path / "elsewhere" / "precious.txt"
+    target.parent.mkdir()
+    if kind == "link":
+        target.write_text("precious data", encoding="utf-8")
+        lock.symlink_to(target)
+    elif kind == "dangling link":
+        lock.symlink_to(target)
+    elif kind == "directory":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    why = {"link": "is a symbolic link", "dangling link": "is a symbolic link",
+           "directory": r"cannot be opened \(Is a directory\)",
+           "fifo": "is not a regular file"}[kind]
+    with pytest.raises(DestinationError, match=f"the save {str(dest)!r} cannot be locked against "
+                                               f"a second writer: {str(lock)!r} {why}; remove it"):
+        with atomic_directory(dest) as stage:
+            stage.write_bytes("a", b"1")
+    assert not dest.exists()
+    if kind == "link":
+        assert target.read_text(encoding="utf-8") == "precious data"
+    elif kind == "dangling link":
+        assert not target.exists()
+    assert os.path.lexists(lock)  # left for the user to look at
+
+
+def test_a_name_too_long_for_the_staging_folder_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / ("L" * 245)
+    t0 = time.monotonic()
+    assert main(["train", "--task", "add", "--steps", "30", "--out", str(out), *TINY]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a name of 245 bytes is too long for the staging folder" in err[0]
+    assert time.monotonic() - t0 < 5 and os.listdir(tmp_path) == []
+
+
+@pytest.mark.host_only("refused before any work")
+def test_a_second_demo_writing_the_same_out_is_refused(tmp_path, capsys):
+    out = tmp_path / "demo"
+    holder = _hold_in_another_process(lock_file(out))
+    try:
+        assert main(["demo", "--quick", "--out", str(out)]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"demo --out {str(out)!r} is being written by another process" \
+        in err[0]
+
+
+@pytest.mark.host_only("refused before any work")
+def test_a_command_that_fails_leaves_no_folders_it_made(tmp_path, capsys):
+    """The claim makes --out's parents (two commands must meet at one lock); a command refused
+    later left them behind, empty."""
+    out = tmp_path / "new" / "a" / "b" / "x"
+    assert main(["train", "--task", "add", "--steps", "5", "--block-size", "2", "--out", str(out),
+                 *TINY]) == 1
+    assert "needs a context of at least" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+BIG = GPTConfig(vocab_size=64, block_size=64, n_layer=4, n_head=4, n_embd=256)
+
+
+def _keep_loading(where: str, started, stop) -> None:
+    """A reader process: load ``where`` until told to stop."""
+    started.set()
+    while not stop.is_set():
+        load_checkpoint(where)
+
+
+def test_a_stream_of_loads_does_not_hold_a_save_off(tmp_path):
+    """flock grants shared locks while an exclusive one waits: processes loading in a loop held
+    every swap for its whole wait (10 s a save beside 4 readers). The writer's gate lets the
+    loads in progress end and makes the new ones wait."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["minilora", "numpy", "safetensors.numpy"])
+    where = tmp_path / "ck"
+    model = GPT(BIG)  # loads of 13 MB: long enough that they overlap one another
+    save_checkpoint(where, model, model_config=BIG, step=0)
+    stop = ctx.Event()
+    readers = []
+    for _ in range(4):
+        started = ctx.Event()
+        readers.append(ctx.Process(target=_keep_loading, args=(str(where), started, stop),
+                                   daemon=True))
+        readers[-1].start()
+        assert started.wait(30)
+    try:
+        time.sleep(0.3)  # the loads are running
+        times = []
+        for k in range(1, 4):
+            t0 = time.monotonic()
+            save_checkpoint(where, model, model_config=BIG, step=k)
+            times.append(time.monotonic() - t0)
+    finally:
+        stop.set()
+        for r in readers:
+            r.join(30)
+    assert all(r.exitcode == 0 for r in readers)  # every load succeeded
+    assert max(times) < filelock.SWAP_WAIT / 2, times
+    assert load_checkpoint(where).step == 3
