@@ -183,22 +183,29 @@ def _hold_in_another_process(path) -> subprocess.Popen:
     return holder
 
 
-def test_a_second_command_writing_the_same_out_is_refused_at_once(tmp_path, capsys):
-    out = tmp_path / "run"
-    holder = _hold_in_another_process(lock_file(out))
+def _refused_beside_a_holder(capsys, dest, flag: str, argv: list[str]) -> None:
+    """``main(argv)`` while another process holds the lock of ``dest``: one line naming ``flag``,
+    ``dest`` and that process, at once (not after a wait)."""
+    holder = _hold_in_another_process(lock_file(dest))
     try:
         t0 = time.monotonic()
-        rc = main(["train", "--task", "add", "--steps", "2", "--eval-every", "2",
-                   "--out", str(out), *TINY])
+        rc = main(argv)
         waited = time.monotonic() - t0
     finally:
         holder.kill()
         holder.wait()
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err
-    assert f"--out {str(out)!r} is being written by another process (process {holder.pid})" \
+    assert f"{flag} {str(dest)!r} is being written by another process (process {holder.pid})" \
         in err[0]
-    assert waited < filelock.WAIT / 2  # refused before any training, not after a wait
+    assert waited < filelock.WAIT / 2  # refused before any work, not after a wait
+
+
+def test_a_second_command_writing_the_same_out_is_refused_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    _refused_beside_a_holder(capsys, out, "--out", ["train", "--task", "add", "--steps", "2",
+                                                    "--eval-every", "2", "--out", str(out),
+                                                    *TINY])
     assert not out.exists()
     # killed, the holder leaves its (unlocked) file: the next command takes it and removes it
     assert main(["train", "--task", "add", "--steps", "2", "--eval-every", "2",
@@ -277,19 +284,8 @@ def test_resuming_in_place_is_refused_while_another_process_writes_there(
                      "--eval-every", "2", "--out", str(run), "--no-progress"]) == 0
     before = sha256_file(run / "model.safetensors")
     capsys.readouterr()
-    holder = _hold_in_another_process(lock_file(run))
-    try:
-        t0 = time.monotonic()
-        rc = main([command, "--resume", str(run), "--steps", "4", "--no-progress"])
-        waited = time.monotonic() - t0
-    finally:
-        holder.kill()
-        holder.wait()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1, err
-    assert f"--resume {str(run)!r} is being written by another process (process {holder.pid})" \
-        in err[0]
-    assert waited < filelock.WAIT / 2
+    _refused_beside_a_holder(capsys, run, "--resume",
+                             [command, "--resume", str(run), "--steps", "4", "--no-progress"])
     assert sha256_file(run / "model.safetensors") == before
 
 
