@@ -159,6 +159,11 @@ def _resume(args: argparse.Namespace, given: dict) -> int:
     if ck.model_config is None or ck.train_config is None:
         raise ConfigError(f"train --resume: {args.resume!r} lacks the model or training config")
     cfg = resumed_config(args, TrainConfig.from_dict(ck.train_config), given)
+    if args.task is not None and args.task != (ck.extra.get("task") or {}).get("name"):
+        trained = f"task {ck.extra['task']['name']!r}" if "task" in ck.extra else "a text"
+        raise ConfigError(f"train --resume continues a run on what it was trained on "
+                          f"({args.resume!r}: {trained}); drop --task {args.task}, or train "
+                          f"a new run (or fine-tune this one: minilora finetune --from)")
     if "task" in ck.extra:
         if args.text is not None:
             raise ConfigError(f"train --resume: {args.resume!r} was trained on a task, not a "
@@ -265,6 +270,13 @@ def _eval(args: argparse.Namespace) -> int:
                           f"match: pass --text FILE for its perplexity on a text, or --task NAME "
                           f"({', '.join(TASKS)}) or --data FILE.jsonl to score answers")
     data = task_dataset(trained_on, args.task)
+    if (tok is not None and tok != data.tokenizer) or \
+            model.config.vocab_size != data.tokenizer.vocab_size:
+        raise ConfigError(f"eval --task {data.task.name}: the task's {data.tokenizer.vocab_size} "
+                          f"symbols are not this model's vocabulary ({model.config.vocab_size} "
+                          f"tokens, its own tokenizer), so its answers could not be read; a task "
+                          f"is scored on a model trained on one (train --task, or finetune "
+                          f"--from ... --task)")
     if data.block_size > block:
         beside = f" beside {model.num_virtual_tokens} virtual tokens" \
             if model.num_virtual_tokens else ""
@@ -502,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     command runs on ``--backend`` (default: ``MINILORA_BACKEND``, else numpy); called in-process,
     the caller's backend is active again when it returns.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser, which knows the flags it takes
+        parser.subcommand(args.command).unrecognized(extra)
 
     def note(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
              line: Any = None) -> None:

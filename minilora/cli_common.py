@@ -5,6 +5,7 @@ training flags, the training loop run with its progress and Ctrl-C message, and 
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import sys
@@ -213,7 +214,33 @@ def _is_number(text: str) -> bool:
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: ``minilora train: error: ... (see --help)``,
-    and that reads a negative number after an option as its value (``--lr -1e-3``)."""
+    that reads a negative number after an option as its value (``--lr -1e-3``), and that takes
+    no abbreviations: ``train --r 4`` was ``--resume 4`` (``--r`` is finetune's LoRA rank), and a
+    script's ``--ste`` would change meaning the day another flag starting so is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def subcommand(self, name: str) -> Parser:
+        """The parser of sub-command ``name`` (this one when it has none of that name)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return self
+
+    def unrecognized(self, extra: list[str]) -> Any:
+        """The one-line error for arguments this (sub)command does not take, with the nearest
+        flag it does take for each mistyped one (``--taks``: did you mean --task?)."""
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        hints = []
+        for token in extra:
+            if token.startswith("--"):
+                near = difflib.get_close_matches(token.split("=", 1)[0], flags, n=1, cutoff=0.6)
+                if near:
+                    hints.append(f"{token.split('=', 1)[0]}: did you mean {near[0]}?")
+        hint = f"; {'; '.join(hints)}" if hints else ""
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
     def error(self, message: str) -> Any:  # argparse's own prints the whole usage first
         """Print one line naming the command and the problem, and exit with status 2."""
@@ -323,7 +350,8 @@ def resumed_config(args: argparse.Namespace, saved: TrainConfig, given: dict) ->
                               f"{saved.steps}; to stop early use --until")
         return saved.extended(steps, lr, min_lr)
     if lr is not None or min_lr is not None:
+        flags = " and ".join(f for f, v in (("--lr", lr), ("--min-lr", min_lr)) if v is not None)
         raise ConfigError(f"{args.command} --resume continues a run with its saved settings; "
-                          f"drop --lr and --min-lr (they set the added steps' rate when --steps "
-                          f"extends the run)")
+                          f"drop {flags} (--lr and --min-lr set the added steps' rate when "
+                          f"--steps extends the run)")
     return saved

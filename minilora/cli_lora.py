@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import math
 import re
 import warnings
@@ -221,6 +222,21 @@ def _lora_config(args: argparse.Namespace) -> lora.LoraConfig:
                            init=args.init or "kaiming")
 
 
+def _check_targets(model: GPT, config: lora.LoraConfig) -> None:
+    """Every name in --target must match a linear layer of the base: inject_lora, as PEFT,
+    refuses only a list that matches nothing, and ``q_proj,v_prj`` trained q alone, in silence."""
+    paths = [p for p, _ in lora.linear_like_modules(model)]
+    missed = [t for t in config.target_modules if not any(lora.matches_target(p, (t,))
+                                                          for p in paths)]
+    if missed:
+        names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        near = [f"{t}: did you mean {m[0]}?" for t in missed
+                if (m := difflib.get_close_matches(t, names, n=1, cutoff=0.6))]
+        raise ConfigError(f"--target {','.join(missed)}: no linear layer of the base is called "
+                          f"so (its linear layers: {', '.join(names)})"
+                          f"{'; ' + '; '.join(near) if near else ''}")
+
+
 def _prepare(model: GPT, info: dict, method: str, config: lora.LoraConfig | None,
              quant_cfg: dict | None, name: str) -> None:
     """Quantize the base (QLoRA) and inject the adapter (LoRA, QLoRA), in place."""
@@ -328,6 +344,8 @@ def _finetune(args: argparse.Namespace) -> int:
     if config is not None and config.init == "pissa" and (method == "qlora" or config.use_dora):
         raise ConfigError("finetune --init pissa rewrites the base weights (W - s B A); it works "
                           "with --lora, not with --qlora or --dora: use --init kaiming there")
+    if config is not None:
+        _check_targets(model, config)
     name = args.adapter_name or "default"
     _prepare(model, info, method, config, quant_cfg, name)
     _print_trainable(model, method, name)
@@ -413,6 +431,10 @@ def adapter_record(directory: str) -> dict:
     """What a fine-tune directory says about its adapter (name, method, quantization, data), or
     a plain adapter directory's defaults (its folder name as the adapter's name)."""
     found = recover(directory) or Path(directory)  # a half-done swap first
+    if not found.is_dir():  # else the first file looked for is named as missing
+        what = "is a file, not an adapter directory" if found.exists() else \
+            "the directory does not exist"
+        raise CheckpointError(f"--adapter {directory!r}: {what}")
     if (found / META_FILE).is_file():
         # only checkpoint.json: the adapter's own files and the manifest are read and checked
         # when it is loaded, and its weights and optimizer state are not needed here

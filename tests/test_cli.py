@@ -222,6 +222,11 @@ def test_text_training_and_sampling(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "text"), "--text", str(text_file),
                  "--examples", "16"]) == 0
     assert "perplexity" in capsys.readouterr().out
+    # nor can a task's questions be put to it: it printed a score, then failed to decode
+    assert main(["eval", "--checkpoint", str(tmp_path / "text"), "--task", "add"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "eval --task add: the task's 16 symbols are not this model's vocabulary (257" in err
 
 
 @pytest.mark.host_only("--help and a missing directory: no model is built")
@@ -259,6 +264,28 @@ def test_blas_threads_can_be_limited_after_numpy_is_loaded(capsys):
         err = capsys.readouterr().err
         assert stop.value.code == 2 and f"argument --threads: {said}" in err, err
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.host_only("argument parsing")
+@pytest.mark.parametrize("argv, said", [
+    (["train", "--r", "4", "--task", "add"], "minilora train: error: unrecognized arguments: "
+                                             "--r 4; --r: did you mean --lr?"),
+    (["train", "--taks", "add"], "minilora train: error: unrecognized arguments: --taks add; "
+                                 "--taks: did you mean --task?"),
+    (["eval", "--checkpoint", "x", "--ex", "3"], "minilora eval: error: unrecognized arguments: "
+                                                 "--ex 3"),
+    (["finetune", "--from", "x", "--rr=4"], "--rr: did you mean --r?"),
+    (["sample", "--checkpoint", "x", "--prompt", "1", "spare"],
+     "minilora sample: error: unrecognized arguments: "
+     "spare (see minilora sample --help)"),
+])
+def test_a_flag_is_taken_whole_and_a_wrong_one_said_by_its_command(argv, said, capsys):
+    """argparse took abbreviations (``train --r 4`` was ``--resume 4``: --r is finetune's rank),
+    and the top-level parser said the unknown ones without naming the command or its flags."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and said in err and err.count("\n") == 1, err
 
 
 @pytest.mark.host_only("the parser's default, read from the environment")
@@ -323,3 +350,25 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(monkeypatch, capsy
     monkeypatch.setattr(cli, "_sample", reader_gone)
     assert main(["sample", "--checkpoint", "x", "--prompt", "1+1="]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_a_misspelled_adapter_directory_is_said_to_be_missing(trained, tmp_path, capsys):
+    """It was named by the first file looked for in it ('.../adapter_model.safetensors' is
+    missing), as if the directory were there."""
+    for where, said in ((tmp_path / "nocary", "the directory does not exist"),
+                        (trained / "checkpoint.json", "is a file, not an adapter directory")):
+        assert main(["eval", "--checkpoint", str(trained), "--adapter", str(where)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"minilora eval: error: --adapter {str(where)!r}: {said}"], err
+
+
+def test_a_target_name_that_matches_no_layer_is_refused(trained, tmp_path, capsys):
+    """``q_proj,v_prj`` trained q alone, in silence (PEFT refuses only a list matching nothing)."""
+    out = tmp_path / "ft"
+    assert main(["finetune", "--from", str(trained), "--task", "nocarry", "--target",
+                 "q_proj,v_prj", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["minilora finetune: error: --target v_prj: no linear layer of the base is "
+                   "called so (its linear layers: fc, k_proj, o_proj, proj, q_proj, v_proj); "
+                   "v_prj: did you mean v_proj?"], err
+    assert not out.exists()

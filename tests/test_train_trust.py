@@ -399,7 +399,9 @@ def test_an_extended_run_interrupted_resumes_bit_for_bit(finished, tmp_path):
     (["--steps", "3"], ["--steps 3 is below the run's 6", "--until"]),
     (["--steps", "6", "--lr", "0.01"], ["drop --lr"]),
     (["--lr", "0.01"], ["drop --lr"]),
-    (["--min-lr", "0.0001"], ["drop --lr and --min-lr"]),
+    (["--min-lr", "0.0001"], ["drop --min-lr (--lr and --min-lr set"]),
+    (["--task", "nocarry"], ["continues a run on what it was trained on", "task 'add'",
+                             "drop --task nocarry"]),
     (["--steps", "10", "--lr", "0.001", "--min-lr", "0.01"], ["min_lr=0.01 must not exceed"]),
 ])
 def test_extension_flags_that_do_not_extend_are_refused(finished, tmp_path, flags, needles,
