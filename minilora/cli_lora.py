@@ -471,6 +471,26 @@ def attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
     return record
 
 
+def _check_same_kind_of_base(model: GPT, directory: str) -> None:
+    """Refuse a fine-tune's adapter on a base of another vocabulary or context: its LoRA shapes
+    may fit (they follow n_embd alone), but the model would read and write another alphabet
+    (a text model's adapter on a task model printed bytes as digits, rc 0). A base of the same
+    kind with other weights is a note (:func:`_note_other_bases`)."""
+    meta = Path(recover(directory) or directory) / META_FILE
+    if not meta.is_file():
+        return  # plain adapter files record no base
+    recorded = read_json(meta, "--adapter").get("model_config")
+    if not isinstance(recorded, dict):
+        return
+    here = dataclasses.asdict(model.config)
+    differ = [f"{k} {recorded[k]} (the base here: {here[k]})" for k in ("vocab_size", "block_size")
+              if k in recorded and recorded[k] != here[k]]
+    if differ:
+        raise ConfigError(f"--adapter {directory!r} was fine-tuned on a base of another kind: "
+                          f"{', '.join(differ)}; it reads and writes that base's tokens, so load "
+                          f"it on a base like its own")
+
+
 def _note_other_bases(checkpoint: str | None, dirs: list, records: list[dict]) -> None:
     """A note for each fine-tune among the adapters ``dirs`` (their ``adapter_record``) made from
     a base whose weights are not those of ``checkpoint`` (the SHA-256 its record keeps against
@@ -496,6 +516,8 @@ def _attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
             raise ConfigError(f"--use {args.use!r} needs the adapter it names (--adapter DIR)")
         return None
     records = [adapter_record(d) for d in dirs]
+    for d in dirs:
+        _check_same_kind_of_base(model, d)
     _note_other_bases(getattr(args, "checkpoint", None), dirs, records)
     kinds = [cli_family.peft_type_in(d) for d in dirs]
     if any(kinds):  # a method of the family: detected from adapter_config.json's peft_type

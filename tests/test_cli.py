@@ -372,3 +372,22 @@ def test_a_target_name_that_matches_no_layer_is_refused(trained, tmp_path, capsy
                    "called so (its linear layers: fc, k_proj, o_proj, proj, q_proj, v_proj); "
                    "v_prj: did you mean v_proj?"], err
     assert not out.exists()
+
+
+def test_an_adapter_of_a_base_of_another_vocabulary_is_refused(trained, tmp_path, capsys):
+    """Its LoRA shapes fit (they follow n_embd alone), so a text model's adapter went on a task
+    model with only a note, and printed its bytes as digits (rc 0)."""
+    text = tmp_path / "t.txt"
+    text.write_text("abc abd abe " * 40, encoding="utf-8")
+    small = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--no-progress"]
+    assert main(["train", "--text", str(text), "--block-size", "16", "--steps", "2",
+                 "--out", str(tmp_path / "story"), *small]) == 0
+    assert main(["finetune", "--from", str(tmp_path / "story"), "--text", str(text), "--steps",
+                 "2", "--out", str(tmp_path / "letters"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(trained), "--adapter", str(tmp_path / "letters"),
+                 "--prompt", "1+2="]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert f"--adapter {str(tmp_path / 'letters')!r} was fine-tuned on a base of another kind: " \
+           f"vocab_size 257 (the base here: " in err
