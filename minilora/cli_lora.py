@@ -623,8 +623,12 @@ def _merge(args: argparse.Namespace) -> int:
         what, update = f"adapter {record['adapter_name']!r}", "W + s B A"
     into = args.into
     print(f"merged {what} into {args.checkpoint!r}", flush=True)
-    extra = {**ck.extra, "merged": {"adapter": [str(Path(a).resolve()) for a in args.adapter],
-                                    "into": into}}
+    # the merged model is the fine-tuned one: it was trained on the adapter's data (eval's
+    # default task), when the adapter records it, not on the base's
+    trained_on = record.get("data") or {}
+    kept = {k: v for k, v in ck.extra.items() if not trained_on or k not in _DATA_KEYS}
+    extra = {**kept, **trained_on, "merged": {"adapter": [str(Path(a).resolve())
+                                                          for a in args.adapter], "into": into}}
     if into != "float32":
         before = _float_weights(model)
         merged_float = _copy(model)
@@ -640,6 +644,10 @@ def _merge(args: argparse.Namespace) -> int:
                     extra=extra)
     print(f"merged checkpoint in {args.out}", flush=True)
     return 0
+
+
+# what a checkpoint's extra says about the data it was trained on
+_DATA_KEYS = ("task", "text", "jsonl", "n_heldout", "split_seed")
 
 
 def _copy(model: GPT) -> GPT:
@@ -683,6 +691,7 @@ def _quantize(args: argparse.Namespace) -> int:
                          double_quant=not args.no_double_quant)
     err = _weight_error(before, model)
     save_checkpoint(args.out, model, model_config=model.config, tokenizer=ck.tokenizer,
+                    step=ck.step,  # a copy of the checkpoint: its step, as inspect shows it
                     extra={**ck.extra, "quantized": {"quant_type": args.quant_type,
                                                      "blocksize": args.quant_blocksize,
                                                      "double_quant": not args.no_double_quant}})
@@ -808,8 +817,11 @@ def _inspect_rows(path: str) -> list[tuple[str, str]]:
             packed = total - sum(p.size for p in floats)
             if packed > 0:  # the float embeddings, norms and biases weigh on the mean: say so
                 rest = held - sum(int(p.data.nbytes) for p in floats)
-                bits += (f" ({packed:,} quantized weights at {8 * rest / packed:.3f} with their "
-                         f"constants, the other {total - packed:,} in {_dtype_names(floats)})")
+                states = [m.quant_state for m in model.modules() if hasattr(m, "quant_state")]
+                codes = 8 * sum(q.nbytes for q in states) / packed  # what `quantize` reports
+                bits += (f" ({packed:,} quantized weights at {codes:.3f} in codes and scales, "
+                         f"{8 * rest / packed:.3f} with each layer's code tables as the file "
+                         f"holds them; the other {total - packed:,} in {_dtype_names(floats)})")
             rows.append(("bits per parameter", bits))
         for key in ("task", "text", "jsonl"):
             if key in ck.extra:

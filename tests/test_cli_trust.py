@@ -743,11 +743,17 @@ def test_inspect_splits_a_4bit_checkpoints_bits_into_quantized_and_float(trained
     assert main(["quantize", "--checkpoint", str(trained), "--out", str(q)]) == 0
     capsys.readouterr()
     assert main(["inspect", str(q)]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if "bits per" in line)
-    m = re.search(r"bits per parameter\s+([\d.]+) \(([\d,]+) quantized weights at ([\d.]+) with "
-                  r"their constants, the other ([\d,]+) in float32\)", row)
+    shown = capsys.readouterr().out.splitlines()
+    row = next(line for line in shown if "bits per" in line)
+    # a 4-bit copy of the checkpoint keeps its step (it said step 0)
+    assert any(line.split() == ["step", str(load_checkpoint(trained).step)] for line in shown)
+    m = re.search(r"bits per parameter\s+([\d.]+) \(([\d,]+) quantized weights at ([\d.]+) in "
+                  r"codes and scales, ([\d.]+) with each layer's code tables as the file holds "
+                  r"them; the other ([\d,]+) in float32\)", row)
     assert m, row
-    mean, packed, qbits, rest = (float(g.replace(",", "")) for g in m.groups())
+    mean, packed, codes, qbits, rest = (float(g.replace(",", "")) for g in m.groups())
+    # at least what `quantize` says (QLoRA's 4 + 8/64 + 32/(64 * 256))
+    assert 4.127 <= codes < qbits  # a small layer pads its last blocks: above 4.127
     model, _ = load_model(str(trained))
     layers = [mod for _, mod in model.named_modules() if type(mod).__name__ == "Linear"]
     assert packed == sum(mod.in_features * mod.out_features for mod in layers)
