@@ -230,6 +230,11 @@ def _sample(args: argparse.Namespace) -> int:
                                         top_k=top_k, seed=seed))[0, ids.size:]
         if eot is not None and (out == eot).any():  # a completion ends at end-of-text
             out = out[:int(np.argmax(out == eot))]
+            if not out.size:  # else an empty line, which reads as a failure
+                print(f"minilora sample: note: the model ended the text at once (end-of-text "
+                      f"came first{f' with --seed {seed}' if seed is not None else ''}); "
+                      f"another --seed or a higher --temperature samples another start",
+                      file=sys.stderr, flush=True)
         text = tok.decode(out)
         if "task" in trained_on and END in text:
             text = text[:text.index(END) + 1]  # a task answer ends at the end mark

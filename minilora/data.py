@@ -471,8 +471,8 @@ class ArithmeticTask:
 
 def _check_digits(digits: Any, who: str) -> None:
     if not is_int(digits) or not MIN_DIGITS <= digits <= MAX_DIGITS:
-        raise ConfigError(f"{who}: digits must be an int in [MIN_DIGITS, MAX_DIGITS] = "
-                          f"[{MIN_DIGITS}, {MAX_DIGITS}], got {digits!r}")
+        raise ConfigError(f"{who}: digits must be an int from {MIN_DIGITS} to {MAX_DIGITS} "
+                          f"(operands of that many digits), got {digits!r}")
 
 
 def _sum(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:

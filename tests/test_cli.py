@@ -406,3 +406,26 @@ def test_a_merged_checkpoint_is_evaluated_on_its_adapter_s_task(trained, tmp_pat
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / "merged"), "--examples", "5"]) == 0
     assert capsys.readouterr().out.startswith("task 'nocarry'")
+
+
+def test_a_sample_that_ends_at_once_says_so(tmp_path, capsys, monkeypatch):
+    """An empty continuation printed the prompt alone, which reads as a failure."""
+    from minilora import backend as B
+    from minilora.gpt import GPT
+
+    text = tmp_path / "t.txt"
+    text.write_text("abc abd abe " * 40, encoding="utf-8")
+    assert main(["train", "--text", str(text), "--block-size", "16", "--steps", "2", "--n-layer",
+                 "1", "--n-head", "2", "--n-embd", "16", "--no-progress",
+                 "--out", str(tmp_path / "story")]) == 0
+    eot = load_checkpoint(tmp_path / "story").tokenizer.eot_id
+    monkeypatch.setattr(GPT, "generate", lambda self, idx, n, **kw: B.xp.concatenate(
+        [idx, B.xp.full((idx.shape[0], n), eot, dtype=idx.dtype)], axis=1))
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(tmp_path / "story"), "--prompt", "ab",
+                 "--seed", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "ab\n"
+    assert err == ("minilora sample: note: the model ended the text at once (end-of-text came "
+                   "first with --seed 3); another --seed or a higher --temperature samples "
+                   "another start\n")
