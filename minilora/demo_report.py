@@ -306,12 +306,12 @@ def _plot_accuracy(results: dict, plt: Any, path: Path) -> None:
                label=f"no carry ({share:.1%} of questions): A and B agree")
     ax.set_xticks(x, ["base\n(before fine-tuning)"] + [LABELS[m] for m in methods])
     ax.set_ylim(0, 1.3)  # room above the bars for the legend
-    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_yticks(np.linspace(0, 1, 6), [f"{v:.0%}" for v in np.linspace(0, 1, 6)])  # as the bars
     ax.set_ylabel("held-out exact match")
     ax.set_title("accuracy per method")
     handles, labels = ax.get_legend_handles_labels()  # the line first: put the bars first
     ax.legend(handles[1:] + handles[:1], labels[1:] + labels[:1], loc="upper center", ncol=3,
-              fontsize=8, frameon=False)
+              fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.98))  # clear of the frame
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -376,10 +376,13 @@ def _plot_memory(results: dict, plt: Any, path: Path) -> None:
                loc="upper right", fontsize=8, frameon=False)
     step = np.array([r["step_seconds"] for r in rs]) * 1e3
     ax2.bar(x, step, color=COLORS)
+    tops = []
     for i, r in enumerate(rs):
         times = [1e3 * t for t in r.get("step_seconds_all") or [r["step_seconds"]]]
         ax2.errorbar(i, step[i], yerr=_whiskers(times, step[i]), color="k", capsize=4, lw=1)
-        ax2.text(i + 0.08, step[i] * 0.5, f"{step[i]:.0f} ms", fontsize=8)
+        tops.append(max(max(times), step[i]))
+        ax2.text(i, tops[-1] * 1.03, f"{step[i]:.0f} ms", ha="center", va="bottom", fontsize=8)
+    ax2.set_ylim(0, max(tops) * 1.15)  # the labels above the whiskers, as on the left
     ax2.set_xticks(x, [LABELS[m] for m in methods])
     ax2.set_ylabel("ms")
     ax2.set_title("time of a training step (median; whiskers: range)", fontsize=10)
@@ -440,7 +443,7 @@ def _plot_switching(results: dict, plt: Any, path: Path) -> None:
     ax.set_xlabel("held-out exact match on")
     ax.set_title("one base, two adapters: accuracy by active adapter")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the grid is square: no blank margin
     plt.close(fig)
 
 
