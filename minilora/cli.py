@@ -267,6 +267,7 @@ def _eval(args: argparse.Namespace) -> int:
         acc = jsonl_exact_match(model, data, n)
         print(f"JSONL {data.path!r}: held-out exact match {acc:.1%} on {n} prompts "
               f"({time.perf_counter() - start:.1f} s)")
+        _show_jsonl_examples(model, data, tok, min(args.show, n))
         return 0
     if args.task is None and "text" in trained_on:
         path = (trained_on["text"] or {}).get("path")
@@ -293,6 +294,26 @@ def _eval(args: argparse.Namespace) -> int:
           f"{acc:.1%} on {n} questions ({time.perf_counter() - start:.1f} s)")
     _show_examples(model, data, args.show)
     return 0
+
+
+def _show_jsonl_examples(model: GPT, data: Any, tok: Any, n: int) -> None:
+    """The first ``n`` held-out prompts with the model's completion and the true one, as the
+    tasks' examples are shown (each cut at end-of-text, which the completion must reach)."""
+    if n <= 0:
+        return
+    from .jsonl import greedy_completions
+
+    prompts, completions = data.heldout(n)
+    eot = getattr(tok, "eot_id", None)
+
+    def text(ids: Any) -> str:
+        ids = np.asarray(ids)
+        if eot is not None and (ids == eot).any():
+            ids = ids[:int(np.argmax(ids == eot))]
+        return tok.decode(ids)
+    for p, c, g in zip(prompts, completions, greedy_completions(model, data, n)):
+        mark = "ok   " if np.array_equal(c, g) else "WRONG"
+        print(f"  {mark} {text(p)!r} -> {text(g)!r}   (true {text(c)!r})")
 
 
 def _show_examples(model: GPT, data: TaskDataset, n: int) -> None:

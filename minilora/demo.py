@@ -206,7 +206,7 @@ def _base_model(s: DemoSettings, out: Path, progress: bool, log: Callable[[str],
         model, ckpt = load_model(base_dir)
         if ckpt.extra.get("demo_settings") == wanted["demo_settings"] and \
                 ckpt.step == s.base_steps:  # a base whose training was cut short is retrained
-            log(f"[1/5] reusing the task-A base checkpoint in {base_dir.name}/ "
+            log(f"[1/5] reusing the task-A base checkpoint in {str(base_dir)!r} "
                 f"(delete it to retrain)")
             history_file = base_dir / HISTORY_FILE
             try:  # the plot's data only: a damaged or oversized file is no reason to retrain

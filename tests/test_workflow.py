@@ -183,8 +183,13 @@ def test_a_byte_base_adapts_to_a_text_with_new_characters_and_to_jsonl(tmp_path)
                              for w in words))
     _ok("finetune", "--from", base, "--data", pairs, "--out", tmp_path / "rev", "--steps", "10",
         "--batch-size", "8", "--eval-examples", "4", "--no-progress")
-    said = _ok("eval", "--checkpoint", base, "--adapter", tmp_path / "rev", "--examples", "4")
+    said = _ok("eval", "--checkpoint", base, "--adapter", tmp_path / "rev", "--examples", "4",
+               "--show", "2")
     assert "held-out exact match" in said and "prompts" in said
+    # its examples are shown as a task's are: prompt, the model's completion, the true one
+    shown = [line for line in said.splitlines() if line.startswith("  ")]
+    assert len(shown) == 2 and all(re.fullmatch(r"  (ok   |WRONG) 'rev \w+=' -> '.*'   \(true "
+                                                 r"'\w+'\)", line) for line in shown), shown
     sampled = _ok("sample", "--checkpoint", base, "--adapter", tmp_path / "rev", "--prompt",
                   "rev ab=", "--max-new-tokens", "5")
     assert sampled.startswith("rev ab=")  # greedy, and cut at the end-of-text token
