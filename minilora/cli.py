@@ -276,13 +276,11 @@ def _eval(args: argparse.Namespace) -> int:
                           f"match: pass --text FILE for its perplexity on a text, or --task NAME "
                           f"({', '.join(TASKS)}) or --data FILE.jsonl to score answers")
     data = task_dataset(trained_on, args.task)
-    if (tok is not None and tok != data.tokenizer) or \
-            model.config.vocab_size != data.tokenizer.vocab_size:
+    if tok != data.tokenizer or model.config.vocab_size < data.tokenizer.vocab_size:
         raise ConfigError(f"eval --task {data.task.name}: the task's {data.tokenizer.vocab_size} "
                           f"symbols are not this model's vocabulary ({model.config.vocab_size} "
-                          f"tokens, its own tokenizer), so its answers could not be read; a task "
-                          f"is scored on a model trained on one (train --task, or finetune "
-                          f"--from ... --task)")
+                          f"tokens), so its answers could not be read; a task is scored on a "
+                          f"model trained on one (train --task, or finetune --from ... --task)")
     if data.block_size > block:
         beside = f" beside {model.num_virtual_tokens} virtual tokens" \
             if model.num_virtual_tokens else ""
@@ -543,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the command's own parser, which knows the flags it takes
-        parser.subcommand(args.command).unrecognized(extra)
+        parser.subcommand(args.command).unrecognized(extra, parser.flags_elsewhere(args.command))
 
     def note(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
              line: Any = None) -> None:

@@ -224,21 +224,41 @@ class Parser(argparse.ArgumentParser):
 
     def subcommand(self, name: str) -> Parser:
         """The parser of sub-command ``name`` (this one when it has none of that name)."""
-        for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
-                return action.choices[name]
-        return self
+        return self._subcommands().get(name, self)
 
-    def unrecognized(self, extra: list[str]) -> Any:
-        """The one-line error for arguments this (sub)command does not take, with the nearest
-        flag it does take for each mistyped one (``--taks``: did you mean --task?)."""
+    def _subcommands(self) -> dict[str, Parser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+    def flags_elsewhere(self, name: str) -> dict[str, list[str]]:
+        """``{flag: the other sub-commands that take it}`` for the flags ``name`` lacks."""
+        commands = self._subcommands()
+        own = set(commands[name]._option_string_actions) if name in commands else set()
+        found: dict[str, list[str]] = {}
+        for other, parser in commands.items():
+            for flag in parser._option_string_actions:
+                if other != name and flag not in own and other not in found.get(flag, []):
+                    found.setdefault(flag, []).append(other)
+        return found
+
+    def unrecognized(self, extra: list[str], elsewhere: dict[str, list[str]] | None = None) -> Any:
+        """The one-line error for arguments this (sub)command does not take: for each flag that
+        another command takes (``elsewhere``: flag -> those commands), which ones; else the nearest
+        flag this one takes (``--taks``: did you mean --task?), for names of 3 letters or more
+        (``--r`` is not a short ``--lr``)."""
         flags = [f for f in self._option_string_actions if f.startswith("--")]
         hints = []
         for token in extra:
-            if token.startswith("--"):
-                near = difflib.get_close_matches(token.split("=", 1)[0], flags, n=1, cutoff=0.6)
-                if near:
-                    hints.append(f"{token.split('=', 1)[0]}: did you mean {near[0]}?")
+            flag = token.split("=", 1)[0]
+            if not flag.startswith("--"):
+                continue
+            if (elsewhere or {}).get(flag):
+                hints.append(f"{flag} is a flag of {' and '.join(elsewhere[flag])}")
+            elif len(flag) >= 5 and (near := difflib.get_close_matches(flag, flags, n=1,
+                                                                        cutoff=0.6)):
+                hints.append(f"{flag}: did you mean {near[0]}?")
         hint = f"; {'; '.join(hints)}" if hints else ""
         self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 

@@ -487,8 +487,8 @@ def _check_same_kind_of_base(model: GPT, directory: str) -> None:
               if k in recorded and recorded[k] != here[k]]
     if differ:
         raise ConfigError(f"--adapter {directory!r} was fine-tuned on a base of another kind: "
-                          f"{', '.join(differ)}; it reads and writes that base's tokens, so load "
-                          f"it on a base like its own")
+                          f"{', '.join(differ)}; it learned that base's tokens and positions, so "
+                          f"load it on a base like its own")
 
 
 def _note_other_bases(checkpoint: str | None, dirs: list, records: list[dict]) -> None:

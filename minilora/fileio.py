@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from .errors import CheckpointError, DestinationError, DiskFullError, check_path
+from .errors import CheckpointError, DestinationError, DiskFullError, MiniLoraError, check_path
 from .filelock import claim, reading, swapping, writing
 
 MANIFEST = "manifest.json"
@@ -347,7 +347,7 @@ def _disk_full(dest: Path, stage: Staging, exc: OSError) -> DiskFullError:
     try:
         fs = os.statvfs(dest.parent)
         free = f"{fs.f_bavail * fs.f_frsize:,} bytes free"  # shutil.disk_usage's "free"
-        if fs.f_favail == 0:  # ENOSPC too: the bytes may be there, but not one more file
+        if fs.f_files and fs.f_favail == 0:  # ENOSPC too: bytes there, no inode (f_files 0: btrfs)
             return DiskFullError(f"no free inodes (room for new files) left on the device to "
                                  f"write {str(dest)!r} ({free}); the previous save there, if "
                                  f"any, is untouched")
@@ -519,7 +519,7 @@ def read_whole(path: str | Path, read: Callable[[], T], who: str = "load") -> T:
             before = _manifest_bytes(where)  # the check below: where it cannot, or waits too long
             try:
                 result = read()
-            except (CheckpointError, OSError):
+            except (MiniLoraError, OSError):  # a torn read may surface as any of them
                 if _manifest_bytes(where) != before:
                     continue  # a new save went in during the read: read that one
                 raise

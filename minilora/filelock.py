@@ -11,8 +11,9 @@ silently wins. So a writer holds ``.NAME.lock`` in DEST's parent, locked with ``
   once, naming DEST and the other process.
 
 The lock belongs to the process and nests (a run that holds its ``--out`` saves into it). The
-kernel drops it when its holder dies, so a kill leaves nothing to clean up; the holder removes the
-file when it lets go, and a taker checks that the file it locked is still the one at that name.
+kernel drops it when its holder dies, so a kill leaves at most an unlocked file, which the next
+writer takes; the holder removes the file when it lets go, and a taker checks that the file it
+locked is still the one at that name.
 Where ``flock`` is missing (Windows) or the lock file cannot be made (a read-only medium, where
 the save itself will say why it cannot be written) no lock is taken.
 
@@ -62,6 +63,16 @@ def lock_file(dest: str | os.PathLike) -> Path:
     return dest.parent / f".{dest.name}{SUFFIX}"
 
 
+def _key(path: Path) -> str:
+    """One name per file whatever the way to it (relative, through a link to the folder, after a
+    chdir): the resolved parent and the name. Two names for one lock file would have this process
+    wait for its own lock, flock telling two open files apart even in one process."""
+    try:
+        return str(path.parent.resolve() / path.name)
+    except OSError:  # pragma: no cover - a parent that cannot be resolved
+        return os.path.abspath(path)
+
+
 # a lock file is opened without following a link (a link there would have minilora write into,
 # or create, a file elsewhere) and without waiting (a FIFO there would block the open)
 _OPEN = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | \
@@ -82,6 +93,7 @@ def _holder(path: str) -> str:
 
 
 def _unusable(subject: str, path: str, why: str) -> DestinationError:
+    """The refusal of a lock file that is there but cannot serve."""
     return DestinationError(f"{subject} cannot be locked against a second writer: {path!r} "
                             f"{why}; remove it (no minilora process is using it then) or choose "
                             f"another path")
@@ -137,7 +149,7 @@ def _acquire(dest: Path, subject: str, wait: float) -> str | None:
     ``subject`` begins the refusal: "--out 'runs/x'", "the save 'runs/x'"."""
     if fcntl is None:
         return None
-    key = os.path.abspath(lock_file(dest))
+    key = _key(lock_file(dest))
     if key in _held and _held[key][2] != os.getpid():
         del _held[key]  # a forked child's copy: the lock stays its parent's
     if key in _held:
@@ -159,8 +171,9 @@ def _acquire(dest: Path, subject: str, wait: float) -> str | None:
 
 
 def _release(key: str | None) -> None:
-    if key is None:
-        return
+    """Let go of one hold of ``key``; the last one removes the lock file and closes it."""
+    if key is None or key not in _held or _held[key][2] != os.getpid():
+        return  # a forked child unwinding its parent's hold: the lock stays the parent's
     entry = _held[key]
     entry[1] -= 1
     if entry[1] == 0:
@@ -226,10 +239,29 @@ def claim(dest: str | os.PathLike, what: str = "the output") -> None:
 
 
 def _open_dir(path: Path) -> int | None:
+    """A read-only fd of directory ``path``, or None when it is not there."""
     try:
         return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:  # missing (a swap half done, or nothing there): the loader says or recovers
         return None
+
+
+def _flock_until(fd: int, op: int, seconds: float, pause: float = 0.0005) -> bool:
+    """Take flock ``op`` (LOCK_SH or LOCK_EX) on ``fd``, trying again every ``pause`` seconds
+    while another holds a conflicting one, for at most ``seconds``. False when it could not be
+    taken in time, or at all (a file system without flock): the caller goes on unlocked. Polled,
+    not blocking, so that a Ctrl-C or a hung holder never leaves anyone waiting for ever."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(pause)
+        except OSError:  # ENOLCK, ENOSYS: no flock here
+            return False
 
 
 def _pass_gates(parent: Path, prefix: str) -> None:
@@ -239,24 +271,26 @@ def _pass_gates(parent: Path, prefix: str) -> None:
         names = [e for e in os.listdir(parent) if e.startswith(prefix)]
     except OSError:
         return
-    deadline = time.monotonic() + SWAP_WAIT + 5.0  # a writer that hangs holds no one for ever
     for name in names:
         fd = _open_dir(parent / name)
-        if fd is None:
-            continue
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.002)
-                except OSError:
-                    break
-        finally:
-            os.close(fd)
+        if fd is not None:
+            try:  # a writer that hangs holds no one for ever
+                _flock_until(fd, fcntl.LOCK_SH, SWAP_WAIT + 5.0, pause=0.002)
+            finally:
+                os.close(fd)
+
+
+# the directories this thread is loading now: a load inside another load of the same save
+# (load_base reads the checkpoint through load_model) must not wait at the gate for a writer
+# that waits for the outer load
+_local = threading.local()
+
+
+def _loading() -> set:
+    """The directories this thread is loading now."""
+    if not hasattr(_local, "reading"):
+        _local.reading = set()
+    return _local.reading
 
 
 @contextmanager
@@ -265,28 +299,33 @@ def reading(directory: str | os.PathLike, gates: str | None = None) -> Iterator[
     (:func:`swapping`) waits until the block ends. First the load waits at the writer's gate
     (folders beside ``directory`` whose names start with ``gates``, a writer's staging folders),
     so that a swap waiting for the loads in progress is not held off by new ones: flock itself
-    would keep granting shared locks to a stream of loads. Where no lock can be taken, the block
-    runs unlocked."""
-    fd = None
-    if fcntl is not None:
-        path = Path(directory)
+    would keep granting shared locks to a stream of loads. Nested in a load of the same directory
+    it only runs the block; where no lock can be taken, the block runs unlocked."""
+    key = _key(Path(directory))
+    if fcntl is None or key in _loading():
+        yield
+        return
+    path, fd = Path(directory), None
+    try:
         if gates:
             _pass_gates(path.parent, gates)
         for _ in range(3):
             fd = _open_dir(path)
             if fd is None:
                 break
-            try:  # waits only while a swap's two renames run
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    break  # no swap went by while it waited: this is the save at ``directory``
-            except OSError:
-                pass
+            # a swap holds it only for its two renames, the gate keeps new swaps back meanwhile
+            if _flock_until(fd, fcntl.LOCK_SH, SWAP_WAIT + 5.0):
+                try:
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        break  # no swap went by while it waited: the save at ``directory``
+                except OSError:
+                    pass
             os.close(fd)
             fd = None
-    try:
+        _loading().add(key)
         yield
     finally:
+        _loading().discard(key)
         if fd is not None:
             os.close(fd)
 
@@ -296,21 +335,10 @@ def _close_gate(stage: str | os.PathLike | None) -> int | None:
     at it (:func:`_pass_gates`); its fd, or None. Loads only touch it in passing, so a short
     wait is enough; without it the swap waits as before."""
     fd = _open_dir(Path(stage)) if stage is not None and fcntl is not None else None
-    if fd is None:
-        return None
-    deadline = time.monotonic() + 1.0
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.0005)
-        except OSError:
-            break
-    os.close(fd)
-    return None
+    if fd is not None and not _flock_until(fd, fcntl.LOCK_EX, 1.0):
+        os.close(fd)
+        fd = None
+    return fd
 
 
 @contextmanager
@@ -318,51 +346,19 @@ def swapping(dest: str | os.PathLike, stage: str | os.PathLike | None = None,
              wait: float | None = None) -> Iterator[None]:
     """Hold the save directory ``dest`` exclusively for the block (a swap), once the loads that
     hold it (:func:`reading`) have ended, or after ``wait`` seconds (None: :data:`SWAP_WAIT`)
-    whatever they do. Meanwhile ``stage``, the staging folder about to be swapped in, is the
-    gate at which new loads wait."""
-    gate = _close_gate(stage)
+    whatever they do (their manifest check then reads again). Meanwhile ``stage``, the staging
+    folder about to be swapped in, is the gate at which new loads wait."""
+    gate = fd = None
     try:
-        with _exclusive(dest, wait):
-            yield
-    finally:
-        if gate is not None:
-            os.close(gate)
-
-
-@contextmanager
-def _exclusive(dest: str | os.PathLike, wait: float | None) -> Iterator[None]:
-    fd = _open_dir(Path(dest)) if fcntl is not None else None
-    if fd is None:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no load in progress: the usual case
-    except OSError:
-        pass
-    else:
-        try:
-            yield
-        finally:
-            os.close(fd)
-        return
-    # a load holds it: wait in a thread, which owns fd from here on, so that the wait can end
-    got, done = threading.Event(), threading.Event()
-
-    def take() -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            got.set()
-            done.wait()
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    threading.Thread(target=take, daemon=True, name="minilora-swap-lock").start()
-    got.wait(SWAP_WAIT if wait is None else wait)
-    try:
+        gate = _close_gate(stage)
+        fd = _open_dir(Path(dest)) if fcntl is not None else None
+        if fd is not None:
+            _flock_until(fd, fcntl.LOCK_EX, SWAP_WAIT if wait is None else wait)
         yield
     finally:
-        done.set()
+        for held in (fd, gate):
+            if held is not None:
+                os.close(held)
 
 
 __all__ = ["SUFFIX", "WAIT", "SWAP_WAIT", "lock_file", "writing", "claims", "claim", "reading",

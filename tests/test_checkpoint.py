@@ -166,7 +166,7 @@ def test_a_device_out_of_inodes_is_not_called_out_of_bytes(tmp_path, monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     class Full:  # os.statvfs of a file system with space and no inode left
-        f_favail, f_bavail, f_frsize = 0, 1000, 4096
+        f_files, f_favail, f_bavail, f_frsize = 1000, 0, 1000, 4096
     monkeypatch.setattr(fileio_mod, "_write_chunk", no_inodes)
     monkeypatch.setattr(fileio_mod.os, "statvfs", lambda path: Full)
     with pytest.raises(DiskFullError, match=r"no free inodes \(room for new files\) left on the "

@@ -269,12 +269,14 @@ def test_blas_threads_can_be_limited_after_numpy_is_loaded(capsys):
 @pytest.mark.host_only("argument parsing")
 @pytest.mark.parametrize("argv, said", [
     (["train", "--r", "4", "--task", "add"], "minilora train: error: unrecognized arguments: "
-                                             "--r 4; --r: did you mean --lr?"),
+                                             "--r 4; --r is a flag of finetune"),
+    (["sample", "--checkpoint", "x", "--prompt", "1", "--steps", "3"],
+     "--steps is a flag of train and finetune"),
     (["train", "--taks", "add"], "minilora train: error: unrecognized arguments: --taks add; "
                                  "--taks: did you mean --task?"),
     (["eval", "--checkpoint", "x", "--ex", "3"], "minilora eval: error: unrecognized arguments: "
                                                  "--ex 3"),
-    (["finetune", "--from", "x", "--rr=4"], "--rr: did you mean --r?"),
+    (["finetune", "--from", "x", "--stepz=4"], "--stepz: did you mean --steps?"),
     (["sample", "--checkpoint", "x", "--prompt", "1", "spare"],
      "minilora sample: error: unrecognized arguments: "
      "spare (see minilora sample --help)"),
@@ -420,7 +422,7 @@ def test_a_sample_that_ends_at_once_says_so(tmp_path, capsys, monkeypatch):
                  "--out", str(tmp_path / "story")]) == 0
     eot = load_checkpoint(tmp_path / "story").tokenizer.eot_id
     monkeypatch.setattr(GPT, "generate", lambda self, idx, n, **kw: B.xp.concatenate(
-        [idx, B.xp.full((idx.shape[0], n), eot, dtype=idx.dtype)], axis=1))
+        [B.asarray(idx), B.xp.full((idx.shape[0], n), eot, dtype=idx.dtype)], axis=1))
     capsys.readouterr()
     assert main(["sample", "--checkpoint", str(tmp_path / "story"), "--prompt", "ab",
                  "--seed", "3"]) == 0

@@ -397,3 +397,100 @@ def test_a_stream_of_loads_does_not_hold_a_save_off(tmp_path):
     assert all(r.exitcode == 0 for r in readers)  # every load succeeded
     assert max(times) < filelock.SWAP_WAIT / 2, times
     assert load_checkpoint(where).step == 3
+
+
+# ------------------------------------------------------------ what the review of the locks found
+
+
+@pytest.mark.host_only("files only")
+def test_a_ctrl_c_while_a_swap_waits_leaves_nothing_locked(tmp_path, monkeypatch):
+    """The wait ran in a thread that took the lock later and kept it for the process's life:
+    every later load of the save hung."""
+    dest = tmp_path / "s"
+    with atomic_directory(dest) as stage:
+        stage.write_bytes("a", b"1")
+    inside, release = threading.Event(), threading.Event()
+
+    def load():
+        with filelock.reading(dest):
+            inside.set()
+            release.wait(10)
+    reader = threading.Thread(target=load)
+    reader.start()
+    assert inside.wait(10)
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(filelock.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with filelock.swapping(dest):
+            pass
+    monkeypatch.undo()
+    release.set()
+    reader.join()
+    fd = os.open(dest, os.O_RDONLY)
+    try:  # nobody holds the save any more
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.host_only("files only")
+def test_a_file_system_without_flock_saves_without_waiting(tmp_path, monkeypatch):
+    """ENOLCK was taken for 'a load holds it': every save over an existing one waited 10 s."""
+    def no_flock(fd, op):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(filelock.fcntl, "flock", no_flock)
+    dest = tmp_path / "s"
+    t0 = time.monotonic()
+    for k in range(3):
+        with atomic_directory(dest) as stage:
+            stage.write_bytes("a", b"%d" % k)
+        assert read_whole(dest, lambda: (dest / "a").read_bytes()) == b"%d" % k
+    assert time.monotonic() - t0 < filelock.SWAP_WAIT / 2
+
+
+@pytest.mark.host_only("files only")
+def test_a_load_inside_a_load_of_the_same_save_does_not_wait_for_the_writer(tmp_path):
+    """load_base reads the checkpoint through load_model: the inner load waited at the gate of a
+    writer that waited for the outer load, 10 s each."""
+    dest = tmp_path / "s"
+    with atomic_directory(dest) as stage:
+        stage.write_bytes("a", b"old")
+    gates = f".{dest.name}.tmp-"
+
+    def save():
+        with atomic_directory(dest) as stage:
+            stage.write_bytes("a", b"new")
+    with filelock.reading(dest, gates):
+        writer = threading.Thread(target=save)
+        writer.start()
+        deadline = time.monotonic() + 10
+        while not any(e.startswith(gates) for e in os.listdir(tmp_path)):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)  # the writer is at its gate, waiting for this load
+        t0 = time.monotonic()
+        with filelock.reading(dest, gates):
+            pass
+        assert time.monotonic() - t0 < 1.0
+    writer.join()
+    assert (dest / "a").read_bytes() == b"new"
+
+
+@pytest.mark.host_only("files only")
+def test_one_destination_named_two_ways_is_one_lock(tmp_path, monkeypatch):
+    """A claim through the real folder and a save through a link to it (or the other way) made
+    two lock keys for one file: the process waited 60 s for its own lock, then blamed another."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.setattr(filelock, "WAIT", 0.5)
+    with filelock.claims():
+        filelock.claim(tmp_path / "real" / "x", "--resume")
+        with atomic_directory(tmp_path / "link" / "x") as stage:
+            stage.write_bytes("a", b"1")
+        monkeypatch.chdir(tmp_path / "real")
+        with atomic_directory("x") as stage:  # relative, after a chdir
+            stage.write_bytes("a", b"2")
+    assert (tmp_path / "real" / "x" / "a").read_bytes() == b"2"
+    assert sorted(os.listdir(tmp_path / "real")) == ["x"]

@@ -117,7 +117,7 @@ def _read_adapter(directory: str | os.PathLike, who: str, parse: Callable[[dict,
     if bad:  # loaded (one may want to look), but said, as model_from_checkpoint does
         warnings.warn(f"{who}: {str(found)!r}: {len(bad)} tensor(s) hold NaN or inf values "
                       f"({bad[0]!r} first), so the adapted model's outputs are not numbers",
-                      NonFiniteWarning, stacklevel=5)
+                      NonFiniteWarning, stacklevel=6)  # the caller of read_adapter_files' caller
     return parsed, arrays, found
 
 
