@@ -187,10 +187,18 @@ def check_in_place(path: str | Path, what: str = "--resume") -> Path:
     """Check, before any work, that a save can be written back where it was read (``--resume DIR``
     without another ``--out``): the directory and its parent writable, a name short enough, and
     no other process writing there (:func:`~minilora.filelock.claim`). Returns the path."""
-    path = check_writable(path, what)
+    path = _writable_and_claimed(path, what)
     check_writable(path.parent, what, shown=repr(str(path)))
+    return path
+
+
+def _writable_and_claimed(path: str | Path, what: str) -> Path:
+    """What every command's output gets checked for first: writable (:func:`check_writable`), a
+    name its staging folder fits beside, and claimed for the command (before a half-done swap
+    there is recovered: no other process may be writing it meanwhile)."""
+    path = check_writable(path, what)
     _check_name_length(path, what)
-    claim(path, what)
+    claim(path, what)  # inside a command: no other process writes here until it ends
     return path
 
 
@@ -221,9 +229,7 @@ def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple
             raise DestinationError(f"{what} {str(path)!r} is where {source_flag} {str(source)!r} "
                                    f"is read from: the save would replace it; choose another "
                                    f"path")
-    path = check_writable(path, what)
-    _check_name_length(path, what)
-    claim(path, what)  # inside a command: no other process writes here until it ends
+    path = _writable_and_claimed(path, what)
     # a swap a kill interrupted is finished (or undone) first: the save it holds is what
     # --overwrite protects, and the save about to be written would otherwise finish the swap
     # itself and then replace what it recovered

@@ -208,11 +208,17 @@ def claims() -> Iterator[None]:
     finally:
         for key, made in reversed(_claims.pop()):
             _release(key)
-            for folder in made:  # deepest first
-                try:
-                    folder.rmdir()
-                except OSError:  # not empty: the save is there
-                    break
+            _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: the first that is not holds the
+    save, and so do those above it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def claim(dest: str | os.PathLike, what: str = "the output") -> None:
@@ -229,11 +235,7 @@ def claim(dest: str | os.PathLike, what: str = "the output") -> None:
     try:
         key = _acquire(dest, f"{what} {str(dest)!r}", wait=0.0)
     except BaseException:
-        for folder in missing:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_empty(missing)
         raise
     _claims[-1].append((key, missing))
 
