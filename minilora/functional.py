@@ -66,7 +66,8 @@ def gelu(x: Tensor) -> Tensor:
 
     d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), with t the tanh above.
     The fast form (``fast.elementwise.gelu``) computes the same in cache-sized pieces, with
-    d/dx made in the forward pass while x is in cache.
+    (1 + t) / 2 made as sigmoid(2 c (x + a x^3)) (one exp) and d/dx made in the forward pass
+    while x is in cache.
     """
     fused = fast.kernel("gelu")
     if fused is not None:

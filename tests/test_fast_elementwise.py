@@ -11,6 +11,7 @@ the result is made of (where they cancel, the result can be much smaller than th
 
 from __future__ import annotations
 
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -227,6 +228,27 @@ def test_gelu_fast_form_across_piece_boundaries_and_non_contiguous_input(monkeyp
     weights = np.random.default_rng(1).standard_normal(13)
     (y_fast, [g_fast]), (y_ref, [g_ref]) = in_both_forms(F.gelu, [x], [True], weights)
     assert_gelu_close(x, weights, y_fast, y_ref, g_fast, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_fast_form_in_the_tails_is_the_reference_without_a_warning(dtype):
+    # far out the sigmoid's exp(-2v) overflows to inf (p = 0) or underflows to 0 (p = 1): the
+    # reference's tanh saturates at -1 or 1 there, so both give y = -0 / x and dy/dx = 0 / 1
+    x = np.array([-1e4, -300.0, -60.0, -12.0, 12.0, 60.0, 300.0, 1e4], dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow in exp would be a RuntimeWarning
+        y, dydx = (host(v) for v in elementwise.gelu(B.asarray(x), True))
+    with fast.reference():
+        y_ref = host(F.gelu(ml.Tensor(B.asarray(x))).data)
+    assert_close(y, y_ref, GELU_ULPS, "gelu in the tails", scale=np.abs(x))  # -0 or ~1e-61
+    assert_close(dydx, np.where(x > 0, 1.0, 0.0).astype(dtype), GELU_ULPS, "its derivative")
+    # infinities and NaN as the reference has them: -inf * 0 is NaN in both forms
+    x = np.array([-np.inf, np.inf, np.nan], dtype=dtype)
+    with np.errstate(all="ignore"):
+        y = host(elementwise.gelu(B.asarray(x), False)[0])
+        with fast.reference():
+            y_ref = host(F.gelu(ml.Tensor(B.asarray(x))).data)
+    np.testing.assert_array_equal(y, y_ref)
 
 
 def test_gelu_kernel_keeps_float32_and_skips_the_derivative_when_not_needed():
