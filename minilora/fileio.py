@@ -89,8 +89,18 @@ def _fsync_dir(path: Path) -> None:
 
 # ------------------------------------------------------------------------------ destinations
 
+# what a desktop or a tool puts into any folder it shows (Finder's .DS_Store and ._ files,
+# Jupyter's checkpoints) and the probes of ours a kill left: nobody's work, so they neither make a
+# folder non-empty nor keep a save there from being replaced. Any other entry counts, hidden or
+# not: a .git or a .notes inside a save is someone's, and a swap would delete it.
+_LITTER = frozenset({".DS_Store", ".ipynb_checkpoints"})
+_LITTER_PREFIXES = ("._", _PROBE)
+
+
 def _entries(path: Path) -> list[str]:
-    return sorted(e for e in os.listdir(path) if not e.startswith("."))
+    """The entries of directory ``path`` that are someone's files (all but the litter above)."""
+    return sorted(e for e in os.listdir(path)
+                  if e not in _LITTER and not e.startswith(_LITTER_PREFIXES))
 
 
 def is_save(path: str | Path, names: tuple[str, ...] = ()) -> bool:
@@ -344,6 +354,13 @@ def recover(dest: str | Path) -> Path | None:
     return dest
 
 
+def recovered(path: str | Path) -> Path:
+    """Where the save at ``path`` lies for a reader: ``path`` after :func:`recover` has finished
+    (or undone) a swap a kill left half done, the sibling holding it when it could not be renamed
+    back, or ``path`` itself when there is nothing to recover (the caller says what is missing)."""
+    return recover(path) or Path(path)
+
+
 def _clean(dest: Path) -> None:
     for p in _siblings(dest, _TMP) + _siblings(dest, _OLD):
         shutil.rmtree(p, ignore_errors=True)
@@ -381,10 +398,12 @@ def atomic_directory(path: str | Path, names: tuple[str, ...] = ()) -> Iterator[
     dest.parent.mkdir(parents=True, exist_ok=True)
     with writing(dest):  # one writer at a time (filelock)
         recover(dest)
-        if dest.is_dir() and _entries(dest) and not is_save(dest, names):
+        foreign = _foreign(dest, names) if dest.is_dir() and _entries(dest) else []
+        if foreign:  # what the swap would delete with the old save
             raise DestinationError(f"cannot save to {str(dest)!r}: it holds files that are not "
-                                   f"a minilora save ({', '.join(_entries(dest)[:3])}); choose "
-                                   f"another directory")
+                                   f"a minilora save ({', '.join(foreign[:3])}"
+                                   f"{', ...' if len(foreign) > 3 else ''}); choose another "
+                                   f"directory")
         _clean(dest)
         stage_path = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}{_TMP}"))
         os.chmod(stage_path, 0o777 & ~_umask())  # mkdtemp makes 0700; a save gets the umask's
@@ -549,7 +568,7 @@ def open_save(path: str | Path, who: str = "load", warn: bool = True) -> Path:
 
 
 __all__ = ["MANIFEST", "Staging", "atomic_directory", "write_files", "check_destination",
-           "check_writable", "is_save", "warn_no_manifest", "listed_digest", "recover",
+           "check_writable", "is_save", "warn_no_manifest", "listed_digest", "recover", "recovered",
            "check_in_place", "verify_manifest", "open_save", "read_whole", "READ_TRIES",
            "sha256_file",
            "NoManifestWarning"]

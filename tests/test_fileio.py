@@ -260,6 +260,50 @@ def test_check_destination_says_what_is_wrong(tmp_path, monkeypatch):
 
 
 @pytest.mark.host_only("files only")
+@pytest.mark.parametrize("entry, is_dir", [(".git", True), (".notes", False), (".env", False),
+                                           (".venv", True)])
+def test_a_hidden_entry_inside_a_save_is_someones_and_no_overwrite_deletes_it(tmp_path, entry,
+                                                                              is_dir):
+    """Hidden or not, what a user put inside a save (a repository's .git, notes) would go with
+    the old save in a swap: --overwrite is refused, naming it, and so is a save there at all."""
+    save = write_save(tmp_path / "save", OLD)
+    inside = save / entry
+    inside.mkdir() if is_dir else inside.write_text("mine", encoding="utf-8")
+    for overwrite in (False, True):
+        with pytest.raises(DestinationError, match=rf"other files beside a save \('\{entry}'\)"):
+            check_destination(save, overwrite=overwrite, what="--out")
+    with pytest.raises(DestinationError, match=rf"not a minilora save \(\{entry}\)"):
+        write_save(save, NEW)
+    assert inside.exists() and (save / "a.bin").read_bytes() == OLD["a.bin"]
+    alone = tmp_path / "alone"  # in a folder of its own it makes the folder not empty
+    alone.mkdir()
+    (alone / entry).mkdir() if is_dir else (alone / entry).write_text("x", encoding="utf-8")
+    with pytest.raises(DestinationError, match="holding other files"):
+        check_destination(alone, overwrite=True)
+
+
+@pytest.mark.host_only("files only")
+def test_the_litter_of_desktops_and_tools_neither_blocks_nor_survives_a_save(tmp_path):
+    """Finder's .DS_Store and ._ files, Jupyter's checkpoints and a stale probe of ours are
+    nobody's work: a folder holding only them is empty, a save holding them may be replaced."""
+    litter = [".DS_Store", "._a.bin", ".ipynb_checkpoints", ".minilora-probe-killed"]
+    for where in (tmp_path / "empty", tmp_path / "save"):
+        if where.name == "save":
+            write_save(where, OLD)
+        where.mkdir(exist_ok=True)
+        for name in litter:
+            if name in (".ipynb_checkpoints", ".minilora-probe-killed"):
+                (where / name).mkdir()
+            else:
+                (where / name).write_bytes(b"\0")
+        assert check_destination(where, overwrite=where.name == "save") == where
+        write_save(where, NEW)
+        assert contents(where) == NEW
+    with pytest.raises(DestinationError, match="already holds a save"):
+        check_destination(tmp_path / "save")
+
+
+@pytest.mark.host_only("files only")
 def test_the_probe_dirs_a_kill_left_are_swept(tmp_path):
     """A kill between making and removing check_writable's probe left a hidden folder behind at
     every such moment; the next check removes those a minute old or more that are empty."""
