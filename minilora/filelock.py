@@ -10,8 +10,10 @@ silently wins. So a writer holds ``.NAME.lock`` in DEST's parent, locked with ``
   ``--out`` as it checks it, so a second ``train --out DEST`` beside a running one is refused at
   once, naming DEST and the other process.
 
-The lock belongs to the process and nests (a run that holds its ``--out`` saves into it). The
-kernel drops it when its holder dies, so a kill leaves at most an unlocked file, which the next
+The lock belongs to the thread that took it and nests there (a run that holds its ``--out``
+saves into it); another thread of the same process waits for it as another process does, since
+two threads saving to one destination undo each other just the same. The kernel drops it when
+its holder dies, so a kill leaves at most an unlocked file, which the next
 writer takes; the holder removes the file when it lets go, and a taker checks that the file it
 locked is still the one at that name.
 Where ``flock`` is missing (Windows) or the lock file cannot be made (a read-only medium, where
@@ -52,7 +54,8 @@ SUFFIX = ".lock"
 WAIT = 60.0  # seconds a save waits for another writer's save to end
 SWAP_WAIT = 10.0  # seconds a swap waits for the loads in progress to end
 
-_held: dict[str, list[int]] = {}  # lock file -> [fd, depth, pid]: what this process holds
+# lock file -> [fd, depth, pid, thread id]: what this process's threads hold
+_held: dict[str, list[int]] = {}
 # one list per open claims() block: (lock file claimed, the folders the claim made for it)
 _claims: list[list[tuple[str | None, list[Path]]]] = []
 
@@ -150,31 +153,37 @@ def _acquire(dest: Path, subject: str, wait: float) -> str | None:
     if fcntl is None:
         return None
     key = _key(lock_file(dest))
-    if key in _held and _held[key][2] != os.getpid():
+    entry = _held.get(key)
+    if entry is not None and entry[2] != os.getpid():
         del _held[key]  # a forked child's copy: the lock stays its parent's
-    if key in _held:
-        _held[key][1] += 1
+    elif entry is not None and entry[3] == threading.get_ident():
+        entry[1] += 1
         return key
+    # held by another thread of this process, its flock stands against this one's as another
+    # process's would (flock tells open files apart): the loop below waits for either alike
     deadline = time.monotonic() + wait
     while True:
         fd = _lock(key, subject)
         if fd == -1:
             return None
         if fd is not None:
-            _held[key] = [fd, 1, os.getpid()]
+            _held[key] = [fd, 1, os.getpid(), threading.get_ident()]
             return key
         if time.monotonic() >= deadline:
-            raise DestinationError(f"{subject} is being written by another process"
-                                   f"{_holder(key)}: two writers would destroy each other's "
-                                   f"saves; wait for it to finish or choose another path")
+            entry = _held.get(key)
+            who = "another thread of this process" if entry is not None and \
+                entry[2] == os.getpid() else f"another process{_holder(key)}"
+            raise DestinationError(f"{subject} is being written by {who}: two writers would "
+                                   f"destroy each other's saves; wait for it to finish or choose "
+                                   f"another path")
         time.sleep(0.05)
 
 
 def _release(key: str | None) -> None:
     """Let go of one hold of ``key``; the last one removes the lock file and closes it."""
-    if key is None or key not in _held or _held[key][2] != os.getpid():
+    entry = _held.get(key) if key is not None else None
+    if entry is None or entry[2] != os.getpid() or entry[3] != threading.get_ident():
         return  # a forked child unwinding its parent's hold: the lock stays the parent's
-    entry = _held[key]
     entry[1] -= 1
     if entry[1] == 0:
         del _held[key]

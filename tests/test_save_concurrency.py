@@ -494,3 +494,60 @@ def test_one_destination_named_two_ways_is_one_lock(tmp_path, monkeypatch):
             stage.write_bytes("a", b"2")
     assert (tmp_path / "real" / "x" / "a").read_bytes() == b"2"
     assert sorted(os.listdir(tmp_path / "real")) == ["x"]
+
+
+@pytest.mark.host_only("files only")
+def test_two_threads_of_one_process_take_turns_at_one_destination(tmp_path):
+    """The lock was the process's: a second thread nested into the first one's hold, and the two
+    saves cleaned each other's staging folders (or swapped in turn, the last silently winning)."""
+    dest = tmp_path / "s"
+    errors, done = [], []
+
+    def saver(tag: bytes) -> None:
+        try:
+            for k in range(25):
+                with atomic_directory(dest) as stage:
+                    stage.write_bytes("a", tag * (k + 1))
+                    time.sleep(0.001)  # a save's work, with the other thread about
+                    stage.write_bytes("b", tag)
+                done.append(tag)
+        except Exception as exc:  # noqa: BLE001 -- any failure of a save is the test's failure
+            errors.append(exc)
+    threads = [threading.Thread(target=saver, args=(t,)) for t in (b"x", b"y")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(done) == 50
+    a, b = (dest / "a").read_bytes(), (dest / "b").read_bytes()
+    assert set(a) == set(b) and len(a) == 25 and fileio.verify_manifest(dest)
+    assert sorted(os.listdir(tmp_path)) == ["s"]  # no staging folder, no lock file left
+
+
+@pytest.mark.host_only("files only")
+def test_a_thread_that_cannot_wait_is_told_another_thread_writes(tmp_path):
+    dest = tmp_path / "s"
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with filelock.writing(dest):
+            inside.set()
+            release.wait(10)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(10)
+    try:
+        with pytest.raises(DestinationError, match="being written by another thread of this "
+                                                   "process"):
+            with filelock.writing(dest, wait=0.2):
+                pass
+        with filelock.claims():  # a command's claim is refused at once, not nested
+            with pytest.raises(DestinationError, match="another thread"):
+                filelock.claim(dest, "--out")
+    finally:
+        release.set()
+        holder.join()
+    with filelock.writing(dest, wait=0.2):  # let go: this thread takes it, and nests in it
+        with filelock.writing(dest, wait=0.0):
+            assert lock_file(dest).exists()
+    assert not lock_file(dest).exists()
