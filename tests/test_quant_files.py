@@ -466,6 +466,9 @@ VALUE_FORGERIES = {
     "NaN nested absmax": (
         lambda sd: sd | {f"{W}.nested_absmax": np.full(1, np.nan, np.float32)},
         rf"'{W}.nested_absmax' holds a non-finite value"),
+    "a negative nested absmax": (
+        lambda sd: sd | {f"{W}.nested_absmax": -sd[f"{W}.nested_absmax"]},
+        rf"'{W}.nested_absmax' holds a negative scale \(np.float32\(-.*at block 0\)"),
 }
 
 
@@ -477,12 +480,18 @@ def test_forged_state_dicts_are_refused_naming_the_key(name):
         QL.quant_linear_from_bnb_state(sd, "h.0.attn.q_proj")
 
 
-def test_float_absmax_must_be_finite():
+def test_float_absmax_must_be_finite_and_not_negative():
     sd = _forgeable(dq=False)
     sd[f"{W}.absmax"] = sd[f"{W}.absmax"].copy()
     sd[f"{W}.absmax"][3] = np.inf
     with pytest.raises(StateDictError, match=rf"'{W}.absmax' holds a non-finite value.*block 3"):
         QL.quant_linear_from_bnb_state(sd, "h.0.attn.q_proj")
+    sd[f"{W}.absmax"][3] = -0.5  # a scale below 0 would turn block 3's weights around
+    with pytest.raises(StateDictError, match=rf"'{W}.absmax' holds a negative scale "
+                                             rf"\(np.float32\(-0.5\) at block 3\)"):
+        QL.quant_linear_from_bnb_state(sd, "h.0.attn.q_proj")
+    sd[f"{W}.absmax"][3] = -0.0  # the sign of a zero scale changes nothing: accepted
+    QL.quant_linear_from_bnb_state(sd, "h.0.attn.q_proj")
 
 
 @pytest.mark.parametrize("name", sorted(FORGERIES))

@@ -252,7 +252,8 @@ def quant_state_from_bnb(state: Mapping[str, Any], prefix: str = "weight",
     ``QuantState.from_dict`` refuses it. The blob's sizes are checked against every array's dtype
     and shape before anything is allocated; then the 4-bit table (``quant_map``) must equal
     minilora's NF4/FP4/INT4 table and the 8-bit one (``nested_quant_map``) the dynamic map, by
-    value, and absmax (float32), nested_absmax and the offset must be finite. Raises
+    value, and absmax (float32), nested_absmax and the offset must be finite (the scales, also
+    not negative). Raises
     StateDictError naming ``who``, the key and the values.
     """
     def fail(msg: str) -> StateDictError:
@@ -297,6 +298,12 @@ def _build(meta: dict, arrays: dict[str, Any], weight: str, fail: Fail) -> Quant
         if key in host and not np.isfinite(host[key]).all():
             i = int(np.flatnonzero(~np.isfinite(host[key]))[0])
             raise fail(f"key {key!r} holds a non-finite value ({host[key][i]!r} at block {i})")
+        # each is a block's largest |value|: one below 0 is a corrupt file, and would turn the
+        # block's weights around without a word
+        if key in host and (host[key] < 0).any():
+            i = int(np.flatnonzero(host[key] < 0)[0])
+            raise fail(f"key {key!r} holds a negative scale ({host[key][i]!r} at block {i}); "
+                       f"a block's absmax is its largest |value|, never below 0")
     nested = "nested_blocksize" in meta
     state = QuantState(
         packed=_owned(arrays[weight], np.uint8).reshape(-1),
