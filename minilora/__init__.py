@@ -11,6 +11,12 @@ attention -> nn, optim -> data, bpe, gpt, quant, lora, family, interop, jsonl ->
 step, train -> cli, demo and this face. See the README for the tour.
 """
 
+# first of all, before NumPy: a Ctrl-C while the command line starts is one line (startup.py)
+from . import startup as _startup
+
+_startup.guard()
+
+# the engine, after the guard (pyproject.toml lets these come after code: E402)
 from . import backend, errors, family, fast, flops, functional, interop, lora, nn, optim, quant
 from .backend import get_backend, manual_seed, set_default_dtype, use_backend
 from .gpt import GPT, GPTConfig

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import backend as B
+from . import startup
 from .checkpoint import FILES as CHECKPOINT_FILES
 from .checkpoint import load_checkpoint, load_model
 from .cli_common import (
@@ -555,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
                                 RuntimeWarning)
         warnings.showwarning = note
+        startup.done()  # from here a Ctrl-C is a KeyboardInterrupt, said below
         try:
             with claims():  # the --out a command checks stays its own until it ends (filelock)
                 return args.func(args)
