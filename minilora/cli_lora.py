@@ -67,7 +67,7 @@ from .fileio import (
     check_in_place,
     listed_digest,
     read_whole,
-    recover,
+    recovered,
     sha256_file,
     verify_manifest,
 )
@@ -97,7 +97,7 @@ def load_base(path: str) -> tuple[GPT, Any, dict]:
 
 
 def _read_base(path: str) -> tuple[GPT, Any, dict]:
-    where = recover(path) or Path(path)
+    where = recovered(path)
     path = str(where)
     ours, hf = (where / "checkpoint.json").is_file(), (where / "config.json").is_file()
     if where.is_dir() and not (ours or hf):
@@ -430,7 +430,7 @@ def _finetune_resume(args: argparse.Namespace) -> int:
 def adapter_record(directory: str) -> dict:
     """What a fine-tune directory says about its adapter (name, method, quantization, data), or
     a plain adapter directory's defaults (its folder name as the adapter's name)."""
-    found = recover(directory) or Path(directory)  # a half-done swap first
+    found = recovered(directory)  # a half-done swap first
     if not found.is_dir():  # else the first file looked for is named as missing
         what = "is a file, not an adapter directory" if found.exists() else \
             "the directory does not exist"
@@ -476,7 +476,7 @@ def _check_same_kind_of_base(model: GPT, directory: str) -> None:
     may fit (they follow n_embd alone), but the model would read and write another alphabet
     (a text model's adapter on a task model printed bytes as digits, rc 0). A base of the same
     kind with other weights is a note (:func:`_note_other_bases`)."""
-    meta = Path(recover(directory) or directory) / META_FILE
+    meta = recovered(directory) / META_FILE
     if not meta.is_file():
         return  # plain adapter files record no base
     recorded = read_json(meta, "--adapter").get("model_config")
@@ -784,7 +784,7 @@ def inspect_rows(path: str) -> list[tuple[str, str]]:
 
 
 def _inspect_rows(path: str) -> list[tuple[str, str]]:
-    where = recover(path) or Path(path)  # a swap a kill left half done is finished first
+    where = recovered(path)  # a swap a kill left half done is finished first
     path = str(where)
     if not where.is_dir():
         raise CheckpointError(f"inspect: {path!r} is not a directory")
