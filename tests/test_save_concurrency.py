@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -26,6 +27,25 @@ from minilora.filelock import lock_file
 from minilora.gpt import GPT, GPTConfig
 from tests.helpers import TINY
 from tests.test_save_kills import _adapter_model, _loaded, _model, _save_checkpoint_step, _saver
+
+
+@contextmanager
+def _held_by_another_thread(hold):
+    """``with hold():`` entered in a thread of its own and held there until the block ends."""
+    inside, release = threading.Event(), threading.Event()
+
+    def run():
+        with hold():
+            inside.set()
+            release.wait(10)
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert inside.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
 
 
 def _save(kind: str, where, k: int) -> None:
@@ -409,25 +429,15 @@ def test_a_ctrl_c_while_a_swap_waits_leaves_nothing_locked(tmp_path, monkeypatch
     dest = tmp_path / "s"
     with atomic_directory(dest) as stage:
         stage.write_bytes("a", b"1")
-    inside, release = threading.Event(), threading.Event()
-
-    def load():
-        with filelock.reading(dest):
-            inside.set()
-            release.wait(10)
-    reader = threading.Thread(target=load)
-    reader.start()
-    assert inside.wait(10)
 
     def interrupted(seconds):
         raise KeyboardInterrupt
-    monkeypatch.setattr(filelock.time, "sleep", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        with filelock.swapping(dest):
-            pass
-    monkeypatch.undo()
-    release.set()
-    reader.join()
+    with _held_by_another_thread(lambda: filelock.reading(dest)):
+        monkeypatch.setattr(filelock.time, "sleep", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            with filelock.swapping(dest):
+                pass
+        monkeypatch.undo()
     fd = os.open(dest, os.O_RDONLY)
     try:  # nobody holds the save any more
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -527,16 +537,7 @@ def test_two_threads_of_one_process_take_turns_at_one_destination(tmp_path):
 @pytest.mark.host_only("files only")
 def test_a_thread_that_cannot_wait_is_told_another_thread_writes(tmp_path):
     dest = tmp_path / "s"
-    inside, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with filelock.writing(dest):
-            inside.set()
-            release.wait(10)
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert inside.wait(10)
-    try:
+    with _held_by_another_thread(lambda: filelock.writing(dest)):
         with pytest.raises(DestinationError, match="being written by another thread of this "
                                                    "process"):
             with filelock.writing(dest, wait=0.2):
@@ -544,9 +545,6 @@ def test_a_thread_that_cannot_wait_is_told_another_thread_writes(tmp_path):
         with filelock.claims():  # a command's claim is refused at once, not nested
             with pytest.raises(DestinationError, match="another thread"):
                 filelock.claim(dest, "--out")
-    finally:
-        release.set()
-        holder.join()
     with filelock.writing(dest, wait=0.2):  # let go: this thread takes it, and nests in it
         with filelock.writing(dest, wait=0.0):
             assert lock_file(dest).exists()
