@@ -48,6 +48,20 @@ def test_forward_is_x_times_dequantized_weight(kw):
                   + 1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_])
+def test_an_integer_input_meets_the_float_weight_as_in_a_linear_layer(dtype, bias):
+    """The dequantized weight was cast to the input's type: int input made int weights
+    (garbage) or, with a bias, a casting error; nn.Linear promotes to float as NumPy does."""
+    lin, ql = _layer(bias=bias)
+    x = B.asarray(np.random.default_rng(3).integers(0, 2, (4, 40)).astype(dtype))
+    y = host(ql(ml.Tensor(x)))
+    w = host(ql.dequantized_weight()).astype(np.float64)
+    want = host(x).astype(np.float64) @ w.T + (host(lin.bias) if bias else 0.0)
+    assert y.dtype.kind == "f" and y.dtype == host(lin(ml.Tensor(x))).dtype
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(6, 40), (2, 3, 40)])
 def test_input_gradient_matches_finite_differences(shape):
     _, ql = _layer()

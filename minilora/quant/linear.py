@@ -86,7 +86,10 @@ class QuantLinear(nn.Module):
                                      f"expects {self.in_features}")
         state, bias = self.quant_state, self.bias
         lead = x.shape[:-1]
-        w = dequantize(state).astype(x.dtype, copy=False)  # float64 only for gradient checks
+        # the input's float type (float64 only for gradient checks); an int input (token ids,
+        # a mask) meets the float32 weight as nn.Linear's does, never the weight cast to int
+        wtype = x.dtype if x.dtype.kind == "f" else np.float32
+        w = dequantize(state).astype(wtype, copy=False)
         y = x.data.reshape(-1, self.in_features) @ w.T  # (N, out)
         N = y.shape[0]
         flops.add_matmul("quant_linear", N, self.in_features, self.out_features)
@@ -100,7 +103,7 @@ class QuantLinear(nn.Module):
             gx = None
             if x.requires_grad:
                 flops.add_matmul("quant_linear", N, self.out_features, self.in_features)
-                gx = (g2 @ dequantize(state).astype(g.dtype, copy=False)).reshape(x.shape)
+                gx = (g2 @ dequantize(state).astype(wtype, copy=False)).reshape(x.shape)
             if bias is None:
                 return (gx,)
             return gx, (g2.sum(axis=0) if bias.requires_grad else None)
