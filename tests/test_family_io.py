@@ -252,6 +252,35 @@ def test_unknown_methods_and_marked_models_are_refused(tmp_path):
     assert family.core.family_config(plain) is None
 
 
+INJECTIONS = {
+    "bitfit": family.bitfit,
+    "ia3": family.inject_ia3,
+    "bottleneck": family.inject_bottleneck,
+    "prompt": lambda m: family.inject_prompt(m, family.PromptTuningConfig(2)),
+    "prefix": lambda m: family.inject_prompt(m, family.PrefixTuningConfig(2)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(INJECTIONS))
+def test_a_method_of_the_family_is_refused_on_a_lora_model(tmp_path, method):
+    """IA3 skipped the LoRA layers it does not know and every method froze the LoRA adapters:
+    a fine-tune of neither, trained and saved without a word (inject_lora refuses the other
+    order); loading a family file into a LoRA model failed with an AttributeError."""
+    model = tiny_gpt()
+    lora.inject_lora(model, lora.LoraConfig(r=2, target_modules=("v_proj",)))
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match=r"carries LoRA adapters \('default', in 2 layers "
+                                          r"such as 'h.0.attn.v_proj'\)"):
+        INJECTIONS[method](model)
+    assert family.core.family_config(model) is None  # left as it was: LoRA still trains
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == trainable
+    d, _, _ = saved("ia3", tmp_path)
+    with pytest.raises(CheckpointError, match="carries LoRA adapters"):
+        family.load_adapter(model, d)
+    lora.merge_and_unload(model)  # folded away, the base takes a method again
+    INJECTIONS[method](model)
+
+
 def test_every_ia3_layer_is_loaded_with_its_own_values(tmp_path):
     model = family.inject_ia3(tiny_gpt(), family.IA3Config(
         ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc", "mlp.proj"), ("o_proj", "mlp.proj")))

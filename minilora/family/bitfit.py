@@ -87,6 +87,10 @@ def check_unmarked(model: Module, who: str) -> None:
     if held is not None:
         raise CheckpointError(f"{who}: the model already carries {type(held).__name__}; load "
                               f"an adapter into a plain base model")
+    try:
+        core.check_free(model, who)  # LoRA adapters: refused as an injection refuses them
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def adapter_arrays(model: Module) -> tuple[dict, dict[str, np.ndarray]]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from ..lora.inject import lora_configs
+from ..lora.layer import lora_layers
 from ..nn import Module
 
 
@@ -19,12 +21,24 @@ def family_config(model: Module) -> Any:
 
 
 def check_free(model: Module, who: str) -> None:
-    """Refuse (ConfigError) a ``model`` that already carries a method of the family, naming it:
-    called before the targets are looked for, which a first method has wrapped already."""
+    """Refuse (ConfigError) a ``model`` that already carries a method of the family, or LoRA
+    adapters, naming it: called before the targets are looked for, which a first method has
+    wrapped already. (On a LoRA model a method would skip the LoRA layers it does not know and
+    freeze their adapters: a fine-tune of neither, without a word. inject_lora refuses the
+    other order.)"""
     held = family_config(model)
     if held is not None:
         raise ConfigError(f"{who}: the model already carries {type(held).__name__}; inject one "
                           f"method of the family per model (build a fresh base for another)")
+    adapters = lora_configs(model) if isinstance(model, Module) else {}
+    wrapped = [path for path, _ in lora_layers(model)] if isinstance(model, Module) else []
+    if adapters or wrapped:
+        names = ", ".join(repr(n) for n in adapters) or "unnamed"
+        where = f", in {len(wrapped)} layer{'s' * (len(wrapped) != 1)} such as {wrapped[0]!r}" \
+            if wrapped else ""
+        raise ConfigError(f"{who}: the model carries LoRA adapters ({names}{where}); a method "
+                          f"of the PEFT family goes on a plain base (merge_and_unload the LoRA "
+                          f"first, or build a fresh base)")
 
 
 def record(model: Module, config: Any, who: str) -> None:
