@@ -99,6 +99,27 @@ def test_merging_into_4_bit_is_requantization_and_unmerge_is_refused(seed, dora)
     assert all(np.array_equal(host(v), before[k]) for k, v in model.state_dict().items())
 
 
+def test_disable_adapters_on_a_partly_quantized_merge_changes_nothing_before_refusing():
+    """Some bases float, some 4-bit: disable_adapters unmerged the float ones, then refused at
+    the first 4-bit one, leaving the model half merged; merge_and_unload then lost the float
+    layers' updates."""
+    model = tiny(16, 32, 16, dtype=np.float32)
+    quant.quantize_model(model, blocksize=16, double_quant=False, skip=("head", "q_proj"))
+    lora.inject_lora(model, lora.LoraConfig(r=2, target_modules=("q_proj", "v_proj", "head")))
+    randomize_lora(model, scale=0.1)
+    lora.merge(model)
+    x = inputs((3, 16), dtype=np.float32)
+    merged = forward(model, x)
+    before = {k: host(v).copy() for k, v in model.state_dict().items()}
+    with pytest.raises(InvalidArgumentError, match=r"disable_adapters: .*quantized bases "
+                                                   r"\(\['v_proj'\]\)"):
+        with lora.disable_adapters(model):
+            pass
+    assert all(np.array_equal(host(v), before[k]) for k, v in model.state_dict().items())
+    assert all(layer.merged for _, layer in lora.lora_layers(model))
+    np.testing.assert_array_equal(forward(lora.merge_and_unload(model), x), merged)
+
+
 def test_merge_and_unload_keeps_quantized_layers():
     model = lora.inject_lora(quantized_tiny(), lora.LoraConfig(r=2))
     randomize_lora(model, scale=0.1)

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from ..errors import ConfigError, InvalidArgumentError
 from ..nn import Module
-from .config import LoraConfig
+from .config import LoraConfig, adapter_list
 from .layer import LoRALinear, is_linear_like, lora_layers
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -132,7 +132,7 @@ def set_adapter(model: Module, adapter_name: str | list[str]) -> None:
 
     Active adapters are used in forward and are trainable; the others are frozen and unused.
     """
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    names = adapter_list(adapter_name, "set_adapter")
     known = list(lora_configs(model))
     unknown = [n for n in names if n not in known]
     if unknown or not names:
@@ -166,6 +166,11 @@ def disable_adapters(model: Module) -> Iterator[Module]:
     if not layers:
         raise InvalidArgumentError("disable_adapters: the model has no LoRA layers")
     remerge = [(layer, list(layer.merged_adapters)) for layer in layers if layer.merged]
+    lossy = [path for path, layer in lora_layers(model) if layer.merged and layer.is_quantized]
+    if lossy:  # before any layer is unmerged: a refusal half way left the model half merged
+        raise InvalidArgumentError(f"disable_adapters: the adapters are merged into quantized "
+                                   f"bases ({lossy[:3]}), which cannot be unmerged exactly; "
+                                   f"disable them before merging, or reload the base weights")
     for layer, _ in remerge:
         layer.unmerge()
     for layer in layers:
