@@ -186,3 +186,19 @@ def test_a_real_peft_adapter_config_loads():
     assert c.target_modules == r".*\.(q|v)_proj"
     with pytest.raises(ConfigError, match="dict"):
         lora.LoraConfig.from_peft_dict(["peft_type", "LORA"])
+
+
+def test_all_linear_is_peft_keyword_not_a_regex():
+    """"all-linear" compiled as a regular expression, matched no path, and injection then said
+    nothing matched: PEFT (and the command line) read it as every linear layer but the head."""
+    import minilora as ml
+
+    assert matches_target("h.3.mlp.fc", lora.ALL_LINEAR) and matches_target("proj", "all-linear")
+    assert not matches_target("lm_head", "all-linear")
+    assert not matches_target("transformer.lm_head", "all-linear")
+    ml.manual_seed(0)
+    model = ml.GPT(ml.GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    lora.inject_lora(model, lora.LoraConfig(r=2, target_modules="all-linear"))
+    assert [p for p, _ in lora.lora_layers(model)] == [
+        f"h.{i}.{m}" for i in range(2) for m in ("attn.q_proj", "attn.k_proj", "attn.v_proj",
+                                                 "attn.o_proj", "mlp.fc", "mlp.proj")]

@@ -326,3 +326,24 @@ def test_set_adapter_on_a_merged_model_unmerges_first_as_peft_does():
     lora.merge(model, ["a1"])
     lora.set_adapter(model, ["a0", "a1"])  # the merged one stays active: nothing to undo
     assert model.v_proj.merged_adapters == ["a1"]
+
+
+def test_an_adapter_named_twice_is_refused_before_anything_changes():
+    """merge(model, ["a", "a"]) added s B A twice to W; set_adapter(["a", "a"]) ran it twice in
+    the forward pass."""
+    model = lora.inject_lora(tiny(dtype=np.float32), lora.LoraConfig(r=2))
+    randomize_lora(model)
+    x = inputs((3, 5), dtype=np.float32)
+    before = forward(model, x)
+    for call in (lambda: lora.merge(model, ["default", "default"]),
+                 lambda: lora.set_adapter(model, ["default", "default"]),
+                 lambda: model.q_proj.merge(["default", "default"]),
+                 lambda: model.q_proj.set_adapter(["default", "default"])):
+        with pytest.raises(InvalidArgumentError, match=r"\['default'\] named more than once"):
+            call()
+        assert not any(layer.merged for _, layer in lora.lora_layers(model))
+        np.testing.assert_array_equal(forward(model, x), before)
+    with pytest.raises(InvalidArgumentError, match="must be a str or a list of str, got 3"):
+        lora.merge(model, 3)
+    lora.merge(model, ("default",))  # a tuple of distinct names is fine
+    assert model.q_proj.merged_adapters == ["default"]

@@ -27,7 +27,7 @@ and writer of PEFT's adapter directories). This module gathers their public name
 
 from __future__ import annotations
 
-from .config import LoraConfig, matches_target
+from .config import ALL_LINEAR, LoraConfig, matches_target
 from .count import (
     count_parameters,
     format_parameter_table,
@@ -72,5 +72,5 @@ __all__ = [
     "lora_trainable_count", "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict",
     "adapter_files", "adapter_file_bytes", "write_adapter_files", "read_adapter_files",
     "adapter_header",
-    "lora_scaling", "matches_target", "is_linear_like", "base_weight",
+    "lora_scaling", "matches_target", "is_linear_like", "base_weight", "ALL_LINEAR",
 ]

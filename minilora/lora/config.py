@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, check_int, is_int
+from ..errors import ConfigError, InvalidArgumentError, check_int, is_int
 from ..tensorfile import json_field
 from .variants import lora_scaling
 
@@ -50,7 +50,8 @@ class LoraConfig:
     - ``dropout``: dropout on the adapter's input, in [0, 1).
     - ``target_modules``: a tuple/list of module names or dotted path suffixes ("q_proj",
       "attn.v_proj"), or a str, which is a regular expression that must match a module's whole
-      path (PEFT's rules). Only linear-like modules (``nn.Linear``, or any module with a
+      path (PEFT's rules), or ``"all-linear"``: every linear layer but the output head
+      ``lm_head``, as PEFT's keyword. Only linear-like modules (``nn.Linear``, or any module with a
       ``dequantized_weight()`` method such as the 4-bit QuantLinear) are adapted.
     - ``bias``: "none" (all biases frozen), "all" (every bias trains), "lora_only" (the biases of
       the adapted layers train).
@@ -186,6 +187,21 @@ class LoraConfig:
                    alpha_pattern=dict(json_field(d, "alpha_pattern", dict, where, {})))
 
 
+def adapter_list(names: Any, who: str) -> list[str]:
+    """``names`` (one adapter's name, or a list of them) as a list, refused
+    (InvalidArgumentError) when an item is not a str or comes twice: an adapter named twice was
+    added twice, to the forward pass or to the merged weight."""
+    items = [names] if isinstance(names, str) else names
+    if not isinstance(items, (list, tuple)) or not all(isinstance(n, str) for n in items):
+        raise InvalidArgumentError(f"{who}: adapter names must be a str or a list of str, got "
+                                   f"{names!r}")
+    twice = sorted({n for n in items if items.count(n) > 1})
+    if twice:
+        raise InvalidArgumentError(f"{who}: adapter(s) {twice} named more than once in "
+                                   f"{list(items)}; each adds its update once")
+    return list(items)
+
+
 def _check_targets(targets: Any) -> str | tuple[str, ...]:
     if isinstance(targets, str):
         if not targets:
@@ -222,9 +238,18 @@ def _check_pattern(name: str, pattern: Any, valid: Any, limit: int | None = None
     return dict(pattern)
 
 
+# PEFT's keyword for every linear layer but the output head, which stays the base's (tied to
+# the token embedding in GPT-2): a target_modules of its own, not a regular expression
+ALL_LINEAR = "all-linear"
+OUTPUT_HEAD = "lm_head"
+
+
 def matches_target(path: str, targets: str | tuple[str, ...]) -> bool:
     """PEFT's rule: a str is a regex matched against the whole path; a tuple of names matches a
-    path equal to a name or ending in "." + name."""
+    path equal to a name or ending in "." + name; ``"all-linear"`` (:data:`ALL_LINEAR`) matches
+    every layer but one named ``lm_head`` (the candidates are the linear layers already)."""
+    if targets == ALL_LINEAR:
+        return path.rsplit(".", 1)[-1] != OUTPUT_HEAD
     if isinstance(targets, str):
         return re.fullmatch(targets, path) is not None
     return any(path == t or path.endswith("." + t) for t in targets)

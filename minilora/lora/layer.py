@@ -31,7 +31,7 @@ from .. import functional as F
 from ..errors import ConfigError, GraphError, InvalidArgumentError
 from ..nn import Linear, Module, ModuleDict, Parameter
 from ..tensor import Tensor, release
-from .config import INITS, LoraConfig
+from .config import INITS, LoraConfig, adapter_list
 from .variants import (
     DoraMagnitude,
     dora_merge_factor,
@@ -292,7 +292,7 @@ class LoRALinear(Module):
 
     def set_adapter(self, names: list[str]) -> None:
         """Make ``names`` (those this layer has) the active adapters; only they train."""
-        self.active_adapters = [n for n in names if n in self.lora_A]
+        self.active_adapters = [n for n in adapter_list(names, "set_adapter") if n in self.lora_A]
         for name in self.lora_A:
             for p in self.adapter_parameters(name):
                 p.requires_grad_(name in self.active_adapters)
@@ -375,8 +375,9 @@ class LoRALinear(Module):
         if self.merged:
             raise InvalidArgumentError(f"merge: adapters {self.merged_adapters} are already "
                                        f"merged into this layer; unmerge first")
-        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
-                 if n in self.lora_A]
+        asked = self.active_adapters if adapter_names is None else \
+            adapter_list(adapter_names, "merge")
+        names = [n for n in asked if n in self.lora_A]
         if not names:
             return None
         delta, factors = self.merged_delta(names)

@@ -24,7 +24,7 @@ import numpy as np
 from .. import backend as B
 from ..errors import ConfigError, InvalidArgumentError, check_int
 from ..nn import Module
-from .config import LoraConfig
+from .config import LoraConfig, adapter_list
 from .inject import check_adapter_name, lora_configs, unload
 from .layer import LoRALinear, lora_layers
 
@@ -44,7 +44,7 @@ def merge(model: Module, adapter_names: Sequence[str] | None = None) -> dict[str
         raise InvalidArgumentError(f"merge: {merged[:3]} already hold merged adapters "
                                    f"{layers[0][1].merged_adapters}; unmerge first")
     if adapter_names is not None:
-        adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        adapter_names = adapter_list(adapter_names, "merge")
         unknown = [n for n in adapter_names if n not in lora_configs(model)]
         if unknown:
             raise InvalidArgumentError(f"merge: unknown adapter(s) {unknown}; the model has "
