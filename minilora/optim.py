@@ -18,7 +18,15 @@ import numpy as np
 
 from . import backend as B
 from . import fast
-from .errors import InvalidArgumentError, StateDictError, check_int, check_nonnegative
+from .errors import (
+    ConfigError,
+    DTypeError,
+    InvalidArgumentError,
+    ShapeError,
+    StateDictError,
+    check_int,
+    check_nonnegative,
+)
 from .fast.adamw import FlatSet
 from .tensor import Tensor
 
@@ -39,13 +47,18 @@ def _as_floats(value: Any) -> Any:
     return float(value)
 
 
-def _groups(params: Iterable[Any], defaults: dict) -> list[dict]:
-    """Normalise ``params`` (tensors, or dicts with "params" plus per-group settings) to groups."""
+def _groups(params: Iterable[Any], defaults: dict) -> tuple[list[dict], list[Tensor]]:
+    """Normalise ``params`` (tensors, or dicts with "params" plus per-group settings) to groups:
+    ``(groups of the parameters that train, the frozen ones left out)``."""
+    if isinstance(params, Tensor):  # iterating one would make copies of its rows, never updated
+        raise DTypeError(f"optimizer: params must be an iterable of Tensors (module.parameters())"
+                         f" or of group dicts, got a single Tensor of shape {params.shape}; pass "
+                         f"[tensor]")
     params = list(params)
     if not params:
         raise InvalidArgumentError("optimizer: got an empty parameter list")
     raw = params if isinstance(params[0], dict) else [{"params": params}]
-    groups, seen = [], set()
+    groups, seen, frozen = [], set(), []
     for g in raw:
         if not isinstance(g, dict) or "params" not in g:
             raise InvalidArgumentError("optimizer: a parameter group must be a dict with a "
@@ -64,7 +77,8 @@ def _groups(params: Iterable[Any], defaults: dict) -> list[dict]:
         _check_rates("optimizer group", **{k: g[k] for k in g if k in _RATES})
         settings = {k: _as_floats(v) for k, v in {**defaults, **g}.items() if k != "params"}
         groups.append({**settings, "params": [p for p in ps if p.requires_grad]})
-    return groups
+        frozen += [p for p in ps if not p.requires_grad]
+    return groups, frozen
 
 
 class Optimizer:
@@ -73,7 +87,8 @@ class Optimizer:
     STATE_KEYS: tuple[str, ...] = ()  # what a parameter's state holds once it has any
 
     def __init__(self, params: Iterable[Any], defaults: dict) -> None:
-        self.param_groups = _groups(params, defaults)
+        # frozen parameters get no state and no work; kept only to say so if one is unfrozen
+        self.param_groups, self._frozen = _groups(params, defaults)
         self.state: list[dict] = [{} for _ in self._params()]
         # per parameter, as PyTorch: a parameter skipped for want of a gradient keeps its own count
         self.param_steps: list[int] = [0 for _ in self._params()]
@@ -86,6 +101,30 @@ class Optimizer:
         """Forget the gradients of every parameter this optimiser updates."""
         for p in self._params():
             p.grad = None
+
+    def _stepping(self) -> Iterable[tuple[dict, Tensor, dict, int]]:
+        """What a step updates: ``(group, parameter, its state, its index)`` for each parameter
+        with a gradient, its step counted. Refused (before any update) when a gradient has
+        another shape than its parameter, or when a parameter frozen as the optimizer was made
+        has since been unfrozen and given one (it would be left as it is, without a word)."""
+        # one still frozen with a stray gradient is ignored, as it always was
+        unfrozen = [p for p in self._frozen if p.requires_grad and p.grad is not None]
+        if unfrozen:
+            raise ConfigError(f"{type(self).__name__}.step: {len(unfrozen)} parameter(s) (shapes "
+                              f"{[tuple(p.shape) for p in unfrozen[:3]]}) were frozen when the "
+                              f"optimizer was made, and so are not in it, but now have "
+                              f"gradients; make the optimizer after choosing what trains "
+                              f"(requires_grad_, set_adapter)")
+        each = list(self._each())
+        for _, p, _, i in each:
+            if p.grad is not None and tuple(p.grad.shape) != tuple(p.data.shape):
+                raise ShapeError(f"{type(self).__name__}.step: parameter {i} of shape "
+                                 f"{tuple(p.data.shape)} has a gradient of shape "
+                                 f"{tuple(p.grad.shape)}")
+        for g, p, s, i in each:
+            if p.grad is not None:
+                self.param_steps[i] += 1
+                yield g, p, s, i
 
     def _each(self) -> Iterable[tuple[dict, Tensor, dict, int]]:
         i = 0
@@ -194,10 +233,7 @@ class AdamW(Optimizer):
         scale = float(grad_scale)
         self.step_count += 1
         updates, owners = [], []
-        for g, p, s, i in self._each():
-            if p.grad is None:
-                continue
-            self.param_steps[i] += 1
+        for g, p, s, i in self._stepping():
             if not s:
                 s["exp_avg"] = B.xp.zeros_like(p.data)
                 s["exp_avg_sq"] = B.xp.zeros_like(p.data)
@@ -276,10 +312,7 @@ class SGD(Optimizer):
         check_nonnegative(grad_scale, f"{type(self).__name__}.step: grad_scale")
         scale = float(grad_scale)
         self.step_count += 1
-        for g, p, s, i in self._each():
-            if p.grad is None:
-                continue
-            self.param_steps[i] += 1
+        for g, p, s, _ in self._stepping():
             grad = p.grad * scale if scale != 1.0 else p.grad
             grad = grad + g["weight_decay"] * p.data if g["weight_decay"] else grad
             if g["momentum"]:

@@ -14,7 +14,13 @@ import minilora as ml
 from minilora import backend as B
 from minilora import fast
 from minilora import functional as F
-from minilora.errors import InvalidArgumentError, StateDictError
+from minilora.errors import (
+    ConfigError,
+    DTypeError,
+    InvalidArgumentError,
+    ShapeError,
+    StateDictError,
+)
 from minilora.fast import adamw as fast_adamw
 from minilora.fast import elementwise
 from minilora.nn import Linear, Parameter, Sequential, Tanh
@@ -619,3 +625,41 @@ def test_the_norm_holds_one_pieces_float64_copy_at_a_time():
         norm, peak = traced_norm()
     assert norm == pytest.approx(exact, rel=1e-6)
     assert peak <= 1.5 * piece * 4, (peak, piece * 4)
+
+
+def test_a_single_tensor_as_params_is_refused_not_iterated():
+    """Iterating a Tensor gave copies of its rows: the optimizer updated those, never it."""
+    p = param(np.ones((3, 2)))
+    for make in (lambda: SGD(p, lr=0.5), lambda: AdamW(p)):
+        with pytest.raises(DTypeError, match=r"got a single Tensor of shape \(3, 2\); pass "
+                                             r"\[tensor\]"):
+            make()
+
+
+def test_a_parameter_unfrozen_after_the_optimizer_was_made_is_said_at_the_step():
+    """Frozen when the optimizer was made, it was left out; unfrozen later (set_adapter after
+    making the optimizer), its gradients were ignored without a word."""
+    a, b = param(np.ones(3)), param(np.ones((2, 2)))
+    b.requires_grad_(False)
+    opt = AdamW([a, b], lr=0.1)
+    b.requires_grad_(True)
+    a.grad, b.grad = B.asarray(np.ones(3)), B.asarray(np.ones((2, 2)))
+    before = host(a).copy()
+    with pytest.raises(ConfigError, match=r"AdamW.step: 1 parameter\(s\) \(shapes \[\(2, 2\)\]\) "
+                                          r"were frozen when the optimizer was made"):
+        opt.step()
+    np.testing.assert_array_equal(host(a), before)  # refused before any update
+    b.grad = None
+    opt.step()
+    assert not np.array_equal(host(a), before)
+
+
+@pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1), lambda ps: SGD(ps, lr=0.1)])
+def test_a_gradient_of_another_shape_is_refused_not_applied_through_a_view(make):
+    a = param(np.ones((2, 3)))
+    opt = make([a])
+    a.grad = B.asarray(np.ones((3, 2)))  # as many elements, another shape
+    with pytest.raises(ShapeError, match=r"parameter 0 of shape \(2, 3\) has a gradient of shape "
+                                         r"\(3, 2\)"):
+        opt.step()
+    np.testing.assert_array_equal(host(a), np.ones((2, 3)))
