@@ -127,19 +127,22 @@ def check_int(value: object, name: str, minimum: int | None = 1,
     return int(value)
 
 
-def check_axis(axis: object, shape: tuple, who: str, many: bool = True) -> None:
+def check_axis(axis: object, shape: tuple, who: str, many: bool = True) -> int | tuple | None:
     """Refuse (:class:`ShapeError`, naming ``who``, the axis and ``shape``) an ``axis`` that is not
     None, an int in [-ndim, ndim) or (when ``many``) a tuple of distinct such ints: NumPy's own
-    error would name an array deep inside the op, not the argument given."""
+    error would name an array deep inside the op, not the argument given. Returns the axis with
+    each int a Python int in [0, ndim) (a NumPy integer as given would trip the backward pass's
+    ``isinstance(axis, int)``), a tuple staying a tuple; None stays None."""
     ndim = len(shape)
     axes = axis if many and isinstance(axis, tuple) else (axis,)
     if axis is None:
-        return
-    normal = [a % ndim if is_int(a) and -ndim <= a < ndim else None for a in axes]
+        return None
+    normal = [int(a) % ndim if is_int(a) and -ndim <= a < ndim else None for a in axes]
     if None in normal or len(set(normal)) != len(normal):
         what = "an axis or a tuple of distinct axes" if many else "an axis"
         raise ShapeError(f"{who}: axis {axis!r} is not {what} of a tensor of shape "
                          f"{tuple(shape)} (ints from {-ndim} to {ndim - 1})")
+    return tuple(normal) if isinstance(axis, tuple) else normal[0]
 
 
 def check_path(value: object, name: str) -> None:

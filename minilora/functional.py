@@ -121,6 +121,8 @@ def mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None)
 
 
 def _softmax_array(z: Any, axis: int) -> Any:
+    if z.size == 0:  # nothing to normalise (and no maximum to take): an empty result, as torch
+        return B.xp.empty_like(z)
     e = B.xp.exp(z - z.max(axis=axis, keepdims=True))
     e /= e.sum(axis=axis, keepdims=True)
     return e
@@ -128,7 +130,7 @@ def _softmax_array(z: Any, axis: int) -> Any:
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     """``y_i = exp(x_i - max x) / sum_j exp(x_j - max x)``; backward ``y * (g - sum(g * y))``."""
-    check_axis(axis, x.shape, "softmax", many=False)
+    axis = check_axis(axis, x.shape, "softmax", many=False)
     y = _softmax_array(x.data, axis)
     return Tensor._make(y, (x,), lambda g: (y * (g - (g * y).sum(axis=axis, keepdims=True)),),
                         "softmax")
@@ -136,9 +138,12 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     """``x - max x - log sum exp(x - max x)``; backward ``g - softmax(x) * sum(g)``."""
-    check_axis(axis, x.shape, "log_softmax", many=False)
-    shifted = x.data - x.data.max(axis=axis, keepdims=True)
-    out = shifted - B.xp.log(B.xp.exp(shifted).sum(axis=axis, keepdims=True))
+    axis = check_axis(axis, x.shape, "log_softmax", many=False)
+    if x.size == 0:  # nothing to normalise: an empty result, as torch
+        out = B.xp.empty_like(x.data)
+    else:
+        shifted = x.data - x.data.max(axis=axis, keepdims=True)
+        out = shifted - B.xp.log(B.xp.exp(shifted).sum(axis=axis, keepdims=True))
 
     def backward(g: Any):
         return (g - B.xp.exp(out) * g.sum(axis=axis, keepdims=True),)

@@ -32,6 +32,8 @@ from .errors import (
     InvalidArgumentError,
     ShapeError,
     check_axis,
+    check_bool,
+    is_int,
     shape_error,
 )
 
@@ -238,6 +240,16 @@ def _hand_on(parents: Sequence[Tensor], parent_grads: Sequence[Any], grads: dict
         total = grads.pop(id(parent), None)
         if total is not None:  # None: no edge into it brought a gradient
             _deliver(parent, total, shared, sink)
+
+
+def _check_not_empty(a: Tensor, axis: int | tuple | None, who: str) -> None:
+    """Refuse (ShapeError) a maximum over no elements, which has no value (NumPy's error names
+    a "zero-size array to reduction operation maximum")."""
+    axes = range(a.ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
+    if a.size == 0 and any(a.shape[ax] == 0 for ax in axes):
+        along = "" if axis is None else f" along axis {axis}"
+        raise ShapeError(f"{who}: a tensor of shape {a.shape} has no elements{along} to take "
+                         f"the maximum of")
 
 
 class Tensor:
@@ -493,6 +505,8 @@ class Tensor:
             return Tensor._make(out, (a, b), backward, "pow")
         p = float(exponent)
         out = a.data ** p
+        if p == 0.0:  # x^0 = 1 everywhere: d/dx is 0, where 0 * x^-1 would be NaN at x = 0
+            return Tensor._make(out, (a,), lambda g: (B.xp.zeros_like(g),), "pow")
         return Tensor._make(out, (a,), lambda g: (g * (p * a.data ** (p - 1)),), "pow")
 
     def __radd__(self, other: Any) -> Tensor:
@@ -609,7 +623,8 @@ class Tensor:
     def sum(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
         """Sum over ``axis`` (all axes when None)."""
         a = self
-        check_axis(axis, a.shape, "sum")
+        axis = check_axis(axis, a.shape, "sum")
+        check_bool(keepdims, "sum: keepdims")
         out = a.data.sum(axis=axis, keepdims=keepdims)
         return Tensor._make(
             out, (a,), lambda g: (B.xp.broadcast_to(a._expand(g, axis, keepdims), a.shape),), "sum")
@@ -617,7 +632,8 @@ class Tensor:
     def mean(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
         """Mean over ``axis``; the gradient spreads g / count evenly."""
         a = self
-        check_axis(axis, a.shape, "mean")
+        axis = check_axis(axis, a.shape, "mean")
+        check_bool(keepdims, "mean: keepdims")
         n = a._count(axis)
         out = a.data.mean(axis=axis, keepdims=keepdims)
         return Tensor._make(
@@ -627,7 +643,9 @@ class Tensor:
     def max(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
         """Maximum over ``axis``; tied maxima share the gradient equally (like torch.amax)."""
         a = self
-        check_axis(axis, a.shape, "max")
+        axis = check_axis(axis, a.shape, "max")
+        check_bool(keepdims, "max: keepdims")
+        _check_not_empty(a, axis, "max")
         out = a.data.max(axis=axis, keepdims=keepdims)
 
         def backward(g: Any):
@@ -641,8 +659,17 @@ class Tensor:
             ddof: int = 0) -> Tensor:
         """Variance over ``axis``: sum((x - mean)^2) / (count - ddof); ddof=0 as LayerNorm uses."""
         a = self
-        check_axis(axis, a.shape, "var")
+        axis = check_axis(axis, a.shape, "var")
+        check_bool(keepdims, "var: keepdims")
         n = a._count(axis)
+        if n == 0:
+            raise ShapeError(f"var: a tensor of shape {a.shape} has no elements along axis "
+                             f"{axis!r} to take the variance of")
+        # ddof >= n divides by zero or by a negative count: inf, or a variance below 0
+        if not is_int(ddof) or not 0 <= ddof < n:
+            raise InvalidArgumentError(f"var: ddof must be an int from 0 to {n - 1} (the count "
+                                       f"over axis {axis!r} of shape {a.shape} is {n}), got "
+                                       f"{ddof!r}")
         centered = a.data - a.data.mean(axis=axis, keepdims=True)
         out = (centered * centered).sum(axis=axis, keepdims=keepdims) / (n - ddof)
         return Tensor._make(
@@ -651,7 +678,8 @@ class Tensor:
 
     def argmax(self, axis: int | None = None) -> Tensor:
         """Indices of the maxima (an integer tensor outside the graph)."""
-        check_axis(axis, self.shape, "argmax", many=False)
+        axis = check_axis(axis, self.shape, "argmax", many=False)
+        _check_not_empty(self, axis, "argmax")
         return Tensor(self.data.argmax(axis=axis))
 
     # ------------------------------------------------------------------------------ shapes
@@ -685,8 +713,8 @@ class Tensor:
     def transpose(self, dim0: int = -2, dim1: int = -1) -> Tensor:
         """Swap two axes (PyTorch's meaning of transpose)."""
         a = self
-        check_axis(dim0, a.shape, "transpose: dim0", many=False)
-        check_axis(dim1, a.shape, "transpose: dim1", many=False)
+        dim0 = check_axis(dim0, a.shape, "transpose: dim0", many=False)
+        dim1 = check_axis(dim1, a.shape, "transpose: dim1", many=False)
         return Tensor._make(a.data.swapaxes(dim0, dim1), (a,),
                             lambda g: (g.swapaxes(dim0, dim1),), "transpose")
 

@@ -718,3 +718,60 @@ def test_a_node_nobody_else_holds_is_let_go_before_its_closure_runs():
     again.backward(retain_graph=True)
     again.backward()
     np.testing.assert_array_equal(host(x.grad), [6.0, 6.0])
+
+
+# ---------------------------------------------------------------- reductions at their edges
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max", "var"])
+@pytest.mark.parametrize("axis", [np.int64(1), np.int32(-1), (np.int64(0),), (0, np.int8(1))])
+def test_a_numpy_integer_axis_reduces_and_back_propagates_like_an_int(op, axis):
+    """check_axis let a NumPy integer through, and the backward pass's isinstance(axis, int)
+    then tried to iterate it (TypeError)."""
+    data = np.random.default_rng(0).standard_normal((2, 3))
+    plain = tuple(int(a) for a in axis) if isinstance(axis, tuple) else int(axis)
+    grads = []
+    for ax in (axis, plain):
+        x = ml.Tensor(B.asarray(data), requires_grad=True)
+        y = getattr(x, op)(axis=ax)
+        (y * y).sum().backward()
+        grads.append((host(y).copy(), host(x.grad).copy()))
+    np.testing.assert_array_equal(grads[0][0], grads[1][0])
+    np.testing.assert_array_equal(grads[0][1], grads[1][1])
+
+
+def test_var_refuses_a_ddof_that_leaves_no_count_and_keepdims_must_be_a_bool():
+    x = ml.Tensor(B.asarray(np.arange(6.0).reshape(2, 3)))
+    for ddof in (6, 7, -1, "1", 1.0):  # 6: inf, 7: a negative variance
+        with pytest.raises(InvalidArgumentError, match=r"var: ddof must be an int from 0 to 5 "
+                                                       r"\(the count over axis None"):
+            x.var(ddof=ddof)
+    np.testing.assert_allclose(host(x.var(axis=1, ddof=1)), [1.0, 1.0])
+    with pytest.raises(ShapeError, match=r"var: a tensor of shape \(2, 0\) has no elements"):
+        ml.Tensor(B.asarray(np.zeros((2, 0)))).var(axis=1)
+    for op in ("sum", "mean", "max", "var"):
+        with pytest.raises(DTypeError, match=f"{op}: keepdims must be True or False, got 'no'"):
+            getattr(x, op)(keepdims="no")
+
+
+def test_a_maximum_of_nothing_is_a_shape_error_and_softmax_of_nothing_is_empty():
+    empty = ml.Tensor(B.asarray(np.zeros((0, 2))), requires_grad=True)
+    for call in (lambda: empty.max(), lambda: empty.max(axis=0), lambda: empty.argmax()):
+        with pytest.raises(ShapeError, match=r"shape \(0, 2\) has no elements"):
+            call()
+    assert empty.max(axis=1).shape == (0,)  # over a non-empty axis: an empty result
+    for fn in (F.softmax, F.log_softmax):
+        for shape, axis in (((0, 3), -1), ((2, 0), -1), ((0, 3), 0)):
+            x = ml.Tensor(B.asarray(np.zeros(shape)), requires_grad=True)
+            y = fn(x, axis)
+            y.sum().backward()
+            assert y.shape == shape and x.grad.shape == shape
+
+
+def test_the_gradient_of_x_to_the_zero_is_zero_even_at_zero():
+    """0 * x^-1 made it NaN at x = 0 (torch: 0)."""
+    x = ml.Tensor(B.asarray(np.array([0.0, 1.0, -2.0])), requires_grad=True)
+    (x ** 0).sum().backward()
+    np.testing.assert_array_equal(host(x.grad), [0.0, 0.0, 0.0])
+    y = ml.Tensor(B.asarray(np.array([0.0, 3.0])), requires_grad=True)
+    (y ** 2).sum().backward()
+    np.testing.assert_array_equal(host(y.grad), [0.0, 6.0])
