@@ -87,6 +87,21 @@ def test_nf4_table_is_rebuilt_from_normal_quantiles():
     assert np.abs(Q.normal_float_code(offset=0.99) - Q.NF4_CODE).max() > 1e-2
 
 
+@pytest.mark.parametrize("offset", [0.5, 1.0, 0.3, 0, 1, 64, 3, float("nan"), "0.9", True,
+                                    None])
+def test_an_offset_that_is_no_probability_between_a_half_and_one_is_refused(offset):
+    """0.5 made a table of 16 NaNs; 0, 1 and 64 a StatisticsError; a str a dtype error."""
+    with pytest.raises(InvalidArgumentError, match=r"normal_float_code: offset must be a "
+                                                   r"probability between 0.5 and 1"):
+        Q.normal_float_code(offset)
+
+
+@given(offset=st.floats(0.5, 1.0, exclude_min=True, exclude_max=True))
+def test_any_offset_between_a_half_and_one_gives_a_finite_sorted_table(offset):
+    code = Q.normal_float_code(offset)
+    assert np.isfinite(code).all() and code[-1] == 1.0 and (np.diff(code) >= 0).all()
+
+
 def test_fp4_table_is_e2m1_over_12_with_a_sign_bit():
     raw = np.array([0, 0.0625, 8, 12, 4, 6, 2, 3])
     np.testing.assert_allclose(Q.FP4_CODE[:8] * 12, raw, rtol=1e-6)

@@ -72,6 +72,12 @@ def normal_float_code(offset: float = 0.9677083) -> np.ndarray:
     zero. Dividing by the largest value maps the grid to [-1, 1]. ``offset = 0.9677083`` is the
     midpoint between the extreme quantiles of 32 and 30 equal bins, so +-1 are not infinite.
     """
+    # a probability above 1/2 and below 1: at 1/2 every quantile is 0 (a table of NaN after the
+    # division), at 1 the largest is infinite
+    if isinstance(offset, bool) or not isinstance(offset, (int, float, np.floating, np.integer)) \
+            or not 0.5 < offset < 1.0:
+        raise InvalidArgumentError(f"normal_float_code: offset must be a probability between 0.5 "
+                                   f"and 1 (exclusive; QLoRA's is 0.9677083), got {offset!r}")
     inv = NormalDist().inv_cdf
     pos = [inv(p) for p in np.linspace(offset, 0.5, 9)[:-1]]
     neg = [-inv(p) for p in np.linspace(offset, 0.5, 8)[:-1]]
