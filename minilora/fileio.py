@@ -395,7 +395,12 @@ def atomic_directory(path: str | Path, names: tuple[str, ...] = ()) -> Iterator[
     if dest.exists() and not dest.is_dir():
         raise DestinationError(f"cannot save to {str(dest)!r}: it is a file")
     _check_name_length(dest, "cannot save to")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder above it should be
+        above = next(p for p in dest.parents if p.exists())
+        raise DestinationError(f"cannot save to {str(dest)!r}: {str(above)!r} is a file, not "
+                               f"a directory") from None
     with writing(dest):  # one writer at a time (filelock)
         recover(dest)
         foreign = _foreign(dest, names) if dest.is_dir() and _entries(dest) else []

@@ -195,6 +195,11 @@ def test_atomic_directory_refuses_a_directory_of_other_files(tmp_path):
     with pytest.raises(DestinationError, match="it is a file"):
         with atomic_directory(dest / "notes.txt"):
             pass
+    for under in (dest / "notes.txt" / "sub", dest / "notes.txt" / "sub" / "deeper"):
+        # pathlib's FileExistsError / NotADirectoryError named nothing the user gave
+        with pytest.raises(DestinationError, match=r"notes\.txt' is a file, not a directory"):
+            with atomic_directory(under):
+                pass
     assert (dest / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
