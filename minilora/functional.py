@@ -16,10 +16,28 @@ import numpy as np
 
 from . import backend as B
 from . import fast, flops
-from .errors import DTypeError, InvalidArgumentError, ShapeError, check_axis, shape_error
+from .errors import (
+    DTypeError,
+    InvalidArgumentError,
+    ShapeError,
+    check_axis,
+    check_bool,
+    check_int,
+    shape_error,
+)
 from .fast import checks
 from .fast.elementwise import GELU_A, GELU_C
 from .tensor import Tensor, is_grad_enabled, unbroadcast
+
+
+def _check_tensors(who: str, **given: Any) -> None:
+    """Refuse (DTypeError, naming the argument) an argument that is not a Tensor (None allowed
+    only where it is the default, as bias): an array there failed deep inside (``.T`` of a
+    memoryview), naming nothing."""
+    for name, value in given.items():
+        if value is not None and not isinstance(value, Tensor):
+            raise DTypeError(f"{who}: {name} must be a Tensor, got {type(value).__name__}; wrap "
+                             f"an array as ml.Tensor(array)")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -29,7 +47,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     gradient matmul at all. Backward: ``gx = g W``, ``gW = g^T x``, ``gb = sum_i g`` (over the
     folded rows).
     """
-    if x.shape[-1] != weight.shape[1]:
+    _check_tensors("linear", x=x, weight=weight, bias=bias)
+    if weight.ndim != 2 or (bias is not None and bias.ndim != 1):
+        raise shape_error("linear", weight.shape, *(() if bias is None else (bias.shape,)),
+                          detail="weight must be (out, in) and bias (out,)")
+    if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
         raise shape_error("linear", x.shape, weight.shape,
                           detail=f"input has {x.shape[-1]} features, weight (out, in) expects "
                                  f"{weight.shape[1]}")
@@ -186,6 +208,7 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     The fast form (``fast.loss``) makes the same per row, a few rows at a time.
     """
     t = _int_array(targets, "cross_entropy: targets")
+    check_int(ignore_index, "cross_entropy: ignore_index", minimum=None)
     if logits.shape[:-1] != tuple(t.shape):
         raise shape_error("cross_entropy", logits.shape, t.shape,
                           detail="targets must have the logits' shape without the class axis")
@@ -299,6 +322,9 @@ def embedding(indices: Any, weight: Tensor) -> Tensor:
 
     Backward adds each output row's gradient into the row it came from (repeats add up).
     """
+    _check_tensors("embedding", weight=weight)
+    if weight.ndim != 2:
+        raise ShapeError(f"embedding: weight must be a table (V, C), got shape {weight.shape}")
     V = weight.shape[0]
 
     def out_of_range(host: np.ndarray) -> InvalidArgumentError:
@@ -316,8 +342,10 @@ def embedding(indices: Any, weight: Tensor) -> Tensor:
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     """Zero each element with probability p and scale the rest by 1/(1-p) (identity in eval)."""
-    if not 0.0 <= p <= 1.0:
-        raise InvalidArgumentError(f"dropout: p must lie in [0, 1], got {p}")
+    check_bool(training, "dropout: training")
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or \
+            not 0.0 <= p <= 1.0:
+        raise InvalidArgumentError(f"dropout: p must lie in [0, 1], got {p!r}")
     if not training or p == 0.0:
         return x
     if p == 1.0:

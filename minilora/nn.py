@@ -60,6 +60,14 @@ def keep_host_rng() -> Iterator[None]:
         B.host_rng().bit_generator.state = state
 
 
+def check_module(model: Any, who: str) -> None:
+    """Refuse (DTypeError, naming ``who``) a ``model`` that is not a minilora :class:`Module`: None
+    or a name would fail deep inside, as an AttributeError naming nothing given."""
+    if not isinstance(model, Module):
+        raise DTypeError(f"{who}: model must be a minilora nn.Module, got "
+                         f"{type(model).__name__}")
+
+
 class Module:
     """Base class: assign Parameters and Modules as attributes and they are tracked.
 

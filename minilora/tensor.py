@@ -266,6 +266,7 @@ class Tensor:
         if isinstance(data, Tensor):
             data = data.data
         self.data = _as_float_array(data, dtype)
+        check_bool(requires_grad, "Tensor: requires_grad")  # "no" would be True
         if requires_grad and self.data.dtype.kind != "f":
             raise DTypeError(f"Tensor: requires_grad=True needs a float array, got dtype "
                              f"{self.data.dtype}")
@@ -416,6 +417,7 @@ class Tensor:
 
     def requires_grad_(self, flag: bool = True) -> Tensor:
         """Set ``requires_grad`` in place and return self."""
+        check_bool(flag, "requires_grad_: flag")
         if flag and self.data.dtype.kind != "f":
             raise DTypeError(f"requires_grad_: needs a float tensor, got dtype {self.data.dtype}")
         self.requires_grad = bool(flag)
@@ -810,12 +812,16 @@ def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
 def split(t: Tensor, split_size: int | Sequence[int], axis: int = 0) -> list:
     """Pieces of ``t`` along ``axis``: of ``split_size`` each (last may be short) or of the sizes
     listed (which must add up to the axis length), as ``torch.split``."""
+    axis = check_axis(axis, t.shape, "split", many=False)
     n = t.shape[axis]
-    if isinstance(split_size, (int, np.integer)):
+    if is_int(split_size):
         if split_size <= 0:
             raise InvalidArgumentError(f"split: split_size must be positive, got {split_size}")
         sizes = [min(split_size, n - s) for s in range(0, n, split_size)]
     else:
+        if not isinstance(split_size, (list, tuple)) or not all(is_int(s) for s in split_size):
+            raise InvalidArgumentError(f"split: split_size must be a positive int or a list of "
+                                       f"ints, got {split_size!r}")
         sizes = [int(s) for s in split_size]
         if sum(sizes) != n or any(s < 0 for s in sizes):
             raise InvalidArgumentError(f"split: sizes {sizes} do not add up to {n}, the length of "

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora import checkpoint, nn, quant
+from minilora import checkpoint, lora, nn, quant
 from minilora import functional as F
 from minilora.errors import DTypeError, InvalidArgumentError, ShapeError
 
@@ -52,11 +52,25 @@ def test_containers_refuse_entries_that_are_not_modules(make):
     (lambda: nn.LayerNorm(0), "normalized_shape must be an int >= 1"),
     (lambda: quant.quantize(np.ones(64, np.float32), double_quant="no"),
      "double_quant must be True or False, got 'no'"),
+    (lambda: ml.Tensor(np.ones(2), requires_grad="no"),
+     "Tensor: requires_grad must be True or False, got 'no'"),
+    (lambda: ml.Tensor(np.ones(2)).requires_grad_("no"), "requires_grad_: flag must be True"),
+    (lambda: lora.lora_scaling(4, 16, use_rslora="no"), "use_rslora must be True or False"),
+    (lambda: lora.lora_scaling(2, -16), "alpha must be a positive number.*got -16"),
+    (lambda: lora.lora_scaling(2, float("nan")), "alpha must be a positive number.*got nan"),
+    (lambda: F.cross_entropy(ml.Tensor(np.zeros((2, 3))), np.array([0, 1]), ignore_index="x"),
+     "cross_entropy: ignore_index must be an int, got 'x'"),
+    (lambda: ml.Tensor(np.ones((4, 2))).split(True), "split_size must be a positive int or a "
+                                                     "list of ints, got True"),
+    (lambda: ml.Tensor(np.ones((4, 2))).split(2.0), "got 2.0"),
+    (lambda: ml.Tensor(np.ones((4, 2))).split([1, "a"]), r"got \[1, 'a'\]"),
+    (lambda: ml.Tensor(np.ones((4, 2))).split(2, axis=3), "split: axis 3 is not an axis"),
+    (lambda: quant.normal_float_code(0.5), "offset must be a probability between 0.5 and 1"),
 ])
 def test_switches_and_settings_are_checked(make, message):
     """A string is truthy ("no" made a bias, double-quantized), and eps <= 0 made a LayerNorm
     of a constant row NaN."""
-    with pytest.raises((DTypeError, InvalidArgumentError), match=message):
+    with pytest.raises((DTypeError, InvalidArgumentError, ShapeError), match=message):
         make()
 
 
@@ -211,3 +225,45 @@ def test_less_used_helpers_name_the_argument(make, error, message):
     clip_grad_norm's "1", no error at all)."""
     with pytest.raises(error, match=message):
         make()
+
+
+@pytest.mark.host_only("refused before any array work")
+@pytest.mark.parametrize("call, who", [
+    (lambda m: lora.inject_lora(m), "inject_lora"),
+    (lambda m: lora.save_adapter(m, "unused"), "save_adapter"),
+    (lambda m: lora.set_adapter(m, "default"), "lora"),
+    (lambda m: lora.merge(m), "lora"),
+    (lambda m: lora.lora_layers(m), "lora"),
+    (lambda m: lora.count_parameters(m), "count_parameters"),
+    (lambda m: lora.print_trainable_parameters(m), "count_parameters"),
+    (lambda m: quant.memory_report(m), "memory_report"),
+])
+@pytest.mark.parametrize("model", [None, "gpt"])
+def test_a_model_that_is_no_module_is_refused_by_name(call, who, model):
+    """None or a name failed as AttributeError: 'NoneType' object has no attribute '__dict__'."""
+    with pytest.raises(DTypeError, match=f"{who}: model must be a minilora nn.Module, got "
+                                         f"{type(model).__name__}"):
+        call(model)
+
+
+def test_functional_layers_refuse_arrays_and_tables_of_the_wrong_rank():
+    """An array weight failed on memoryview.T; a 1-D weight raised IndexError in linear and
+    made embedding return a scalar."""
+    from minilora import interop
+
+    x = ml.Tensor(np.ones((2, 4)))
+    with pytest.raises(DTypeError, match="linear: weight must be a Tensor, got ndarray"):
+        F.linear(x, np.ones((3, 4)))
+    with pytest.raises(DTypeError, match="linear: bias must be a Tensor"):
+        F.linear(x, ml.Tensor(np.ones((3, 4))), np.ones(3))
+    with pytest.raises(ShapeError, match="weight must be \\(out, in\\)"):
+        F.linear(x, ml.Tensor(np.ones(4)))
+    with pytest.raises(ShapeError, match="embedding: weight must be a table \\(V, C\\), got "
+                                         "shape \\(4,\\)"):
+        F.embedding(np.array([[1, 2]]), ml.Tensor(np.ones(4)))
+    with pytest.raises(InvalidArgumentError, match="dropout: p must lie in \\[0, 1\\], got '0.5'"):
+        F.dropout(x, "0.5")
+    with pytest.raises(DTypeError, match="hf_config: config must be a GPTConfig"):
+        interop.hf_config(None)
+    with pytest.raises(DTypeError, match="hf_state_dict: model must be a minilora GPT"):
+        interop.hf_state_dict(None)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .. import backend as B
-from ..errors import CheckpointError, ConfigError, InvalidArgumentError
+from ..errors import CheckpointError, ConfigError, DTypeError, InvalidArgumentError
 from ..fileio import write_files
 from ..gpt import GPT, GPTConfig
 from ..lora.layer import is_linear_like, lora_layers
@@ -85,6 +85,8 @@ def _layout(n_layer: int) -> list[tuple[str, tuple[str, ...], bool]]:
 
 def hf_config(config: GPTConfig) -> dict:
     """The config.json fields of the GPT2LMHeadModel that computes what ``GPT(config)`` does."""
+    if not isinstance(config, GPTConfig):
+        raise DTypeError(f"hf_config: config must be a GPTConfig, got {type(config).__name__}")
     return {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
         "vocab_size": config.vocab_size, "n_positions": config.block_size,
@@ -104,6 +106,8 @@ def hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
     Conv1D weights are transposed to (in, out) and q, k, v stacked into c_attn; the tied head is
     left out, as save_pretrained does. A model without biases gets zero biases.
     """
+    if not isinstance(model, GPT):
+        raise DTypeError(f"hf_state_dict: model must be a minilora GPT, got {type(model).__name__}")
     sd = model.state_dict()
 
     def get(key: str) -> np.ndarray:

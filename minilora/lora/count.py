@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidArgumentError, check_int
-from ..nn import Linear, Module
+from ..nn import Linear, Module, check_module
 from .config import LoraConfig
 from .inject import lora_configs
 from .layer import lora_layers
@@ -31,6 +31,7 @@ def count_parameters(model: Module) -> tuple[int, int]:
     A quantized linear layer (one with ``dequantized_weight()`` and no float weight) counts its
     logical out * in weights, never its packed bytes. Freezing changes ``trainable`` only.
     """
+    check_module(model, "count_parameters")
     trainable = total = 0
     for p in model.parameters():
         total += p.size

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Iterator
 
 from ..errors import ConfigError, InvalidArgumentError
-from ..nn import Module
+from ..nn import Module, check_module
 from .config import LoraConfig, adapter_list
 from .layer import LoRALinear, is_linear_like, lora_layers
 
@@ -33,6 +33,7 @@ def check_adapter_name(adapter_name: str) -> str:
 
 def lora_configs(model: Module) -> dict[str, LoraConfig]:
     """``{adapter name: LoraConfig}`` of the adapters injected into ``model`` (empty if none)."""
+    check_module(model, "lora")
     return model.__dict__.get("lora_configs", {})
 
 
@@ -45,6 +46,7 @@ def active_adapters(model: Module) -> list[str]:
 def linear_like_modules(model: Module) -> list[tuple[str, Module]]:
     """``(path, module)`` of every module LoRA could adapt: linear-like modules and existing
     LoRALinear layers, but nothing inside a LoRALinear (its base and its A and B)."""
+    check_module(model, "lora")
     found, inside = [], []
     for path, mod in model.named_modules():
         if any(path.startswith(p + ".") for p in inside):
@@ -76,6 +78,7 @@ def inject_lora(model: Module, config: LoraConfig | None = None,
     frozen, as PEFT's add_adapter does: ``set_adapter(model, name)`` switches to it. Returns
     ``model``.
     """
+    check_module(model, "inject_lora")
     config = LoraConfig() if config is None else config
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"inject_lora: config must be a LoraConfig, got {type(config).__name__}")

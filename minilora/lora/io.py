@@ -37,7 +37,7 @@ import numpy as np
 from .. import backend as B
 from ..errors import CheckpointError, ConfigError, NonFiniteWarning
 from ..fileio import MANIFEST, open_save, read_whole, warn_no_manifest, write_files
-from ..nn import Module
+from ..nn import Module, check_module
 from ..tensorfile import (
     TensorInfo,
     json_bytes,
@@ -175,6 +175,7 @@ def save_adapter(model: Module, directory: str, adapter_name: str = "default") -
     A directory already there is replaced only if it is an adapter save. Returns
     ``{"config": path, "weights": path}`` of the two files written.
     """
+    check_module(model, "save_adapter")
     return write_adapter_files(directory, *_minilora_adapter(model, adapter_name))
 
 

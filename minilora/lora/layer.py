@@ -29,7 +29,7 @@ from .. import backend as B
 from .. import fast, flops
 from .. import functional as F
 from ..errors import ConfigError, GraphError, InvalidArgumentError
-from ..nn import Linear, Module, ModuleDict, Parameter
+from ..nn import Linear, Module, ModuleDict, Parameter, check_module
 from ..tensor import Tensor, release
 from .config import INITS, LoraConfig, adapter_list
 from .variants import (
@@ -432,4 +432,5 @@ class LoRALinear(Module):
 
 def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
     """Every ``(path, LoRALinear)`` in ``model``, in module order."""
+    check_module(model, "lora")  # every LoRA function of a model looks for its layers first
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]

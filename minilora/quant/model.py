@@ -211,6 +211,7 @@ def memory_report(model: nn.Module, blocksize: int = 64, skip: Any = ("lm_head",
     of every array actually held), ``held_bits_per_param``, and for each of "float32", "nf4" and
     "nf4_dq": ``weight_bytes``, ``weight_bits_per_param`` and ``total_bytes``.
     """
+    nn.check_module(model, "memory_report")
     check_blocksize(blocksize)
     if isinstance(skip, str):
         skip = (skip,)
