@@ -2,8 +2,6 @@
 bytes the base never saw: the adapter lowers the second text's validation loss, the base's own
 weights stay exactly as they were, and switching the adapter off gives the base back."""
 
-import time
-
 import numpy as np
 
 import minilora as ml
@@ -44,7 +42,6 @@ def test_lora_adapts_a_byte_level_base_to_a_text_with_new_characters():
     ml.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=T, n_layer=2, n_head=4,
                           n_embd=64))
-    t0 = time.perf_counter()
     train(model, base_data, TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup=30,
                                          min_lr=3e-4, eval_every=300, seed=0), progress=False)
     base_loss = validation_loss(model, base_data, 32)
@@ -58,7 +55,6 @@ def test_lora_adapts_a_byte_level_base_to_a_text_with_new_characters():
     train(model, new_data, TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup=20,
                                        min_lr=1e-4, eval_every=300, seed=1), progress=False)
     after = validation_loss(model, new_data, 32)
-    seconds = time.perf_counter() - t0
 
     # 8.9 -> 3.8 nats per byte here: the adapter learns to use bytes whose embeddings it cannot
     # change (wte is frozen and tied to the head) by moving the hidden states instead
@@ -72,4 +68,3 @@ def test_lora_adapts_a_byte_level_base_to_a_text_with_new_characters():
     with disable_adapters(model):
         assert validation_loss(model, new_data, 32) == before
         assert validation_loss(model, base_data, 32) == base_loss
-    assert seconds < 30, f"took {seconds:.0f} s"
