@@ -119,7 +119,17 @@ def unbroadcast(grad: Any, shape: tuple) -> Any:
 
 
 def _as_float_array(data: Any, dtype: Any) -> Any:
-    arr = B.asarray(data, dtype=dtype)
+    if dtype is not None:
+        try:
+            np.dtype(dtype)
+        except TypeError:
+            raise DTypeError(f"Tensor: dtype {dtype!r} is not a NumPy dtype (float32, float64, "
+                             f"...)") from None
+    try:
+        arr = B.asarray(data, dtype=dtype)
+    except ValueError as exc:  # ragged lists: NumPy's "inhomogeneous shape" names no argument
+        raise ShapeError(f"Tensor: data must be rectangular (every row of one length), got "
+                         f"{str(data)[:60]}: {exc}") from None
     if arr.dtype.kind not in "biuf":  # strings, objects, complex: no op here is defined on them
         raise DTypeError(f"Tensor: data must hold numbers (bool, integer or float), got dtype "
                          f"{arr.dtype}")
@@ -691,6 +701,9 @@ class Tensor:
         a = self
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
+        if not all(is_int(d) for d in shape):
+            raise InvalidArgumentError(f"reshape: the shape must be ints (one may be -1), got "
+                                       f"{shape!r}")
         try:
             out = a.data.reshape(shape)
         except ValueError:
@@ -786,6 +799,7 @@ def concatenate(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
     ts = tuple(_as_tensor(t) for t in tensors)
     if not ts:
         raise InvalidArgumentError("concatenate: needs at least one tensor, got none")
+    axis = check_axis(axis, ts[0].shape, "concatenate", many=False)
     try:
         out = B.xp.concatenate([t.data for t in ts], axis=axis)
     except ValueError as exc:
@@ -802,6 +816,11 @@ def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
     ts = tuple(_as_tensor(t) for t in tensors)
     if not ts:
         raise InvalidArgumentError("stack: needs at least one tensor, got none")
+    places = ts[0].ndim + 1  # where the new axis may go
+    if not is_int(axis) or not -places <= axis < places:
+        raise ShapeError(f"stack: axis {axis!r} is not a place for a new axis beside the axes of "
+                         f"shape {ts[0].shape} (ints from {-places} to {places - 1})")
+    axis = int(axis) % places
     try:
         out = B.xp.stack([t.data for t in ts], axis=axis)
     except ValueError as exc:

@@ -267,3 +267,40 @@ def test_functional_layers_refuse_arrays_and_tables_of_the_wrong_rank():
         interop.hf_config(None)
     with pytest.raises(DTypeError, match="hf_state_dict: model must be a minilora GPT"):
         interop.hf_state_dict(None)
+
+
+def test_tensors_and_their_shapes_are_refused_by_name():
+    """NumPy's own errors (inhomogeneous shape, data type not understood, 'float' object cannot
+    be interpreted as an integer) named no argument; a float axis reached NumPy as well."""
+    with pytest.raises(ShapeError, match=r"Tensor: data must be rectangular"):
+        ml.Tensor([[1, 2], [3]])
+    with pytest.raises(DTypeError, match=r"Tensor: dtype 'foo' is not a NumPy dtype"):
+        ml.Tensor([1.0], dtype="foo")
+    x = ml.Tensor(np.ones((2, 3)))
+    with pytest.raises(InvalidArgumentError, match=r"reshape: the shape must be ints.*\(3.0, 2\)"):
+        x.reshape(3.0, 2)
+    assert x.reshape(np.int64(3), -1).shape == (3, 2)
+    with pytest.raises(ShapeError, match="concatenate: axis 1.0 is not an axis"):
+        ml.cat([x, x], axis=1.0)
+    with pytest.raises(ShapeError, match=r"stack: axis 3 is not a place for a new axis beside "
+                                         r"the axes of shape \(2, 3\) \(ints from -3 to 2\)"):
+        ml.stack([x, x], axis=3)
+    assert ml.stack([x, x], axis=-1).shape == (2, 3, 2) == ml.stack([x, x], axis=2).shape
+
+
+def test_weighted_adapters_take_numbers_and_lists_and_a_layer_names_its_adapters():
+    ml.manual_seed(0)
+    model = ml.GPT(ml.GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    lora.inject_lora(model, lora.LoraConfig(r=2))
+    for weights in (1.0, [True], [float("nan")], [1.0, 2.0]):
+        with pytest.raises(InvalidArgumentError, match="weights must be one finite number per "
+                                                       "adapter"):
+            lora.add_weighted_adapter(model, ["default"], weights, "c")
+    with pytest.raises(InvalidArgumentError, match="adapters must be a non-empty list of "
+                                                   "existing adapters.*got 'default'"):
+        lora.add_weighted_adapter(model, "default", [1.0], "c")
+    lora.add_weighted_adapter(model, ["default"], [np.float32(0.5)], "half")  # NumPy's floats
+    assert "half" in lora.lora_configs(model)
+    with pytest.raises(InvalidArgumentError, match="delta_weight: this layer has no adapter "
+                                                   "'zz'; it has \\['default', 'half'\\]"):
+        model.h[0].attn.q_proj.delta_weight("zz")

@@ -344,6 +344,9 @@ class LoRALinear(Module):
 
     def delta_weight(self, adapter_name: str) -> Any:
         """``s * B @ A`` (out, in) of one adapter, as an array (no graph)."""
+        if adapter_name not in self.lora_A:
+            raise InvalidArgumentError(f"delta_weight: this layer has no adapter "
+                                       f"{adapter_name!r}; it has {list(self.lora_A)}")
         A, Bm = self.lora_A[adapter_name].weight.data, self.lora_B[adapter_name].weight.data
         return self._scaling(adapter_name) * (Bm @ A)
 

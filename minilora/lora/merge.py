@@ -92,13 +92,16 @@ def _check_weighted(model: Module, adapters: Sequence[str], weights: Sequence[fl
     check_adapter_name(adapter_name)
     if adapter_name in configs:
         raise ConfigError(f"add_weighted_adapter: adapter {adapter_name!r} already exists")
-    if not adapters or any(a not in configs for a in adapters):
+    if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters \
+            or any(a not in configs for a in adapters):
         raise InvalidArgumentError(f"add_weighted_adapter: adapters must be a non-empty list of "
-                                   f"existing adapters {list(configs)}, got {list(adapters)}")
-    if len(weights) != len(adapters) or not all(
-            isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+                                   f"existing adapters {list(configs)}, got {adapters!r}")
+    numbers = (int, float, np.integer, np.floating)  # a bool is no weight; np.float32 is one
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters) or not all(
+            isinstance(w, numbers) and not isinstance(w, bool) and math.isfinite(w)
+            for w in weights):
         raise InvalidArgumentError(f"add_weighted_adapter: weights must be one finite number per "
-                                   f"adapter ({len(adapters)}), got {list(weights)}")
+                                   f"adapter ({len(adapters)}), got {weights!r}")
     if combination_type not in COMBINATION_TYPES:
         raise InvalidArgumentError(f"add_weighted_adapter: combination_type must be one of "
                                    f"{COMBINATION_TYPES}, got {combination_type!r}")
@@ -177,8 +180,8 @@ def add_weighted_adapter(model: Module, adapters: Sequence[str], weights: Sequen
     ``set_adapter(model, adapter_name)`` uses it. Adapters missing from a layer count as zero
     there; DoRA adapters are refused. Nothing is changed when an argument is refused.
     """
-    adapters, weights = list(adapters), list(weights)
     _check_weighted(model, adapters, weights, adapter_name, combination_type, svd_rank)
+    adapters, weights = list(adapters), [float(w) for w in weights]
     configs = lora_configs(model)
     first = configs[adapters[0]]
     if combination_type == "linear":
