@@ -211,8 +211,11 @@ class AdamW(Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01) -> None:
         _check_rates("AdamW", lr=lr, eps=eps, weight_decay=weight_decay)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise InvalidArgumentError(f"AdamW: betas must be two numbers in [0, 1), got {betas}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
+                isinstance(b, (int, float, np.integer, np.floating)) and not isinstance(b, bool)
+                and 0.0 <= b < 1.0 for b in betas):
+            raise InvalidArgumentError(f"AdamW: betas must be two numbers in [0, 1), got "
+                                       f"{betas!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
         self._flat: list[tuple[list[int], FlatSet]] | None = None  # made at the first device step

@@ -409,6 +409,8 @@ class Tensor:
         return int(self.data.size)
 
     def __len__(self) -> int:
+        if self.data.ndim == 0:  # as NumPy says of a 0-d array (it was an IndexError)
+            raise DTypeError("len() of a 0-d tensor: it has no first axis")
         return self.data.shape[0]
 
     def numpy(self) -> np.ndarray:

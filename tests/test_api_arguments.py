@@ -7,7 +7,7 @@ import pytest
 import minilora as ml
 from minilora import checkpoint, lora, nn, quant
 from minilora import functional as F
-from minilora.errors import DTypeError, InvalidArgumentError, ShapeError
+from minilora.errors import DTypeError, InvalidArgumentError, ShapeError, StateDictError
 
 
 @pytest.mark.host_only("refused before any array work")
@@ -304,3 +304,18 @@ def test_weighted_adapters_take_numbers_and_lists_and_a_layer_names_its_adapters
     with pytest.raises(InvalidArgumentError, match="delta_weight: this layer has no adapter "
                                                    "'zz'; it has \\['default', 'half'\\]"):
         model.h[0].attn.q_proj.delta_weight("zz")
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: quant.unpack_nibbles(np.zeros(2, np.uint8), 1.0), ShapeError, "asked for n=1.0"),
+    (lambda: quant.quant_linear_from_bnb_state(None), StateDictError, "state must be a dict"),
+    (lambda: ml.interop.is_peft_gpt2(None), DTypeError, "is_peft_gpt2: expected a dict"),
+    (lambda: ml.interop.gpt_from_hf(None), InvalidArgumentError, "gpt_from_hf: source"),
+    (lambda: ml.optim.AdamW([ml.Tensor(np.ones(2), requires_grad=True)], betas="ab"),
+     InvalidArgumentError, "betas must be two numbers in \\[0, 1\\), got 'ab'"),
+    (lambda: len(ml.Tensor(np.array(1.0))), DTypeError, "len\\(\\) of a 0-d tensor"),
+])
+def test_the_rest_of_the_sweep_is_refused_by_name(call, error, message):
+    """Each was a bare TypeError, AttributeError or IndexError from deep inside."""
+    with pytest.raises(error, match=message):
+        call()

@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 
 from .. import backend as B
-from ..errors import CheckpointError, ConfigError, DTypeError, InvalidArgumentError
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    DTypeError,
+    InvalidArgumentError,
+    check_path,
+)
 from ..fileio import write_files
 from ..gpt import GPT, GPTConfig
 from ..lora.layer import is_linear_like, lora_layers
@@ -204,6 +210,7 @@ def _read(source: Any, config: Any) -> tuple[dict | str, dict[str, tuple], dict,
                                        "config.json values, a dict) is needed too")
         arrays = {k: np.asarray(v) for k, v in source.items()}
         return arrays, {k: v.shape for k, v in arrays.items()}, config, "the state dict", "config"
+    check_path(source, "gpt_from_hf: source (a directory, a .safetensors file or a dict)")
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"gpt_from_hf: {str(path)!r} does not exist")

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from .. import backend as B
-from ..errors import CheckpointError, ConfigError, InvalidArgumentError
+from ..errors import CheckpointError, ConfigError, DTypeError, InvalidArgumentError
 from ..gpt import GPT
 from ..lora.config import LoraConfig
 from ..lora.inject import inject_lora, lora_configs
@@ -159,7 +159,10 @@ def peft_adapter_files(model: GPT, adapter_name: str = "default") -> dict[str, b
 
 def is_peft_gpt2(arrays_or_keys: Any) -> bool:
     """True when the adapter's keys name HF GPT-2 modules (c_attn, c_fc, ...): PEFT's layout."""
-    return any(_KEY.fullmatch(k) for k in arrays_or_keys)
+    if isinstance(arrays_or_keys, (str, bytes)) or not hasattr(arrays_or_keys, "__iter__"):
+        raise DTypeError(f"is_peft_gpt2: expected a dict of arrays or a list of keys, got "
+                         f"{type(arrays_or_keys).__name__}")
+    return any(isinstance(k, str) and _KEY.fullmatch(k) for k in arrays_or_keys)
 
 
 def _peft_adapter(model: GPT, adapter_name: str) -> tuple[dict, dict[str, np.ndarray]]:

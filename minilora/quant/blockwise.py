@@ -196,7 +196,7 @@ def unpack_nibbles(packed: Any, n: int) -> Any:
     packed = B.asarray(packed).reshape(-1)
     if packed.dtype != np.uint8:
         raise DTypeError(f"unpack_nibbles: packed must be uint8, got dtype {packed.dtype}")
-    if not 0 <= n <= 2 * packed.size:
+    if not is_int(n) or not 0 <= n <= 2 * packed.size:
         raise ShapeError(f"unpack_nibbles: {packed.size} bytes hold at most {2 * packed.size} "
                          f"codes, asked for n={n}")
     return B.xp.stack([packed >> 4, packed & 15], axis=1).reshape(-1)[:n]  # (2 * n_bytes,)

@@ -4,7 +4,7 @@ dict (bitsandbytes' ``Linear4bit`` layout), and the memory report of a quantized
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -99,6 +99,9 @@ def quant_linear_from_bnb_state(state: dict[str, Any], prefix: str = "") -> Quan
     what bitsandbytes' ``dequantize_4bit`` gives for a float32 state. The weight must be 2-D
     (out, in). A float bias is copied as float32 and frozen. Raises StateDictError naming the key.
     """
+    if not isinstance(state, Mapping):
+        raise StateDictError(f"quant_linear_from_bnb_state: state must be a dict of arrays (a "
+                             f"state dict), got {type(state).__name__}")
     prefix = _prefix(prefix)
     new = quant_state_from_bnb(state, prefix + "weight", who="quant_linear_from_bnb_state")
     if len(new.shape) != 2:
