@@ -246,6 +246,7 @@ def test_a_model_that_is_no_module_is_refused_by_name(call, who, model):
         call(model)
 
 
+@pytest.mark.host_only("refused before any array work")
 def test_functional_layers_refuse_arrays_and_tables_of_the_wrong_rank():
     """An array weight failed on memoryview.T; a 1-D weight raised IndexError in linear and
     made embedding return a scalar."""
@@ -306,6 +307,7 @@ def test_weighted_adapters_take_numbers_and_lists_and_a_layer_names_its_adapters
         model.h[0].attn.q_proj.delta_weight("zz")
 
 
+@pytest.mark.host_only("refused before any array work")
 @pytest.mark.parametrize("call, error, message", [
     (lambda: quant.unpack_nibbles(np.zeros(2, np.uint8), 1.0), ShapeError, "asked for n=1.0"),
     (lambda: quant.quant_linear_from_bnb_state(None), StateDictError, "state must be a dict"),

@@ -627,6 +627,7 @@ def test_the_norm_holds_one_pieces_float64_copy_at_a_time():
     assert peak <= 1.5 * piece * 4, (peak, piece * 4)
 
 
+@pytest.mark.host_only("refused before any update")
 def test_a_single_tensor_as_params_is_refused_not_iterated():
     """Iterating a Tensor gave copies of its rows: the optimizer updated those, never it."""
     p = param(np.ones((3, 2)))
@@ -654,6 +655,7 @@ def test_a_parameter_unfrozen_after_the_optimizer_was_made_is_said_at_the_step()
     assert not np.array_equal(host(a), before)
 
 
+@pytest.mark.host_only("refused before any update")
 @pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1), lambda ps: SGD(ps, lr=0.1)])
 def test_a_gradient_of_another_shape_is_refused_not_applied_through_a_view(make):
     a = param(np.ones((2, 3)))

@@ -87,6 +87,7 @@ def test_nf4_table_is_rebuilt_from_normal_quantiles():
     assert np.abs(Q.normal_float_code(offset=0.99) - Q.NF4_CODE).max() > 1e-2
 
 
+@pytest.mark.host_only("the code tables are host arrays")
 @pytest.mark.parametrize("offset", [0.5, 1.0, 0.3, 0, 1, 64, 3, float("nan"), "0.9", True,
                                     None])
 def test_an_offset_that_is_no_probability_between_a_half_and_one_is_refused(offset):
@@ -96,6 +97,7 @@ def test_an_offset_that_is_no_probability_between_a_half_and_one_is_refused(offs
         Q.normal_float_code(offset)
 
 
+@pytest.mark.host_only("the code tables are host arrays")
 @given(offset=st.floats(0.5, 1.0, exclude_min=True, exclude_max=True))
 def test_any_offset_between_a_half_and_one_gives_a_finite_sorted_table(offset):
     code = Q.normal_float_code(offset)
