@@ -176,7 +176,8 @@ def _resume(args: argparse.Namespace, given: dict) -> int:
         raise ConfigError(f"train --resume: {args.resume!r} records neither a task nor a text")
     model = GPT(GPTConfig.from_dict(ck.model_config))
     if not same:
-        check_destination(out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out")
+        check_destination(out, overwrite=args.overwrite, names=CHECKPOINT_FILES, what="--out",
+                          inputs={"--resume": args.resume})
     print(f"resuming {args.resume!r} at step {ck.step} of {cfg.steps}; writing to {out!r}",
           flush=True)
     history = run_training(args, model, data, cfg, out, resume=args.resume)

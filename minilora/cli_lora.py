@@ -418,9 +418,10 @@ def _finetune_resume(args: argparse.Namespace) -> int:
     data = dataset_from_record(ck.extra, tokenizer, "finetune --resume")
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
     cfg = resumed_config(args, TrainConfig.from_dict(ck.train_config), given)
-    if not same:
+    if not same:  # nor where its base is read from: --overwrite there replaced the base
         names = CHECKPOINT_FILES if record["method"] == "full" else FINETUNE_FILES
-        check_destination(args.out, overwrite=args.overwrite, names=names, what="--out")
+        check_destination(args.out, overwrite=args.overwrite, names=names, what="--out",
+                          inputs={"--resume": args.resume, "the fine-tune's base": info["base"]})
     print(f"resuming {args.resume!r} at step {ck.step} of {cfg.steps}", flush=True)
     return _finetune_run(args, model, data, cfg, tokenizer, record, resume=args.resume)
 

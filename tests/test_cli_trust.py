@@ -668,6 +668,28 @@ def test_a_fine_tune_resumes_from_its_base_where_it_was_moved(ck, tmp_path, caps
     assert load_checkpoint(run).extra["finetune"]["base"] == str(moved.resolve())
 
 
+def test_a_resumed_run_may_not_write_over_what_it_reads(ck, tmp_path, capsys):
+    """finetune --resume took its base from the record, never checked against --out: with
+    --overwrite it replaced the base it was fine-tuned from by the fine-tune."""
+    base, run = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(ck, base)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    assert main(["finetune", "--from", str(base), "--task", "nocarry", "--steps", "4",
+                 "--until", "2", "--out", str(run), *TINY[10:]]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--resume", str(run), "--out", str(base), "--overwrite",
+                 "--no-progress"]) == 1
+    line = one_line(capsys.readouterr().err, "finetune")
+    assert f"--out {str(base)!r} is where the fine-tune's base" in line, line
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    inner = tmp_path / "outer"  # --resume inside --out: replacing --out would take it along
+    shutil.copytree(ck, inner / "ck")
+    assert main(["train", "--resume", str(inner / "ck"), "--out", str(inner), "--overwrite",
+                 "--steps", "6", "--no-progress"]) == 1
+    assert "is where --resume" in one_line(capsys.readouterr().err, "train")
+    assert (inner / "ck" / "checkpoint.json").is_file()
+
+
 def test_small_mistakes_get_a_line_that_names_them(ck, tmp_path, capsys):
     """A file where a checkpoint directory is expected; --lr below the default --min-lr; --text
     and --data together; --version."""
