@@ -562,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             with claims():  # the --out a command checks stays its own until it ends (filelock)
                 return args.func(args)
         except KeyboardInterrupt as stop:
+            startup.finishing()  # a Ctrl-C pressed again from here ends the process quietly
             if not getattr(stop, "reported", False):  # else _run said what was saved
                 print(f"minilora {args.command}: interrupted", file=sys.stderr)
             return 130
@@ -578,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"minilora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
             return 1
+        finally:
+            startup.finishing()
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ interrupted", exit status 130). A SIGINT in that first half second would print t
 whatever import it cut. So when this process is the command line (the console script, or
 ``python -m minilora``), the package's first act is :func:`guard`: SIGINT goes to
 :func:`_while_starting`, which says so in one line and exits with 130; ``cli.main`` calls
-:func:`done` just before it runs the command, giving SIGINT back to Python's handler. Imported as
-a library (a notebook, a test, a script of one's own), nothing changes.
+:func:`done` just before it runs the command, giving SIGINT back to Python's handler, and
+:func:`finishing` as the command ends, after which a Ctrl-C (a user pressing it again and again)
+exits at once without a traceback. Imported as a library (a notebook, a test, a script of one's
+own), nothing changes.
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ def _while_starting(signum: int, frame: Any) -> None:
     raise SystemExit(EXIT_INTERRUPTED)
 
 
+_guarded = False  # guard() took SIGINT: this process is the command line
+
+
+def _at_exit(signum: int, frame: Any) -> None:
+    """SIGINT once the command is over: flush what was printed, exit with 130 at once."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(EXIT_INTERRUPTED)
+
+
 def guard() -> bool:
     """Take SIGINT with :func:`_while_starting` when this process is the command line and SIGINT
     is still Python's own (a caller that set its own keeps it); True if it was taken."""
@@ -60,6 +75,8 @@ def guard() -> bool:
         signal.signal(signal.SIGINT, _while_starting)
     except (ValueError, OSError):  # not the main thread, or no signals here
         return False
+    global _guarded
+    _guarded = True
     return True
 
 
@@ -73,4 +90,18 @@ def done() -> None:
         pass
 
 
-__all__ = ["EXIT_INTERRUPTED", "is_the_command", "guard", "done"]
+def finishing() -> None:
+    """The command is over (done, refused or interrupted): a Ctrl-C from here on, while the
+    process winds down (worker threads ending the piece they were on, Python's own exit), ends it
+    at once with 130 and no word, where Python would print a KeyboardInterrupt traceback from
+    wherever it struck. Only in the command line's process (:func:`guard` took SIGINT); every save
+    is whole or untouched by then."""
+    if not _guarded:
+        return
+    try:
+        signal.signal(signal.SIGINT, _at_exit)
+    except (ValueError, OSError):
+        pass
+
+
+__all__ = ["EXIT_INTERRUPTED", "is_the_command", "guard", "done", "finishing"]
