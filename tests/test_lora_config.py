@@ -121,6 +121,22 @@ def test_peft_dicts_lora_cannot_use_are_refused(change, needle):
         lora.LoraConfig.from_peft_dict(d)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("layers_to_transform", [5]), ("layers_pattern", "h"), ("modules_to_save", ["wte"]),
+    ("exclude_modules", ["q_proj"]), ("lora_bias", True), ("layer_replication", [[0, 1]]),
+    ("trainable_token_indices", [3]), ("target_parameters", ["mlp.fc.weight"]),
+    ("use_qalora", True),
+])
+def test_peft_fields_that_move_the_adapter_elsewhere_are_refused_unless_unset(field, value):
+    """layers_to_transform=[5] on a 1-layer base and modules_to_save=['wte'] loaded without a
+    word: the adapter then acted on other layers (or fewer weights) than PEFT's would."""
+    d = lora.LoraConfig().to_peft_dict()
+    for unset in (None, False, [], {}):
+        lora.LoraConfig.from_peft_dict({**d, field: unset})  # PEFT's defaults pass
+    with pytest.raises(ConfigError, match=rf"{field}={re.escape(repr(value))} is not supported"):
+        lora.LoraConfig.from_peft_dict({**d, field: value})
+
+
 def test_peft_dict_missing_field_is_named():
     d = lora.LoraConfig().to_peft_dict()
     del d["lora_alpha"]

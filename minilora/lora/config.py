@@ -150,7 +150,9 @@ class LoraConfig:
 
         The JSON types are checked first: booleans must be true/false (a string "false" is an
         error, not True), r an integer, lora_alpha and lora_dropout numbers; null means PEFT's
-        default where PEFT has one. Fields minilora does not use are ignored.
+        default where PEFT has one. Fields that change which layers or weights the adapter
+        touches (:data:`UNSUPPORTED_PEFT_FIELDS`) are refused unless unset; other fields minilora
+        does not use (task_type, revision, ...) are ignored.
         """
         where = "LoraConfig.from_peft_dict"
         if not isinstance(d, dict):
@@ -166,6 +168,11 @@ class LoraConfig:
         for key in ("r", "lora_alpha", "target_modules"):
             if key not in d:
                 raise ConfigError(f"{where}: missing field {key!r}")
+        for key in UNSUPPORTED_PEFT_FIELDS:  # each changes what the adapter applies to
+            if d.get(key) not in (None, False, [], {}):
+                raise ConfigError(f"{where}: {key}={d[key]!r} is not supported here; read "
+                                  f"without it, the adapter would act on other layers or "
+                                  f"weights than PEFT's")
         init = d.get("init_lora_weights", True)
         if isinstance(init, bool):
             init = "kaiming"  # False (random B) only matters before training; weights get loaded
@@ -185,6 +192,17 @@ class LoraConfig:
                    use_dora=json_field(d, "use_dora", bool, where, False), init=init,
                    rank_pattern=dict(json_field(d, "rank_pattern", dict, where, {})),
                    alpha_pattern=dict(json_field(d, "alpha_pattern", dict, where, {})))
+
+
+# PEFT adapter_config.json fields that, set, make the adapter act on other layers or weights,
+# or compute something else: only some layers' indices, extra modules trained whole and saved,
+# exclusions, a bias on lora_B, repeated layers, trained token rows, raw parameters as targets,
+# and the variants minilora does not implement (interop.peft keeps the same list for HF GPT-2)
+UNSUPPORTED_PEFT_FIELDS = ("layers_to_transform", "layers_pattern", "modules_to_save",
+                           "exclude_modules", "lora_bias", "layer_replication",
+                           "trainable_token_indices", "target_parameters", "use_qalora",
+                           "alora_invocation_tokens", "use_bdlora", "arrow_config",
+                           "kasa_config", "velora_config", "monteclora_config")
 
 
 def adapter_list(names: Any, who: str) -> list[str]:
