@@ -512,6 +512,9 @@ def _note_other_bases(checkpoint: str | None, dirs: list, records: list[dict]) -
 
 def _attach_adapters(model: GPT, args: argparse.Namespace) -> dict | None:
     dirs = args.adapter or []
+    if args.no_adapter and dirs:  # it wins (a script may always pass --adapter), but says so
+        warnings.warn(f"--no-adapter: the bare base, without --adapter {dirs[0]!r}"
+                      f"{f' and {len(dirs) - 1} more' if len(dirs) > 1 else ''}", stacklevel=2)
     if args.no_adapter or not dirs:
         if args.use:
             raise ConfigError(f"--use {args.use!r} needs the adapter it names (--adapter DIR)")
@@ -765,8 +768,10 @@ def _import(args: argparse.Namespace) -> int:
     half = [n for n in ("vocab.json", "merges.txt") if (Path(args.hf) / n).is_file()]
     none = ", no tokenizer" + (f" ({half[0]} is there, but a BPE tokenizer needs vocab.json and "
                                f"merges.txt both)" if len(half) == 1 else "")
+    kinds = {"GPT2BPETokenizer": "BPE", "CharTokenizer": "character", "ByteTokenizer": "byte"}
+    kind = kinds.get(type(tokenizer).__name__, type(tokenizer).__name__)
     print(f"imported {args.hf!r} ({model.num_parameters():,} parameters"
-          f"{', with its BPE tokenizer' if tokenizer is not None else none}) into "
+          f"{f', with its {kind} tokenizer' if tokenizer is not None else none}) into "
           f"{args.out}", flush=True)
     return 0
 

@@ -211,7 +211,10 @@ def test_family_adapters_load_alone(base, tmp_path, capsys):
     assert "--use 'x'" in err
     assert main(["eval", "--checkpoint", str(base), "--adapter", str(ia3), "--no-adapter",
                  "--examples", "20", "--show", "0"]) == 0
-    assert "task 'add'" in capsys.readouterr().out  # the bare base, on its own task
+    said = capsys.readouterr()
+    assert "task 'add'" in said.out  # the bare base, on its own task, and a note says so
+    assert said.err.strip() == f"minilora eval: note: --no-adapter: the bare base, without " \
+                               f"--adapter {str(ia3)!r}"
 
 
 def test_a_forged_or_damaged_adapter_is_one_line(base, tmp_path, capsys):

@@ -753,6 +753,14 @@ def test_import_says_which_half_of_a_tokenizer_is_missing(trained, tmp_path, cap
            "merges.txt both)" in out, out
 
 
+def test_import_names_the_tokenizer_it_keeps(trained, tmp_path, capsys):
+    """A minilora checkpoint as --hf keeps its character tokenizer; the line said "with its BPE
+    tokenizer" of any tokenizer."""
+    assert main(["import", "--hf", str(trained), "--out", str(tmp_path / "imported")]) == 0
+    out = capsys.readouterr().out
+    assert "with its character tokenizer" in out and "BPE" not in out, out
+
+
 def test_inspect_splits_a_4bit_checkpoints_bits_into_quantized_and_float(trained, tmp_path,
                                                                          capsys):
     """The mean over all parameters mixes the 4-bit weights with the float embeddings, norms and
