@@ -186,7 +186,10 @@ class JsonlDataset:
         if n == 0:
             raise DataError(f"JsonlDataset: {self._source()} holds no examples (it is empty or "
                             f"has only blank lines)")
-        # n_heldout is checked before any example is tokenized: a wrong split fails at once
+        # each record's keys and types first (a file of one bad line was said to be too short),
+        # then n_heldout, both before any example is tokenized: a wrong split fails at once
+        pairs = [check_record(record, f"JsonlDataset: {self._name(i)}")
+                 for i, record in enumerate(records)]
         self.n_heldout = self._check_heldout(n_heldout, n)
         self.split_seed = int(split_seed)
 
@@ -196,8 +199,7 @@ class JsonlDataset:
         # a longer one is refused here, by line, before the whole file's token array is built
         limit = (block_size if block_size is not None else MAX_BLOCK_SIZE) + 1
         which = f"{'block_size' if block_size is not None else 'MAX_BLOCK_SIZE'} + 1 = {limit}"
-        for i, record in enumerate(records):
-            prompt, completion = check_record(record, f"JsonlDataset: {self._name(i)}")
+        for i, (prompt, completion) in enumerate(pairs):
             p_ids = self._encode(prompt, i, "prompt")
             c_ids = self._encode(completion, i, "completion")
             seq_len = len(p_ids) + len(c_ids) + 1

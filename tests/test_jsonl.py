@@ -160,6 +160,21 @@ def test_empty_files_and_too_few_examples_are_named(tmp_path, content, words):
         assert w in str(err.value)
 
 
+@pytest.mark.parametrize("line, words", [
+    ('{"prompt": "1+1="}', "missing ['completion']"), ('{"prompt": 3, "completion": "2"}', "str"),
+    ("null", "expected an object"), ('["1+1=", "2"]', "expected an object"),
+])
+def test_a_file_of_one_bad_line_is_told_its_fault_not_its_length(tmp_path, line, words):
+    """One line, and that one bad: the size check came first and said "1 example(s), too few
+    to hold out 1", hiding what was wrong with the line."""
+    path = tmp_path / "one.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        JsonlDataset.from_file(path, TOK)
+    assert "line 1" in str(err.value) and words in str(err.value), str(err.value)
+    assert "too few" not in str(err.value)
+
+
 def test_too_few_examples_for_the_asked_heldout(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 5)
     with pytest.raises(DataError, match="5 example.*too few to hold out 5.*at least 6"):
