@@ -175,16 +175,29 @@ def _sweep_probes(where: Path) -> None:
             pass
 
 
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False where the path cannot even be looked at (a name too long)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _check_name_length(path: Path, what: str) -> None:
     """Refuse a save name too long for its staging folder ``.NAME.tmp-XXXXXXXX`` beside it: the
     file system would say so only when the work is done and the save is written."""
     at = path.parent
-    while not at.exists() and at != at.parent:
+    while not _exists(at) and at != at.parent:
         at = at.parent
     try:
         limit = os.pathconf(at, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # AttributeError: no pathconf (Windows)
         limit = 255
+    for part in path.parts[:-1]:  # a folder on the way: every stat of the path would fail
+        if len(os.fsencode(part)) > limit:
+            raise DestinationError(f"{what} {str(path)[:60]!r}...: the folder name "
+                                   f"{part[:40]!r}... has {len(os.fsencode(part))} bytes, over "
+                                   f"this file system's {limit}; choose a shorter name")
     need = len(os.fsencode(f".{path.name}{_TMP}")) + 8  # mkdtemp's 8 random characters
     if need > limit:
         raise DestinationError(f"{what} {str(path)[:60]!r}...: a name of "
@@ -206,8 +219,8 @@ def _writable_and_claimed(path: str | Path, what: str) -> Path:
     """What every command's output gets checked for first: writable (:func:`check_writable`), a
     name its staging folder fits beside, and claimed for the command (before a half-done swap
     there is recovered: no other process may be writing it meanwhile)."""
+    _check_name_length(Path(path), what)  # first: a name over NAME_MAX fails every stat too
     path = check_writable(path, what)
-    _check_name_length(path, what)
     claim(path, what)  # inside a command: no other process writes here until it ends
     return path
 
@@ -225,6 +238,7 @@ def check_destination(path: str | Path, *, overwrite: bool = False, names: tuple
     ``overwrite`` says, since the swap would delete what it holds. Returns the path.
     """
     raw = Path(path)
+    _check_name_length(raw, what)  # before is_symlink, which a name over NAME_MAX fails
     if raw.is_symlink():  # the swap would replace the link, leaving its target as it was
         raise DestinationError(f"{what} {str(path)!r} is a symbolic link (to "
                                f"{os.readlink(raw)!r}); give the directory itself")
