@@ -56,8 +56,16 @@ SWAP_WAIT = 10.0  # seconds a swap waits for the loads in progress to end
 
 # lock file -> [fd, depth, pid, thread id]: what this process's threads hold
 _held: dict[str, list[int]] = {}
-# one list per open claims() block: (lock file claimed, the folders the claim made for it)
-_claims: list[list[tuple[str | None, list[Path]]]] = []
+# per thread, one list per open claims() block: (lock file claimed, the folders the claim made
+# for it); a thread's claims are its own, as its locks are
+_claim_blocks = threading.local()
+
+
+def _claims_here() -> list[list[tuple[str | None, list[Path]]]]:
+    """This thread's stack of open claims() blocks."""
+    if not hasattr(_claim_blocks, "stack"):
+        _claim_blocks.stack = []
+    return _claim_blocks.stack
 
 
 def lock_file(dest: str | os.PathLike) -> Path:
@@ -197,8 +205,8 @@ def _release(key: str | None) -> None:
 @contextmanager
 def writing(dest: str | os.PathLike, wait: float | None = None) -> Iterator[None]:
     """Hold the lock of the save at ``dest`` for the block, waiting up to ``wait`` seconds (None:
-    :data:`WAIT`) for another process to let go (then :class:`DestinationError`, naming ``dest``
-    and the holder)."""
+    :data:`WAIT`) for another process, or another thread of this one, to let go (then
+    :class:`DestinationError`, naming ``dest`` and the holder)."""
     key = _acquire(Path(dest), f"the save {str(dest)!r}", WAIT if wait is None else wait)
     try:
         yield
@@ -211,11 +219,12 @@ def claims() -> Iterator[None]:
     """A block (one command) in which :func:`claim` holds locks; they are let go as it ends, and
     the folders a claim made that are still empty are removed (a command that failed leaves
     none behind)."""
-    _claims.append([])
+    stack = _claims_here()
+    stack.append([])
     try:
         yield
     finally:
-        for key, made in reversed(_claims.pop()):
+        for key, made in reversed(stack.pop()):
             _release(key)
             _remove_empty(made)
 
@@ -232,8 +241,9 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def claim(dest: str | os.PathLike, what: str = "the output") -> None:
     """Hold the lock of ``dest`` until the enclosing :func:`claims` block ends (outside one, do
-    nothing); refused at once (:class:`DestinationError`) when another process holds it."""
-    if not _claims:
+    nothing); refused at once (:class:`DestinationError`) when another process, or another
+    thread of this one, holds it."""
+    if not _claims_here():
         return
     dest = Path(dest)
     missing = [p for p in dest.parents if not p.exists()]  # deepest first
@@ -246,7 +256,7 @@ def claim(dest: str | os.PathLike, what: str = "the output") -> None:
     except BaseException:
         _remove_empty(missing)
         raise
-    _claims[-1].append((key, missing))
+    _claims_here()[-1].append((key, missing))
 
 
 def _open_dir(path: Path) -> int | None:

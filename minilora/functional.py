@@ -51,7 +51,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if weight.ndim != 2 or (bias is not None and bias.ndim != 1):
         raise shape_error("linear", weight.shape, *(() if bias is None else (bias.shape,)),
                           detail="weight must be (out, in) and bias (out,)")
-    if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
+    if x.ndim == 0:
+        raise shape_error("linear", x.shape, weight.shape,
+                          detail="the input must have a feature axis (..., in)")
+    if x.shape[-1] != weight.shape[1]:
         raise shape_error("linear", x.shape, weight.shape,
                           detail=f"input has {x.shape[-1]} features, weight (out, in) expects "
                                  f"{weight.shape[1]}")

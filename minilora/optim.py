@@ -102,11 +102,10 @@ class Optimizer:
         for p in self._params():
             p.grad = None
 
-    def _stepping(self) -> Iterable[tuple[dict, Tensor, dict, int]]:
-        """What a step updates: ``(group, parameter, its state, its index)`` for each parameter
-        with a gradient, its step counted. Refused (before any update) when a gradient has
-        another shape than its parameter, or when a parameter frozen as the optimizer was made
-        has since been unfrozen and given one (it would be left as it is, without a word)."""
+    def _check_step(self) -> None:
+        """Refuse a step (before anything is counted or updated) when a gradient has another
+        shape than its parameter, or when a parameter frozen as the optimizer was made has since
+        been unfrozen and given one (it would be left as it is, without a word)."""
         # one still frozen with a stray gradient is ignored, as it always was
         unfrozen = [p for p in self._frozen if p.requires_grad and p.grad is not None]
         if unfrozen:
@@ -115,13 +114,16 @@ class Optimizer:
                               f"optimizer was made, and so are not in it, but now have "
                               f"gradients; make the optimizer after choosing what trains "
                               f"(requires_grad_, set_adapter)")
-        each = list(self._each())
-        for _, p, _, i in each:
+        for _, p, _, i in self._each():
             if p.grad is not None and tuple(p.grad.shape) != tuple(p.data.shape):
                 raise ShapeError(f"{type(self).__name__}.step: parameter {i} of shape "
                                  f"{tuple(p.data.shape)} has a gradient of shape "
                                  f"{tuple(p.grad.shape)}")
-        for g, p, s, i in each:
+
+    def _stepping(self) -> Iterable[tuple[dict, Tensor, dict, int]]:
+        """What a step updates: ``(group, parameter, its state, its index)`` for each parameter
+        with a gradient, its step counted (after :meth:`_check_step`)."""
+        for g, p, s, i in self._each():
             if p.grad is not None:
                 self.param_steps[i] += 1
                 yield g, p, s, i
@@ -211,6 +213,7 @@ class AdamW(Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01) -> None:
         _check_rates("AdamW", lr=lr, eps=eps, weight_decay=weight_decay)
+        betas = betas.tolist() if isinstance(betas, np.ndarray) else betas
         if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
                 isinstance(b, (int, float, np.integer, np.floating)) and not isinstance(b, bool)
                 and 0.0 <= b < 1.0 for b in betas):
@@ -234,6 +237,7 @@ class AdamW(Optimizer):
         # a NaN or negative factor would turn every weight NaN or climb the loss: refused
         check_nonnegative(grad_scale, f"{type(self).__name__}.step: grad_scale")
         scale = float(grad_scale)
+        self._check_step()
         self.step_count += 1
         updates, owners = [], []
         for g, p, s, i in self._stepping():
@@ -314,6 +318,7 @@ class SGD(Optimizer):
         # a NaN or negative factor would turn every weight NaN or climb the loss: refused
         check_nonnegative(grad_scale, f"{type(self).__name__}.step: grad_scale")
         scale = float(grad_scale)
+        self._check_step()
         self.step_count += 1
         for g, p, s, _ in self._stepping():
             grad = p.grad * scale if scale != 1.0 else p.grad

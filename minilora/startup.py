@@ -47,7 +47,7 @@ def _while_starting(signum: int, frame: Any) -> None:
     try:
         sys.stderr.write("minilora: interrupted while starting\n")
         sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):  # no stderr to speak to
+    except Exception:  # noqa: BLE001 -- no stderr to speak to, or a write it cut (reentrant)
         pass
     raise SystemExit(EXIT_INTERRUPTED)
 
@@ -60,7 +60,7 @@ def _at_exit(signum: int, frame: Any) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError, AttributeError):
+        except Exception:  # noqa: BLE001 -- a flush re-entered from a write it cut is a RuntimeError
             pass
     os._exit(EXIT_INTERRUPTED)
 

@@ -127,9 +127,12 @@ def _as_float_array(data: Any, dtype: Any) -> Any:
                              f"...)") from None
     try:
         arr = B.asarray(data, dtype=dtype)
-    except ValueError as exc:  # ragged lists: NumPy's "inhomogeneous shape" names no argument
-        raise ShapeError(f"Tensor: data must be rectangular (every row of one length), got "
-                         f"{str(data)[:60]}: {exc}") from None
+    except ValueError as exc:  # NumPy's messages name no argument
+        if "inhomogeneous" in str(exc) or "sequence" in str(exc):  # ragged lists
+            raise ShapeError(f"Tensor: data must be rectangular (every row of one length), got "
+                             f"{str(data)[:60]}: {exc}") from None
+        raise DTypeError(f"Tensor: data {str(data)[:60]} cannot be made an array of dtype "
+                         f"{dtype}: {exc}") from None
     if arr.dtype.kind not in "biuf":  # strings, objects, complex: no op here is defined on them
         raise DTypeError(f"Tensor: data must hold numbers (bool, integer or float), got dtype "
                          f"{arr.dtype}")
@@ -701,8 +704,8 @@ class Tensor:
     def reshape(self, *shape: Any) -> Tensor:
         """Same data, new shape (one entry may be -1); also accepts a single tuple."""
         a = self
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list, np.ndarray)):
+            shape = tuple(shape[0].tolist() if isinstance(shape[0], np.ndarray) else shape[0])
         if not all(is_int(d) for d in shape):
             raise InvalidArgumentError(f"reshape: the shape must be ints (one may be -1), got "
                                        f"{shape!r}")
@@ -840,6 +843,8 @@ def split(t: Tensor, split_size: int | Sequence[int], axis: int = 0) -> list:
             raise InvalidArgumentError(f"split: split_size must be positive, got {split_size}")
         sizes = [min(split_size, n - s) for s in range(0, n, split_size)]
     else:
+        if isinstance(split_size, np.ndarray) and split_size.ndim == 1:
+            split_size = split_size.tolist()
         if not isinstance(split_size, (list, tuple)) or not all(is_int(s) for s in split_size):
             raise InvalidArgumentError(f"split: split_size must be a positive int or a list of "
                                        f"ints, got {split_size!r}")

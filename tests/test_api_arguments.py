@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
+from minilora import backend as B
 from minilora import checkpoint, lora, nn, quant
 from minilora import functional as F
 from minilora.errors import DTypeError, InvalidArgumentError, ShapeError, StateDictError
@@ -231,8 +232,12 @@ def test_less_used_helpers_name_the_argument(make, error, message):
 @pytest.mark.parametrize("call, who", [
     (lambda m: lora.inject_lora(m), "inject_lora"),
     (lambda m: lora.save_adapter(m, "unused"), "save_adapter"),
-    (lambda m: lora.set_adapter(m, "default"), "lora"),
-    (lambda m: lora.merge(m), "lora"),
+    (lambda m: lora.set_adapter(m, "default"), "set_adapter"),
+    (lambda m: lora.merge(m), "merge"),
+    (lambda m: lora.unmerge(m), "unmerge"),
+    (lambda m: lora.merge_and_unload(m), "merge_and_unload"),
+    (lambda m: lora.delete_adapter(m, "default"), "delete_adapter"),
+    (lambda m: lora.add_weighted_adapter(m, ["default"], [1.0], "c"), "add_weighted_adapter"),
     (lambda m: lora.lora_layers(m), "lora"),
     (lambda m: lora.count_parameters(m), "count_parameters"),
     (lambda m: lora.print_trainable_parameters(m), "count_parameters"),
@@ -321,3 +326,38 @@ def test_the_rest_of_the_sweep_is_refused_by_name(call, error, message):
     """Each was a bare TypeError, AttributeError or IndexError from deep inside."""
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.host_only("refused before any array work, or host arrays")
+def test_the_reviews_edges_of_the_new_checks():
+    """From a review of the checks above: a 0-d input to linear was an IndexError in the message
+    itself; every conversion failure was called ragged data; arrays that worked as sizes,
+    shapes, weights and betas were refused."""
+    with pytest.raises(ShapeError, match="linear: .*must have a feature axis"):
+        F.linear(ml.Tensor(np.array(1.0)), ml.Tensor(np.ones((3, 4))))
+    with pytest.raises(DTypeError, match="cannot be made an array of dtype float32"):
+        ml.Tensor(["a"], dtype="float32")
+    x = ml.Tensor(np.ones((5, 2)))
+    assert [p.shape[0] for p in x.split(np.array([2, 3]))] == [2, 3]
+    assert x.reshape(np.array([2, 5])).shape == (2, 5)
+    opt = ml.optim.AdamW([ml.Tensor(np.ones(2), requires_grad=True)], betas=np.array([0.9, 0.99]))
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99)
+    ml.manual_seed(0)
+    model = ml.GPT(ml.GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    lora.inject_lora(model, lora.LoraConfig(r=2))
+    lora.add_weighted_adapter(model, ["default"], np.array([0.5]), "half")
+    d = lora.LoraConfig().to_peft_dict()
+    with pytest.raises(ml.errors.ConfigError, match="layers_to_transform=0 is not supported"):
+        lora.LoraConfig.from_peft_dict({**d, "layers_to_transform": 0})  # PEFT: layer 0 only
+
+
+def test_a_refused_step_is_not_counted():
+    p = ml.Tensor(B.asarray(np.ones((2, 3))), requires_grad=True)
+    for opt in (ml.optim.AdamW([p], lr=0.1), ml.optim.SGD([p], lr=0.1)):
+        p.grad = B.asarray(np.ones((3, 2)))
+        with pytest.raises(ShapeError):
+            opt.step()
+        assert opt.step_count == 0 and opt.state_dict()["step"] == 0
+        p.grad = B.asarray(np.ones((2, 3)))
+        opt.step()
+        assert opt.step_count == 1 and opt.param_steps == [1]

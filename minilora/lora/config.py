@@ -169,7 +169,9 @@ class LoraConfig:
             if key not in d:
                 raise ConfigError(f"{where}: missing field {key!r}")
         for key in UNSUPPORTED_PEFT_FIELDS:  # each changes what the adapter applies to
-            if d.get(key) not in (None, False, [], {}):
+            value = d.get(key)  # unset: null, false, [] or {} (not 0: layers_to_transform=0 is one)
+            if not (value is None or value is False or (isinstance(value, (list, dict))
+                                                        and not value)):
                 raise ConfigError(f"{where}: {key}={d[key]!r} is not supported here; read "
                                   f"without it, the adapter would act on other layers or "
                                   f"weights than PEFT's")
@@ -197,7 +199,8 @@ class LoraConfig:
 # PEFT adapter_config.json fields that, set, make the adapter act on other layers or weights,
 # or compute something else: only some layers' indices, extra modules trained whole and saved,
 # exclusions, a bias on lora_B, repeated layers, trained token rows, raw parameters as targets,
-# and the variants minilora does not implement (interop.peft keeps the same list for HF GPT-2)
+# and the variants minilora does not implement (interop.peft keeps its own list for HF GPT-2
+# files, where the file's keys say which layers are adapted)
 UNSUPPORTED_PEFT_FIELDS = ("layers_to_transform", "layers_pattern", "modules_to_save",
                            "exclude_modules", "lora_bias", "layer_replication",
                            "trainable_token_indices", "target_parameters", "use_qalora",

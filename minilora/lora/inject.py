@@ -135,6 +135,7 @@ def set_adapter(model: Module, adapter_name: str | list[str]) -> None:
 
     Active adapters are used in forward and are trainable; the others are frozen and unused.
     """
+    check_module(model, "set_adapter")
     names = adapter_list(adapter_name, "set_adapter")
     known = list(lora_configs(model))
     unknown = [n for n in names if n not in known]
@@ -165,6 +166,7 @@ def disable_adapters(model: Module) -> Iterator[Module]:
     Merged adapters are unmerged on entry and merged again on exit (refused for a quantized base,
     where unmerging is not exact).
     """
+    check_module(model, "disable_adapters")
     layers = [layer for _, layer in lora_layers(model)]
     if not layers:
         raise InvalidArgumentError("disable_adapters: the model has no LoRA layers")
@@ -194,6 +196,7 @@ def delete_adapter(model: Module, adapter_name: str) -> None:
     adapter was active, no adapter is active afterwards (outputs are the base's) until
     ``set_adapter``.
     """
+    check_module(model, "delete_adapter")
     configs = lora_configs(model)
     if adapter_name not in configs:
         raise InvalidArgumentError(f"delete_adapter: unknown adapter {adapter_name!r}; the model "
@@ -216,6 +219,7 @@ def delete_adapter(model: Module, adapter_name: str) -> None:
 
 def unload(model: Module) -> Module:
     """Put every base module back, dropping all adapters without merging; returns ``model``."""
+    check_module(model, "unload")
     layers = lora_layers(model)
     merged = [p for p, layer in layers if layer.merged]
     if merged:

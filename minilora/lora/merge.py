@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import backend as B
 from ..errors import ConfigError, InvalidArgumentError, check_int
-from ..nn import Module
+from ..nn import Module, check_module
 from .config import LoraConfig, adapter_list
 from .inject import check_adapter_name, lora_configs, unload
 from .layer import LoRALinear, lora_layers
@@ -36,6 +36,7 @@ def merge(model: Module, adapter_names: Sequence[str] | None = None) -> dict[str
     layers with a quantized base, whose ``add_to_weight`` re-quantizes W + delta and reports the
     error that adds; empty for float bases.
     """
+    check_module(model, "merge")
     layers = lora_layers(model)
     if not layers:
         raise InvalidArgumentError("merge: the model has no LoRA layers")
@@ -59,6 +60,7 @@ def merge(model: Module, adapter_names: Sequence[str] | None = None) -> dict[str
 
 def unmerge(model: Module) -> None:
     """Undo ``merge`` in every LoRA layer (refused, before any change, for quantized bases)."""
+    check_module(model, "unmerge")
     layers = [(p, layer) for p, layer in lora_layers(model) if layer.merged]
     lossy = [p for p, layer in layers if layer.is_quantized]
     if lossy:
@@ -76,6 +78,7 @@ def merge_and_unload(model: Module, adapter_names: Sequence[str] | None = None) 
     the base. Their parameters stay frozen. A model merged already (``merge``) is unloaded as it
     is, when no ``adapter_names`` are asked for. Returns ``model``.
     """
+    check_module(model, "merge_and_unload")
     if adapter_names is not None or not any(layer.merged for _, layer in lora_layers(model)):
         merge(model, adapter_names)
     for _, layer in lora_layers(model):  # now plain bases: no longer merged "adapters"
@@ -97,6 +100,7 @@ def _check_weighted(model: Module, adapters: Sequence[str], weights: Sequence[fl
         raise InvalidArgumentError(f"add_weighted_adapter: adapters must be a non-empty list of "
                                    f"existing adapters {list(configs)}, got {adapters!r}")
     numbers = (int, float, np.integer, np.floating)  # a bool is no weight; np.float32 is one
+    weights = weights.tolist() if isinstance(weights, np.ndarray) else weights
     if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters) or not all(
             isinstance(w, numbers) and not isinstance(w, bool) and math.isfinite(w)
             for w in weights):
@@ -180,6 +184,7 @@ def add_weighted_adapter(model: Module, adapters: Sequence[str], weights: Sequen
     ``set_adapter(model, adapter_name)`` uses it. Adapters missing from a layer count as zero
     there; DoRA adapters are refused. Nothing is changed when an argument is refused.
     """
+    check_module(model, "add_weighted_adapter")
     _check_weighted(model, adapters, weights, adapter_name, combination_type, svd_rank)
     adapters, weights = list(adapters), [float(w) for w in weights]
     configs = lora_configs(model)
