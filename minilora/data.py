@@ -39,7 +39,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .errors import ConfigError, DataError, InvalidArgumentError, check_int, is_int
+from .errors import ConfigError, DataError, InvalidArgumentError, check_int, is_int, is_real
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (cross_entropy's default)
 END = "."  # the last character of every task answer
@@ -283,9 +283,7 @@ class TextDataset:
     def __init__(self, text: str, tokenizer: Tokenizer, block_size: int,
                  val_fraction: float = 0.1) -> None:
         check_int(block_size, "TextDataset: block_size")
-        if isinstance(val_fraction, bool) or \
-                not isinstance(val_fraction, (int, float, np.integer, np.floating)) or \
-                not 0.0 <= val_fraction < 1.0:
+        if not is_real(val_fraction) or not 0.0 <= val_fraction < 1.0:
             raise InvalidArgumentError(f"TextDataset: val_fraction must be a number in [0, 1), "
                                        f"got {val_fraction!r}")
         if not isinstance(text, str):

@@ -86,6 +86,15 @@ class DataError(InvalidArgumentError):
     should; the message names the file and, for bad text, the byte offset."""
 
 
+def is_real(value: object) -> bool:
+    """True for a Python or NumPy int or float, False for a bool (a switch, never a rate or a
+    weight here), a string and everything else. Finite or not: the caller says what range."""
+    import numpy as np
+
+    return isinstance(value, (int, float, np.integer, np.floating)) and \
+        not isinstance(value, bool)
+
+
 def is_int(value: object) -> bool:
     """True for a Python or NumPy integer, False for a bool (``True`` is an int in Python, never
     a count here) and for everything else."""
@@ -109,10 +118,7 @@ def check_nonnegative(value: object, name: str,
     NaN, which ``x < 0`` lets through, turns every weight it touches to NaN."""
     import math
 
-    import numpy as np
-
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or value < 0:
+    if not is_real(value) or not math.isfinite(value) or value < 0:
         raise error(f"{name} must be a finite number >= 0, got {value!r}")
 
 

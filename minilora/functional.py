@@ -23,6 +23,7 @@ from .errors import (
     check_axis,
     check_bool,
     check_int,
+    is_real,
     shape_error,
 )
 from .fast import checks
@@ -346,8 +347,7 @@ def embedding(indices: Any, weight: Tensor) -> Tensor:
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     """Zero each element with probability p and scale the rest by 1/(1-p) (identity in eval)."""
     check_bool(training, "dropout: training")
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or \
-            not 0.0 <= p <= 1.0:
+    if not is_real(p) or not 0.0 <= p <= 1.0:
         raise InvalidArgumentError(f"dropout: p must lie in [0, 1], got {p!r}")
     if not training or p == 0.0:
         return x

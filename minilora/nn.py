@@ -23,6 +23,7 @@ from .errors import (
     check_bool,
     check_int,
     is_int,
+    is_real,
 )
 from .tensor import Tensor
 from .tensorfile import overflows_when_cast
@@ -447,8 +448,7 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or \
-                not 0.0 <= p <= 1.0:  # NaN fails the comparison too
+        if not is_real(p) or not 0.0 <= p <= 1.0:  # NaN fails the comparison too
             raise InvalidArgumentError(f"Dropout: p must be a number in [0, 1], got {p!r}")
         self.p = float(p)
 

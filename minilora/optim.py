@@ -26,6 +26,7 @@ from .errors import (
     StateDictError,
     check_int,
     check_nonnegative,
+    is_real,
 )
 from .fast.adamw import FlatSet
 from .tensor import Tensor
@@ -215,8 +216,7 @@ class AdamW(Optimizer):
         _check_rates("AdamW", lr=lr, eps=eps, weight_decay=weight_decay)
         betas = betas.tolist() if isinstance(betas, np.ndarray) else betas
         if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
-                isinstance(b, (int, float, np.integer, np.floating)) and not isinstance(b, bool)
-                and 0.0 <= b < 1.0 for b in betas):
+                is_real(b) and 0.0 <= b < 1.0 for b in betas):
             raise InvalidArgumentError(f"AdamW: betas must be two numbers in [0, 1), got "
                                        f"{betas!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
@@ -421,8 +421,7 @@ def clip_grad_norm(params: Iterable[Tensor] | Tensor, max_norm: float) -> float:
     coef = 0, so finite entries become 0 and inf entries NaN (inf * 0). The returned NaN or inf
     tells the caller to skip the step.
     """
-    if isinstance(max_norm, bool) or \
-            not isinstance(max_norm, (int, float, np.integer, np.floating)) or not max_norm >= 0:
+    if not is_real(max_norm) or not max_norm >= 0:
         raise InvalidArgumentError(f"clip_grad_norm: max_norm must be a number >= 0, got "
                                    f"{max_norm!r}")  # "1" would be read as 1 by float()
     max_norm = float(max_norm)

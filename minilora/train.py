@@ -60,6 +60,7 @@ from .errors import (
     TrainingInterrupted,
     check_int,
     check_nonnegative,
+    is_real,
 )
 from .fast import checks
 from .fast.cpu import available_memory, keep_freed_memory
@@ -110,7 +111,7 @@ class TrainConfig:
     micro_batches: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.betas, (tuple, list)) or not all(_is_number(b) for b in self.betas):
+        if not isinstance(self.betas, (tuple, list)) or not all(is_real(b) for b in self.betas):
             raise ConfigError(f"TrainConfig: betas must be two numbers, got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
         for name in ("steps", "batch_size", "eval_every", "eval_examples", "shards",
@@ -185,10 +186,6 @@ class TrainConfig:
         return cls(**{**_OLD_DEFAULTS, **d})
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
 def _check_phases(phases: Any, steps: int) -> tuple:
     """``phases`` as a tuple of (int start, float lr, float min_lr), starts increasing inside
     (0, steps), 0 <= min_lr <= lr."""
@@ -198,7 +195,7 @@ def _check_phases(phases: Any, steps: int) -> tuple:
     out, last = [], 0
     for p in phases:
         ok = isinstance(p, (tuple, list)) and len(p) == 3 and isinstance(p[0], int) and \
-            not isinstance(p[0], bool) and _is_number(p[1]) and _is_number(p[2])
+            not isinstance(p[0], bool) and is_real(p[1]) and is_real(p[2])
         if not ok or not last < p[0] < steps or not 0 <= p[2] <= p[1] or \
                 not math.isfinite(p[1]):
             raise ConfigError(f"TrainConfig: each phase must be (start, lr, min_lr) with starts "

@@ -30,8 +30,9 @@ def check_free(model: Module, who: str) -> None:
     if held is not None:
         raise ConfigError(f"{who}: the model already carries {type(held).__name__}; inject one "
                           f"method of the family per model (build a fresh base for another)")
-    adapters = lora_configs(model) if isinstance(model, Module) else {}
-    wrapped = [path for path, _ in lora_layers(model)] if isinstance(model, Module) else []
+    if not isinstance(model, Module):
+        return  # record() says what is wrong with it
+    adapters, wrapped = lora_configs(model), [path for path, _ in lora_layers(model)]
     if adapters or wrapped:
         names = ", ".join(repr(n) for n in adapters) or "unnamed"
         where = f", in {len(wrapped)} layer{'s' * (len(wrapped) != 1)} such as {wrapped[0]!r}" \

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, InvalidArgumentError, check_int, is_int
+from ..errors import ConfigError, InvalidArgumentError, check_int, is_int, is_real
 from ..tensorfile import json_field
 from .variants import lora_scaling
 
@@ -32,8 +32,7 @@ MAX_RANK = 2**16
 
 def _is_number(v: Any) -> bool:
     """A finite real number: a Python or NumPy int or float, not a bool."""
-    return isinstance(v, (int, float, np.integer, np.floating)) and \
-        not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+    return is_real(v) and math.isfinite(v)
 
 
 def _plain(v: Any) -> Any:

@@ -33,7 +33,7 @@ def check_adapter_name(adapter_name: str) -> str:
 
 def lora_configs(model: Module) -> dict[str, LoraConfig]:
     """``{adapter name: LoraConfig}`` of the adapters injected into ``model`` (empty if none)."""
-    check_module(model, "lora")
+    check_module(model, "lora_configs")
     return model.__dict__.get("lora_configs", {})
 
 
@@ -46,7 +46,7 @@ def active_adapters(model: Module) -> list[str]:
 def linear_like_modules(model: Module) -> list[tuple[str, Module]]:
     """``(path, module)`` of every module LoRA could adapt: linear-like modules and existing
     LoRALinear layers, but nothing inside a LoRALinear (its base and its A and B)."""
-    check_module(model, "lora")
+    check_module(model, "linear_like_modules")
     found, inside = [], []
     for path, mod in model.named_modules():
         if any(path.startswith(p + ".") for p in inside):
@@ -167,11 +167,12 @@ def disable_adapters(model: Module) -> Iterator[Module]:
     where unmerging is not exact).
     """
     check_module(model, "disable_adapters")
-    layers = [layer for _, layer in lora_layers(model)]
-    if not layers:
+    found = lora_layers(model)
+    if not found:
         raise InvalidArgumentError("disable_adapters: the model has no LoRA layers")
+    layers = [layer for _, layer in found]
     remerge = [(layer, list(layer.merged_adapters)) for layer in layers if layer.merged]
-    lossy = [path for path, layer in lora_layers(model) if layer.merged and layer.is_quantized]
+    lossy = [path for path, layer in found if layer.merged and layer.is_quantized]
     if lossy:  # before any layer is unmerged: a refusal half way left the model half merged
         raise InvalidArgumentError(f"disable_adapters: the adapters are merged into quantized "
                                    f"bases ({lossy[:3]}), which cannot be unmerged exactly; "

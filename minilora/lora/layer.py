@@ -435,5 +435,5 @@ class LoRALinear(Module):
 
 def lora_layers(model: Module) -> list[tuple[str, LoRALinear]]:
     """Every ``(path, LoRALinear)`` in ``model``, in module order."""
-    check_module(model, "lora")  # every LoRA function of a model looks for its layers first
+    check_module(model, "lora_layers")  # the LoRA functions of a model also check by name
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]

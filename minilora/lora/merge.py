@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import backend as B
-from ..errors import ConfigError, InvalidArgumentError, check_int
+from ..errors import ConfigError, InvalidArgumentError, check_int, is_real
 from ..nn import Module, check_module
 from .config import LoraConfig, adapter_list
 from .inject import check_adapter_name, lora_configs, unload
@@ -99,11 +99,9 @@ def _check_weighted(model: Module, adapters: Sequence[str], weights: Sequence[fl
             or any(a not in configs for a in adapters):
         raise InvalidArgumentError(f"add_weighted_adapter: adapters must be a non-empty list of "
                                    f"existing adapters {list(configs)}, got {adapters!r}")
-    numbers = (int, float, np.integer, np.floating)  # a bool is no weight; np.float32 is one
     weights = weights.tolist() if isinstance(weights, np.ndarray) else weights
     if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters) or not all(
-            isinstance(w, numbers) and not isinstance(w, bool) and math.isfinite(w)
-            for w in weights):
+            is_real(w) and math.isfinite(w) for w in weights):  # a bool is no weight
         raise InvalidArgumentError(f"add_weighted_adapter: weights must be one finite number per "
                                    f"adapter ({len(adapters)}), got {weights!r}")
     if combination_type not in COMBINATION_TYPES:

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import backend as B
 from .. import functional as F
-from ..errors import ConfigError, check_bool
+from ..errors import ConfigError, check_bool, is_real
 from ..nn import Module, Parameter
 from ..tensor import Tensor
 
@@ -48,8 +48,7 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
         raise ConfigError(f"lora_scaling: r must be a positive integer, got {r!r}")
     check_bool(use_rslora, "lora_scaling: use_rslora", ConfigError)  # "no" would turn it on
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(alpha) or alpha <= 0:
+    if not is_real(alpha) or not math.isfinite(alpha) or alpha <= 0:
         raise ConfigError(f"lora_scaling: alpha must be a positive number (LoraConfig's), got "
                           f"{alpha!r}")
     return alpha / math.sqrt(r) if use_rslora else alpha / r

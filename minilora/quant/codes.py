@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import backend as B
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, is_real
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
 
@@ -74,8 +74,7 @@ def normal_float_code(offset: float = 0.9677083) -> np.ndarray:
     """
     # a probability above 1/2 and below 1: at 1/2 every quantile is 0 (a table of NaN after the
     # division), at 1 the largest is infinite
-    if isinstance(offset, bool) or not isinstance(offset, (int, float, np.floating, np.integer)) \
-            or not 0.5 < offset < 1.0:
+    if not is_real(offset) or not 0.5 < offset < 1.0:
         raise InvalidArgumentError(f"normal_float_code: offset must be a probability between 0.5 "
                                    f"and 1 (exclusive; QLoRA's is 0.9677083), got {offset!r}")
     inv = NormalDist().inv_cdf
